@@ -1,0 +1,65 @@
+"""The two kinds of error.
+
+``InvalidRequest`` and friends are per-request and safe to show a client:
+they name the field and what is allowed. ``StageDead`` means a replica can no
+longer serve; health checks raise it and clients only ever see a generic
+message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ReelserveError",
+    "InvalidRequest",
+    "NotFound",
+    "NotReady",
+    "Overloaded",
+    "JobCancelled",
+    "GenerationFailed",
+    "StageDead",
+]
+
+
+class ReelserveError(Exception):
+    """Base class; ``client_message`` is what an API may show."""
+
+    @property
+    def client_message(self) -> str:
+        return str(self)
+
+
+class InvalidRequest(ReelserveError):
+    """A request field is wrong. ``field`` names it; the message says what is allowed."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class NotFound(ReelserveError):
+    """No such job."""
+
+
+class NotReady(ReelserveError):
+    """The job exists but is not in a state that allows the operation."""
+
+
+class Overloaded(ReelserveError):
+    """The system is full; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int = 5):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class JobCancelled(ReelserveError):
+    """Raised inside a stage to stop work for a cancelled job."""
+
+
+class GenerationFailed(ReelserveError):
+    """A stage failed for this request; the job fails, the replica lives on."""
+
+
+class StageDead(ReelserveError):
+    """The replica cannot serve any more (health check failure)."""

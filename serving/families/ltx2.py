@@ -1,0 +1,453 @@
+"""LTX-2: joint audio + video diffusion, split into stages that run alone.
+
+Each stage loads only its own components with ``from_pretrained(path,
+subfolder=...)`` and runs the diffusers pipeline's own code for its part, so
+running the stages one after another gives exactly what the whole
+``LTX2Pipeline`` / ``LTX2ImageToVideoPipeline`` gives for the same seed.
+
+Stage split (diffusers' offload order): text_encoder -> connectors +
+transformer -> vae (decode) -> audio_vae + vocoder. The photo goes through the
+video VAE's encoder in its own stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import PIL.Image
+import torch
+
+from cluster.config import ModelConfig
+from serving.families.base import Family, ModelLimits, resolve_device, resolve_dtype
+from serving.protocol import (
+    DenoisedLatents,
+    ImageCondition,
+    PromptEmbeddings,
+    RenderPlan,
+    VideoFrames,
+    Waveform,
+)
+
+__all__ = ["LTX2_FAMILY", "checkpoint_path"]
+
+
+def checkpoint_path(config: ModelConfig) -> str:
+    """The checkpoint to load: the configured path, or the tiny one (built on first use)."""
+    if config.path is not None:
+        return config.path
+    from serving.families.ltx2_tiny import ensure_tiny_ltx2
+
+    return str(ensure_tiny_ltx2())
+
+
+def _load_component_config(path: str, subfolder: str) -> dict:
+    """A component's ``config.json`` without loading weights."""
+    from diffusers import ConfigMixin
+
+    class _Reader(ConfigMixin):
+        config_name = "config.json"
+
+    return dict(_Reader.load_config(path, subfolder=subfolder))
+
+
+def read_limits(config: ModelConfig) -> ModelLimits:
+    path = checkpoint_path(config)
+    vae = _load_component_config(path, "vae")
+    audio_vae = _load_component_config(path, "audio_vae")
+    vocoder = _load_component_config(path, "vocoder")
+    spatial = vae.get("spatial_compression_ratio") or vae["patch_size"] * 2 ** sum(vae["spatio_temporal_scaling"])
+    temporal = vae.get("temporal_compression_ratio") or vae["patch_size_t"] * 2 ** sum(vae["spatio_temporal_scaling"])
+    del audio_vae  # its sample rate feeds the vocoder; the delivered rate is the vocoder's
+    return ModelLimits(
+        size_multiple=int(spatial),
+        temporal_compression=int(temporal),
+        audio_sample_rate=int(vocoder["output_sampling_rate"]),
+        max_prompt_tokens=config.max_prompt_tokens,
+    )
+
+
+def token_counter(config: ModelConfig) -> Callable[[str], int]:
+    """Counts prompt tokens the way the text encoder stage will (tokenizer only, no weights)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_path(config), subfolder="tokenizer")
+    return lambda text: len(tokenizer(text.strip(), add_special_tokens=True)["input_ids"])
+
+
+class _Placement:
+    """Device and dtype of one stage, from the model config."""
+
+    def __init__(self, config: ModelConfig):
+        self.path = checkpoint_path(config)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+
+
+def _pipeline_class(image_to_video: bool):
+    from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
+
+    return LTX2ImageToVideoPipeline if image_to_video else LTX2Pipeline
+
+
+def _partial_pipeline(base, **components):
+    """A diffusers pipeline object holding only some components (the rest ``None``).
+
+    Lets a stage call the pipeline's own methods for its part of the work.
+    """
+    names = ["scheduler", "vae", "audio_vae", "text_encoder", "tokenizer", "connectors", "transformer", "vocoder"]
+    pipeline = base(**{name: components.get(name) for name in names})
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+# --------------------------------------------------------------------------- text encoding
+
+
+class LTX2TextEncoder:
+    """Prompt (+ negative prompt) -> Gemma hidden states and attention masks."""
+
+    def __init__(self, config: ModelConfig):
+        import transformers
+        from diffusers import DiffusionPipeline
+        from transformers import AutoTokenizer
+
+        self._config = config
+        place = _Placement(config)
+        self._device = place.device
+        _, class_name = DiffusionPipeline.load_config(place.path)["text_encoder"]
+        encoder_class = getattr(transformers, class_name)
+        self.tokenizer = AutoTokenizer.from_pretrained(place.path, subfolder="tokenizer")
+        text_encoder = encoder_class.from_pretrained(place.path, subfolder="text_encoder", dtype=place.dtype)
+        text_encoder.to(place.device).eval()
+        self._pipeline = _partial_pipeline(
+            _pipeline_class(image_to_video=False), text_encoder=text_encoder, tokenizer=self.tokenizer
+        )
+
+    @property
+    def guidance_on(self) -> bool:
+        return self._config.guidance_scale > 1.0 or self._config.audio_guidance_scale > 1.0
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text.strip(), add_special_tokens=True)["input_ids"])
+
+    @torch.no_grad()
+    def encode(self, prompt: str, negative_prompt: str | None) -> PromptEmbeddings:
+        embeds, mask, negative_embeds, negative_mask = self._pipeline.encode_prompt(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=self.guidance_on,
+            max_sequence_length=self._config.max_prompt_tokens,
+            device=self._device,
+        )
+        return PromptEmbeddings(
+            prompt_embeds=embeds.cpu(),
+            prompt_attention_mask=mask.cpu(),
+            negative_prompt_embeds=None if negative_embeds is None else negative_embeds.cpu(),
+            negative_prompt_attention_mask=None if negative_mask is None else negative_mask.cpu(),
+        )
+
+
+# --------------------------------------------------------------------------- image conditioning
+
+
+def center_crop_to_aspect(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
+    """Crop the photo's centre to the target aspect ratio, so resizing never distorts it."""
+    source_w, source_h = image.size
+    target = width / height
+    if abs(source_w / source_h - target) < 1e-6:
+        return image
+    if source_w / source_h > target:
+        new_w = max(1, round(source_h * target))
+        left = (source_w - new_w) // 2
+        return image.crop((left, 0, left + new_w, source_h))
+    new_h = max(1, round(source_w / target))
+    top = (source_h - new_h) // 2
+    return image.crop((0, top, source_w, top + new_h))
+
+
+class LTX2ImageConditioner:
+    """Photo -> video-VAE latents of the first frame (crop, H.264 re-compression, resize, encode)."""
+
+    def __init__(self, config: ModelConfig):
+        from diffusers import AutoencoderKLLTX2Video
+        from diffusers.pipelines.ltx2.utils import resolve_default_image_crf
+
+        place = _Placement(config)
+        self._device, self._dtype = place.device, place.dtype
+        self.vae = AutoencoderKLLTX2Video.from_pretrained(place.path, subfolder="vae", torch_dtype=place.dtype)
+        self.vae.decoder = None  # this stage only encodes
+        self.vae.to(place.device).eval()
+        self._pipeline = _partial_pipeline(_pipeline_class(image_to_video=True), vae=self.vae)
+        # The re-compression strength the checkpoint was trained with depends on its text
+        # encoder generation; the config alone tells which.
+        text_encoder_config = _load_component_config(place.path, "text_encoder")
+        self._crf = resolve_default_image_crf(_ConfigHolder(text_encoder_config))
+
+    @torch.no_grad()
+    def condition(self, image: PIL.Image.Image, width: int, height: int) -> ImageCondition:
+        from diffusers.pipelines.ltx2.utils import apply_image_conditioning_crf
+
+        image = center_crop_to_aspect(image.convert("RGB"), width, height)
+        if self._crf != 0:
+            image = PIL.Image.fromarray(apply_image_conditioning_crf(np.array(image), self._crf))
+        pixels = self._pipeline.video_processor.preprocess(image, height=height, width=width)
+        pixels = pixels.to(device=self._device, dtype=self._dtype)
+        encoded = self.vae.encode(pixels[0].unsqueeze(0).unsqueeze(2))
+        latents = encoded.latent_dist.mode().to(torch.float32)
+        return ImageCondition(latents=latents.cpu(), width=width, height=height)
+
+
+class _ConfigHolder:
+    """Something with a ``.config.model_type``, as diffusers' CRF helper expects."""
+
+    def __init__(self, config: dict):
+        self.config = type("Config", (), {"model_type": config.get("model_type")})()
+
+
+# --------------------------------------------------------------------------- diffusion
+
+
+class LTX2Denoiser:
+    """Embeddings (+ photo latents) -> denoised video and audio latents.
+
+    Runs the connectors and the transformer. The VAEs are needed only for
+    their configs and latent statistics, so they are built on the meta device
+    and just those two buffers are loaded.
+    """
+
+    def __init__(self, config: ModelConfig):
+        from diffusers import FlowMatchEulerDiscreteScheduler, LTX2VideoTransformer3DModel
+        from diffusers.pipelines.ltx2 import LTX2TextConnectors
+
+        self._config = config
+        place = _Placement(config)
+        self._device, self._dtype = place.device, place.dtype
+        transformer = LTX2VideoTransformer3DModel.from_pretrained(
+            place.path, subfolder="transformer", torch_dtype=place.dtype
+        )
+        num_blocks = transformer.config.num_layers
+        bad = [b for b in config.stg_blocks if b >= num_blocks]
+        if bad and (config.stg_scale > 0 or config.audio_stg_scale > 0):
+            raise ValueError(
+                f"model.stg_blocks: blocks {bad} do not exist; this transformer has {num_blocks} blocks (0..{num_blocks - 1})"
+            )
+        connectors = LTX2TextConnectors.from_pretrained(place.path, subfolder="connectors", torch_dtype=place.dtype)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(place.path, subfolder="scheduler")
+        vae, audio_vae = _latent_statistics_only(place.path)
+        components = dict(
+            transformer=transformer.to(place.device).eval(),
+            connectors=connectors.to(place.device).eval(),
+            scheduler=scheduler,
+            vae=vae,
+            audio_vae=audio_vae,
+        )
+        self._text_to_video = _on_device(_partial_pipeline, _pipeline_class(image_to_video=False), components)
+        self._image_to_video = _on_device(_partial_pipeline, _pipeline_class(image_to_video=True), components)
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        embeddings: PromptEmbeddings,
+        condition: ImageCondition | None,
+        plan: RenderPlan,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> DenoisedLatents:
+        config = self._config
+        generator = torch.Generator(device=self._device).manual_seed(plan.seed)
+        kwargs = dict(
+            prompt_embeds=embeddings.prompt_embeds.to(self._device, self._dtype),
+            prompt_attention_mask=embeddings.prompt_attention_mask.to(self._device),
+            negative_prompt_embeds=_maybe_to(embeddings.negative_prompt_embeds, self._device, self._dtype),
+            negative_prompt_attention_mask=_maybe_to(embeddings.negative_prompt_attention_mask, self._device, None),
+            height=plan.height,
+            width=plan.width,
+            num_frames=plan.generated_frames,
+            frame_rate=float(plan.fps),
+            num_inference_steps=plan.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            audio_guidance_scale=config.audio_guidance_scale,
+            stg_scale=config.stg_scale,
+            audio_stg_scale=config.audio_stg_scale,
+            spatio_temporal_guidance_blocks=list(config.stg_blocks),
+            modality_scale=config.modality_scale,
+            audio_modality_scale=config.audio_modality_scale,
+            guidance_rescale=config.guidance_rescale,
+            audio_guidance_rescale=config.guidance_rescale,
+            generator=generator,
+            output_type="latent",
+            return_dict=False,
+            callback_on_step_end=_step_reporter(on_step, plan.num_inference_steps),
+        )
+        if condition is None:
+            video, audio = self._text_to_video(**kwargs)
+        else:
+            video, audio = self._image_to_video(**kwargs, **self._conditioning_inputs(condition, plan))
+        return DenoisedLatents(video=video.float().cpu(), audio=audio.float().cpu())
+
+    def _conditioning_inputs(self, condition: ImageCondition, plan: RenderPlan) -> dict:
+        """The photo latents as the pipeline's 5-D ``latents`` input.
+
+        Given 5-D latents, the image-to-video pipeline keeps frame 0 clean and
+        replaces every other frame by noise drawn from the same generator in the
+        same order as when it encodes the photo itself (``noise_scale=1``).
+        """
+        if (condition.width, condition.height) != (plan.width, plan.height):
+            raise ValueError(
+                f"image condition is {condition.width}x{condition.height} but the plan is {plan.width}x{plan.height}"
+            )
+        vae = self._image_to_video.vae
+        latent_frames = (plan.generated_frames - 1) // vae.temporal_compression_ratio + 1
+        latents = condition.latents.to(self._device, torch.float32)
+        scaling = float(vae.config.scaling_factor)
+        if scaling != 1.0:
+            # The 5-D path normalises with the scaling factor, the photo path without it.
+            mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(latents)
+            latents = mean + (latents - mean) / scaling
+        return dict(latents=latents.repeat(1, 1, latent_frames, 1, 1), noise_scale=1.0)
+
+
+def _maybe_to(tensor: torch.Tensor | None, device, dtype):
+    if tensor is None:
+        return None
+    return tensor.to(device) if dtype is None else tensor.to(device, dtype)
+
+
+def _step_reporter(on_step, total_steps: int):
+    def callback(pipeline, step_index, timestep, tensors):
+        if on_step is not None:
+            on_step(step_index + 1, total_steps)
+        return {}
+
+    return callback
+
+
+def _latent_statistics_only(path: str):
+    """Video and audio VAEs with real configs and latent statistics but no weights in memory."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
+
+    loaded = []
+    for cls, subfolder in ((AutoencoderKLLTX2Video, "vae"), (AutoencoderKLLTX2Audio, "audio_vae")):
+        with init_empty_weights(include_buffers=False):
+            model = cls.from_config(cls.load_config(path, subfolder=subfolder))
+        statistics = _read_tensors(path, subfolder, ["latents_mean", "latents_std"])
+        for name, value in statistics.items():
+            setattr(model, name, value)
+        loaded.append(model.eval())
+    return loaded
+
+
+def _read_tensors(path: str, subfolder: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read a few named tensors from a component's safetensors shards."""
+    from huggingface_hub import snapshot_download
+    from safetensors import safe_open
+
+    root = Path(path)
+    if not root.is_dir():
+        root = Path(snapshot_download(path, allow_patterns=[f"{subfolder}/*.json", f"{subfolder}/*.safetensors"]))
+    folder = root / subfolder
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: folder / weight_map[name] for name in names}
+    else:
+        files = {name: folder / "diffusion_pytorch_model.safetensors" for name in names}
+    found = {}
+    for name, file in files.items():
+        with safe_open(str(file), framework="pt") as handle:
+            found[name] = handle.get_tensor(name)
+    return found
+
+
+def _on_device(make, base, components):
+    """A partial pipeline whose execution device is the transformer's.
+
+    diffusers infers the device from the first module it finds; here the VAEs
+    live on the meta device, so name it explicitly.
+    """
+    device = components["transformer"].device
+
+    class _Pipeline(base):
+        @property
+        def _execution_device(self):
+            return device
+
+    return make(_Pipeline, **components)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class LTX2VideoDecoder:
+    """Video latents -> RGB frames (video VAE decoder)."""
+
+    def __init__(self, config: ModelConfig):
+        from diffusers import AutoencoderKLLTX2Video
+
+        place = _Placement(config)
+        self._device, self._dtype = place.device, place.dtype
+        self.vae = AutoencoderKLLTX2Video.from_pretrained(place.path, subfolder="vae", torch_dtype=place.dtype)
+        self.vae.encoder = None  # this stage only decodes
+        if config.vae_tiling:
+            self.vae.enable_tiling()
+        self.vae.to(place.device).eval()
+        self._pipeline = _partial_pipeline(_pipeline_class(image_to_video=False), vae=self.vae)
+
+    @torch.no_grad()
+    def decode_unit_float(self, latents: DenoisedLatents) -> np.ndarray:
+        """Frames as floats in [0, 1], ``[F, H, W, 3]``: exactly the pipeline's ``output_type="np"``."""
+        video_latents = latents.video.to(self._device, self._dtype)
+        timestep = None
+        if self.vae.config.timestep_conditioning:
+            # The pipeline's default decode timestep (0) leaves the latents unchanged.
+            timestep = torch.zeros(video_latents.shape[0], device=self._device, dtype=self._dtype)
+        video = self.vae.decode(video_latents, timestep, return_dict=False)[0]
+        return self._pipeline.video_processor.postprocess_video(video, output_type="np")[0]
+
+    def decode(self, latents: DenoisedLatents, plan: RenderPlan) -> VideoFrames:
+        frames = self.decode_unit_float(latents)[: plan.output_frames]
+        return VideoFrames.from_unit_float(frames, fps=plan.fps)
+
+
+class LTX2AudioDecoder:
+    """Audio latents -> stereo waveform (audio VAE decoder, then vocoder)."""
+
+    def __init__(self, config: ModelConfig):
+        from diffusers import AutoencoderKLLTX2Audio
+        from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+        place = _Placement(config)
+        self._device, self._dtype = place.device, place.dtype
+        self.audio_vae = AutoencoderKLLTX2Audio.from_pretrained(
+            place.path, subfolder="audio_vae", torch_dtype=place.dtype
+        )
+        self.audio_vae.encoder = None
+        self.audio_vae.to(place.device).eval()
+        self.vocoder = LTX2Vocoder.from_pretrained(place.path, subfolder="vocoder", torch_dtype=place.dtype)
+        self.vocoder.to(place.device).eval()
+
+    @torch.no_grad()
+    def decode_tensor(self, latents: DenoisedLatents) -> torch.Tensor:
+        """Waveform ``[1, channels, samples]``: exactly the pipeline's audio output."""
+        audio_latents = latents.audio.to(self._device, self._dtype)
+        mel = self.audio_vae.decode(audio_latents, return_dict=False)[0]
+        return self.vocoder(mel)
+
+    def decode(self, latents: DenoisedLatents) -> Waveform:
+        samples = self.decode_tensor(latents)[0].float().cpu().numpy()
+        return Waveform(samples=samples, sample_rate=int(self.vocoder.config.output_sampling_rate))
+
+
+LTX2_FAMILY = Family(
+    name="ltx2",
+    read_limits=read_limits,
+    token_counter=token_counter,
+    text_encoder=LTX2TextEncoder,
+    image_conditioner=LTX2ImageConditioner,
+    denoiser=LTX2Denoiser,
+    video_decoder=LTX2VideoDecoder,
+    audio_decoder=LTX2AudioDecoder,
+)

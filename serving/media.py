@@ -1,0 +1,99 @@
+"""Photos in, MP4s out.
+
+``load_photo`` decodes untrusted image bytes defensively (size caps checked
+from the header before any pixel is decoded); ``write_mp4`` muxes H.264 video
+and AAC audio with the audio fitted to the video's duration.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from serving.errors import InvalidRequest
+from serving.protocol import VideoFrames, Waveform
+
+__all__ = ["load_photo", "write_mp4", "fit_audio", "MAX_PHOTO_BYTES", "MAX_PHOTO_PIXELS"]
+
+MAX_PHOTO_BYTES = 25 * 1024 * 1024
+MAX_PHOTO_PIXELS = 50_000_000  # ~8K x 6K; larger headers are refused before decoding
+_ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+def load_photo(data: bytes, field: str = "image") -> Image.Image:
+    """Decode a photo from bytes into RGB; raise ``InvalidRequest`` naming ``field`` on anything wrong."""
+    if not data:
+        raise InvalidRequest(field, "the file is empty; send a JPEG, PNG or WebP photo")
+    if len(data) > MAX_PHOTO_BYTES:
+        raise InvalidRequest(field, f"the file is {len(data)} bytes; at most {MAX_PHOTO_BYTES} bytes are allowed")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise InvalidRequest(field, f"the image is too large; at most {MAX_PHOTO_PIXELS} pixels are allowed") from None
+    except Exception:
+        raise InvalidRequest(field, "not an image this server can read; send a JPEG, PNG or WebP photo") from None
+    if image.format not in _ALLOWED_FORMATS:
+        raise InvalidRequest(field, f"{image.format} images are not accepted; allowed: {', '.join(_ALLOWED_FORMATS)}")
+    width, height = image.size
+    if width * height > MAX_PHOTO_PIXELS:
+        raise InvalidRequest(
+            field, f"the image is {width}x{height}; at most {MAX_PHOTO_PIXELS} pixels are allowed"
+        )
+    if width < 2 or height < 2:
+        raise InvalidRequest(field, f"the image is {width}x{height}; it must be at least 2x2 pixels")
+    try:
+        image.load()
+        return image.convert("RGB")
+    except Exception:
+        raise InvalidRequest(field, "the image data is corrupt or truncated; send a complete JPEG, PNG or WebP photo") from None
+
+
+def fit_audio(waveform: Waveform, duration_s: float) -> np.ndarray:
+    """The waveform trimmed or zero-padded to exactly ``duration_s`` (``float32 [channels, n]``)."""
+    target = round(duration_s * waveform.sample_rate)
+    samples = np.asarray(waveform.samples, dtype=np.float32)
+    if samples.ndim == 1:
+        samples = samples[None, :]
+    if samples.shape[1] >= target:
+        return np.ascontiguousarray(samples[:, :target])
+    padding = np.zeros((samples.shape[0], target - samples.shape[1]), dtype=np.float32)
+    return np.concatenate([samples, padding], axis=1)
+
+
+def write_mp4(path: str | Path, frames: VideoFrames, waveform: Waveform, crf: int = 18) -> Path:
+    """Mux frames (H.264, yuv420p) and the waveform (AAC) into an MP4 at ``path``.
+
+    The audio is fitted to the video's duration (frames / fps); it is written
+    atomically (temporary name, then rename) so a reader never sees half a file.
+    """
+    import av
+
+    path = Path(path)
+    pixels = frames.pixels
+    num_frames, height, width, _ = pixels.shape
+    audio = np.clip(fit_audio(waveform, num_frames / frames.fps), -1.0, 1.0)
+    layout = "stereo" if audio.shape[0] == 2 else "mono"
+    partial = path.with_name(path.name + ".partial")
+    with av.open(str(partial), mode="w", format="mp4") as container:
+        video_stream = container.add_stream("libx264", rate=frames.fps)
+        video_stream.width, video_stream.height = width, height
+        video_stream.pix_fmt = "yuv420p"
+        video_stream.options = {"crf": str(crf), "preset": "veryfast"}
+        audio_stream = container.add_stream("aac", rate=waveform.sample_rate, layout=layout)
+
+        for index in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(pixels[index], format="rgb24")
+            frame.pts = index
+            container.mux(video_stream.encode(frame))
+        container.mux(video_stream.encode(None))
+
+        audio_frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio), format="fltp", layout=layout)
+        audio_frame.sample_rate = waveform.sample_rate
+        audio_frame.pts = 0
+        container.mux(audio_stream.encode(audio_frame))
+        container.mux(audio_stream.encode(None))
+    partial.replace(path)
+    return path

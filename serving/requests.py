@@ -1,0 +1,191 @@
+"""Turning what a client sent into a validated request and a render plan.
+
+Shared by the CLI and both ingresses so every entry point refuses the same
+things with the same words: the field, what is wrong, what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from cluster.config import ModelConfig, parse_size
+from serving.errors import InvalidRequest
+from serving.families.base import ModelLimits
+from serving.media import load_photo
+from serving.protocol import RenderPlan
+
+__all__ = ["VideoRequest", "validate_request", "MAX_PROMPT_CHARS", "MAX_SEED"]
+
+MAX_PROMPT_CHARS = 20_000  # cheap guard before tokenizing
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class VideoRequest:
+    """A request that passed validation; ``plan`` fixes the exact output shape."""
+
+    prompt: str
+    negative_prompt: str
+    image: bytes | None
+    model: str
+    plan: RenderPlan
+
+    @property
+    def size(self) -> str:
+        return f"{self.plan.width}x{self.plan.height}"
+
+
+def validate_request(
+    *,
+    config: ModelConfig,
+    limits: ModelLimits,
+    prompt: Any,
+    seconds: Any = None,
+    size: Any = None,
+    fps: Any = None,
+    seed: Any = None,
+    negative_prompt: Any = None,
+    image: bytes | None = None,
+    model: Any = None,
+    count_tokens: Callable[[str], int] | None = None,
+    field_names: dict[str, str] | None = None,
+) -> VideoRequest:
+    """Check every field; raise ``InvalidRequest`` for the first bad one.
+
+    ``field_names`` maps our names to the caller's (e.g. ``image`` ->
+    ``input_reference`` for the OpenAI API) so messages name what the client sent.
+    """
+    names = {"prompt": "prompt", "seconds": "seconds", "size": "size", "fps": "fps", "seed": "seed",
+             "negative_prompt": "negative_prompt", "image": "image", "model": "model"}
+    names.update(field_names or {})
+
+    model_name = _check_model(model, config, names["model"])
+    prompt_text = _check_prompt(prompt, names["prompt"], limits, count_tokens)
+    negative = _check_negative_prompt(negative_prompt, config, names["negative_prompt"])
+    width, height = _check_size(size, config, limits, names["size"])
+    frame_rate = _check_fps(fps, config, names["fps"])
+    duration = _check_seconds(seconds, config, names["seconds"])
+    seed_value = _check_seed(seed, names["seed"])
+    if image is not None:
+        load_photo(image, field=names["image"])  # refuse unreadable photos before a job exists
+
+    plan = RenderPlan.build(
+        width=width,
+        height=height,
+        fps=frame_rate,
+        seconds=duration,
+        seed=seed_value,
+        num_inference_steps=config.num_inference_steps,
+        temporal_compression=limits.temporal_compression,
+    )
+    return VideoRequest(prompt=prompt_text, negative_prompt=negative, image=image, model=model_name, plan=plan)
+
+
+def _check_model(model: Any, config: ModelConfig, field: str) -> str:
+    if model is None or model == "":
+        return config.name
+    if not isinstance(model, str) or model != config.name:
+        raise InvalidRequest(field, f"unknown model '{model}'; this deployment serves '{config.name}'")
+    return model
+
+
+def _check_prompt(prompt: Any, field: str, limits: ModelLimits, count_tokens) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequest(field, "must be a non-empty description of the video")
+    text = prompt.strip()
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(field, f"is {len(text)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+    if count_tokens is not None:
+        tokens = count_tokens(text)
+        if tokens > limits.max_prompt_tokens:
+            raise InvalidRequest(
+                field, f"is {tokens} tokens long; this model reads at most {limits.max_prompt_tokens} tokens"
+            )
+    return text
+
+
+def _check_negative_prompt(negative_prompt: Any, config: ModelConfig, field: str) -> str:
+    if negative_prompt is None:
+        return config.negative_prompt
+    if not isinstance(negative_prompt, str):
+        raise InvalidRequest(field, "must be text")
+    if len(negative_prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(field, f"is {len(negative_prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+    return negative_prompt.strip()
+
+
+def _check_size(size: Any, config: ModelConfig, limits: ModelLimits, field: str) -> tuple[int, int]:
+    if size is None or size == "":
+        size = config.default_size
+    try:
+        width, height = parse_size(size)
+    except ValueError as error:
+        raise InvalidRequest(field, str(error)) from None
+    step = limits.size_multiple
+    if width % step or height % step:
+        raise InvalidRequest(
+            field, f"{width}x{height} is not allowed; width and height must be multiples of {step} (e.g. 768x512)"
+        )
+    if width > config.max_width or height > config.max_height:
+        raise InvalidRequest(
+            field, f"{width}x{height} is too large; at most {config.max_width}x{config.max_height} is allowed"
+        )
+    return width, height
+
+
+def _number(value: Any, field: str, kind: str) -> int | float:
+    """Accept numbers and numeric strings (OpenAI's API sends ``seconds`` as a string).
+
+    Whole numbers stay ``int`` so large seeds keep every digit.
+    """
+    if isinstance(value, bool):
+        raise InvalidRequest(field, f"must be a {kind}, not a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        number = value
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)
+        except ValueError:
+            raise InvalidRequest(field, f"'{value}' is not a {kind}") from None
+    else:
+        raise InvalidRequest(field, f"must be a {kind}")
+    if not math.isfinite(number):
+        raise InvalidRequest(field, f"must be a finite {kind}")
+    return number
+
+
+def _check_seconds(seconds: Any, config: ModelConfig, field: str) -> float:
+    if seconds is None or seconds == "":
+        return config.default_seconds
+    value = _number(seconds, field, "number of seconds")
+    if value <= 0 or value > config.max_seconds:
+        raise InvalidRequest(field, f"{value:g} is out of range; allowed: more than 0 and at most {config.max_seconds:g}")
+    return float(value)
+
+
+def _check_fps(fps: Any, config: ModelConfig, field: str) -> int:
+    if fps is None or fps == "":
+        return config.default_fps
+    value = _number(fps, field, "whole number of frames per second")
+    if value != int(value) or not 1 <= value <= config.max_fps:
+        raise InvalidRequest(field, f"{value:g} is not allowed; use a whole number from 1 to {config.max_fps}")
+    return int(value)
+
+
+def _check_seed(seed: Any, field: str) -> int:
+    if seed is None or seed == "":
+        return secrets.randbelow(2**31)
+    value = _number(seed, field, "whole number")
+    if value != int(value) or not 0 <= value <= MAX_SEED:
+        raise InvalidRequest(field, f"{value:g} is not allowed; use a whole number from 0 to {MAX_SEED}")
+    return int(value)
