@@ -10,7 +10,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["ModelConfig", "parse_size"]
+__all__ = [
+    "ModelConfig",
+    "StageConfig",
+    "IngressConfig",
+    "JobsConfig",
+    "RayConfig",
+    "ReelserveConfig",
+    "STAGE_NAMES",
+    "parse_size",
+    "load_config",
+]
+
+# The served graph's stages, in request order.
+STAGE_NAMES = ("text_encoder", "image_conditioner", "diffusion", "video_decoder", "audio_decoder", "muxer")
 
 LTX2_DEFAULT_NEGATIVE_PROMPT = "worst quality, inconsistent motion, blurry, jittery, distorted"
 
@@ -115,3 +128,139 @@ class ModelConfig(BaseModel):
     @property
     def uses_tiny_checkpoint(self) -> bool:
         return self.path is None
+
+
+class StageConfig(BaseModel):
+    """Resources, scaling and queue bounds of one stage deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | None = Field(
+        1, ge=1, description="Fixed replica count; set to null to autoscale between min_replicas and max_replicas."
+    )
+    min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound (used when num_replicas is null).")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound (used when num_replicas is null).")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Autoscaling target: requests in flight per replica."
+    )
+    num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica; fractions share one GPU.")
+    memory_gb: float | None = Field(None, gt=0, description="Host memory reserved per replica, in GiB (unset: none).")
+    max_ongoing_requests: int = Field(4, ge=1, description="Requests one replica works on at once.")
+    max_queued_requests: int = Field(
+        16, ge=1, description="Requests waiting for this stage beyond the ongoing ones; more are refused, never queued."
+    )
+
+    @model_validator(mode="after")
+    def _scaling_bounds(self) -> StageConfig:
+        if self.num_replicas is None and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+def _default_stages() -> dict[str, StageConfig]:
+    return {name: StageConfig() for name in STAGE_NAMES}
+
+
+class IngressConfig(BaseModel):
+    """The front door: HTTP (OpenAI Videos API) and gRPC."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Interface the HTTP proxy listens on (0.0.0.0 for all).")
+    http_port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible Videos API.")
+    grpc_port: int = Field(9000, ge=1, le=65535, description="gRPC port (binds all interfaces).")
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas; each runs an orchestrator.")
+    num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per ingress replica.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Concurrent API calls one ingress replica serves.")
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> IngressConfig:
+        if self.http_port == self.grpc_port:
+            raise ValueError("http_port and grpc_port must differ")
+        return self
+
+
+class JobsConfig(BaseModel):
+    """Durable jobs: where records and results live, and admission limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["sqlite", "redis"] = Field("sqlite", description="Job store: sqlite (one machine) or redis (cluster).")
+    sqlite_path: str | None = Field(None, description="SQLite file (unset: jobs.sqlite3 under the user data directory).")
+    redis_url: str | None = Field(None, description="Redis URL for the redis backend, e.g. redis://host:6380/0.")
+    results_dir: str | None = Field(
+        None, description="Directory for photos and MP4s; a shared volume in a cluster (unset: under the user data directory)."
+    )
+    max_active_jobs: int = Field(
+        32, ge=1, description="Jobs queued or running at once; more get RESOURCE_EXHAUSTED / HTTP 429."
+    )
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with a refusal.")
+    job_timeout_s: float = Field(1800.0, gt=0, description="A job running longer than this fails with a timeout.")
+    lease_s: float = Field(
+        10.0, gt=0, description="An orchestrator owns a job for this long between renewals; after it, another takes over."
+    )
+    recovery_interval_s: float = Field(2.0, gt=0, description="How often orchestrators look for jobs whose owner died.")
+    max_attempts: int = Field(3, ge=1, description="Runs of one job (first try plus takeovers) before it fails.")
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> JobsConfig:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("jobs.redis_url is required when jobs.backend is redis")
+        return self
+
+
+class RayConfig(BaseModel):
+    """How `reelserve up` starts the local Ray cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(None, description="Existing cluster to join (unset: start a local one).")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs the local cluster offers (unset: all).")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs the local cluster offers (unset: all).")
+    object_store_memory_mb: int = Field(1024, ge=75, description="Object store size of a local cluster, MiB.")
+    gcs_port: int = Field(6389, ge=1, le=65535, description="Port of the local cluster's head (kept off Redis's 6379).")
+
+
+class ReelserveConfig(BaseModel):
+    """Everything a deployment needs; `graphs.build_app` validates a dict against it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    app_name: str = Field("reelserve", description="Serve application name.")
+    model: ModelConfig = Field(default_factory=ModelConfig.tiny, description="The checkpoint served and how it generates.")
+    stages: dict[str, StageConfig] = Field(default_factory=_default_stages, description="Per-stage resources and scaling.")
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="HTTP and gRPC front door.")
+    jobs: JobsConfig = Field(default_factory=JobsConfig, description="Job store, results and admission limits.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Local cluster settings for `reelserve up`.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _tiny_when_no_path(cls, value):
+        # No checkpoint path means the tiny one, which needs its own settings (2 blocks, short clips).
+        if isinstance(value, dict) and not value.get("path"):
+            return ModelConfig.tiny(**value)
+        return value
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _fill_stages(cls, value):
+        value = dict(value or {})
+        unknown = sorted(set(value) - set(STAGE_NAMES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGE_NAMES)}")
+        for name in STAGE_NAMES:
+            value.setdefault(name, {})
+        return value
+
+
+def load_config(source: str | dict | None = None) -> ReelserveConfig:
+    """A config from a YAML file path, a dict, or the defaults."""
+    if source is None:
+        return ReelserveConfig()
+    if isinstance(source, dict):
+        return ReelserveConfig.model_validate(source)
+    import yaml
+
+    with open(source) as handle:
+        return ReelserveConfig.model_validate(yaml.safe_load(handle) or {})

@@ -1,0 +1,1 @@
+"""Front doors: the OpenAI-compatible HTTP app and the gRPC servicer (thin: parse, validate, call, map errors)."""

@@ -1,0 +1,118 @@
+"""The gRPC ``reelserve.v1.VideoService`` methods, served through Ray Serve's gRPC proxy.
+
+Every error maps to a status code and a clean message; nothing uncaught
+escapes (Ray would send the traceback as the details).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded
+from serving.jobs.record import JobRecord
+from serving.proto import video_pb2
+
+__all__ = ["GrpcVideoMethods", "to_proto"]
+
+logger = logging.getLogger("reelserve.grpc")
+
+_STATUS = {0: video_pb2.QUEUED, 1: video_pb2.IN_PROGRESS, 2: video_pb2.COMPLETED, 3: video_pb2.FAILED,
+           4: video_pb2.CANCELLED}
+
+
+def to_proto(record: JobRecord) -> video_pb2.Video:
+    video = video_pb2.Video(
+        id=record.id, status=_STATUS[int(record.status)], progress=record.progress, stage=record.stage,
+        step=record.step, total_steps=record.total_steps, model=record.model, prompt=record.prompt,
+        seconds=record.seconds, size=record.size, fps=record.fps, seed=record.seed, created_at=record.created_at,
+        completed_at=record.completed_at or 0.0, result_bytes=record.result_bytes,
+    )
+    if record.error_code:
+        video.error.code = record.error_code
+        video.error.message = record.error_message or ""
+    video.stage_seconds.update(record.stage_seconds)
+    return video
+
+
+def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(error, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(error)
+    if isinstance(error, NotReady):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(error)
+    if isinstance(error, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error} (retry after {error.retry_after_s} s)"
+    logger.exception("unexpected error in a gRPC call")
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+class _Fail(Exception):
+    """Raised after the status is set on the context, so a stream ends with that status."""
+
+
+def _set_error(grpc_context, error: Exception) -> None:
+    code, details = _status_of(error)
+    grpc_context.set_code(code)
+    grpc_context.set_details(details)
+
+
+class GrpcVideoMethods:
+    """Mixed into the ingress deployment; expects ``self.service`` (a ``VideoService``)."""
+
+    async def CreateVideo(self, request: video_pb2.CreateVideoRequest, grpc_context=None) -> video_pb2.Video:
+        try:
+            record = self.service.create(
+                prompt=request.prompt,
+                image=request.image or None,
+                seconds=request.seconds or None,
+                size=request.size or None,
+                fps=request.fps or None,
+                seed=request.seed if request.HasField("seed") else None,
+                negative_prompt=request.negative_prompt if request.HasField("negative_prompt") else None,
+                model=request.model or None,
+            )
+            return to_proto(record)
+        except Exception as error:  # noqa: BLE001
+            _set_error(grpc_context, error)
+            return video_pb2.Video()
+
+    async def GetVideo(self, request: video_pb2.GetVideoRequest, grpc_context=None) -> video_pb2.Video:
+        try:
+            return to_proto(self.service.get(request.id))
+        except Exception as error:  # noqa: BLE001
+            _set_error(grpc_context, error)
+            return video_pb2.Video()
+
+    async def CancelVideo(self, request: video_pb2.CancelVideoRequest, grpc_context=None) -> video_pb2.Video:
+        try:
+            return to_proto(self.service.cancel(request.id))
+        except Exception as error:  # noqa: BLE001
+            _set_error(grpc_context, error)
+            return video_pb2.Video()
+
+    async def ListVideos(self, request: video_pb2.ListVideosRequest, grpc_context=None) -> video_pb2.ListVideosResponse:
+        try:
+            records, has_more = self.service.list(request.after or None, request.limit or 20, request.order or "desc")
+            return video_pb2.ListVideosResponse(videos=[to_proto(r) for r in records], has_more=has_more)
+        except Exception as error:  # noqa: BLE001
+            _set_error(grpc_context, error)
+            return video_pb2.ListVideosResponse()
+
+    async def WatchVideo(self, request: video_pb2.WatchVideoRequest, grpc_context=None):
+        try:
+            async for record in self.service.watch(request.id):
+                yield video_pb2.VideoEvent(video=to_proto(record))
+        except Exception as error:  # noqa: BLE001
+            _set_error(grpc_context, error)
+            raise _Fail() from None  # a stream must raise after setting the code, or the client sees OK
+
+    async def DownloadVideo(self, request: video_pb2.DownloadVideoRequest, grpc_context=None):
+        try:
+            for offset, data, total in self.service.read_chunks(request.id):
+                yield video_pb2.VideoChunk(data=data, offset=offset, total_bytes=total)
+        except Exception as error:  # noqa: BLE001
+            _set_error(grpc_context, error)
+            raise _Fail() from None

@@ -1,0 +1,102 @@
+"""The OpenAI Videos API shape: request parsing, video objects and error bodies.
+
+The routes themselves live on the ingress deployment (``deployment.py``);
+this module keeps them thin.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded
+from serving.jobs.record import JobRecord
+from serving.protocol import JobStatus
+
+__all__ = ["parse_create_request", "video_object", "error_response", "OPENAI_FIELD_NAMES"]
+
+# What the OpenAI API calls our fields, so error messages name what the client sent.
+OPENAI_FIELD_NAMES = {"image": "input_reference"}
+
+_CREATE_FIELDS = ("prompt", "model", "seconds", "size", "seed", "fps", "negative_prompt")
+
+
+async def parse_create_request(request: Request) -> dict[str, Any]:
+    """Fields of ``POST /v1/videos`` from JSON or multipart (``input_reference`` as the photo)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data") or content_type.startswith("application/x-www-form-urlencoded"):
+        form = await request.form()
+        fields = {name: form.get(name) for name in _CREATE_FIELDS if form.get(name) is not None}
+        upload = form.get("input_reference")
+        if upload is not None:
+            if isinstance(upload, str):
+                raise InvalidRequest("input_reference", "must be an uploaded image file (multipart file part)")
+            fields["image"] = await upload.read()
+        return fields
+    try:
+        body = await request.json()
+    except Exception:
+        raise InvalidRequest("body", "must be JSON or multipart/form-data") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("body", "must be a JSON object")
+    if "input_reference" in body:
+        raise InvalidRequest("input_reference", "send the photo as a multipart file upload, not inside JSON")
+    unknown = sorted(set(body) - set(_CREATE_FIELDS))
+    if unknown:
+        raise InvalidRequest(unknown[0], f"unknown field; allowed: {', '.join(_CREATE_FIELDS)}, input_reference")
+    return {name: body[name] for name in _CREATE_FIELDS if name in body}
+
+
+def _api_status(status: JobStatus) -> str:
+    # The OpenAI shape has no "cancelled"; a cancelled job reads as failed with code "cancelled".
+    return "failed" if status == JobStatus.CANCELLED else status.api_name
+
+
+def video_object(record: JobRecord) -> dict[str, Any]:
+    error = None
+    if record.status == JobStatus.CANCELLED:
+        error = {"code": "cancelled", "message": "the job was cancelled"}
+    elif record.error_code:
+        error = {"code": record.error_code, "message": record.error_message or ""}
+    return {
+        "id": record.id,
+        "object": "video",
+        "status": _api_status(record.status),
+        "progress": record.progress,
+        "created_at": int(record.created_at),
+        "completed_at": int(record.completed_at) if record.completed_at else None,
+        "expires_at": None,
+        "model": record.model,
+        "prompt": record.prompt,
+        "seconds": f"{record.seconds:g}",
+        "size": record.size,
+        "error": error,
+        "remixed_from_video_id": None,
+        # Extensions beyond the OpenAI shape:
+        "stage": record.stage,
+        "step": record.step,
+        "total_steps": record.total_steps,
+        "fps": record.fps,
+        "seed": record.seed,
+        "stage_seconds": record.stage_seconds,
+    }
+
+
+def error_response(error: Exception) -> JSONResponse:
+    """OpenAI-style error body with the matching status code."""
+    headers = {}
+    if isinstance(error, InvalidRequest):
+        status, kind, param, message = 400, "invalid_request_error", error.field, str(error)
+    elif isinstance(error, NotFound):
+        status, kind, param, message = 404, "not_found_error", None, str(error)
+    elif isinstance(error, NotReady):
+        status, kind, param, message = 409, "invalid_request_error", None, str(error)
+    elif isinstance(error, Overloaded):
+        status, kind, param, message = 429, "rate_limit_error", None, str(error)
+        headers["Retry-After"] = str(error.retry_after_s)
+    else:
+        status, kind, param, message = 500, "server_error", None, "internal error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)

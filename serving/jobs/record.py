@@ -1,0 +1,63 @@
+"""The job record: everything the API shows about a job, plus what recovery needs."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+from serving.protocol import JobStatus
+
+__all__ = ["JobRecord", "new_job_id"]
+
+
+def new_job_id() -> str:
+    return "video_" + secrets.token_hex(12)
+
+
+@dataclass
+class JobRecord:
+    id: str
+    model: str
+    prompt: str
+    negative_prompt: str
+    seconds: float
+    width: int
+    height: int
+    fps: int
+    seed: int
+    has_image: bool
+    status: JobStatus = JobStatus.QUEUED
+    progress: int = 0  # 0..100
+    stage: str = "queued"  # which stage the job is in
+    step: int = 0  # finished denoising steps
+    total_steps: int = 0
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    completed_at: float | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    result_path: str | None = None
+    result_bytes: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    cancel_requested: bool = False
+    delete_requested: bool = False
+    owner: str | None = None  # orchestrator currently running it
+    lease_until: float = 0.0  # the owner must renew before this time
+    attempts: int = 0
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["status"] = int(self.status)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> JobRecord:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["status"] = JobStatus(int(values.get("status", 0)))
+        return cls(**values)

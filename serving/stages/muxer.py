@@ -1,0 +1,35 @@
+"""Muxer stage: frames + waveform -> MP4 (H.264 + AAC) in the results directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.config import JobsConfig
+from serving.jobs.results import ResultStore
+from serving.media import write_mp4
+from serving.protocol import VideoFrames, Waveform
+from serving.stages._base import StageRunner
+
+__all__ = ["MuxerStage", "MuxedVideo"]
+
+
+@dataclass(frozen=True)
+class MuxedVideo:
+    path: str
+    num_bytes: int
+
+
+class MuxerStage:
+    def __init__(self, jobs: JobsConfig):
+        self._results = ResultStore(jobs.results_dir)
+        self._runner = StageRunner("muxer")
+
+    async def mux(self, job_id: str, frames: VideoFrames, waveform: Waveform) -> MuxedVideo:
+        return await self._runner.run(self._mux, job_id, frames, waveform)
+
+    def _mux(self, job_id: str, frames: VideoFrames, waveform: Waveform) -> MuxedVideo:
+        path = write_mp4(self._results.video_path(job_id), frames, waveform)
+        return MuxedVideo(path=str(path), num_bytes=path.stat().st_size)
+
+    def stats(self) -> dict:
+        return self._runner.stats.snapshot()

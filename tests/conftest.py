@@ -1,0 +1,125 @@
+"""Shared fixtures: the tiny checkpoint (built once per session), its config, and photos.
+
+Nothing here downloads anything: the tiny checkpoint is built from configs in
+code and the photos are made from the sample photo shipped in the package.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_PHOTO = REPO_ROOT / "serving" / "assets" / "sample_photo.jpg"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny random LTX-2 checkpoint, saved once for the whole session."""
+    from serving.families.ltx2_tiny import build_tiny_ltx2
+
+    return build_tiny_ltx2(tmp_path_factory.mktemp("tiny-ltx2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_checkpoint):
+    """``ModelConfig.tiny`` pointing at the session's tiny checkpoint."""
+    from cluster.config import ModelConfig
+
+    return ModelConfig.tiny(path=str(tiny_checkpoint))
+
+
+@pytest.fixture(scope="session")
+def tiny_limits(tiny_config):
+    from serving.families import get_family
+
+    return get_family(tiny_config.family).read_limits(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def sample_photo() -> Image.Image:
+    """The packaged sample photo (451x300 RGB)."""
+    with Image.open(SAMPLE_PHOTO) as image:
+        return image.convert("RGB")
+
+
+def _encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def png_with_claimed_size(width: int, height: int) -> bytes:
+    """A valid small PNG whose IHDR is patched to claim ``width`` x ``height`` (with a correct CRC)."""
+    data = bytearray(_encode(Image.new("RGB", (4, 4), (200, 30, 30)), "PNG"))
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+@dataclass(frozen=True)
+class Photos:
+    """A small real photo in a few encodings, plus broken variants of it."""
+
+    image: Image.Image  # the decoded small photo (96x64)
+    jpeg: bytes
+    png: bytes
+    empty: bytes
+    truncated_jpeg: bytes
+    truncated_png: bytes
+    text: bytes
+    bomb_png: bytes  # header claims 100000x100000 (PIL's own bomb guard)
+    over_cap_png: bytes  # header claims 8000x8000: under PIL's guard, over ours
+    too_small_png: bytes  # 1x1
+
+    def bad(self) -> dict[str, bytes]:
+        """Every variant that ``load_photo`` must refuse, by name."""
+        return {
+            "empty": self.empty,
+            "truncated_jpeg": self.truncated_jpeg,
+            "truncated_png": self.truncated_png,
+            "text": self.text,
+            "bomb_png": self.bomb_png,
+            "over_cap_png": self.over_cap_png,
+            "too_small_png": self.too_small_png,
+        }
+
+
+@pytest.fixture(scope="session")
+def photos(sample_photo) -> Photos:
+    small = sample_photo.resize((96, 64), Image.BICUBIC)
+    jpeg = _encode(small, "JPEG", quality=90)
+    png = _encode(small, "PNG")
+    return Photos(
+        image=small,
+        jpeg=jpeg,
+        png=png,
+        empty=b"",
+        truncated_jpeg=jpeg[: len(jpeg) // 2],
+        truncated_png=png[: len(png) // 2],
+        text=b"this is a text file, not a photo\n" * 20,
+        bomb_png=png_with_claimed_size(100_000, 100_000),
+        over_cap_png=png_with_claimed_size(8000, 8000),
+        too_small_png=_encode(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"),
+    )
+
+
+@pytest.fixture(scope="session")
+def photo_files(tmp_path_factory, photos) -> dict[str, Path]:
+    """The photos written to files (for the CLI), keyed like ``Photos.bad()`` plus ``good``."""
+    folder = tmp_path_factory.mktemp("photos")
+    files = {"good": folder / "good.jpg"}
+    files["good"].write_bytes(photos.jpeg)
+    suffixes = {"text": ".txt", "truncated_jpeg": ".jpg", "empty": ".jpg"}
+    for name, data in photos.bad().items():
+        path = folder / f"{name}{suffixes.get(name, '.png')}"
+        path.write_bytes(data)
+        files[name] = path
+    return files
