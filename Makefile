@@ -7,7 +7,7 @@ OUT    := out
 
 DEMO_PROMPT := A tabby cat looks around, blinks and purrs softly; warm afternoon light, gentle room tone.
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean redis proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +21,28 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# The served path: start the local cluster, generate over gRPC with progress, stop the cluster.
 demo: $(STAMP)
 	@mkdir -p $(OUT)
-	$(BIN)/reelserve generate --image serving/assets/sample_photo.jpg \
-		--prompt "$(DEMO_PROMPT)" --seconds 2 --size 384x256 --seed 7 --out $(OUT)/demo.mp4
-	@echo "demo video: $(abspath $(OUT)/demo.mp4)"
+	$(BIN)/reelserve up --detach
+	@status=0; $(BIN)/reelserve generate --address 127.0.0.1:9000 --image serving/assets/sample_photo.jpg \
+		--prompt "$(DEMO_PROMPT)" --seconds 2 --size 384x256 --seed 7 --out $(OUT)/demo.mp4 || status=$$?; \
+	$(BIN)/reelserve down; \
+	if [ $$status -eq 0 ]; then echo "demo video: $(abspath $(OUT)/demo.mp4)"; fi; exit $$status
 
-test: $(STAMP)
+# The serving tests start a real redis-server; install it when missing (Debian package).
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server"; \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+test: $(STAMP) redis
 	$(BIN)/python -m pytest -q
+
+# Regenerate the committed gRPC modules after editing serving/proto/video.proto.
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. serving/proto/video.proto
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

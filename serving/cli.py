@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["main"]
@@ -58,8 +59,20 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--negative-prompt", help="what to avoid (default: the model's)")
     generate.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     generate.add_argument("--model", help="checkpoint directory or hub id (default: the tiny random checkpoint)")
+    generate.add_argument("--address", help="HOST:PORT of a reelserve gRPC server; omit to run in this process")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(handler=_generate)
+
+    up = commands.add_parser("up", help="start a local Ray cluster and deploy the app")
+    up.add_argument("--config", help="deployment config YAML (default: the embedded profile: one node, tiny model, CPU)")
+    up.add_argument("--detach", action="store_true", help="return once the app is ready; stop it with `reelserve down`")
+    up.set_defaults(handler=_up)
+
+    down = commands.add_parser("down", help="stop the cluster started by `reelserve up --detach`")
+    down.set_defaults(handler=_down)
+
+    status = commands.add_parser("status", help="show the deployed app and its stages")
+    status.set_defaults(handler=_status)
     return parser
 
 
@@ -76,6 +89,8 @@ def _generate(args: argparse.Namespace) -> int:
     _quiet_libraries()
     out = _check_out_path(args.out)
     image = _read_image_file(args.image) if args.image is not None else None
+    if args.address:
+        return _generate_remote(args, out, image)
     config = _model_config(args.model, args.steps)
 
     from serving.errors import InvalidRequest
@@ -106,6 +121,135 @@ def _generate(args: argparse.Namespace) -> int:
     with _ProgressBar(disabled=args.quiet) as progress:
         generator.generate(request, out, on_step=progress.update)
     print(out)
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace, out: Path, image: bytes | None) -> int:
+    """Submit over gRPC, follow WatchVideo with a progress bar, download the MP4."""
+    import grpc
+
+    from serving.client import RemoteError, RemoteGenerator
+    from serving.proto import video_pb2
+
+    if args.model and "/" in args.model:
+        raise UsageError("--model: with --address, name the served model id, not a path")
+    if args.steps is not None:
+        raise UsageError("--steps: the server's config sets the steps; drop --steps with --address")
+    client = RemoteGenerator(args.address)
+    try:
+        client.wait_ready()
+        video = client.create(
+            prompt=args.prompt, image=image, seconds=_float_or_none(args.seconds, "--seconds"), size=args.size,
+            fps=_int_or_none(args.fps, "--fps"), seed=_int_or_none(args.seed, "--seed"),
+            negative_prompt=args.negative_prompt, model=args.model,
+        )
+        print(f"job {video.id}: {video.size}, {video.seconds:g} s at {video.fps} fps, seed {video.seed}", file=sys.stderr)
+        with _ProgressBar(disabled=args.quiet, desc="generating", unit="%") as progress:
+            final = client.watch(video.id, lambda v: progress.update(v.progress, 100))
+        if final.status != video_pb2.COMPLETED:
+            status = video_pb2.VideoStatus.Name(final.status).lower()
+            print(f"reelserve generate: job {video.id} {status}: {final.error.message}", file=sys.stderr)
+            return 1
+        client.download(video.id, out)
+    except RemoteError as error:
+        if error.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+            raise UsageError(str(error)) from None
+        print(f"reelserve generate: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    print(out)
+    return 0
+
+
+def _float_or_none(text: str | None, flag: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{flag}: '{text}' is not a number") from None
+    if value <= 0:
+        raise UsageError(f"{flag}: {value:g} is out of range; it must be more than 0")
+    return value
+
+
+def _int_or_none(text: str | None, flag: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{flag}: '{text}' is not a whole number") from None
+
+
+def _load_cluster_config(path: str | None):
+    from pydantic import ValidationError
+
+    from cluster.config import load_config
+    from cluster.local import default_config_path
+
+    source = path or str(default_config_path())
+    if not Path(source).is_file():
+        raise UsageError(f"--config: no such file '{source}'")
+    try:
+        return load_config(source)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "config"
+        raise UsageError(f"--config: {where}: {first['msg']}") from None
+    except Exception as error:  # noqa: BLE001 - unreadable YAML
+        raise UsageError(f"--config: cannot read '{source}': {error}") from None
+
+
+def _up(args: argparse.Namespace) -> int:
+    from cluster import local
+
+    config = _load_cluster_config(args.config)
+    if local.read_state() is not None:
+        raise UsageError("a cluster started by `reelserve up --detach` is running; run `reelserve down` first")
+    print("starting the cluster and deploying (first start loads every stage; this takes a minute)...", file=sys.stderr)
+    if args.detach:
+        state = local.start_detached(config)
+        print(f"reelserve is up: HTTP {state.http_url}/v1  gRPC {state.grpc_address}")
+        return 0
+    local.serve_app(config, config.ray.address)
+    print(
+        f"reelserve is up: HTTP http://{config.ingress.host}:{config.ingress.http_port}/v1  "
+        f"gRPC 127.0.0.1:{config.ingress.grpc_port}  (Ctrl-C stops it)"
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from cluster import local
+
+    state = local.read_state()
+    if state is None:
+        print("no cluster started by `reelserve up --detach` is running", file=sys.stderr)
+        return 0
+    local.stop(state)
+    print("reelserve is down")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from cluster import local
+
+    state = local.read_state()
+    if state is None:
+        print("no cluster started by `reelserve up --detach` is running")
+        return 1
+    print(json.dumps(local.status(state), indent=2))
     return 0
 
 
@@ -173,10 +317,11 @@ def _check_model_location(model: str) -> None:
 
 
 class _ProgressBar:
-    """Denoising progress on stderr."""
+    """Progress on stderr."""
 
-    def __init__(self, disabled: bool):
+    def __init__(self, disabled: bool, desc: str = "denoising", unit: str = "step"):
         self._disabled = disabled
+        self._desc, self._unit = desc, unit
         self._bar = None
 
     def __enter__(self):
@@ -188,7 +333,7 @@ class _ProgressBar:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
+            self._bar = tqdm(total=total, desc=self._desc, unit=self._unit, file=sys.stderr)
         self._bar.update(finished - self._bar.n)
 
     def __exit__(self, *exc) -> None:

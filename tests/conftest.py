@@ -12,6 +12,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import pytest
 from PIL import Image
 
@@ -123,3 +124,38 @@ def photo_files(tmp_path_factory, photos) -> dict[str, Path]:
         path.write_bytes(data)
         files[name] = path
     return files
+
+
+def _probe_mp4(path) -> dict:
+    """What a player sees: codecs, sizes, stream durations and the decoded frame / sample counts."""
+    with av.open(str(path)) as container:
+        video = [s for s in container.streams if s.type == "video"]
+        audio = [s for s in container.streams if s.type == "audio"]
+        info = {"num_streams": len(container.streams), "video_streams": len(video), "audio_streams": len(audio)}
+        if len(video) == 1 and len(audio) == 1:
+            v, a = video[0], audio[0]
+            info.update(
+                video_codec=v.codec_context.name,
+                pix_fmt=v.codec_context.pix_fmt,
+                width=v.codec_context.width,
+                height=v.codec_context.height,
+                video_duration=float(v.duration * v.time_base),
+                fps=float(v.average_rate),
+                audio_codec=a.codec_context.name,
+                sample_rate=a.codec_context.sample_rate,
+                channels=a.codec_context.channels,
+                audio_duration=float(a.duration * a.time_base),
+            )
+    if info.get("video_streams") == 1 and info.get("audio_streams") == 1:
+        with av.open(str(path)) as container:
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        with av.open(str(path)) as container:
+            samples = sum(frame.samples for frame in container.decode(audio=0))
+        info.update(decoded_frames=len(frames), first_frame=frames[0] if frames else None, decoded_samples=samples)
+    return info
+
+
+@pytest.fixture(scope="session")
+def probe_mp4():
+    """``probe_mp4(path)``: what a player sees in an MP4 (codecs, sizes, durations, decoded counts)."""
+    return _probe_mp4

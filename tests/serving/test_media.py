@@ -14,35 +14,6 @@ from serving.media import MAX_PHOTO_BYTES, fit_audio, load_photo, write_mp4
 from serving.protocol import VideoFrames, Waveform
 
 
-def probe_mp4(path) -> dict:
-    """What a player sees: codecs, sizes, stream durations and the decoded frame / sample counts."""
-    with av.open(str(path)) as container:
-        video = [s for s in container.streams if s.type == "video"]
-        audio = [s for s in container.streams if s.type == "audio"]
-        info = {"num_streams": len(container.streams), "video_streams": len(video), "audio_streams": len(audio)}
-        if len(video) == 1 and len(audio) == 1:
-            v, a = video[0], audio[0]
-            info.update(
-                video_codec=v.codec_context.name,
-                pix_fmt=v.codec_context.pix_fmt,
-                width=v.codec_context.width,
-                height=v.codec_context.height,
-                video_duration=float(v.duration * v.time_base),
-                fps=float(v.average_rate),
-                audio_codec=a.codec_context.name,
-                sample_rate=a.codec_context.sample_rate,
-                channels=a.codec_context.channels,
-                audio_duration=float(a.duration * a.time_base),
-            )
-    if info.get("video_streams") == 1 and info.get("audio_streams") == 1:
-        with av.open(str(path)) as container:
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-        with av.open(str(path)) as container:
-            samples = sum(frame.samples for frame in container.decode(audio=0))
-        info.update(decoded_frames=len(frames), first_frame=frames[0] if frames else None, decoded_samples=samples)
-    return info
-
-
 def _frames(count: int, width: int, height: int, fps: int) -> VideoFrames:
     """A smooth moving gradient (compresses well, so decoded pixels stay close)."""
     y, x = np.mgrid[0:height, 0:width]
@@ -70,7 +41,7 @@ def _tone(seconds: float, sample_rate: int = 16000, channels: int = 2) -> Wavefo
         (17, 8, 2.125, 2),  # exact length
     ],
 )
-def test_write_mp4_streams(tmp_path, num_frames, fps, audio_seconds, channels):
+def test_write_mp4_streams(tmp_path, probe_mp4, num_frames, fps, audio_seconds, channels):
     width, height = 96, 64
     frames = _frames(num_frames, width, height, fps)
     out = write_mp4(tmp_path / "clip.mp4", frames, _tone(audio_seconds, channels=channels))
@@ -110,7 +81,7 @@ def test_write_mp4_audio_content_is_kept(tmp_path):
     assert second_half < 0.01
 
 
-def test_write_mp4_replaces_existing_file(tmp_path):
+def test_write_mp4_replaces_existing_file(tmp_path, probe_mp4):
     target = tmp_path / "again.mp4"
     target.write_bytes(b"old")
     write_mp4(target, _frames(8, 64, 32, 8), _tone(1.0))

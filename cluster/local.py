@@ -1,0 +1,186 @@
+"""Start, inspect and stop a local Ray cluster serving the app (``reelserve up/status/down``).
+
+Every Ray process we start gets the same explicit token-auth settings
+(``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN_PATH``): Ray 2.60 otherwise turns auth
+on implicitly and a client with an explicit address fails to connect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cluster.config import ReelserveConfig
+
+__all__ = ["ClusterState", "ray_environment", "serve_app", "start_detached", "stop", "read_state", "status"]
+
+GRPC_SERVICER = "serving.proto.video_pb2_grpc.add_VideoServiceServicer_to_server"
+_PROFILES = Path(__file__).parent / "profiles"
+
+
+def default_config_path() -> Path:
+    return _PROFILES / "embedded.yaml"
+
+
+def state_dir() -> Path:
+    import platformdirs
+
+    path = Path(os.environ.get("REELSERVE_STATE_DIR") or platformdirs.user_state_dir("reelserve"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class ClusterState:
+    address: str
+    http_url: str
+    grpc_address: str
+    app_name: str
+    started_head: bool
+
+
+def ray_environment() -> dict[str, str]:
+    """Token-auth settings for every Ray process of ours; creates the token once."""
+    token = state_dir() / "ray_auth_token"
+    if not token.exists():
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+
+
+def _apply_ray_environment() -> None:
+    os.environ.update(ray_environment())
+    if "ray" in sys.modules:  # already imported: make it re-read the auth settings
+        from ray._raylet import Config
+
+        Config.initialize("")
+
+
+def serve_app(config: ReelserveConfig, address: str | None) -> None:
+    """Connect to (or start) Ray, start Serve with HTTP and gRPC, and deploy the app without blocking."""
+    _apply_ray_environment()  # before Ray reads its config
+    import ray
+    from ray import serve
+
+    from graphs import build_app
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(
+                num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, include_dashboard=False,
+                object_store_memory=config.ray.object_store_memory_mb * 1024**2, log_to_driver=False,
+            )
+    serve.start(
+        http_options={"host": config.ingress.host, "port": config.ingress.http_port},
+        grpc_options={"port": config.ingress.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+    )
+    serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
+    _wait_until_running(config.app_name)
+
+
+def _wait_until_running(app_name: str, timeout_s: float = 600) -> None:
+    from ray import serve
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        app = serve.status().applications.get(app_name)
+        if app is not None and app.status == "RUNNING":
+            return
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"deploying {app_name} failed: {app.message}")
+        time.sleep(1)
+    raise TimeoutError(f"{app_name} did not become ready within {timeout_s:g} s")
+
+
+def start_detached(config: ReelserveConfig) -> ClusterState:
+    """``ray start --head`` (unless joining an existing cluster), deploy, record the state, return."""
+    address, started_head = config.ray.address, False
+    if address is None:
+        # "auto" finds the head started here; an explicit address would skip the auth token.
+        address = "auto"
+        command = [
+            _ray_command(), "start", "--head", f"--port={config.ray.gcs_port}",
+            "--include-dashboard=false", "--disable-usage-stats",
+            f"--object-store-memory={config.ray.object_store_memory_mb * 1024**2}",
+        ]
+        if config.ray.num_cpus is not None:
+            command.append(f"--num-cpus={config.ray.num_cpus}")
+        if config.ray.num_gpus is not None:
+            command.append(f"--num-gpus={config.ray.num_gpus}")
+        subprocess.run(command, check=True, env={**os.environ, **ray_environment()}, capture_output=True)
+        started_head = True
+    serve_app(config, address)
+    state = ClusterState(
+        address=address,
+        http_url=f"http://{config.ingress.host}:{config.ingress.http_port}",
+        grpc_address=f"127.0.0.1:{config.ingress.grpc_port}",
+        app_name=config.app_name,
+        started_head=started_head,
+    )
+    (state_dir() / "cluster.json").write_text(json.dumps(asdict(state), indent=2))
+    return state
+
+
+def _ray_command() -> str:
+    """The ``ray`` executable installed beside this interpreter."""
+    return str(Path(sys.executable).parent / "ray")
+
+
+def read_state() -> ClusterState | None:
+    path = state_dir() / "cluster.json"
+    if not path.exists():
+        return None
+    return ClusterState(**json.loads(path.read_text()))
+
+
+def status(state: ClusterState) -> dict:
+    """Application and deployment statuses of a running cluster."""
+    _apply_ray_environment()  # before Ray reads its config
+    import ray
+    from ray import serve
+
+    ray.init(address=state.address, log_to_driver=False)
+    try:
+        app = serve.status().applications.get(state.app_name)
+        if app is None:
+            return {"application": state.app_name, "status": "NOT_DEPLOYED", "deployments": {}}
+        return {
+            "application": state.app_name,
+            "status": _enum_text(app.status),
+            "deployments": {name: _enum_text(d.status) for name, d in app.deployments.items()},
+            "http": state.http_url,
+            "grpc": state.grpc_address,
+        }
+    finally:
+        ray.shutdown()
+
+
+def _enum_text(value) -> str:
+    return str(getattr(value, "value", value))
+
+
+def stop(state: ClusterState) -> None:
+    """Shut Serve down and, if ``up`` started the Ray head, stop Ray on this machine."""
+    _apply_ray_environment()  # before Ray reads its config
+    import ray
+    from ray import serve
+
+    try:
+        ray.init(address=state.address, log_to_driver=False)
+        serve.shutdown()
+        ray.shutdown()
+    finally:
+        if state.started_head:
+            subprocess.run(
+                [_ray_command(), "stop", "--force"],
+                env={**os.environ, **ray_environment()}, capture_output=True,
+            )
+        (state_dir() / "cluster.json").unlink(missing_ok=True)

@@ -1,0 +1,210 @@
+"""The ``reelserve`` command, run as a subprocess exactly as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, SAMPLE_PHOTO
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def cache_home(tmp_path_factory) -> Path:
+    """An empty XDG cache for every subprocess, so no test touches (or reuses) the user's cache."""
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
+def _run(args: list[str], cache_home: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update(XDG_CACHE_HOME=str(cache_home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run(
+        [sys.executable, "-m", "serving.cli", *map(str, args)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _assert_video(probe_mp4, path: Path, seconds: float, fps: int, width: int, height: int) -> dict:
+    info = probe_mp4(path)
+    one_frame = 1.0 / fps
+    assert (info["num_streams"], info["video_streams"], info["audio_streams"]) == (2, 1, 1)
+    assert info["video_codec"] == "h264"
+    assert info["pix_fmt"] == "yuv420p"
+    assert info["audio_codec"] == "aac"
+    assert (info["width"], info["height"]) == (width, height)
+    assert info["decoded_frames"] == round(seconds * fps)
+    assert abs(info["video_duration"] - seconds) <= one_frame
+    assert abs(info["audio_duration"] - seconds) <= one_frame
+    assert info["channels"] == 2
+    assert info["sample_rate"] == 16000
+    assert info["first_frame"].std() > 1  # noise from random weights, not a blank frame
+    return info
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def test_generate_image_to_video(tmp_path, cache_home, tiny_checkpoint, probe_mp4):
+    out = tmp_path / "clip.mp4"
+    result = _run(
+        ["generate", "--model", tiny_checkpoint, "--image", SAMPLE_PHOTO, "--out", out, "--prompt", "a cat looks around",
+         "--seconds", "1", "--size", "96x64", "--fps", "24", "--seed", "3", "--steps", "2"],
+        cache_home,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout.strip() == str(out)
+    assert "image-to-video: 96x64, 24 frames at 24 fps (1.00 s), 2 steps, seed 3" in result.stderr
+    assert "denoising" in result.stderr  # the progress bar (not --quiet)
+    _assert_video(probe_mp4, out, seconds=1.0, fps=24, width=96, height=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]  # no .partial left
+
+
+def test_generate_text_to_video(tmp_path, cache_home, tiny_checkpoint, probe_mp4):
+    out = tmp_path / "t2v.mp4"
+    result = _run(
+        ["generate", "--model", tiny_checkpoint, "--out", out, "--prompt", "rain on a window", "--seconds", "0.5",
+         "--size", "64x96", "--fps", "30", "--seed", "5", "--steps", "2", "--quiet"],
+        cache_home,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert "text-to-video: 64x96, 15 frames at 30 fps" in result.stderr
+    assert "denoising" not in result.stderr  # --quiet
+    _assert_video(probe_mp4, out, seconds=0.5, fps=30, width=64, height=96)
+
+
+def test_generate_without_model_uses_tiny_checkpoint_in_user_cache(tmp_path, tmp_path_factory, probe_mp4):
+    from serving.families.ltx2_tiny import is_complete_checkpoint
+
+    cache = tmp_path_factory.mktemp("fresh-cache")
+    out = tmp_path / "default.mp4"
+    result = _run(
+        ["generate", "--image", SAMPLE_PHOTO, "--out", out, "--prompt", "a cat", "--seconds", "1", "--size", "64x64",
+         "--fps", "8", "--seed", "1", "--steps", "2", "--quiet"],
+        cache,
+    )
+    assert result.returncode == 0, result.stderr
+    built = cache / "reelserve" / "tiny-ltx2-v1"
+    assert is_complete_checkpoint(built)
+    assert (built / "model_index.json").is_file()
+    assert [p.name for p in (cache / "reelserve").iterdir()] == ["tiny-ltx2-v1"]  # no scratch folders left
+    _assert_video(probe_mp4, out, seconds=1.0, fps=8, width=64, height=64)
+
+
+# --------------------------------------------------------------------------- make-tiny
+
+
+def test_make_tiny(tmp_path, cache_home):
+    import json
+
+    target = tmp_path / "made" / "tiny"
+    result = _run(["make-tiny", target], cache_home)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(target)
+    index = json.loads((target / "model_index.json").read_text())
+    for name in ("scheduler", "vae", "audio_vae", "text_encoder", "tokenizer", "connectors", "transformer", "vocoder"):
+        assert name in index, name
+        assert (target / name).is_dir(), name
+        assert any((target / name).iterdir()), name
+    assert (target / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (target / "text_encoder" / "model.safetensors").is_file()
+    assert (target / "scheduler" / "scheduler_config.json").is_file()
+    assert (target / "tokenizer" / "tokenizer.json").is_file()
+
+
+# --------------------------------------------------------------------------- bad input
+
+GOOD = ["--prompt", "a cat looks around", "--seconds", "1", "--size", "96x64"]
+
+
+def _with(args: list[str], **replace: str) -> list[str]:
+    """``GOOD`` with some flags replaced (value ``None`` drops the flag)."""
+    args = list(args)
+    for flag, value in replace.items():
+        flag = "--" + flag.replace("_", "-")
+        if flag in args:
+            at = args.index(flag)
+            del args[at : at + 2]
+        if value is not None:
+            args += [flag, value]
+    return args
+
+
+# name -> (builder(ctx) -> argv after "generate", the flag the error must name)
+BAD_INPUT = {
+    "missing_image": (lambda c: ["--image", c["tmp"] / "no-such-photo.jpg", *c["base"]], "--image"),
+    "image_is_a_folder": (lambda c: ["--image", c["tmp"], *c["base"]], "--image"),
+    "empty_image": (lambda c: ["--image", c["photos"]["empty"], *c["base"]], "--image"),
+    "corrupt_image": (lambda c: ["--image", c["photos"]["truncated_jpeg"], *c["base"]], "--image"),
+    "non_image_file": (lambda c: ["--image", c["photos"]["text"], *c["base"]], "--image"),
+    "decompression_bomb": (lambda c: ["--image", c["photos"]["bomb_png"], *c["base"]], "--image"),
+    "size_unreadable": (lambda c: _with(c["base"], size="big"), "--size"),
+    "size_not_multiple_of_32": (lambda c: _with(c["base"], size="100x100"), "--size"),
+    "size_over_max": (lambda c: _with(c["base"], size="4096x4096"), "--size"),
+    "seconds_zero": (lambda c: _with(c["base"], seconds="0"), "--seconds"),
+    "seconds_negative": (lambda c: _with(c["base"], seconds="-1"), "--seconds"),
+    "seconds_over_max": (lambda c: _with(c["base"], seconds="999"), "--seconds"),
+    "seconds_not_a_number": (lambda c: _with(c["base"], seconds="ten"), "--seconds"),
+    "fps_zero": (lambda c: _with(c["base"], fps="0"), "--fps"),
+    "seed_negative": (lambda c: _with(c["base"], seed="-5"), "--seed"),
+    "steps_zero": (lambda c: _with(c["base"], steps="0"), "--steps"),
+    "steps_not_a_number": (lambda c: _with(c["base"], steps="many"), "--steps"),
+    "prompt_empty": (lambda c: _with(c["base"], prompt=""), "--prompt"),
+    "prompt_whitespace": (lambda c: _with(c["base"], prompt="   "), "--prompt"),
+    "prompt_missing": (lambda c: _with(c["base"], prompt=None), "--prompt"),
+    "prompt_too_many_tokens": (lambda c: _with(c["base"], prompt="a" * 300), "--prompt"),
+    "out_not_mp4": (lambda c: _with(c["base"], out=str(c["tmp"] / "clip.mov")), "--out"),
+    "out_folder_missing": (lambda c: _with(c["base"], out=str(c["tmp"] / "nowhere" / "clip.mp4")), "--out"),
+    "model_not_a_checkpoint": (lambda c: _with(c["base"], model=str(c["tmp"])), "--model"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(tmp_path_factory, cache_home, tiny_checkpoint, photo_files):
+    """Every bad-input case, run concurrently (each is one short process that loads no weights)."""
+    tmp = tmp_path_factory.mktemp("bad-input")
+    out = tmp / "never.mp4"
+    base = [*GOOD, "--out", str(out), "--model", str(tiny_checkpoint)]
+    context = {"tmp": tmp, "photos": photo_files, "base": base}
+    argvs = {name: ["generate", *build(context)] for name, (build, _) in BAD_INPUT.items()}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {name: pool.submit(_run, argv, cache_home, 120) for name, argv in argvs.items()}
+        results = {name: future.result() for name, future in futures.items()}
+    return {"results": results, "out": out, "tmp": tmp}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_exits_2_with_one_line(case, bad_input_results):
+    result = bad_input_results["results"][case]
+    flag = BAD_INPUT[case][1]
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("reelserve generate: error: "), lines[0]
+    assert flag in lines[0], lines[0]
+    assert result.stdout == ""
+    assert not bad_input_results["out"].exists()
+
+
+def test_bad_input_never_builds_a_checkpoint(bad_input_results, cache_home):
+    """Bad input is refused before any model is built or loaded: the cache stays empty."""
+    assert len(bad_input_results["results"]) == len(BAD_INPUT)
+    assert not (cache_home / "reelserve").exists()
+
+
+def test_no_command_prints_help_and_exits_2(cache_home):
+    result = _run([], cache_home)
+    assert result.returncode == 2
+    assert "generate" in result.stderr and "make-tiny" in result.stderr
