@@ -1,0 +1,74 @@
+"""build_app: validates the config and binds the deployment graph without starting Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+from pydantic import ValidationError
+from ray.serve import Application
+
+from cluster.config import STAGE_NAMES, load_config
+from graphs import build_app
+
+EMBEDDED = Path(__file__).resolve().parents[2] / "cluster" / "profiles" / "embedded.yaml"
+
+
+def _deployments(app: Application) -> dict:
+    """The ingress deployment and the stage deployments bound as its arguments, by name."""
+    ingress = app._bound_deployment
+    found = {ingress.name: ingress}
+    for argument in ingress.init_args:
+        if isinstance(argument, Application):
+            found[argument._bound_deployment.name] = argument._bound_deployment
+    return found
+
+
+def test_build_app_defaults_without_starting_ray():
+    app = build_app({})
+    assert isinstance(app, Application)
+    assert not ray.is_initialized()
+    deployments = _deployments(app)
+    assert set(deployments) == {"ingress", *STAGE_NAMES}
+    # the ingress gets the validated config as a plain dict
+    config_dict = deployments["ingress"].init_args[0]
+    assert isinstance(config_dict, dict)
+    assert config_dict == load_config({}).model_dump()
+
+
+def test_build_app_from_embedded_profile():
+    config = load_config(str(EMBEDDED))
+    for args in (config, config.model_dump()):
+        app = build_app(args)
+        assert isinstance(app, Application)
+        deployments = _deployments(app)
+        assert deployments["diffusion"].max_ongoing_requests == 2
+        assert deployments["diffusion"].max_queued_requests == 16
+        assert deployments["ingress"].init_args[0]["model"]["name"] == "ltx-2-tiny"
+    assert build_app(None) is not None
+    assert not ray.is_initialized()
+
+
+def test_build_app_applies_stage_resources():
+    app = build_app({"stages": {"video_decoder": {"num_cpus": 2, "memory_gb": 1.0}}, "ingress": {"num_cpus": 0.5}})
+    deployments = _deployments(app)
+    assert deployments["video_decoder"].ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0.0, "memory": 1024**3}
+    assert deployments["ingress"].ray_actor_options == {"num_cpus": 0.5}
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ({"stages": {"diffusion": {"num_gpus": -1}}}, "stages.diffusion.num_gpus"),
+        ({"jobs": {"backend": "mongo"}}, "jobs.backend"),
+        ({"model": {"default_size": "wide"}}, "model.default_size"),
+        ({"ingres": {}}, "ingres"),
+    ],
+)
+def test_build_app_bad_dict_names_the_field(args, field):
+    with pytest.raises(ValidationError) as caught:
+        build_app(args)
+    assert field in str(caught.value)
+    assert not ray.is_initialized()
