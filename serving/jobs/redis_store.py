@@ -1,7 +1,9 @@
 """Redis job store: cluster mode (every node reaches the same Redis).
 
-One hash per job holds the JSON record; a sorted set orders jobs by creation
-time. Conditional writes run as Lua scripts so they are atomic.
+One hash per job holds the JSON record (plus a few fields copied out for
+cheap checks); a sorted set orders jobs by creation time and a set holds the
+ids of jobs not yet terminal. Conditional writes are optimistic transactions
+(WATCH / MULTI), read-modify-write in Python so numbers keep full precision.
 """
 
 from __future__ import annotations
@@ -18,36 +20,14 @@ _INDEX = "reelserve:jobs"
 _ACTIVE = "reelserve:active"  # ids of jobs not yet terminal
 _TERMINAL = int(JobStatus.COMPLETED)
 
-# KEYS[1] job hash, KEYS[2] active set; ARGV: JSON changes, 1 if the job must be active, terminal, job id.
-_MODIFY = """
-local raw = redis.call('HGET', KEYS[1], 'data')
-if not raw then return nil end
-local data = cjson.decode(raw)
-if ARGV[2] == '1' and data['status'] >= tonumber(ARGV[3]) then return nil end
-local changes = cjson.decode(ARGV[1])
-for k, v in pairs(changes) do data[k] = v end
-local encoded = cjson.encode(data)
-local cancel = '0'
-if data['cancel_requested'] then cancel = '1' end
-redis.call('HSET', KEYS[1], 'data', encoded, 'status', data['status'], 'lease_until', data['lease_until'], 'cancel', cancel)
-if data['status'] >= tonumber(ARGV[3]) then redis.call('SREM', KEYS[2], ARGV[4]) end
-return encoded
-"""
 
-# KEYS[1] job hash; ARGV: owner, lease_s, now, terminal.
-_CLAIM = """
-local raw = redis.call('HGET', KEYS[1], 'data')
-if not raw then return 0 end
-local data = cjson.decode(raw)
-if data['status'] >= tonumber(ARGV[4]) then return 0 end
-local owner = data['owner']
-local now = tonumber(ARGV[3])
-if owner ~= cjson.null and owner ~= ARGV[1] and data['lease_until'] >= now then return 0 end
-data['owner'] = ARGV[1]
-data['lease_until'] = now + tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'data', cjson.encode(data), 'lease_until', data['lease_until'])
-return 1
-"""
+def _hash_fields(data: dict) -> dict:
+    return {
+        "data": json.dumps(data),
+        "status": int(data["status"]),
+        "lease_until": data["lease_until"],
+        "cancel": int(bool(data["cancel_requested"])),
+    }
 
 
 class RedisJobStore:
@@ -57,20 +37,21 @@ class RedisJobStore:
         if not url:
             raise ValueError("jobs.redis_url: required for the redis job store (e.g. redis://localhost:6380/0)")
         self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
-        self._modify_script = self._redis.register_script(_MODIFY)
-        self._claim_script = self._redis.register_script(_CLAIM)
 
     def create(self, record: JobRecord) -> None:
         key = _PREFIX + record.id
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(key, mapping={
-            "data": json.dumps(record.to_dict()), "status": int(record.status),
-            "lease_until": record.lease_until, "cancel": int(record.cancel_requested),
-        })
-        pipe.zadd(_INDEX, {record.id: record.created_at})
-        if not record.status.is_terminal:
-            pipe.sadd(_ACTIVE, record.id)
-        pipe.execute()
+        data = record.to_dict()
+
+        def insert(pipe):
+            if pipe.exists(key):
+                raise ValueError(f"job {record.id} already exists")
+            pipe.multi()
+            pipe.hset(key, mapping=_hash_fields(data))
+            pipe.zadd(_INDEX, {record.id: record.created_at})
+            if not record.status.is_terminal:
+                pipe.sadd(_ACTIVE, record.id)
+
+        self._redis.transaction(insert, key)
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self._redis.hget(_PREFIX + job_id, "data")
@@ -90,18 +71,33 @@ class RedisJobStore:
         return records, len(ids) > limit
 
     def _modify(self, job_id: str, changes: dict, must_be_active: bool) -> JobRecord | None:
+        key = _PREFIX + job_id
         encoded = {k: int(v) if isinstance(v, JobStatus) else v for k, v in changes.items()}
-        result = self._modify_script(
-            keys=[_PREFIX + job_id, _ACTIVE],
-            args=[json.dumps(encoded), "1" if must_be_active else "0", _TERMINAL, job_id],
-        )
-        return None if result is None else JobRecord.from_dict(json.loads(result))
+        outcome: dict = {}
+
+        def apply(pipe):
+            raw = pipe.hget(key, "data")
+            outcome["data"] = None
+            if raw is None:
+                return
+            data = json.loads(raw)
+            if must_be_active and data["status"] >= _TERMINAL:
+                return
+            data.update(encoded)
+            pipe.multi()
+            pipe.hset(key, mapping=_hash_fields(data))
+            if data["status"] >= _TERMINAL:
+                pipe.srem(_ACTIVE, job_id)
+            outcome["data"] = data
+
+        self._redis.transaction(apply, key)
+        return None if outcome["data"] is None else JobRecord.from_dict(outcome["data"])
 
     def update(self, job_id: str, **changes) -> bool:
         return self._modify(job_id, changes, must_be_active=True) is not None
 
     def finish(self, job_id: str, **changes) -> bool:
-        if not JobStatus(changes["status"]).is_terminal:
+        if "status" not in changes or not JobStatus(changes["status"]).is_terminal:
             raise ValueError("finish() needs a terminal status")
         return self._modify(job_id, changes, must_be_active=True) is not None
 
@@ -124,7 +120,25 @@ class RedisJobStore:
         return bool(removed)
 
     def claim(self, job_id: str, owner: str, lease_s: float, now: float) -> bool:
-        return bool(self._claim_script(keys=[_PREFIX + job_id], args=[owner, lease_s, now, _TERMINAL]))
+        key = _PREFIX + job_id
+        outcome = {"claimed": False}
+
+        def take(pipe):
+            raw = pipe.hget(key, "data")
+            outcome["claimed"] = False
+            if raw is None:
+                return
+            data = json.loads(raw)
+            free = data["owner"] is None or data["lease_until"] < now or data["owner"] == owner
+            if data["status"] >= _TERMINAL or not free:
+                return
+            data.update(owner=owner, lease_until=now + lease_s)
+            pipe.multi()
+            pipe.hset(key, mapping=_hash_fields(data))
+            outcome["claimed"] = True
+
+        self._redis.transaction(take, key)
+        return outcome["claimed"]
 
     def orphans(self, now: float, limit: int = 100) -> list[str]:
         found = []

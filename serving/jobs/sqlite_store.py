@@ -122,7 +122,7 @@ class SQLiteJobStore:
         return self._modify(job_id, changes, must_be_active=True) is not None
 
     def finish(self, job_id: str, **changes) -> bool:
-        if not JobStatus(changes["status"]).is_terminal:
+        if "status" not in changes or not JobStatus(changes["status"]).is_terminal:
             raise ValueError("finish() needs a terminal status")
         return self._modify(job_id, changes, must_be_active=True) is not None
 
