@@ -6,6 +6,7 @@ config is built, never at request time.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -30,10 +31,10 @@ LTX2_DEFAULT_NEGATIVE_PROMPT = "worst quality, inconsistent motion, blurry, jitt
 
 def parse_size(text: str) -> tuple[int, int]:
     """``"768x512"`` -> ``(768, 512)``; raises ``ValueError`` with the accepted form."""
-    parts = str(text).strip().lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    match = re.fullmatch(r"\s*([0-9]{1,6})\s*[xX]\s*([0-9]{1,6})\s*", str(text))
+    if match is None:
         raise ValueError(f"'{text}' is not a size; write WIDTHxHEIGHT in pixels, e.g. 768x512")
-    width, height = (int(p) for p in parts)
+    width, height = int(match.group(1)), int(match.group(2))
     if width <= 0 or height <= 0:
         raise ValueError(f"'{text}' has a zero dimension; both width and height must be positive")
     return width, height
@@ -60,11 +61,15 @@ class ModelConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights and compute dtype; auto is bfloat16 on GPUs and float32 on the CPU."
     )
-    num_inference_steps: int = Field(30, ge=1, le=200, description="Denoising steps per video.")
+    num_inference_steps: int = Field(
+        30, ge=2, le=200, description="Denoising steps per video (at least 2: LTX-2's shifted schedule needs two)."
+    )
     guidance_scale: float = Field(3.0, ge=1.0, description="Classifier-free guidance for video (1 turns it off).")
     audio_guidance_scale: float = Field(7.0, ge=1.0, description="Classifier-free guidance for audio.")
     stg_scale: float = Field(1.0, ge=0.0, description="Spatio-temporal guidance for video (0 turns it off).")
-    audio_stg_scale: float = Field(1.0, ge=0.0, description="Spatio-temporal guidance for audio (0 turns it off).")
+    audio_stg_scale: float = Field(
+        1.0, ge=0.0, description="Spatio-temporal guidance for audio; 0 is allowed only with stg_scale 0 (both off)."
+    )
     stg_blocks: list[int] = Field(
         default_factory=lambda: [28],
         description="Transformer block indices perturbed by spatio-temporal guidance; each must be below the block count.",
@@ -104,6 +109,9 @@ class ModelConfig(BaseModel):
             raise ValueError(f"default_seconds ({self.default_seconds}) exceeds max_seconds ({self.max_seconds})")
         if self.default_fps > self.max_fps:
             raise ValueError(f"default_fps ({self.default_fps}) exceeds max_fps ({self.max_fps})")
+        if self.audio_stg_scale == 0 and self.stg_scale > 0:
+            # diffusers reads an audio scale of 0 as "unset" and uses the video scale instead.
+            raise ValueError("audio_stg_scale 0 cannot turn audio STG off while stg_scale > 0; set both to 0")
         if (self.stg_scale > 0 or self.audio_stg_scale > 0) and not self.stg_blocks:
             raise ValueError("spatio-temporal guidance is on (stg_scale > 0) but stg_blocks is empty")
         return self

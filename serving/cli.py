@@ -86,9 +86,9 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    _quiet_libraries()
-    out = _check_out_path(args.out)
+    out = _check_out_path(args.out)  # cheap checks first: no library import for a typo
     image = _read_image_file(args.image) if args.image is not None else None
+    _quiet_libraries()
     if args.address:
         return _generate_remote(args, out, image)
     config = _model_config(args.model, args.steps)
@@ -96,7 +96,11 @@ def _generate(args: argparse.Namespace) -> int:
     from serving.errors import InvalidRequest
     from serving.local import LocalGenerator
 
-    generator = LocalGenerator(config)
+    try:
+        generator = LocalGenerator(config)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--model: cannot load '{config.path or 'the tiny checkpoint'}': {reason}") from None
     try:
         request = generator.validate(
             prompt=args.prompt,

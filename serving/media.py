@@ -11,9 +11,9 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from serving.errors import InvalidRequest
+from serving.errors import GenerationFailed, InvalidRequest
 from serving.protocol import VideoFrames, Waveform
 
 __all__ = ["load_photo", "write_mp4", "fit_audio", "MAX_PHOTO_BYTES", "MAX_PHOTO_PIXELS"]
@@ -46,7 +46,7 @@ def load_photo(data: bytes, field: str = "image") -> Image.Image:
         raise InvalidRequest(field, f"the image is {width}x{height}; it must be at least 2x2 pixels")
     try:
         image.load()
-        return image.convert("RGB")
+        return ImageOps.exif_transpose(image).convert("RGB")  # phone photos: honour the orientation tag
     except Exception:
         raise InvalidRequest(field, "the image data is corrupt or truncated; send a complete JPEG, PNG or WebP photo") from None
 
@@ -69,20 +69,35 @@ def write_mp4(path: str | Path, frames: VideoFrames, waveform: Waveform, crf: in
     The audio is fitted to the video's duration (frames / fps); it is written
     atomically (temporary name, then rename) so a reader never sees half a file.
     """
-    import av
-
     path = Path(path)
     pixels = frames.pixels
-    num_frames, height, width, _ = pixels.shape
-    audio = np.clip(fit_audio(waveform, num_frames / frames.fps), -1.0, 1.0)
+    audio = fit_audio(waveform, pixels.shape[0] / frames.fps)
+    if not np.isfinite(audio).all():
+        raise GenerationFailed("the model produced non-finite audio samples (NaN or infinity)")
+    audio = np.clip(audio, -1.0, 1.0)
     layout = "stereo" if audio.shape[0] == 2 else "mono"
     partial = path.with_name(path.name + ".partial")
+    try:
+        _encode_mp4(partial, pixels, audio, layout, frames.fps, waveform.sample_rate, crf)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(path)
+    return path
+
+
+def _encode_mp4(
+    partial: Path, pixels: np.ndarray, audio: np.ndarray, layout: str, fps: int, sample_rate: int, crf: int
+) -> None:
+    import av
+
+    num_frames, height, width, _ = pixels.shape
     with av.open(str(partial), mode="w", format="mp4") as container:
-        video_stream = container.add_stream("libx264", rate=frames.fps)
+        video_stream = container.add_stream("libx264", rate=fps)
         video_stream.width, video_stream.height = width, height
         video_stream.pix_fmt = "yuv420p"
         video_stream.options = {"crf": str(crf), "preset": "veryfast"}
-        audio_stream = container.add_stream("aac", rate=waveform.sample_rate, layout=layout)
+        audio_stream = container.add_stream("aac", rate=sample_rate, layout=layout)
 
         for index in range(num_frames):
             frame = av.VideoFrame.from_ndarray(pixels[index], format="rgb24")
@@ -91,9 +106,7 @@ def write_mp4(path: str | Path, frames: VideoFrames, waveform: Waveform, crf: in
         container.mux(video_stream.encode(None))
 
         audio_frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio), format="fltp", layout=layout)
-        audio_frame.sample_rate = waveform.sample_rate
+        audio_frame.sample_rate = sample_rate
         audio_frame.pts = 0
         container.mux(audio_stream.encode(audio_frame))
         container.mux(audio_stream.encode(None))
-    partial.replace(path)
-    return path

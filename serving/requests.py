@@ -21,6 +21,7 @@ __all__ = ["VideoRequest", "validate_request", "MAX_PROMPT_CHARS", "MAX_SEED"]
 
 MAX_PROMPT_CHARS = 20_000  # cheap guard before tokenizing
 MAX_SEED = 2**63 - 1
+_LARGEST_NUMBER = 2**63  # anything bigger is refused before any arithmetic on it
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def validate_request(
 
     model_name = _check_model(model, config, names["model"])
     prompt_text = _check_prompt(prompt, names["prompt"], limits, count_tokens)
-    negative = _check_negative_prompt(negative_prompt, config, names["negative_prompt"])
+    negative = _check_negative_prompt(negative_prompt, config, names["negative_prompt"], limits, count_tokens)
     width, height = _check_size(size, config, limits, names["size"])
     frame_rate = _check_fps(fps, config, names["fps"])
     duration = _check_seconds(seconds, config, names["seconds"])
@@ -107,14 +108,21 @@ def _check_prompt(prompt: Any, field: str, limits: ModelLimits, count_tokens) ->
     return text
 
 
-def _check_negative_prompt(negative_prompt: Any, config: ModelConfig, field: str) -> str:
+def _check_negative_prompt(negative_prompt: Any, config: ModelConfig, field: str, limits, count_tokens) -> str:
     if negative_prompt is None:
         return config.negative_prompt
     if not isinstance(negative_prompt, str):
         raise InvalidRequest(field, "must be text")
-    if len(negative_prompt) > MAX_PROMPT_CHARS:
-        raise InvalidRequest(field, f"is {len(negative_prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed")
-    return negative_prompt.strip()
+    text = negative_prompt.strip()
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(field, f"is {len(text)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+    if count_tokens is not None and text:
+        tokens = count_tokens(text)
+        if tokens > limits.max_prompt_tokens:
+            raise InvalidRequest(
+                field, f"is {tokens} tokens long; this model reads at most {limits.max_prompt_tokens} tokens"
+            )
+    return text
 
 
 def _check_size(size: Any, config: ModelConfig, limits: ModelLimits, field: str) -> tuple[int, int]:
@@ -144,13 +152,15 @@ def _number(value: Any, field: str, kind: str) -> int | float:
     if isinstance(value, bool):
         raise InvalidRequest(field, f"must be a {kind}, not a boolean")
     if isinstance(value, int):
+        if abs(value) > _LARGEST_NUMBER:
+            raise InvalidRequest(field, f"is out of range; at most {_LARGEST_NUMBER} is accepted")
         return value
     if isinstance(value, float):
         number = value
     elif isinstance(value, str):
         text = value.strip()
         try:
-            return int(text)
+            return _number(int(text), field, kind)
         except ValueError:
             pass
         try:

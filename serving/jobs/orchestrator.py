@@ -15,11 +15,12 @@ import asyncio
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from cluster.config import JobsConfig
-from serving.errors import JobCancelled, Overloaded
+from serving.errors import JobCancelled, Overloaded, ReelserveError
 from serving.jobs.progress import STAGE_PROGRESS
 from serving.jobs.record import JobRecord, new_job_id
 from serving.jobs.results import ResultStore
@@ -27,7 +28,7 @@ from serving.jobs.store import JobStore
 from serving.protocol import JobStatus, RenderPlan
 from serving.requests import VideoRequest
 
-__all__ = ["Orchestrator", "StageHandles"]
+__all__ = ["Orchestrator", "StageHandles", "client_safe_error"]
 
 logger = logging.getLogger("reelserve.orchestrator")
 
@@ -54,6 +55,9 @@ class Orchestrator:
         self.jobs = jobs
         self.temporal_compression = temporal_compression
         self.owner = "orchestrator-" + secrets.token_hex(6)
+        # Waiting for a stage without fetching its output blocks a thread; give those waits their own
+        # pool sized for every active job (two waits each at most) so they never starve the event loop's.
+        self._waiters = ThreadPoolExecutor(max_workers=2 * jobs.max_active_jobs + 2, thread_name_prefix="stage-wait")
         self._tasks: dict[str, asyncio.Task] = {}
         self._recovery: asyncio.Task | None = None
 
@@ -69,6 +73,7 @@ class Orchestrator:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._waiters.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ API
 
@@ -133,7 +138,8 @@ class Orchestrator:
                 self.store.finish(job_id, status=JobStatus.CANCELLED, stage="cancelled", completed_at=time.time())
             else:
                 logger.warning("job %s failed: %r", job_id, error)
-                code, message = _client_safe(error)
+                current = self.store.get(job_id)
+                code, message = client_safe_error(error, current.stage if current else "unknown")
                 self._finish_failed(job_id, code, message)
         finally:
             heartbeat.cancel()
@@ -161,24 +167,24 @@ class Orchestrator:
         if record.has_image:
             photo = self.results.load_input(job_id)
             condition = stages.image_conditioner.condition.remote(photo, plan.width, plan.height)
-        await _done(embeddings)
+        await self._done(embeddings)
         mark("text_encoder")
         if condition is not None:
             self._advance(job_id, "image_conditioner")
-            await _done(condition)
+            await self._done(condition)
             mark("image_conditioner")
         self._raise_if_cancelled(job_id)
 
         self._advance(job_id, "diffusion")
         latents = stages.diffusion.denoise.remote(job_id, embeddings, condition, plan)
-        await _done(latents)
+        await self._done(latents)
         mark("diffusion")
         self._raise_if_cancelled(job_id)
 
         self._advance(job_id, "decoders")
         frames = stages.video_decoder.decode.remote(latents, plan)
         waveform = stages.audio_decoder.decode.remote(latents)
-        await asyncio.gather(_done(frames), _done(waveform))
+        await asyncio.gather(self._done(frames), self._done(waveform))
         mark("decoders")
 
         self._advance(job_id, "muxer")
@@ -188,6 +194,13 @@ class Orchestrator:
             job_id, status=JobStatus.COMPLETED, stage="completed", progress=100, completed_at=time.time(),
             result_path=video.path, result_bytes=video.num_bytes, stage_seconds=timings,
         )
+
+    async def _done(self, response) -> None:
+        """Wait until a stage response is computed, without fetching its value here."""
+        import ray
+
+        ref = await response._to_object_ref()
+        await asyncio.get_running_loop().run_in_executor(self._waiters, lambda: ray.wait([ref], fetch_local=False))
 
     def _advance(self, job_id: str, stage: str) -> None:
         self.store.update(job_id, stage=stage, progress=STAGE_PROGRESS[stage])
@@ -225,23 +238,19 @@ class Orchestrator:
             await asyncio.sleep(self.jobs.recovery_interval_s)
 
 
-async def _done(response) -> None:
-    """Wait until a stage response is computed, without fetching its value here."""
-    import ray
+def client_safe_error(error: BaseException, stage: str) -> tuple[str, str]:
+    """An error code and a one-line message for the client: no tracebacks, paths or addresses.
 
-    ref = await response._to_object_ref()
-    await asyncio.to_thread(ray.wait, [ref], fetch_local=False)
-
-
-def _client_safe(error: BaseException) -> tuple[str, str]:
-    """An error code and a one-line message without tracebacks, paths or addresses."""
+    Only our own errors carry their text through; anything else is named by its type and the stage.
+    """
     cause = getattr(error, "cause", None) or error
     name = type(cause).__name__
     if "OutOfMemory" in name or "out of memory" in str(cause).lower():
-        return "out_of_memory", "the GPU ran out of memory generating this video; try a smaller size or fewer seconds"
+        return "out_of_memory", f"the {stage} stage ran out of memory; try a smaller size or fewer seconds"
     if "BackPressure" in name:
-        return "overloaded", "a stage was full; retry later"
+        return "overloaded", f"the {stage} stage was full; retry later"
     if "ActorDied" in name or "ActorUnavailable" in name or "WorkerCrashed" in name:
-        return "stage_unavailable", "a stage replica died while generating this video; retry"
-    first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else name
-    return "generation_failed", f"{name}: {first_line[:300]}"
+        return "stage_unavailable", f"a {stage} replica died while generating this video; retry"
+    if isinstance(cause, ReelserveError):
+        return "generation_failed", cause.client_message.splitlines()[0][:300]
+    return "generation_failed", f"the {stage} stage failed ({name})"

@@ -262,3 +262,17 @@ def test_parse_size_bad(text):
 def test_parse_size_zero_dimension(text):
     with pytest.raises(ValueError, match="positive"):
         parse_size(text)
+
+
+def test_one_denoising_step_is_refused():
+    # LTX-2's shifted schedule gives NaN timesteps for a single step.
+    with pytest.raises(ValidationError) as raised:
+        ModelConfig(num_inference_steps=1)
+    assert "num_inference_steps" in str(raised.value)
+
+
+def test_audio_stg_off_alone_is_refused_because_diffusers_would_ignore_it():
+    with pytest.raises(ValidationError) as raised:
+        ModelConfig(audio_stg_scale=0.0, stg_scale=1.0)
+    assert "audio_stg_scale" in str(raised.value)
+    assert ModelConfig(audio_stg_scale=0.0, stg_scale=0.0).stg_scale == 0.0

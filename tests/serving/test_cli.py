@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO_ROOT, SAMPLE_PHOTO
 
@@ -85,7 +86,7 @@ def test_generate_text_to_video(tmp_path, cache_home, tiny_checkpoint, probe_mp4
 
 
 def test_generate_without_model_uses_tiny_checkpoint_in_user_cache(tmp_path, tmp_path_factory, probe_mp4):
-    from serving.families.ltx2_tiny import is_complete_checkpoint
+    from serving.families.ltx2_tiny import default_tiny_dir, is_complete_checkpoint
 
     cache = tmp_path_factory.mktemp("fresh-cache")
     out = tmp_path / "default.mp4"
@@ -95,18 +96,20 @@ def test_generate_without_model_uses_tiny_checkpoint_in_user_cache(tmp_path, tmp
         cache,
     )
     assert result.returncode == 0, result.stderr
-    built = cache / "reelserve" / "tiny-ltx2-v1"
+    built = cache / "reelserve" / default_tiny_dir().name  # tiny-ltx2-<version>
     assert is_complete_checkpoint(built)
     assert (built / "model_index.json").is_file()
-    assert [p.name for p in (cache / "reelserve").iterdir()] == ["tiny-ltx2-v1"]  # no scratch folders left
+    assert [p.name for p in (cache / "reelserve").iterdir()] == [built.name]  # no scratch folders left
     _assert_video(probe_mp4, out, seconds=1.0, fps=8, width=64, height=64)
 
 
 # --------------------------------------------------------------------------- make-tiny
 
 
-def test_make_tiny(tmp_path, cache_home):
+def test_make_tiny(tmp_path, cache_home, tiny_checkpoint):
     import json
+
+    from safetensors.torch import load_file
 
     target = tmp_path / "made" / "tiny"
     result = _run(["make-tiny", target], cache_home)
@@ -121,6 +124,11 @@ def test_make_tiny(tmp_path, cache_home):
     assert (target / "text_encoder" / "model.safetensors").is_file()
     assert (target / "scheduler" / "scheduler_config.json").is_file()
     assert (target / "tokenizer" / "tokenizer.json").is_file()
+    # Deterministic: the same weights as the checkpoint this session built in-process.
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    made, reference = load_file(target / weights), load_file(tiny_checkpoint / weights)
+    assert made.keys() == reference.keys()
+    assert all(torch.equal(made[k], reference[k]) for k in made)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -178,14 +186,21 @@ MORE_BAD_INPUT = {
     "prompt_too_many_tokens": (lambda c: _with(c["base"], prompt="a" * 300), "--prompt"),
     "out_folder_missing": (lambda c: _with(c["base"], out=str(c["tmp"] / "nowhere" / "clip.mp4")), "--out"),
     "out_is_a_folder": (lambda c: _with(c["base"], out=str(c["out_folder"])), "--out"),
+    "steps_one": (lambda c: _with(c["base"], steps="1"), "--steps"),
+    "seconds_absurdly_large": (lambda c: _with(c["base"], seconds="1" + "0" * 400), "--seconds"),
+    "model_index_without_components": (lambda c: _with(c["base"], model=str(c["empty_checkpoint"])), "--model"),
 }
 
 
 def _context(tmp: Path, tiny_checkpoint: Path, photo_files: dict) -> dict:
     out_folder = tmp / "folder.mp4"
     out_folder.mkdir(exist_ok=True)
+    empty_checkpoint = tmp / "empty-checkpoint"
+    empty_checkpoint.mkdir(exist_ok=True)
+    (empty_checkpoint / "model_index.json").write_text("{}")
     base = [*GOOD, "--out", str(tmp / "never.mp4"), "--model", str(tiny_checkpoint)]
-    return {"tmp": tmp, "photos": photo_files, "base": base, "out_folder": out_folder}
+    return {"tmp": tmp, "photos": photo_files, "base": base, "out_folder": out_folder,
+            "empty_checkpoint": empty_checkpoint}
 
 
 def _assert_refused(returncode, stdout: str, stderr: str, flag: str, tmp: Path) -> None:

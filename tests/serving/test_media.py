@@ -174,3 +174,22 @@ def test_load_photo_refuses_unlisted_format():
         load_photo(buffer.getvalue(), field="photo")
     assert caught.value.field == "photo"
     assert "PPM" in caught.value.message and "JPEG" in caught.value.message
+
+
+def test_load_photo_applies_the_exif_orientation():
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display", as phones write it
+    Image.new("RGB", (120, 80), (10, 200, 30)).save(buffer, format="JPEG", exif=exif)
+    assert load_photo(buffer.getvalue()).size == (80, 120)
+
+
+def test_write_mp4_refuses_non_finite_audio_and_leaves_nothing_behind(tmp_path):
+    from serving.errors import GenerationFailed
+
+    samples = np.zeros((2, 16000), dtype=np.float32)
+    samples[0, 100] = np.nan
+    out = tmp_path / "nan.mp4"
+    with pytest.raises(GenerationFailed):
+        write_mp4(out, _frames(24, 64, 64, 24), Waveform(samples, 16000))
+    assert list(tmp_path.iterdir()) == []

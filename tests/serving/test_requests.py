@@ -204,3 +204,27 @@ def test_first_bad_field_is_reported(validate):
     with pytest.raises(InvalidRequest) as caught:
         validate(size="big", seconds=-1)
     assert caught.value.field == "size"
+
+
+@pytest.mark.parametrize("field", ["seconds", "fps", "seed"])
+def test_refuses_absurdly_large_numbers_cleanly(validate, field):
+    huge = "1" + "0" * 400
+    with pytest.raises(InvalidRequest) as raised:
+        validate(**{field: huge})
+    message = raised.value.message
+    assert raised.value.field == field
+    assert "out of range" in message or "not allowed" in message
+
+
+def test_refuses_negative_prompt_over_the_token_limit(validate, tiny_limits):
+    with pytest.raises(InvalidRequest) as raised:
+        validate(negative_prompt="b " * (tiny_limits.max_prompt_tokens + 10))
+    assert raised.value.field == "negative_prompt"
+    assert f"at most {tiny_limits.max_prompt_tokens} tokens" in raised.value.message
+
+
+@pytest.mark.parametrize("size", ["32x²", "６４x64", "1234567x32"])
+def test_refuses_sizes_that_only_look_numeric(validate, size):
+    with pytest.raises(InvalidRequest) as raised:
+        validate(size=size)
+    assert raised.value.field == "size" and "WIDTHxHEIGHT" in raised.value.message

@@ -377,7 +377,7 @@ def _plan_with_steps(steps: int) -> RenderPlan:
 
 def test_step_callback_reports_every_step(stages, tiny_config):
     embeddings = stages.text_encoder.encode(PROMPT, tiny_config.negative_prompt)
-    for steps in (1, 4):
+    for steps in (2, 5):
         calls = []
         stages.denoiser.denoise(embeddings, None, _plan_with_steps(steps), on_step=lambda k, n: calls.append((k, n)))
         assert calls == [(k, steps) for k in range(1, steps + 1)]
@@ -423,8 +423,10 @@ def test_read_limits(family, tiny_config):
     assert limits.max_prompt_tokens == tiny_config.max_prompt_tokens
 
 
-def test_denoiser_refuses_stg_blocks_beyond_the_block_count(family, tiny_config):
-    config = tiny_config.model_copy(update={"stg_blocks": [1, 2, 28]})
+def test_denoiser_refuses_stg_blocks_beyond_the_block_count(family, tiny_checkpoint):
+    from cluster.config import ModelConfig
+
+    config = ModelConfig.tiny(path=str(tiny_checkpoint), stg_blocks=[1, 2, 28])
     with pytest.raises(ValueError) as caught:
         family.denoiser(config)
     message = str(caught.value)
