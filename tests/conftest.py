@@ -17,6 +17,25 @@ import pytest
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _explicit_ray_auth() -> None:
+    """Token auth for every Ray cluster the tests start, set before anything imports Ray.
+
+    Ray reads these once, when it is first imported; set later (e.g. in a fixture) they are
+    ignored in a process that already imported Ray, and the cluster refuses the connection.
+    """
+    import os
+    import secrets
+    import tempfile
+
+    token = Path(tempfile.mkdtemp(prefix="reelserve-ray-")) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+
+
+_explicit_ray_auth()
 SAMPLE_PHOTO = REPO_ROOT / "serving" / "assets" / "sample_photo.jpg"
 
 

@@ -8,11 +8,9 @@ test runs last because it kills the ingress replica.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import socket
 import subprocess
 import time
-import uuid
 
 import grpc
 import httpx
@@ -54,10 +52,10 @@ def redis_url():
 
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint, redis_url, tmp_path_factory):
-    """Ray + Serve with HTTP and gRPC, the app deployed from ``build_app``; yields its addresses."""
-    token = tmp_path_factory.mktemp("ray") / "token"
-    token.write_text(uuid.uuid4().hex)
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    """Ray + Serve with HTTP and gRPC, the app deployed from ``build_app``; yields its addresses.
+
+    Ray's token auth settings come from ``tests/conftest.py``.
+    """
     import ray
     from ray import serve
 
