@@ -12,9 +12,15 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import shutil
+import subprocess
+import time
+
 import av
 import pytest
 from PIL import Image
+
+from tests.helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,3 +184,41 @@ def _probe_mp4(path) -> dict:
 def probe_mp4():
     """``probe_mp4(path)``: what a player sees in an MP4 (codecs, sizes, durations, decoded counts)."""
     return _probe_mp4
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """A real redis-server on a free port, for one test module; no persistence."""
+    import redis
+
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=1)
+        deadline = time.monotonic() + 15
+        while True:
+            assert process.poll() is None, f"redis-server exited early with code {process.returncode}"
+            try:
+                if client.ping():
+                    break
+            except redis.exceptions.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "redis-server did not answer PING within 15 s"
+            time.sleep(0.05)
+        client.close()
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)

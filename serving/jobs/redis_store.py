@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 from serving.jobs.record import JobRecord
+from serving.jobs.store import ConditionalWrites
 from serving.protocol import JobStatus
 
 __all__ = ["RedisJobStore"]
@@ -30,7 +31,7 @@ def _hash_fields(data: dict) -> dict:
     }
 
 
-class RedisJobStore:
+class RedisJobStore(ConditionalWrites):
     def __init__(self, url: str | None):
         import redis
 
@@ -92,20 +93,6 @@ class RedisJobStore:
 
         self._redis.transaction(apply, key)
         return None if outcome["data"] is None else JobRecord.from_dict(outcome["data"])
-
-    def update(self, job_id: str, **changes) -> bool:
-        return self._modify(job_id, changes, must_be_active=True) is not None
-
-    def finish(self, job_id: str, **changes) -> bool:
-        if "status" not in changes or not JobStatus(changes["status"]).is_terminal:
-            raise ValueError("finish() needs a terminal status")
-        return self._modify(job_id, changes, must_be_active=True) is not None
-
-    def request_cancel(self, job_id: str, delete: bool = False) -> JobRecord | None:
-        changes = {"cancel_requested": True}
-        if delete:
-            changes["delete_requested"] = True
-        return self._modify(job_id, changes, must_be_active=False)
 
     def is_cancel_requested(self, job_id: str) -> bool:
         flag = self._redis.hget(_PREFIX + job_id, "cancel")

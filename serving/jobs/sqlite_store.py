@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from serving.jobs.record import JobRecord
+from serving.jobs.store import ConditionalWrites
 from serving.protocol import JobStatus
 
 __all__ = ["SQLiteJobStore", "default_sqlite_path"]
@@ -22,7 +23,7 @@ def default_sqlite_path() -> str:
     return str(Path(platformdirs.user_data_dir("reelserve")) / "jobs.sqlite3")
 
 
-class SQLiteJobStore:
+class SQLiteJobStore(ConditionalWrites):
     def __init__(self, path: str | None = None):
         self.path = path or default_sqlite_path()
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -117,21 +118,6 @@ class SQLiteJobStore:
                 (data["status"], data["lease_until"], int(data["cancel_requested"]), json.dumps(data), job_id),
             )
             return JobRecord.from_dict(data)
-
-    def update(self, job_id: str, **changes) -> bool:
-        return self._modify(job_id, changes, must_be_active=True) is not None
-
-    def finish(self, job_id: str, **changes) -> bool:
-        if "status" not in changes or not JobStatus(changes["status"]).is_terminal:
-            raise ValueError("finish() needs a terminal status")
-        return self._modify(job_id, changes, must_be_active=True) is not None
-
-    def request_cancel(self, job_id: str, delete: bool = False) -> JobRecord | None:
-        changes = {"cancel_requested": True}
-        if delete:
-            changes["delete_requested"] = True
-        record = self._modify(job_id, changes, must_be_active=False)
-        return record
 
     def delete(self, job_id: str) -> bool:
         with self._transaction() as db:

@@ -12,13 +12,9 @@ from typing import Protocol
 
 from serving.jobs.record import JobRecord
 
-__all__ = ["JobStore", "open_store", "ACTIVE_FIELDS"]
+from serving.protocol import JobStatus
 
-# Fields that only the running orchestrator or a stage changes while the job is active.
-ACTIVE_FIELDS = frozenset(
-    {"status", "progress", "stage", "step", "total_steps", "started_at", "completed_at", "error_code",
-     "error_message", "result_path", "result_bytes", "stage_seconds", "owner", "lease_until", "attempts"}
-)
+__all__ = ["JobStore", "ConditionalWrites", "open_store"]
 
 
 class JobStore(Protocol):
@@ -57,6 +53,32 @@ class JobStore(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+class ConditionalWrites:
+    """The write rules both backends share, on top of their one atomic primitive.
+
+    A backend provides ``_modify(job_id, changes, must_be_active) -> JobRecord | None``:
+    apply ``changes`` atomically, unless the job is missing, or terminal while
+    ``must_be_active`` is set.
+    """
+
+    def _modify(self, job_id: str, changes: dict, must_be_active: bool) -> JobRecord | None:
+        raise NotImplementedError
+
+    def update(self, job_id: str, **changes) -> bool:
+        return self._modify(job_id, changes, must_be_active=True) is not None
+
+    def finish(self, job_id: str, **changes) -> bool:
+        if "status" not in changes or not JobStatus(changes["status"]).is_terminal:
+            raise ValueError("finish() needs a terminal status")
+        return self._modify(job_id, changes, must_be_active=True) is not None
+
+    def request_cancel(self, job_id: str, delete: bool = False) -> JobRecord | None:
+        changes = {"cancel_requested": True}
+        if delete:
+            changes["delete_requested"] = True
+        return self._modify(job_id, changes, must_be_active=False)
 
 
 def open_store(backend: str, *, sqlite_path: str | None = None, redis_url: str | None = None) -> JobStore:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import free_port
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _cli(args, env, timeout=600):
@@ -36,13 +31,13 @@ def _cli(args, env, timeout=600):
 def cluster(tiny_checkpoint, tmp_path_factory):
     """A detached local cluster started with `reelserve up --detach`; `down` at the end."""
     root = tmp_path_factory.mktemp("local-cluster")
-    grpc_port = _free_port()
+    grpc_port = free_port()
     config = {
         "model": {"path": str(tiny_checkpoint), "name": "ltx-2-tiny", "num_inference_steps": 4,
                   "stg_blocks": [1], "default_size": "64x64", "default_seconds": 1, "max_prompt_tokens": 256},
-        "ingress": {"http_port": _free_port(), "grpc_port": grpc_port},
+        "ingress": {"http_port": free_port(), "grpc_port": grpc_port},
         "jobs": {"backend": "sqlite", "sqlite_path": str(root / "jobs.sqlite3"), "results_dir": str(root / "results")},
-        "ray": {"gcs_port": _free_port(), "object_store_memory_mb": 300},
+        "ray": {"gcs_port": free_port(), "object_store_memory_mb": 300},
     }
     config_path = root / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -106,7 +101,7 @@ def test_generate_over_grpc_refuses_bad_input_in_one_line(cluster, tmp_path, arg
 
 def test_generate_reports_an_unreachable_server(tmp_path):
     result = _cli(
-        ["generate", "--address", f"127.0.0.1:{_free_port()}", "--prompt", "a cat", "--out", str(tmp_path / "x.mp4")],
+        ["generate", "--address", f"127.0.0.1:{free_port()}", "--prompt", "a cat", "--out", str(tmp_path / "x.mp4")],
         {**os.environ}, timeout=60,
     )
     assert result.returncode == 1

@@ -8,8 +8,6 @@ test runs last because it kills the ingress replica.
 from __future__ import annotations
 
 import concurrent.futures
-import socket
-import subprocess
 import time
 
 import grpc
@@ -17,37 +15,11 @@ import httpx
 import pytest
 
 from serving.proto import video_pb2, video_pb2_grpc
+from tests.helpers import free_port
 
 APP = "reelserve"
 STEPS = 40
 SMALL = dict(seconds=1.0, size="64x64")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    port = _free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    server.terminate()
-    server.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +34,7 @@ def served(tiny_checkpoint, redis_url, tmp_path_factory):
     from cluster.local import GRPC_SERVICER
     from graphs import build_app
 
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     results = tmp_path_factory.mktemp("results")
     config = {
         "model": {

@@ -6,11 +6,7 @@ started once for this module on a free port. Nothing is mocked.
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import threading
-import time
 
 import pytest
 
@@ -22,50 +18,6 @@ MAX_SEED = 2**63 - 1  # the largest seed a request may carry (serving.requests.M
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    """A real redis-server on a free port, for this module only; no persistence."""
-    import redis
-
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=1)
-        deadline = time.monotonic() + 15
-        while True:
-            assert process.poll() is None, f"redis-server exited early with code {process.returncode}"
-            try:
-                if client.ping():
-                    break
-            except redis.exceptions.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "redis-server did not answer PING within 15 s"
-            time.sleep(0.05)
-        client.close()
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def _open(backend: str, request, tmp_path):
