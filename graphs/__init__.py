@@ -6,6 +6,8 @@ The graph, one deployment per box::
                                   \\                   /
                                    ingress (+ orchestrator) ---- job store (SQLite / Redis)
                                         |
+                              prompt_rewriter (vLLM; optional, per request)
+                                        |
                  +----------------------+----------------------+
                  v                                             v
            text_encoder                                image_conditioner (photo)
@@ -41,6 +43,7 @@ def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
     from serving.stages.diffusion import DiffusionStage
     from serving.stages.image_conditioner import ImageConditionerStage
     from serving.stages.muxer import MuxerStage
+    from serving.stages.prompt_rewriter import PromptRewriterStage
     from serving.stages.text_encoder import TextEncoderStage
     from serving.stages.video_decoder import VideoDecoderStage
 
@@ -58,4 +61,5 @@ def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
         stage(VideoDecoderStage, "video_decoder", model),
         stage(AudioDecoderStage, "audio_decoder", model),
         stage(MuxerStage, "muxer", jobs),
+        stage(PromptRewriterStage, "prompt_rewriter", config.rewriter, model) if config.rewriter.enabled else None,
     )

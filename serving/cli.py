@@ -60,6 +60,10 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     generate.add_argument("--model", help="checkpoint directory or hub id (default: the tiny random checkpoint)")
     generate.add_argument("--address", help="HOST:PORT of a reelserve gRPC server; omit to run in this process")
+    generate.add_argument(
+        "--enhance-prompt", action=argparse.BooleanOptionalAction, default=None,
+        help="have the server's prompt rewriter expand the prompt first (default: the server's setting; needs --address)",
+    )
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(handler=_generate)
 
@@ -91,6 +95,8 @@ def _generate(args: argparse.Namespace) -> int:
     _quiet_libraries()
     if args.address:
         return _generate_remote(args, out, image)
+    if args.enhance_prompt:
+        raise UsageError("--enhance-prompt: the prompt rewriter runs in a served cluster; add --address HOST:PORT")
     config = _model_config(args.model, args.steps)
 
     from serving.errors import InvalidRequest
@@ -145,7 +151,7 @@ def _generate_remote(args: argparse.Namespace, out: Path, image: bytes | None) -
         video = client.create(
             prompt=args.prompt, image=image, seconds=_float_or_none(args.seconds, "--seconds"), size=args.size,
             fps=_int_or_none(args.fps, "--fps"), seed=_int_or_none(args.seed, "--seed"),
-            negative_prompt=args.negative_prompt, model=args.model,
+            negative_prompt=args.negative_prompt, model=args.model, enhance_prompt=args.enhance_prompt,
         )
         print(f"job {video.id}: {video.size}, {video.seconds:g} s at {video.fps} fps, seed {video.seed}", file=sys.stderr)
         with _ProgressBar(disabled=args.quiet, desc="generating", unit="%") as progress:
@@ -154,6 +160,11 @@ def _generate_remote(args: argparse.Namespace, out: Path, image: bytes | None) -
             status = video_pb2.VideoStatus.Name(final.status).lower()
             print(f"reelserve generate: job {video.id} {status}: {final.error.message}", file=sys.stderr)
             return 1
+        if final.enhance_prompt:
+            if final.revised_prompt:
+                print(f"revised prompt: {final.revised_prompt}", file=sys.stderr)
+            else:
+                print(f"prompt not rewritten ({final.prompt_rewrite_fallback}); used as given", file=sys.stderr)
         client.download(video.id, out)
     except RemoteError as error:
         if error.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):

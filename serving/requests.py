@@ -33,6 +33,7 @@ class VideoRequest:
     image: bytes | None
     model: str
     plan: RenderPlan
+    enhance_prompt: bool = False
 
     @property
     def size(self) -> str:
@@ -51,6 +52,9 @@ def validate_request(
     negative_prompt: Any = None,
     image: bytes | None = None,
     model: Any = None,
+    enhance_prompt: Any = None,
+    enhance_default: bool = False,
+    rewriter_available: bool = False,
     count_tokens: Callable[[str], int] | None = None,
     field_names: dict[str, str] | None = None,
 ) -> VideoRequest:
@@ -60,7 +64,8 @@ def validate_request(
     ``input_reference`` for the OpenAI API) so messages name what the client sent.
     """
     names = {"prompt": "prompt", "seconds": "seconds", "size": "size", "fps": "fps", "seed": "seed",
-             "negative_prompt": "negative_prompt", "image": "image", "model": "model"}
+             "negative_prompt": "negative_prompt", "image": "image", "model": "model",
+             "enhance_prompt": "enhance_prompt"}
     names.update(field_names or {})
 
     model_name = _check_model(model, config, names["model"])
@@ -70,6 +75,7 @@ def validate_request(
     frame_rate = _check_fps(fps, config, names["fps"])
     duration = _check_seconds(seconds, config, names["seconds"])
     seed_value = _check_seed(seed, names["seed"])
+    enhance = _check_enhance(enhance_prompt, enhance_default, rewriter_available, names["enhance_prompt"])
     if image is not None:
         load_photo(image, field=names["image"])  # refuse unreadable photos before a job exists
 
@@ -82,7 +88,9 @@ def validate_request(
         num_inference_steps=config.num_inference_steps,
         temporal_compression=limits.temporal_compression,
     )
-    return VideoRequest(prompt=prompt_text, negative_prompt=negative, image=image, model=model_name, plan=plan)
+    return VideoRequest(
+        prompt=prompt_text, negative_prompt=negative, image=image, model=model_name, plan=plan, enhance_prompt=enhance
+    )
 
 
 def _check_model(model: Any, config: ModelConfig, field: str) -> str:
@@ -199,3 +207,17 @@ def _check_seed(seed: Any, field: str) -> int:
     if value != int(value) or not 0 <= value <= MAX_SEED:
         raise InvalidRequest(field, f"{value:g} is not allowed; use a whole number from 0 to {MAX_SEED}")
     return int(value)
+
+
+def _check_enhance(value: Any, default: bool, available: bool, field: str) -> bool:
+    if value is None or value == "":
+        return default and available
+    if isinstance(value, bool):
+        enhance = value
+    elif isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        enhance = value.strip().lower() in ("true", "1")
+    else:
+        raise InvalidRequest(field, "must be true or false")
+    if enhance and not available:
+        raise InvalidRequest(field, "this deployment has no prompt rewriter; send false or leave it out")
+    return enhance

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["build_tiny_ltx2", "tiny_ltx2_components", "ensure_tiny_ltx2", "default_tiny_dir", "is_complete_checkpoint", "TINY_SEED"]
+__all__ = ["REWRITER_SUBFOLDER", "tiny_vocabulary", "build_tiny_ltx2", "tiny_ltx2_components", "ensure_tiny_ltx2", "default_tiny_dir", "is_complete_checkpoint", "TINY_SEED"]
 
 TINY_SEED = 0
 
@@ -38,9 +38,13 @@ def build_tiny_ltx2(directory: str | Path) -> Path:
     """Build the tiny LTX-2 set and save it under ``directory``; return the path."""
     from diffusers import LTX2ImageToVideoPipeline
 
+    from serving.prompting.tiny_rewriter import build_tiny_rewriter
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     LTX2ImageToVideoPipeline(**tiny_ltx2_components()).save_pretrained(directory)
+    # Not a pipeline component (model_index.json does not list it): the prompt rewriter's own model.
+    build_tiny_rewriter(directory / REWRITER_SUBFOLDER)
     (directory / _COMPLETE_MARKER).write_text(json.dumps({"family": "ltx2", "tiny": True}) + "\n")
     return directory
 
@@ -185,6 +189,7 @@ def tiny_ltx2_components() -> dict:
 
 
 _COMPLETE_MARKER = "reelserve_tiny.json"
+REWRITER_SUBFOLDER = "prompt_rewriter"
 
 
 def is_complete_checkpoint(directory: str | Path) -> bool:
@@ -221,12 +226,17 @@ def _gemma3_config(config_class):
 _SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 
 
-def _vocabulary() -> dict[str, int]:
-    """Special tokens, the 256 byte-fallback tokens, then printable characters."""
+def tiny_vocabulary(extra_special: tuple[str, ...] = ()) -> dict[str, int]:
+    """Special tokens, the 256 byte-fallback tokens, printable characters, then ``extra_special``."""
     tokens = list(_SPECIAL_TOKENS)
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     tokens += ["▁"] + [c for c in string.ascii_letters + string.digits + string.punctuation]
+    tokens += list(extra_special)
     return {token: index for index, token in enumerate(tokens)}
+
+
+def _vocabulary() -> dict[str, int]:
+    return tiny_vocabulary()
 
 
 def _vocab_size() -> int:
@@ -239,7 +249,7 @@ def _build_tokenizer():
     return GemmaTokenizer(vocab=_vocabulary(), merges=[], model_max_length=_TOKENIZER_MAX_LENGTH)
 
 
-_TINY_VERSION = "v1"  # bump when the tiny configs change, so stale caches are rebuilt
+_TINY_VERSION = "v2"  # bump when the tiny configs change, so stale caches are rebuilt
 
 
 def default_tiny_dir() -> Path:

@@ -25,11 +25,16 @@ http_app = FastAPI(title="reelserve", description="OpenAI-compatible Videos API:
 
 @serve.ingress(http_app)
 class VideoIngress(GrpcVideoMethods):
-    def __init__(self, config: dict, text_encoder, image_conditioner, diffusion, video_decoder, audio_decoder, muxer):
+    def __init__(
+        self, config: dict, text_encoder, image_conditioner, diffusion, video_decoder, audio_decoder, muxer,
+        prompt_rewriter=None,
+    ):
         from serving.ingress.service import VideoService
 
         self.config = ReelserveConfig.model_validate(config)
-        stages = StageHandles(text_encoder, image_conditioner, diffusion, video_decoder, audio_decoder, muxer)
+        stages = StageHandles(
+            text_encoder, image_conditioner, diffusion, video_decoder, audio_decoder, muxer, prompt_rewriter
+        )
         self.service = VideoService(self.config, stages)
         self._started = False
 

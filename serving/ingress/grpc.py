@@ -28,6 +28,8 @@ def to_proto(record: JobRecord) -> video_pb2.Video:
         step=record.step, total_steps=record.total_steps, model=record.model, prompt=record.prompt,
         seconds=record.seconds, size=record.size, fps=record.fps, seed=record.seed, created_at=record.created_at,
         completed_at=record.completed_at or 0.0, result_bytes=record.result_bytes,
+        enhance_prompt=record.enhance_prompt, revised_prompt=record.revised_prompt or "",
+        prompt_rewrite_fallback=record.rewrite_fallback or "",
     )
     if record.error_code:
         video.error.code = record.error_code
@@ -73,6 +75,7 @@ class GrpcVideoMethods:
                 seed=request.seed if request.HasField("seed") else None,
                 negative_prompt=request.negative_prompt if request.HasField("negative_prompt") else None,
                 model=request.model or None,
+                enhance_prompt=request.enhance_prompt if request.HasField("enhance_prompt") else None,
             )
             return to_proto(record)
         except Exception as error:  # noqa: BLE001

@@ -20,7 +20,7 @@ __all__ = ["parse_create_request", "video_object", "error_response", "OPENAI_FIE
 # What the OpenAI API calls our fields, so error messages name what the client sent.
 OPENAI_FIELD_NAMES = {"image": "input_reference"}
 
-_CREATE_FIELDS = ("prompt", "model", "seconds", "size", "seed", "fps", "negative_prompt")
+_CREATE_FIELDS = ("prompt", "model", "seconds", "size", "seed", "fps", "negative_prompt", "enhance_prompt")
 
 
 async def parse_create_request(request: Request) -> dict[str, Any]:
@@ -81,6 +81,9 @@ def video_object(record: JobRecord) -> dict[str, Any]:
         "fps": record.fps,
         "seed": record.seed,
         "stage_seconds": record.stage_seconds,
+        "enhance_prompt": record.enhance_prompt,
+        "revised_prompt": record.revised_prompt,
+        "prompt_rewrite_fallback": record.rewrite_fallback,
     }
 
 

@@ -33,7 +33,9 @@ class VideoService:
         self.store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
         self.results = ResultStore(jobs.results_dir)
         self.orchestrator = Orchestrator(
-            self.store, self.results, stages, jobs, temporal_compression=self.limits.temporal_compression
+            self.store, self.results, stages, jobs, temporal_compression=self.limits.temporal_compression,
+            prompt_fits=lambda text: self._count_tokens(text) <= self.limits.max_prompt_tokens,
+            rewrite_timeout_s=config.rewriter.timeout_s,
         )
 
     def start(self) -> None:
@@ -47,6 +49,7 @@ class VideoService:
     def create(self, field_names: dict[str, str] | None = None, **fields) -> JobRecord:
         request = validate_request(
             config=self.config.model, limits=self.limits, count_tokens=self._count_tokens,
+            enhance_default=self.config.rewriter.enhance_by_default, rewriter_available=self.config.rewriter.enabled,
             field_names=field_names, **fields,
         )
         return self.orchestrator.submit(request)

@@ -17,7 +17,7 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from cluster.config import JobsConfig
 from serving.errors import JobCancelled, Overloaded, ReelserveError
@@ -25,6 +25,7 @@ from serving.jobs.progress import STAGE_PROGRESS
 from serving.jobs.record import JobRecord, new_job_id
 from serving.jobs.results import ResultStore
 from serving.jobs.store import JobStore
+from serving.metrics import StageStats
 from serving.protocol import JobStatus, RenderPlan
 from serving.requests import VideoRequest
 
@@ -43,17 +44,28 @@ class StageHandles:
     video_decoder: Any
     audio_decoder: Any
     muxer: Any
+    prompt_rewriter: Any = None  # only when the rewriter is deployed
 
 
 class Orchestrator:
     def __init__(
-        self, store: JobStore, results: ResultStore, stages: StageHandles, jobs: JobsConfig, temporal_compression: int
+        self,
+        store: JobStore,
+        results: ResultStore,
+        stages: StageHandles,
+        jobs: JobsConfig,
+        temporal_compression: int,
+        prompt_fits: Callable[[str], bool] = lambda text: True,
+        rewrite_timeout_s: float = 5.0,
     ):
         self.store = store
         self.results = results
         self.stages = stages
         self.jobs = jobs
         self.temporal_compression = temporal_compression
+        self.prompt_fits = prompt_fits  # does a rewritten prompt fit the video model's text encoder?
+        self.rewrite_timeout_s = rewrite_timeout_s
+        self.stats = StageStats(stage="orchestrator")
         self.owner = "orchestrator-" + secrets.token_hex(6)
         # Waiting for a stage without fetching its output blocks a thread; give those waits their own
         # pool sized for every active job (two waits each at most) so they never starve the event loop's.
@@ -89,6 +101,7 @@ class Orchestrator:
             id=new_job_id(), model=request.model, prompt=request.prompt, negative_prompt=request.negative_prompt,
             seconds=plan.seconds, width=plan.width, height=plan.height, fps=plan.fps, seed=plan.seed,
             has_image=request.image is not None, total_steps=plan.num_inference_steps,
+            enhance_prompt=request.enhance_prompt,
         )
         if request.image is not None:
             self.results.save_input(record.id, request.image)
@@ -162,7 +175,12 @@ class Orchestrator:
             timings[stage] = round(now - clock, 4)
             clock = now
 
-        embeddings = stages.text_encoder.encode.remote(record.prompt, record.negative_prompt)
+        prompt = record.prompt
+        if record.enhance_prompt:
+            prompt = await self._rewritten_prompt(record)
+            mark("prompt_rewriter")
+            self._advance(job_id, "text_encoder")
+        embeddings = stages.text_encoder.encode.remote(prompt, record.negative_prompt)
         condition = None
         if record.has_image:
             photo = self.results.load_input(job_id)
@@ -194,6 +212,28 @@ class Orchestrator:
             job_id, status=JobStatus.COMPLETED, stage="completed", progress=100, completed_at=time.time(),
             result_path=video.path, result_bytes=video.num_bytes, stage_seconds=timings,
         )
+
+    async def _rewritten_prompt(self, record: JobRecord) -> str:
+        """The rewriter's prompt, or the user's when rewriting falls back (it never fails the job)."""
+        if record.revised_prompt:  # a takeover after the rewrite already happened
+            return record.revised_prompt
+        self._advance(record.id, "prompt_rewriter")
+        photo = self.results.load_input(record.id) if record.has_image else None
+        response = self.stages.prompt_rewriter.rewrite.remote(record.prompt, record.seed, photo)
+        try:
+            # The stage enforces the timeout itself; this bound covers an unreachable or queued stage.
+            result = await asyncio.wait_for(_result_of(response), timeout=self.rewrite_timeout_s + 5)
+            text, fallback = result.text, result.fallback
+        except Exception:  # noqa: BLE001 - includes asyncio.TimeoutError
+            response.cancel()
+            text, fallback = None, "unavailable"
+        if text is not None and not self.prompt_fits(text):
+            text, fallback = None, "overlong"
+        if fallback is not None:
+            self.stats.bump(f"rewrite_fallbacks_{fallback}_total")
+            logger.info("job %s: prompt rewrite fell back (%s); using the original prompt", record.id, fallback)
+        self.store.update(record.id, revised_prompt=text, rewrite_fallback=fallback)
+        return text or record.prompt
 
     async def _done(self, response) -> None:
         """Wait until a stage response is computed, without fetching its value here."""
@@ -236,6 +276,10 @@ class Orchestrator:
             except Exception as error:  # noqa: BLE001 - the store may be briefly unreachable
                 logger.warning("job recovery scan failed: %r", error)
             await asyncio.sleep(self.jobs.recovery_interval_s)
+
+
+async def _result_of(response):
+    return await response
 
 
 def client_safe_error(error: BaseException, stage: str) -> tuple[str, str]:

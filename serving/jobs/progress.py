@@ -12,7 +12,8 @@ _DIFFUSION_START, _DIFFUSION_END = 5, 90
 
 STAGE_PROGRESS = {
     "queued": 0,
-    "text_encoder": 1,
+    "prompt_rewriter": 1,
+    "text_encoder": 2,
     "image_conditioner": 3,
     "diffusion": _DIFFUSION_START,
     "decoders": _DIFFUSION_END,

@@ -27,6 +27,9 @@ class JobRecord:
     fps: int
     seed: int
     has_image: bool
+    enhance_prompt: bool = False
+    revised_prompt: str | None = None  # the rewriter's version of ``prompt`` (as OpenAI's image API names it)
+    rewrite_fallback: str | None = None  # why the original prompt was used although a rewrite was asked for
     status: JobStatus = JobStatus.QUEUED
     progress: int = 0  # 0..100
     stage: str = "queued"  # which stage the job is in

