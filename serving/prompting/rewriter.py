@@ -132,7 +132,13 @@ class PromptRewriter:
         )
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
+            del engine  # let vLLM's own __del__ run now, not during interpreter teardown
+            import gc
+
+            gc.collect()
 
 
 def _cuda_available() -> bool:

