@@ -21,11 +21,15 @@ def loop():
     # One loop for the module: the engine's output handler lives on the loop that first used it.
     event_loop = asyncio.new_event_loop()
     yield event_loop
+    pending = asyncio.all_tasks(event_loop)
+    for task in pending:
+        task.cancel()
+    event_loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     event_loop.close()
 
 
 @pytest.fixture(scope="module")
-def rewriter(tiny_checkpoint):
+def rewriter(tiny_checkpoint, loop):  # depends on `loop` so the engine stops before the loop closes
     config = RewriterConfig(max_new_tokens=MAX_NEW_TOKENS, timeout_s=60, max_model_len=1024)
     engine = PromptRewriter(config, str(tiny_checkpoint / "prompt_rewriter"))
     yield engine
