@@ -35,7 +35,7 @@ class VideoService:
         self.orchestrator = Orchestrator(
             self.store, self.results, stages, jobs, temporal_compression=self.limits.temporal_compression,
             prompt_fits=lambda text: self._count_tokens(text) <= self.limits.max_prompt_tokens,
-            rewrite_timeout_s=config.rewriter.timeout_s,
+            rewrite_timeout_s=config.rewriter.timeout_s, rewriter_sees_photo=config.rewriter.multimodal,
         )
 
     def start(self) -> None:

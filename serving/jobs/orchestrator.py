@@ -57,6 +57,7 @@ class Orchestrator:
         temporal_compression: int,
         prompt_fits: Callable[[str], bool] = lambda text: True,
         rewrite_timeout_s: float = 5.0,
+        rewriter_sees_photo: bool = False,
     ):
         self.store = store
         self.results = results
@@ -65,6 +66,7 @@ class Orchestrator:
         self.temporal_compression = temporal_compression
         self.prompt_fits = prompt_fits  # does a rewritten prompt fit the video model's text encoder?
         self.rewrite_timeout_s = rewrite_timeout_s
+        self.rewriter_sees_photo = rewriter_sees_photo  # only multimodal rewriters get the (large) photo bytes
         self.stats = StageStats(stage="orchestrator")
         self.owner = "orchestrator-" + secrets.token_hex(6)
         # Waiting for a stage without fetching its output blocks a thread; give those waits their own
@@ -218,7 +220,7 @@ class Orchestrator:
         if record.revised_prompt:  # a takeover after the rewrite already happened
             return record.revised_prompt
         self._advance(record.id, "prompt_rewriter")
-        photo = self.results.load_input(record.id) if record.has_image else None
+        photo = self.results.load_input(record.id) if record.has_image and self.rewriter_sees_photo else None
         response = self.stages.prompt_rewriter.rewrite.remote(record.prompt, record.seed, photo)
         try:
             # The stage enforces the timeout itself; this bound covers an unreachable or queued stage.
