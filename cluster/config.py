@@ -159,7 +159,7 @@ class StageConfig(BaseModel):
     memory_gb: float | None = Field(None, gt=0, description="Host memory reserved per replica, in GiB (unset: none).")
     max_ongoing_requests: int = Field(4, ge=1, description="Requests one replica works on at once.")
     max_queued_requests: int = Field(
-        16, ge=1, description="Requests waiting for this stage beyond the ongoing ones; more are refused, never queued."
+        64, ge=1, description="Requests waiting for this stage beyond the ongoing ones; more are refused, never queued."
     )
 
     @model_validator(mode="after")
@@ -213,7 +213,9 @@ class JobsConfig(BaseModel):
         32, ge=1, description="Jobs queued or running at once; more get RESOURCE_EXHAUSTED / HTTP 429."
     )
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with a refusal.")
-    job_timeout_s: float = Field(1800.0, gt=0, description="A job running longer than this fails with a timeout.")
+    job_timeout_s: float = Field(
+        1800.0, gt=0, description="A job taking longer than this from its start (stage queues included) fails as a timeout."
+    )
     lease_s: float = Field(
         10.0, gt=0, description="An orchestrator owns a job for this long between renewals; after it, another takes over."
     )
@@ -309,6 +311,21 @@ class ReelserveConfig(BaseModel):
         for name in STAGE_NAMES:
             value.setdefault(name, _REWRITER_STAGE_DEFAULTS if name == "prompt_rewriter" else {})
         return value
+
+    @model_validator(mode="after")
+    def _stages_hold_every_admitted_job(self) -> ReelserveConfig:
+        # Each admitted job has one request in flight per stage; if a stage cannot hold them all,
+        # accepted jobs would fail as overloaded instead of new ones getting a 429.
+        for name, stage in self.stages.items():
+            replicas = stage.num_replicas if stage.num_replicas is not None else max(stage.min_replicas, 1)
+            capacity = replicas * stage.max_ongoing_requests + stage.max_queued_requests
+            if capacity < self.jobs.max_active_jobs:
+                raise ValueError(
+                    f"stages.{name} holds {capacity} requests (replicas x max_ongoing_requests + max_queued_requests) "
+                    f"but jobs.max_active_jobs is {self.jobs.max_active_jobs}; raise max_queued_requests or lower "
+                    "max_active_jobs"
+                )
+        return self
 
     @model_validator(mode="after")
     def _rewriter_needs_vllm(self) -> ReelserveConfig:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cluster.config import ReelserveConfig
 
-__all__ = ["ClusterState", "ray_environment", "serve_app", "start_detached", "stop", "read_state", "status"]
+__all__ = ["ClusterError", "ClusterState", "ray_environment", "serve_app", "start_detached", "stop", "read_state", "status"]
 
 GRPC_SERVICER = "serving.proto.video_pb2_grpc.add_VideoServiceServicer_to_server"
 _PROFILES = Path(__file__).parent / "profiles"
@@ -34,6 +34,10 @@ def state_dir() -> Path:
     path = Path(os.environ.get("REELSERVE_STATE_DIR") or platformdirs.user_state_dir("reelserve"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class ClusterError(Exception):
+    """Starting or reaching the local cluster failed; the message is one line for the user."""
 
 
 @dataclass
@@ -95,9 +99,10 @@ def _wait_until_running(app_name: str, timeout_s: float = 600) -> None:
         if app is not None and app.status == "RUNNING":
             return
         if app is not None and app.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"deploying {app_name} failed: {app.message}")
+            first_line = (str(app.message).strip().splitlines() or ["no details"])[0]
+            raise ClusterError(f"deploying {app_name} failed: {first_line}")
         time.sleep(1)
-    raise TimeoutError(f"{app_name} did not become ready within {timeout_s:g} s")
+    raise ClusterError(f"{app_name} did not become ready within {timeout_s:g} s")
 
 
 def start_detached(config: ReelserveConfig) -> ClusterState:
@@ -115,9 +120,11 @@ def start_detached(config: ReelserveConfig) -> ClusterState:
             command.append(f"--num-cpus={config.ray.num_cpus}")
         if config.ray.num_gpus is not None:
             command.append(f"--num-gpus={config.ray.num_gpus}")
-        subprocess.run(command, check=True, env={**os.environ, **ray_environment()}, capture_output=True)
+        started = subprocess.run(command, env={**os.environ, **ray_environment()}, capture_output=True, text=True)
+        if started.returncode != 0:
+            reason = (started.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ClusterError(f"`ray start --head` failed: {reason}")
         started_head = True
-    serve_app(config, address)
     state = ClusterState(
         address=address,
         http_url=f"http://{config.ingress.host}:{config.ingress.http_port}",
@@ -125,7 +132,13 @@ def start_detached(config: ReelserveConfig) -> ClusterState:
         app_name=config.app_name,
         started_head=started_head,
     )
+    # Recorded before deploying, so `reelserve down` can stop the head even if deploying fails.
     (state_dir() / "cluster.json").write_text(json.dumps(asdict(state), indent=2))
+    try:
+        serve_app(config, address)
+    except Exception as error:  # noqa: BLE001 - leave nothing running behind a failed start
+        stop(state)
+        raise ClusterError(f"deploying failed, the cluster was stopped: {error}") from None
     return state
 
 

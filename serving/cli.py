@@ -35,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"reelserve {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as error:  # noqa: BLE001 - one line for the user, not a traceback
+        from cluster.local import ClusterError
+
+        if not isinstance(error, ClusterError):
+            raise
+        print(f"reelserve {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("reelserve: interrupted", file=sys.stderr)
         return 130
@@ -145,12 +152,14 @@ def _generate_remote(args: argparse.Namespace, out: Path, image: bytes | None) -
         raise UsageError("--model: with --address, name the served model id, not a path")
     if args.steps is not None:
         raise UsageError("--steps: the server's config sets the steps; drop --steps with --address")
+    seconds = _float_or_none(args.seconds, "--seconds")
+    fps = _int_in_range(args.fps, "--fps", 1, 2**31 - 1)  # proto int32; 0 would mean "the default"
+    seed = _int_in_range(args.seed, "--seed", 0, 2**63 - 1)
     client = RemoteGenerator(args.address)
     try:
         client.wait_ready()
         video = client.create(
-            prompt=args.prompt, image=image, seconds=_float_or_none(args.seconds, "--seconds"), size=args.size,
-            fps=_int_or_none(args.fps, "--fps"), seed=_int_or_none(args.seed, "--seed"),
+            prompt=args.prompt, image=image, seconds=seconds, size=args.size, fps=fps, seed=seed,
             negative_prompt=args.negative_prompt, model=args.model, enhance_prompt=args.enhance_prompt,
         )
         print(f"job {video.id}: {video.size}, {video.seconds:g} s at {video.fps} fps, seed {video.seed}", file=sys.stderr)
@@ -189,13 +198,16 @@ def _float_or_none(text: str | None, flag: str) -> float | None:
     return value
 
 
-def _int_or_none(text: str | None, flag: str) -> int | None:
+def _int_in_range(text: str | None, flag: str, low: int, high: int) -> int | None:
     if text is None:
         return None
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise UsageError(f"{flag}: '{text}' is not a whole number") from None
+    if not low <= value <= high:
+        raise UsageError(f"{flag}: {value} is out of range; allowed: {low} to {high}")
+    return value
 
 
 def _load_cluster_config(path: str | None):

@@ -6,6 +6,7 @@ this module keeps them thin.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import Request
@@ -13,9 +14,12 @@ from fastapi.responses import JSONResponse
 
 from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded
 from serving.jobs.record import JobRecord
+from serving.media import MAX_PHOTO_BYTES
 from serving.protocol import JobStatus
 
 __all__ = ["parse_create_request", "video_object", "error_response", "OPENAI_FIELD_NAMES"]
+
+logger = logging.getLogger("reelserve.http")
 
 # What the OpenAI API calls our fields, so error messages name what the client sent.
 OPENAI_FIELD_NAMES = {"image": "input_reference"}
@@ -33,7 +37,9 @@ async def parse_create_request(request: Request) -> dict[str, Any]:
         if upload is not None:
             if isinstance(upload, str):
                 raise InvalidRequest("input_reference", "must be an uploaded image file (multipart file part)")
-            fields["image"] = await upload.read()
+            fields["image"] = await upload.read(MAX_PHOTO_BYTES + 1)  # the cap check needs one byte more
+            if len(fields["image"]) > MAX_PHOTO_BYTES:
+                raise InvalidRequest("input_reference", f"the file is larger than {MAX_PHOTO_BYTES} bytes")
         return fields
     try:
         body = await request.json()
@@ -100,6 +106,7 @@ def error_response(error: Exception) -> JSONResponse:
         status, kind, param, message = 429, "rate_limit_error", None, str(error)
         headers["Retry-After"] = str(error.retry_after_s)
     else:
+        logger.error("unexpected error in an HTTP call", exc_info=error)
         status, kind, param, message = 500, "server_error", None, "internal error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
     return JSONResponse(body, status_code=status, headers=headers)

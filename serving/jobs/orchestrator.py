@@ -132,19 +132,23 @@ class Orchestrator:
         record = self.store.get(job_id)
         if record is None:
             return
-        if record.attempts >= self.jobs.max_attempts:
-            self._finish_failed(job_id, "retries_exhausted", f"the job was interrupted {record.attempts} times; giving up")
-            return
         heartbeat = asyncio.get_running_loop().create_task(self._renew_lease(job_id, asyncio.current_task()))
         try:
             if record.cancel_requested:
                 raise JobCancelled(job_id)
+            if record.attempts >= self.jobs.max_attempts:
+                self._finish_failed(
+                    job_id, "retries_exhausted", f"the job was interrupted {record.attempts} times; giving up"
+                )
+                return
+            attempt = record.attempts + 1
             self.store.update(
                 job_id, status=JobStatus.IN_PROGRESS, started_at=record.started_at or time.time(),
-                attempts=record.attempts + 1, stage="text_encoder", progress=max(record.progress, 1),
+                attempts=attempt, stage="text_encoder", progress=max(record.progress, 1),
             )
-            await asyncio.wait_for(self._execute(record), timeout=self.jobs.job_timeout_s)
+            await asyncio.wait_for(self._execute(record, attempt), timeout=self.jobs.job_timeout_s)
         except asyncio.TimeoutError:
+            self.store.request_cancel(job_id)  # stop the stages still working on it
             self._finish_failed(job_id, "timeout", f"the job ran longer than {self.jobs.job_timeout_s:g} s")
         except asyncio.CancelledError:
             raise  # this replica is shutting down or lost the lease: another orchestrator takes over
@@ -158,11 +162,11 @@ class Orchestrator:
                 self._finish_failed(job_id, code, message)
         finally:
             heartbeat.cancel()
-        final = self.store.get(job_id)
-        if final is not None and final.delete_requested and final.status.is_terminal:
-            self._remove(job_id)
+            final = self.store.get(job_id)
+            if final is not None and final.delete_requested and final.status.is_terminal:
+                self._remove(job_id)
 
-    async def _execute(self, record: JobRecord) -> None:
+    async def _execute(self, record: JobRecord, attempt: int) -> None:
         job_id, stages = record.id, self.stages
         plan = RenderPlan.build(
             width=record.width, height=record.height, fps=record.fps, seconds=record.seconds, seed=record.seed,
@@ -196,7 +200,7 @@ class Orchestrator:
         self._raise_if_cancelled(job_id)
 
         self._advance(job_id, "diffusion")
-        latents = stages.diffusion.denoise.remote(job_id, embeddings, condition, plan)
+        latents = stages.diffusion.denoise.remote(job_id, attempt, embeddings, condition, plan)
         await self._done(latents)
         mark("diffusion")
         self._raise_if_cancelled(job_id)
@@ -220,14 +224,18 @@ class Orchestrator:
         if record.revised_prompt:  # a takeover after the rewrite already happened
             return record.revised_prompt
         self._advance(record.id, "prompt_rewriter")
-        photo = self.results.load_input(record.id) if record.has_image and self.rewriter_sees_photo else None
-        response = self.stages.prompt_rewriter.rewrite.remote(record.prompt, record.seed, photo)
+        response = None
         try:
+            if self.stages.prompt_rewriter is None:  # e.g. a takeover after a redeploy without the rewriter
+                raise LookupError("no prompt_rewriter stage deployed")
+            photo = self.results.load_input(record.id) if record.has_image and self.rewriter_sees_photo else None
+            response = self.stages.prompt_rewriter.rewrite.remote(record.prompt, record.seed, photo)
             # The stage enforces the timeout itself; this bound covers an unreachable or queued stage.
             result = await asyncio.wait_for(_result_of(response), timeout=self.rewrite_timeout_s + 5)
             text, fallback = result.text, result.fallback
         except Exception:  # noqa: BLE001 - includes asyncio.TimeoutError
-            response.cancel()
+            if response is not None:
+                response.cancel()
             text, fallback = None, "unavailable"
         if text is not None and not self.prompt_fits(text):
             text, fallback = None, "overlong"
@@ -245,7 +253,9 @@ class Orchestrator:
         await asyncio.get_running_loop().run_in_executor(self._waiters, lambda: ray.wait([ref], fetch_local=False))
 
     def _advance(self, job_id: str, stage: str) -> None:
-        self.store.update(job_id, stage=stage, progress=STAGE_PROGRESS[stage])
+        current = self.store.get(job_id)
+        progress = max(STAGE_PROGRESS[stage], current.progress if current else 0)  # never backwards on a retry
+        self.store.update(job_id, stage=stage, progress=progress)
 
     def _raise_if_cancelled(self, job_id: str) -> None:
         if self.store.is_cancel_requested(job_id):
@@ -264,8 +274,13 @@ class Orchestrator:
     async def _renew_lease(self, job_id: str, runner: asyncio.Task) -> None:
         while True:
             await asyncio.sleep(self.jobs.lease_s / 3)
-            if not self.store.claim(job_id, self.owner, self.jobs.lease_s, time.time()):
-                record = self.store.get(job_id)
+            try:
+                renewed = self.store.claim(job_id, self.owner, self.jobs.lease_s, time.time())
+                record = None if renewed else self.store.get(job_id)
+            except Exception as error:  # noqa: BLE001 - a store hiccup must not end the heartbeat
+                logger.warning("renewing the lease of job %s failed: %r; retrying", job_id, error)
+                continue
+            if not renewed:
                 if record is None or not record.status.is_terminal:
                     runner.cancel()  # someone else owns it now; stop duplicating work
                 return

@@ -40,7 +40,8 @@ class SQLiteJobStore(ConditionalWrites):
         # One connection per thread: sqlite3 connections must not cross threads.
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            # Wait for a busy database well under a job lease (10 s by default).
+            db = sqlite3.connect(self.path, timeout=3, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db

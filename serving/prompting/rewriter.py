@@ -106,14 +106,14 @@ class PromptRewriter:
     def _engine_input(self, prompt: str, photo: bytes | None) -> dict:
         if photo is not None and self.config.multimodal:
             # Multimodal checkpoints (e.g. Gemma 3 4B-27B instruct) see the photo itself.
-            from PIL import Image
+            from PIL import Image, ImageOps
 
             content = [{"type": "image"}, {"type": "text", "text": prompt}]
             text = self.tokenizer.apply_chat_template(
                 [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": content}],
                 add_generation_prompt=True, tokenize=False,
             )
-            image = Image.open(io.BytesIO(photo)).convert("RGB")
+            image = ImageOps.exif_transpose(Image.open(io.BytesIO(photo))).convert("RGB")
             return {"prompt": text, "multi_modal_data": {"image": image}}
         messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": prompt}]
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)

@@ -24,23 +24,38 @@ class DiffusionStage:
         self._runner = StageRunner("diffusion")
 
     async def denoise(
-        self, job_id: str, embeddings: PromptEmbeddings, condition: ImageCondition | None, plan: RenderPlan
+        self,
+        job_id: str,
+        attempt: int,
+        embeddings: PromptEmbeddings,
+        condition: ImageCondition | None,
+        plan: RenderPlan,
     ) -> DenoisedLatents:
-        return await self._runner.run(self._denoise, job_id, embeddings, condition, plan)
+        return await self._runner.run(self._denoise, job_id, attempt, embeddings, condition, plan)
 
-    def _denoise(self, job_id, embeddings, condition, plan) -> DenoisedLatents:
-        if self._store.is_cancel_requested(job_id):
-            raise JobCancelled(f"job {job_id} was cancelled")
+    def _denoise(self, job_id, attempt, embeddings, condition, plan) -> DenoisedLatents:
+        self._stop_if_abandoned(job_id, attempt, "before the first step")
         self._store.update(job_id, stage="diffusion", step=0, total_steps=plan.num_inference_steps)
 
         def after_step(finished: int, total: int) -> None:
             self._runner.stats.bump("steps_total")
-            self._store.update(job_id, step=finished, total_steps=total, progress=diffusion_progress(finished, total))
-            if self._store.is_cancel_requested(job_id):
-                self._runner.stats.bump("cancelled_total")
-                raise JobCancelled(f"job {job_id} was cancelled at step {finished} of {total}")
+            record = self._stop_if_abandoned(job_id, attempt, f"at step {finished} of {total}")
+            progress = max(record.progress, diffusion_progress(finished, total))
+            self._store.update(job_id, step=finished, total_steps=total, progress=progress)
 
         return self._denoiser.denoise(embeddings, condition, plan, after_step)
+
+    def _stop_if_abandoned(self, job_id: str, attempt: int, where: str):
+        """The job's record, or ``JobCancelled`` when nobody waits for this run any more.
+
+        That is: the job was cancelled, deleted, already ended (e.g. timed out), or
+        another orchestrator took it over and started a newer attempt.
+        """
+        record = self._store.get(job_id)
+        if record is None or record.cancel_requested or record.status.is_terminal or record.attempts != attempt:
+            self._runner.stats.bump("cancelled_total")
+            raise JobCancelled(f"job {job_id} attempt {attempt} stopped {where}")
+        return record
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()

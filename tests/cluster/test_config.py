@@ -284,3 +284,9 @@ def test_rewriter_auto_turns_on_for_the_tiny_checkpoint_when_vllm_is_installed()
     named = load_config({"model": {"path": "/models/LTX-2"}, "rewriter": {"model_path": "/models/gemma"}})
     assert named.rewriter.enabled is True
     assert load_config({"rewriter": {"enabled": False}}).rewriter.enabled is False
+
+
+def test_admission_may_not_exceed_what_a_stage_can_hold():
+    error = _error({"jobs": {"max_active_jobs": 100}, "stages": {"diffusion": {"max_ongoing_requests": 1}}})
+    assert "stages.diffusion holds 65 requests" in str(error) and "max_active_jobs is 100" in str(error)
+    assert load_config({"jobs": {"max_active_jobs": 65}, "stages": {"diffusion": {"max_ongoing_requests": 1}}})

@@ -46,7 +46,7 @@ def test_defaults():
     options = stage_options("audio_decoder", StageConfig())
     assert options["num_replicas"] == 1
     assert options["ray_actor_options"] == {"num_cpus": 0.1, "num_gpus": 0.0}
-    assert (options["max_ongoing_requests"], options["max_queued_requests"]) == (4, 16)
+    assert (options["max_ongoing_requests"], options["max_queued_requests"]) == (4, 64)
 
 
 def test_ingress_options():
