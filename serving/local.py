@@ -8,7 +8,7 @@ from typing import Callable
 
 from cluster.config import ModelConfig
 from serving.families import get_family
-from serving.media import load_photo, write_mp4
+from serving.media import load_photo, mux_mp4
 from serving.requests import VideoRequest, validate_request
 
 __all__ = ["LocalGenerator"]
@@ -66,6 +66,6 @@ class LocalGenerator:
                 "image_conditioner", lambda: stages["image_conditioner"].condition(photo, plan.width, plan.height)
             )
         latents = timed("diffusion", lambda: stages["denoiser"].denoise(embeddings, condition, plan, on_step))
-        frames = timed("video_decoder", lambda: stages["video_decoder"].decode(latents, plan))
-        waveform = timed("audio_decoder", lambda: stages["audio_decoder"].decode(latents))
-        return timed("muxer", lambda: write_mp4(out_path, frames, waveform))
+        video = timed("video_decoder", lambda: stages["video_decoder"].decode(latents.video, plan))
+        waveform = timed("audio_decoder", lambda: stages["audio_decoder"].decode(latents.audio))
+        return timed("muxer", lambda: mux_mp4(out_path, video, waveform))

@@ -1,8 +1,9 @@
 """Photos in, MP4s out.
 
 ``load_photo`` decodes untrusted image bytes defensively (size caps checked
-from the header before any pixel is decoded); ``write_mp4`` muxes H.264 video
-and AAC audio with the audio fitted to the video's duration.
+from the header before any pixel is decoded). ``encode_video`` compresses
+frames to H.264 where they are decoded; ``mux_mp4`` adds the AAC audio, fitted
+to the video's duration, without touching the compressed video again.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from serving.errors import GenerationFailed, InvalidRequest
-from serving.protocol import VideoFrames, Waveform
+from serving.protocol import EncodedVideo, VideoFrames, Waveform
 
-__all__ = ["load_photo", "write_mp4", "fit_audio", "MAX_PHOTO_BYTES", "MAX_PHOTO_PIXELS"]
+__all__ = ["load_photo", "encode_video", "mux_mp4", "write_mp4", "fit_audio", "MAX_PHOTO_BYTES", "MAX_PHOTO_PIXELS"]
 
 MAX_PHOTO_BYTES = 25 * 1024 * 1024
 MAX_PHOTO_PIXELS = 50_000_000  # ~8K x 6K; larger headers are refused before decoding
@@ -63,22 +64,41 @@ def fit_audio(waveform: Waveform, duration_s: float) -> np.ndarray:
     return np.concatenate([samples, padding], axis=1)
 
 
-def write_mp4(path: str | Path, frames: VideoFrames, waveform: Waveform, crf: int = 18) -> Path:
-    """Mux frames (H.264, yuv420p) and the waveform (AAC) into an MP4 at ``path``.
+def encode_video(frames: VideoFrames, crf: int = 18) -> EncodedVideo:
+    """Compress frames to H.264 (yuv420p) in an in-memory MP4 holding only the video track."""
+    import av
 
-    The audio is fitted to the video's duration (frames / fps); it is written
-    atomically (temporary name, then rename) so a reader never sees half a file.
+    pixels = frames.pixels
+    num_frames, height, width, _ = pixels.shape
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=frames.fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        for index in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(pixels[index], format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return EncodedVideo(data=buffer.getvalue(), num_frames=num_frames, fps=frames.fps, width=width, height=height)
+
+
+def mux_mp4(path: str | Path, video: EncodedVideo, waveform: Waveform) -> Path:
+    """Copy the compressed video track and add the waveform as AAC into an MP4 at ``path``.
+
+    The audio is fitted to the video's duration (frames / fps). The file is
+    written atomically (temporary name, then rename) so a reader never sees half a file.
     """
     path = Path(path)
-    pixels = frames.pixels
-    audio = fit_audio(waveform, pixels.shape[0] / frames.fps)
+    audio = fit_audio(waveform, video.num_frames / video.fps)
     if not np.isfinite(audio).all():
         raise GenerationFailed("the model produced non-finite audio samples (NaN or infinity)")
     audio = np.clip(audio, -1.0, 1.0)
     layout = "stereo" if audio.shape[0] == 2 else "mono"
     partial = path.with_name(path.name + ".partial")
     try:
-        _encode_mp4(partial, pixels, audio, layout, frames.fps, waveform.sample_rate, crf)
+        _mux(partial, video, audio, layout, waveform.sample_rate)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -86,27 +106,26 @@ def write_mp4(path: str | Path, frames: VideoFrames, waveform: Waveform, crf: in
     return path
 
 
-def _encode_mp4(
-    partial: Path, pixels: np.ndarray, audio: np.ndarray, layout: str, fps: int, sample_rate: int, crf: int
-) -> None:
+def write_mp4(path: str | Path, frames: VideoFrames, waveform: Waveform, crf: int = 18) -> Path:
+    """Frames and a waveform to an MP4 in one call (H.264 + AAC), for single-process use."""
+    return mux_mp4(path, encode_video(frames, crf=crf), waveform)
+
+
+def _mux(partial: Path, video: EncodedVideo, audio: np.ndarray, layout: str, sample_rate: int) -> None:
     import av
 
-    num_frames, height, width, _ = pixels.shape
-    with av.open(str(partial), mode="w", format="mp4") as container:
-        video_stream = container.add_stream("libx264", rate=fps)
-        video_stream.width, video_stream.height = width, height
-        video_stream.pix_fmt = "yuv420p"
-        video_stream.options = {"crf": str(crf), "preset": "veryfast"}
-        audio_stream = container.add_stream("aac", rate=sample_rate, layout=layout)
-
-        for index in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(pixels[index], format="rgb24")
-            frame.pts = index
-            container.mux(video_stream.encode(frame))
-        container.mux(video_stream.encode(None))
+    with av.open(io.BytesIO(video.data), mode="r") as source, av.open(str(partial), mode="w", format="mp4") as target:
+        source_stream = source.streams.video[0]
+        video_stream = target.add_stream_from_template(source_stream)
+        audio_stream = target.add_stream("aac", rate=sample_rate, layout=layout)
+        for packet in source.demux(source_stream):
+            if packet.dts is None:  # the demuxer's end-of-stream marker
+                continue
+            packet.stream = video_stream
+            target.mux(packet)
 
         audio_frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio), format="fltp", layout=layout)
         audio_frame.sample_rate = sample_rate
         audio_frame.pts = 0
-        container.mux(audio_stream.encode(audio_frame))
-        container.mux(audio_stream.encode(None))
+        target.mux(audio_stream.encode(audio_frame))
+        target.mux(audio_stream.encode(None))

@@ -1,14 +1,16 @@
 """What travels between stages, and the job record.
 
-Hand-off objects are named after what they carry. Tensors in them live on the
-CPU so a hand-off can cross process boundaries (Ray object references) no
-matter which device produced it.
+Hand-off objects are named after what they carry. Their tensors are numpy
+arrays on the host (``HostTensor``): a hand-off can cross process boundaries
+(Ray object references) no matter which device produced it, and Ray moves
+numpy buffers without copying them through pickle.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,10 +18,15 @@ import torch
 
 __all__ = [
     "RenderPlan",
+    "HostTensor",
+    "TextEmbeddings",
     "PromptEmbeddings",
     "ImageCondition",
+    "VideoLatents",
+    "AudioLatents",
     "DenoisedLatents",
     "VideoFrames",
+    "EncodedVideo",
     "Waveform",
     "StepCallback",
     "JobStatus",
@@ -77,51 +84,151 @@ class RenderPlan:
         return self.output_frames / self.fps
 
 
-@dataclass
+@dataclass(frozen=True)
+class HostTensor:
+    """A tensor handed between stages as a numpy array, so Ray moves it without pickling.
+
+    Ray hands numpy arrays over zero-copy (torch tensors only behind a global
+    switch). numpy has no bfloat16, so 16-bit floats travel as their raw bits
+    and ``dtype`` says how to read them back.
+    """
+
+    array: np.ndarray
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> HostTensor:
+        tensor = tensor.detach().contiguous().cpu()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            return cls(array=tensor.view(torch.int16).numpy(), dtype=dtype)
+        return cls(array=tensor.numpy(), dtype=dtype)
+
+    def to(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A torch tensor of its own (never aliasing the shared, read-only buffer) on ``device``."""
+        stored = getattr(torch, self.dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only zero-copy buffers: copied below
+            tensor = torch.from_numpy(self.array)
+        if stored in (torch.bfloat16, torch.float16):
+            tensor = tensor.view(stored)
+        return tensor.to(device=device, dtype=dtype or stored, copy=True)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """One prompt as the diffusion transformer reads it: the text connectors' outputs.
+
+    ``video`` ``[1, L, Dv]`` and ``audio`` ``[1, L, Da]`` feed the video and audio
+    cross-attention; ``mask`` ``[1, L]`` marks the tokens they may attend to.
+    """
+
+    video: HostTensor
+    audio: HostTensor
+    mask: HostTensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.video.nbytes + self.audio.nbytes + self.mask.nbytes
+
+
+@dataclass(frozen=True)
 class PromptEmbeddings:
-    """Text encoder output for the prompt and, when guidance is on, the negative prompt."""
+    """Text encoder output: the prompt and, when guidance is on, the negative prompt."""
 
-    prompt_embeds: torch.Tensor
-    prompt_attention_mask: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None = None
-    negative_prompt_attention_mask: torch.Tensor | None = None
+    prompt: TextEmbeddings
+    negative: TextEmbeddings | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.prompt.nbytes + (self.negative.nbytes if self.negative is not None else 0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImageCondition:
-    """The photo encoded by the video VAE: raw latents of one frame, ``[1, C, 1, h, w]``."""
+    """The photo encoded by the video VAE: raw latents of one frame, ``[1, C, 1, h, w]`` float32."""
 
-    latents: torch.Tensor
+    latents: HostTensor
     width: int
     height: int
 
+    @property
+    def nbytes(self) -> int:
+        return self.latents.nbytes
 
-@dataclass
+
+@dataclass(frozen=True)
+class VideoLatents:
+    """Denoised video latents ``[1, C, F, H, W]`` float32, denormalised: the video decoder's input."""
+
+    latents: HostTensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.latents.nbytes
+
+
+@dataclass(frozen=True)
+class AudioLatents:
+    """Denoised audio latents ``[1, C, L, M]`` float32, denormalised: the audio decoder's input."""
+
+    latents: HostTensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.latents.nbytes
+
+
+@dataclass(frozen=True)
 class DenoisedLatents:
-    """Diffusion output: video latents ``[1, C, F, H, W]`` and audio latents ``[1, C, L, M]``.
+    """Diffusion output. The two parts travel separately, each to its own decoder."""
 
-    Both are denormalised, i.e. ready for their decoders.
-    """
+    video: VideoLatents
+    audio: AudioLatents
 
-    video: torch.Tensor
-    audio: torch.Tensor
+    @property
+    def nbytes(self) -> int:
+        return self.video.nbytes + self.audio.nbytes
 
 
-@dataclass
+@dataclass(frozen=True)
 class VideoFrames:
-    """Decoded RGB frames, ``uint8`` ``[F, H, W, 3]``."""
+    """Decoded RGB frames, ``uint8`` ``[F, H, W, 3]``. They stay inside the video decoder stage."""
 
     pixels: np.ndarray
     fps: int
 
     @classmethod
     def from_unit_float(cls, frames: np.ndarray, fps: int) -> VideoFrames:
-        """From floats in [0, 1] (the decoder's output) to 8-bit pixels."""
+        """From floats in [0, 1] to 8-bit pixels (the rounding diffusers' ``output_type="np"`` implies)."""
         pixels = np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
         return cls(pixels=pixels, fps=fps)
 
 
-@dataclass
+@dataclass(frozen=True)
+class EncodedVideo:
+    """The video stream, already compressed (an MP4 holding one H.264 track): what leaves the decoder."""
+
+    data: bytes
+    num_frames: int
+    fps: int
+    width: int
+    height: int
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
 class Waveform:
     """Decoded audio, ``float32`` ``[channels, samples]`` in [-1, 1]."""
 
@@ -131,6 +238,10 @@ class Waveform:
     @property
     def duration_s(self) -> float:
         return self.samples.shape[-1] / self.sample_rate
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.samples.nbytes)
 
 
 class StepCallback:

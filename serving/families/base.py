@@ -14,11 +14,13 @@ from PIL import Image
 
 from cluster.config import ModelConfig
 from serving.protocol import (
+    AudioLatents,
     DenoisedLatents,
+    EncodedVideo,
     ImageCondition,
     PromptEmbeddings,
     RenderPlan,
-    VideoFrames,
+    VideoLatents,
     Waveform,
 )
 
@@ -66,11 +68,11 @@ class Denoiser(Protocol):
 
 
 class VideoDecoder(Protocol):
-    def decode(self, latents: DenoisedLatents, plan: RenderPlan) -> VideoFrames: ...
+    def decode(self, latents: VideoLatents, plan: RenderPlan) -> EncodedVideo: ...
 
 
 class AudioDecoder(Protocol):
-    def decode(self, latents: DenoisedLatents) -> Waveform: ...
+    def decode(self, latents: AudioLatents) -> Waveform: ...
 
 
 @dataclass(frozen=True)

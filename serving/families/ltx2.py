@@ -13,6 +13,7 @@ video VAE's encoder in its own stage.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -23,13 +24,19 @@ import torch
 from cluster.config import ModelConfig
 from serving.families.base import Family, ModelLimits, resolve_device, resolve_dtype
 from serving.protocol import (
+    AudioLatents,
     DenoisedLatents,
+    HostTensor,
     ImageCondition,
     PromptEmbeddings,
     RenderPlan,
+    EncodedVideo,
+    TextEmbeddings,
     VideoFrames,
+    VideoLatents,
     Waveform,
 )
+from serving.media import encode_video
 
 __all__ = ["LTX2_FAMILY", "checkpoint_path"]
 
@@ -107,11 +114,19 @@ def _partial_pipeline(base, **components):
 
 
 class LTX2TextEncoder:
-    """Prompt (+ negative prompt) -> Gemma hidden states and attention masks."""
+    """Prompt (+ negative prompt) -> the text connectors' outputs, ready for the transformer.
+
+    Running the connectors here keeps the hand-off lean: the Gemma hidden states
+    of all 49 layers (385 MB per prompt at LTX-2's 1024 tokens) never leave this
+    stage, only the connectors' two streams do (about 16 MB per prompt).
+    """
+
+    _CACHED_NEGATIVES = 4  # negative prompts are few (usually the configured default)
 
     def __init__(self, config: ModelConfig):
         import transformers
         from diffusers import DiffusionPipeline
+        from diffusers.pipelines.ltx2 import LTX2TextConnectors
         from transformers import AutoTokenizer
 
         self._config = config
@@ -122,9 +137,12 @@ class LTX2TextEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(place.path, subfolder="tokenizer")
         text_encoder = encoder_class.from_pretrained(place.path, subfolder="text_encoder", dtype=place.dtype)
         text_encoder.to(place.device).eval()
+        self.connectors = LTX2TextConnectors.from_pretrained(place.path, subfolder="connectors", torch_dtype=place.dtype)
+        self.connectors.to(place.device).eval()
         self._pipeline = _partial_pipeline(
             _pipeline_class(image_to_video=False), text_encoder=text_encoder, tokenizer=self.tokenizer
         )
+        self._negatives: OrderedDict[str, TextEmbeddings] = OrderedDict()
 
     @property
     def guidance_on(self) -> bool:
@@ -135,19 +153,28 @@ class LTX2TextEncoder:
 
     @torch.no_grad()
     def encode(self, prompt: str, negative_prompt: str | None) -> PromptEmbeddings:
-        embeds, mask, negative_embeds, negative_mask = self._pipeline.encode_prompt(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            do_classifier_free_guidance=self.guidance_on,
-            max_sequence_length=self._config.max_prompt_tokens,
-            device=self._device,
+        negative = self._negative(negative_prompt or "") if self.guidance_on else None
+        return PromptEmbeddings(prompt=self._encode_one(prompt), negative=negative)
+
+    def _negative(self, text: str) -> TextEmbeddings:
+        """Negative prompts repeat across jobs (the default above all): encode each once per replica."""
+        if text in self._negatives:
+            self._negatives.move_to_end(text)
+            return self._negatives[text]
+        embeddings = self._encode_one(text)
+        self._negatives[text] = embeddings
+        if len(self._negatives) > self._CACHED_NEGATIVES:
+            self._negatives.popitem(last=False)
+        return embeddings
+
+    def _encode_one(self, text: str) -> TextEmbeddings:
+        # Padded to the full length: LTX-2's connectors fill the padding with learned registers that
+        # every token attends to, so trimming it would change the output.
+        hidden, mask = self._pipeline._get_gemma_prompt_embeds(
+            prompt=text, max_sequence_length=self._config.max_prompt_tokens, device=self._device
         )
-        return PromptEmbeddings(
-            prompt_embeds=embeds.cpu(),
-            prompt_attention_mask=mask.cpu(),
-            negative_prompt_embeds=None if negative_embeds is None else negative_embeds.cpu(),
-            negative_prompt_attention_mask=None if negative_mask is None else negative_mask.cpu(),
-        )
+        video, audio, connector_mask = self.connectors(hidden, mask, padding_side=self.tokenizer.padding_side)
+        return TextEmbeddings(video=HostTensor.of(video), audio=HostTensor.of(audio), mask=HostTensor.of(connector_mask))
 
 
 # --------------------------------------------------------------------------- image conditioning
@@ -197,7 +224,7 @@ class LTX2ImageConditioner:
         pixels = pixels.to(device=self._device, dtype=self._dtype)
         encoded = self.vae.encode(pixels[0].unsqueeze(0).unsqueeze(2))
         latents = encoded.latent_dist.mode().to(torch.float32)
-        return ImageCondition(latents=latents.cpu(), width=width, height=height)
+        return ImageCondition(latents=HostTensor.of(latents), width=width, height=height)
 
 
 class _ConfigHolder:
@@ -213,14 +240,14 @@ class _ConfigHolder:
 class LTX2Denoiser:
     """Embeddings (+ photo latents) -> denoised video and audio latents.
 
-    Runs the connectors and the transformer. The VAEs are needed only for
-    their configs and latent statistics, so they are built on the meta device
-    and just those two buffers are loaded.
+    Runs the transformer on the text connectors' outputs (computed by the text
+    encoder stage). The VAEs are needed only for their configs and latent
+    statistics, so they are built on the meta device and just those two buffers
+    are loaded.
     """
 
     def __init__(self, config: ModelConfig):
         from diffusers import FlowMatchEulerDiscreteScheduler, LTX2VideoTransformer3DModel
-        from diffusers.pipelines.ltx2 import LTX2TextConnectors
 
         self._config = config
         place = _Placement(config)
@@ -234,12 +261,12 @@ class LTX2Denoiser:
             raise ValueError(
                 f"model.stg_blocks: blocks {bad} do not exist; this transformer has {num_blocks} blocks (0..{num_blocks - 1})"
             )
-        connectors = LTX2TextConnectors.from_pretrained(place.path, subfolder="connectors", torch_dtype=place.dtype)
+        self._connectors = _PrecomputedConnectors()
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(place.path, subfolder="scheduler")
         vae, audio_vae = _latent_statistics_only(place.path)
         components = dict(
             transformer=transformer.to(place.device).eval(),
-            connectors=connectors.to(place.device).eval(),
+            connectors=self._connectors,
             scheduler=scheduler,
             vae=vae,
             audio_vae=audio_vae,
@@ -257,11 +284,12 @@ class LTX2Denoiser:
     ) -> DenoisedLatents:
         config = self._config
         generator = torch.Generator(device=self._device).manual_seed(plan.seed)
+        prompt, negative = self._connectors.hold(embeddings, self._device, self._dtype)
         kwargs = dict(
-            prompt_embeds=embeddings.prompt_embeds.to(self._device, self._dtype),
-            prompt_attention_mask=embeddings.prompt_attention_mask.to(self._device),
-            negative_prompt_embeds=_maybe_to(embeddings.negative_prompt_embeds, self._device, self._dtype),
-            negative_prompt_attention_mask=_maybe_to(embeddings.negative_prompt_attention_mask, self._device, None),
+            prompt_embeds=prompt.video,
+            prompt_attention_mask=prompt.mask,
+            negative_prompt_embeds=None if negative is None else negative.video,
+            negative_prompt_attention_mask=None if negative is None else negative.mask,
             height=plan.height,
             width=plan.width,
             num_frames=plan.generated_frames,
@@ -285,7 +313,9 @@ class LTX2Denoiser:
             video, audio = self._text_to_video(**kwargs)
         else:
             video, audio = self._image_to_video(**kwargs, **self._conditioning_inputs(condition, plan))
-        return DenoisedLatents(video=video.float().cpu(), audio=audio.float().cpu())
+        return DenoisedLatents(
+            video=VideoLatents(HostTensor.of(video.float())), audio=AudioLatents(HostTensor.of(audio.float()))
+        )
 
     def _conditioning_inputs(self, condition: ImageCondition, plan: RenderPlan) -> dict:
         """The photo latents as the pipeline's 5-D ``latents`` input.
@@ -309,10 +339,41 @@ class LTX2Denoiser:
         return dict(latents=latents.repeat(1, 1, latent_frames, 1, 1), noise_scale=1.0)
 
 
-def _maybe_to(tensor: torch.Tensor | None, device, dtype):
-    if tensor is None:
-        return None
-    return tensor.to(device) if dtype is None else tensor.to(device, dtype)
+class _DeviceText:
+    """One prompt's connector outputs on the compute device."""
+
+    def __init__(self, text: TextEmbeddings, device, dtype):
+        self.video = text.video.to(device, dtype)
+        self.audio = text.audio.to(device, dtype)
+        self.mask = text.mask.to(device)
+
+
+class _PrecomputedConnectors(torch.nn.Module):
+    """Stands in for the pipeline's ``connectors``: answers with outputs the text encoder stage computed.
+
+    The pipeline stacks ``[negative, prompt]`` when guidance is on and hands the
+    stack to its connectors; this answers in the same order.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._outputs = None
+
+    def hold(self, embeddings: PromptEmbeddings, device, dtype):
+        prompt = _DeviceText(embeddings.prompt, device, dtype)
+        negative = None if embeddings.negative is None else _DeviceText(embeddings.negative, device, dtype)
+        rows = [prompt] if negative is None else [negative, prompt]
+        self._outputs = (
+            torch.cat([r.video for r in rows]),
+            torch.cat([r.audio for r in rows]),
+            torch.cat([r.mask for r in rows]),
+        )
+        return prompt, negative
+
+    def forward(self, text_encoder_hidden_states, attention_mask, padding_side="left"):
+        if self._outputs is None or self._outputs[0].shape[0] != text_encoder_hidden_states.shape[0]:
+            raise RuntimeError("connector outputs for this batch were not provided")
+        return self._outputs
 
 
 def _step_reporter(on_step, total_steps: int):
@@ -397,19 +458,32 @@ class LTX2VideoDecoder:
         self._pipeline = _partial_pipeline(_pipeline_class(image_to_video=False), vae=self.vae)
 
     @torch.no_grad()
-    def decode_unit_float(self, latents: DenoisedLatents) -> np.ndarray:
-        """Frames as floats in [0, 1], ``[F, H, W, 3]``: exactly the pipeline's ``output_type="np"``."""
-        video_latents = latents.video.to(self._device, self._dtype)
+    def decode_pixels(self, latents: VideoLatents) -> np.ndarray:
+        """Frames as 8-bit RGB ``[F, H, W, 3]``: the pipeline's ``output_type="np"`` frames, rounded to bytes.
+
+        The conversion runs on the device a few frames at a time, so no float32
+        copy of the whole clip ever exists (1.3 GB at 1280x704 x 121 frames).
+        """
+        video_latents = latents.latents.to(self._device, self._dtype)
         timestep = None
         if self.vae.config.timestep_conditioning:
             # The pipeline's default decode timestep (0) leaves the latents unchanged.
             timestep = torch.zeros(video_latents.shape[0], device=self._device, dtype=self._dtype)
-        video = self.vae.decode(video_latents, timestep, return_dict=False)[0]
-        return self._pipeline.video_processor.postprocess_video(video, output_type="np")[0]
+        video = self.vae.decode(video_latents, timestep, return_dict=False)[0][0]  # [3, F, H, W]
+        frames = np.empty((video.shape[1], video.shape[2], video.shape[3], 3), dtype=np.uint8)
+        for start in range(0, video.shape[1], self._FRAMES_PER_CONVERSION):
+            chunk = video[:, start : start + self._FRAMES_PER_CONVERSION]
+            unit = (chunk / 2 + 0.5).clamp(0, 1)  # as diffusers' postprocessing, in the model's dtype
+            pixels = torch.round(unit.float() * 255.0).to(torch.uint8).permute(1, 2, 3, 0)
+            frames[start : start + pixels.shape[0]] = pixels.cpu().numpy()
+        return frames
 
-    def decode(self, latents: DenoisedLatents, plan: RenderPlan) -> VideoFrames:
-        frames = self.decode_unit_float(latents)[: plan.output_frames]
-        return VideoFrames.from_unit_float(frames, fps=plan.fps)
+    _FRAMES_PER_CONVERSION = 8
+
+    def decode(self, latents: VideoLatents, plan: RenderPlan) -> EncodedVideo:
+        """Decoded and compressed here, so frames (324 MB of bytes at 1280x704 x 121) never leave the stage."""
+        frames = VideoFrames(pixels=self.decode_pixels(latents)[: plan.output_frames], fps=plan.fps)
+        return encode_video(frames)
 
 
 class LTX2AudioDecoder:
@@ -430,13 +504,13 @@ class LTX2AudioDecoder:
         self.vocoder.to(place.device).eval()
 
     @torch.no_grad()
-    def decode_tensor(self, latents: DenoisedLatents) -> torch.Tensor:
+    def decode_tensor(self, latents: AudioLatents) -> torch.Tensor:
         """Waveform ``[1, channels, samples]``: exactly the pipeline's audio output."""
-        audio_latents = latents.audio.to(self._device, self._dtype)
+        audio_latents = latents.latents.to(self._device, self._dtype)
         mel = self.audio_vae.decode(audio_latents, return_dict=False)[0]
         return self.vocoder(mel)
 
-    def decode(self, latents: DenoisedLatents) -> Waveform:
+    def decode(self, latents: AudioLatents) -> Waveform:
         samples = self.decode_tensor(latents)[0].float().cpu().numpy()
         return Waveform(samples=samples, sample_rate=int(self.vocoder.config.output_sampling_rate))
 

@@ -16,7 +16,7 @@ class AudioDecoderStage:
         self._runner = StageRunner("audio_decoder")
 
     async def decode(self, latents: DenoisedLatents) -> Waveform:
-        return await self._runner.run(self._decoder.decode, latents)
+        return await self._runner.run(self._decoder.decode, latents.audio)
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()

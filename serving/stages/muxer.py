@@ -1,4 +1,4 @@
-"""Muxer stage: frames + waveform -> MP4 (H.264 + AAC) in the results directory."""
+"""Muxer stage: the H.264 track + waveform -> MP4 (AAC added) in the results directory."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from cluster.config import JobsConfig
 from serving.jobs.results import ResultStore
-from serving.media import write_mp4
-from serving.protocol import VideoFrames, Waveform
+from serving.media import mux_mp4
+from serving.protocol import EncodedVideo, Waveform
 from serving.stages._base import StageRunner
 
 __all__ = ["MuxerStage", "MuxedVideo"]
@@ -24,11 +24,11 @@ class MuxerStage:
         self._results = ResultStore(jobs.results_dir)
         self._runner = StageRunner("muxer")
 
-    async def mux(self, job_id: str, frames: VideoFrames, waveform: Waveform) -> MuxedVideo:
-        return await self._runner.run(self._mux, job_id, frames, waveform)
+    async def mux(self, job_id: str, video: EncodedVideo, waveform: Waveform) -> MuxedVideo:
+        return await self._runner.run(self._mux, job_id, video, waveform)
 
-    def _mux(self, job_id: str, frames: VideoFrames, waveform: Waveform) -> MuxedVideo:
-        path = write_mp4(self._results.video_path(job_id), frames, waveform)
+    def _mux(self, job_id: str, video: EncodedVideo, waveform: Waveform) -> MuxedVideo:
+        path = mux_mp4(self._results.video_path(job_id), video, waveform)
         return MuxedVideo(path=str(path), num_bytes=path.stat().st_size)
 
     def stats(self) -> dict:
