@@ -18,9 +18,14 @@ __all__ = [
     "JobsConfig",
     "RayConfig",
     "RewriterConfig",
+    "OrchestratorConfig",
+    "NodeType",
+    "FaultConfig",
     "ReelserveConfig",
+    "ACCELERATOR_MEMORY_GB",
     "STAGE_NAMES",
     "parse_size",
+    "latent_tokens",
     "load_config",
 ]
 
@@ -30,6 +35,23 @@ STAGE_NAMES = (
 )
 
 LTX2_DEFAULT_NEGATIVE_PROMPT = "worst quality, inconsistent motion, blurry, jittery, distorted"
+
+
+# LTX-2's video VAE: 32x in space, 8x in time (the tiny checkpoint keeps the same rules).
+SPATIAL_COMPRESSION = 32
+TEMPORAL_COMPRESSION = 8
+
+
+def latent_tokens(
+    width: int, height: int, seconds: float, fps: int,
+    spatial: int = SPATIAL_COMPRESSION, temporal: int = TEMPORAL_COMPRESSION,
+) -> int:
+    """Latent tokens of one request: the unit of the request budget (and of diffusion's cost per step)."""
+    import math
+
+    output_frames = max(1, round(seconds * fps))
+    latent_frames = math.ceil(max(output_frames - 1, 0) / temporal) + 1
+    return latent_frames * (height // spatial) * (width // spatial)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -60,7 +82,13 @@ class ModelConfig(BaseModel):
             "Unset: the tiny random checkpoint, built on first use under the user cache directory."
         ),
     )
-    device: str = Field("auto", description="Torch device for this model's stages: auto (cuda when present), cpu, cuda, cuda:N.")
+    device: str = Field(
+        "auto",
+        description=(
+            "Default torch device of the model's stages (a stage may set its own): auto (cuda for replicas that "
+            "reserve GPUs, cpu for the others; in one process, cuda when present), cpu, cuda, cuda:N."
+        ),
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights and compute dtype; auto is bfloat16 on GPUs and float32 on the CPU."
     )
@@ -85,13 +113,32 @@ class ModelConfig(BaseModel):
     default_fps: int = Field(24, ge=1, le=60, description="Frame rate used when a request gives none.")
     default_seconds: float = Field(5.0, gt=0, description="Clip length used when a request gives none.")
     max_seconds: float = Field(20.0, gt=0, description="Longest clip a request may ask for.")
-    max_width: int = Field(1920, ge=32, description="Widest frame a request may ask for, in pixels.")
-    max_height: int = Field(1920, ge=32, description="Tallest frame a request may ask for, in pixels.")
+    max_width: int = Field(1920, ge=32, description="Widest frame a request may ask for, in pixels (a cap on one side).")
+    max_height: int = Field(1920, ge=32, description="Tallest frame a request may ask for, in pixels (a cap on one side).")
     max_fps: int = Field(60, ge=1, description="Highest frame rate a request may ask for.")
+    max_latent_tokens: int = Field(
+        27_280,
+        ge=1,
+        description=(
+            "Per-request budget in latent tokens: latent frames x (height / 32) x (width / 32), with latent frames "
+            "= (generated frames - 1) / 8 + 1. It bounds a request's memory and GPU time together; requests over it "
+            "are refused with the largest size allowed at their length. Default: 1280x704 for 10 s at 24 fps "
+            "(31 x 22 x 40), which fits one 80 GB GPU beside the 19B transformer's weights."
+        ),
+    )
     max_prompt_tokens: int = Field(
         1024, ge=8, description="Longest prompt in text-encoder tokens; longer prompts are refused, never truncated."
     )
     vae_tiling: bool = Field(False, description="Decode video in tiles to bound GPU memory on large frames.")
+    seconds_per_token_step: float = Field(
+        3.5e-4,
+        gt=0,
+        description=(
+            "Expected diffusion seconds per latent token per denoising step, all guidance passes included, on the "
+            "diffusion stage's hardware. It sizes drain timeouts and capacity estimates until replicas have measured "
+            "their own. Default: LTX-2 19B on one H100 (1.22 s per pass at 14,080 tokens, 4 passes per step)."
+        ),
+    )
 
     @field_validator("default_size")
     @classmethod
@@ -112,6 +159,13 @@ class ModelConfig(BaseModel):
             raise ValueError(f"default_seconds ({self.default_seconds}) exceeds max_seconds ({self.max_seconds})")
         if self.default_fps > self.max_fps:
             raise ValueError(f"default_fps ({self.default_fps}) exceeds max_fps ({self.max_fps})")
+        width, height = parse_size(self.default_size)
+        default_tokens = latent_tokens(width, height, self.default_seconds, self.default_fps)
+        if default_tokens > self.max_latent_tokens:
+            raise ValueError(
+                f"the default request ({self.default_size}, {self.default_seconds:g} s at {self.default_fps} fps) is "
+                f"{default_tokens} latent tokens, over max_latent_tokens ({self.max_latent_tokens})"
+            )
         if self.audio_stg_scale == 0 and self.stg_scale > 0:
             # diffusers reads an audio scale of 0 as "unset" and uses the video scale instead.
             raise ValueError("audio_stg_scale 0 cannot turn audio STG off while stg_scale > 0; set both to 0")
@@ -131,6 +185,8 @@ class ModelConfig(BaseModel):
             max_seconds=20.0,
             max_width=1024,
             max_height=1024,
+            max_latent_tokens=8192,  # e.g. 512x512 for 10 s at 24 fps (31 x 16 x 16 = 7936)
+            seconds_per_token_step=2e-3,  # measured on a 2-core CPU at small sizes
             max_prompt_tokens=256,
         )
         settings.update(overrides)
@@ -141,8 +197,22 @@ class ModelConfig(BaseModel):
         return self.path is None
 
 
+# GPU memory of the accelerators we know, in GB (what `gpu_memory_gb` budgets are fractions of).
+# Names are Ray's accelerator types (ray.util.accelerators).
+ACCELERATOR_MEMORY_GB = {
+    "H100": 80.0,
+    "H200": 141.0,
+    "B200": 180.0,
+    "A100-80G": 80.0,
+    "A100-40G": 40.0,
+    "L40S": 48.0,
+    "L4": 24.0,
+    "A10G": 24.0,
+}
+
+
 class StageConfig(BaseModel):
-    """Resources, scaling and queue bounds of one stage deployment."""
+    """Resources, placement, scaling and queue bounds of one stage deployment."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -154,9 +224,35 @@ class StageConfig(BaseModel):
     target_ongoing_requests: float = Field(
         2.0, gt=0, description="Autoscaling target: requests in flight per replica."
     )
+    device: Literal["auto", "cpu", "cuda"] | None = Field(
+        None,
+        description=(
+            "Where this stage computes. auto: cuda when the replica reserves GPUs (num_gpus or gpu_memory_gb), "
+            "else cpu -- a replica never uses a GPU Ray did not give it. Unset: model.device."
+        ),
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="Weights and compute dtype of this stage. Unset: model.dtype."
+    )
     num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per replica.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica; fractions share one GPU.")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs reserved per replica: a fraction shares one GPU, a whole number N spans N GPUs."
+    )
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "GPU memory budget per replica in GB, instead of num_gpus: it becomes the fraction "
+            "gpu_memory_gb / the accelerator's memory, so stages sharing a GPU are sized in GB. Needs accelerator_type."
+        ),
+    )
+    accelerator_type: str | None = Field(
+        None, description=f"Ray accelerator type the replica must run on, e.g. {', '.join(ACCELERATOR_MEMORY_GB)}."
+    )
     memory_gb: float | None = Field(None, gt=0, description="Host memory reserved per replica, in GiB (unset: none).")
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="At most this many replicas of the stage on one node (spreads them; unset: no cap)."
+    )
     max_ongoing_requests: int = Field(4, ge=1, description="Requests one replica works on at once.")
     max_queued_requests: int = Field(
         64, ge=1, description="Requests waiting for this stage beyond the ongoing ones; more are refused, never queued."
@@ -167,6 +263,37 @@ class StageConfig(BaseModel):
         if self.num_replicas is None and self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         return self
+
+    @model_validator(mode="after")
+    def _gpu_reservation(self) -> StageConfig:
+        if self.gpu_memory_gb is not None:
+            if self.num_gpus > 0:
+                raise ValueError("set either num_gpus or gpu_memory_gb, not both")
+            if self.accelerator_type is None:
+                raise ValueError("gpu_memory_gb needs accelerator_type (the GPU whose memory it is a share of)")
+            capacity = ACCELERATOR_MEMORY_GB.get(self.accelerator_type)
+            if capacity is None:
+                raise ValueError(
+                    f"accelerator_type '{self.accelerator_type}' has no known memory size; use num_gpus, or one of "
+                    f"{', '.join(ACCELERATOR_MEMORY_GB)}"
+                )
+            if self.gpu_memory_gb > capacity:
+                raise ValueError(
+                    f"gpu_memory_gb ({self.gpu_memory_gb:g}) is more than one {self.accelerator_type} has "
+                    f"({capacity:g} GB); use num_gpus for replicas that span several GPUs"
+                )
+        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
+            raise ValueError(f"num_gpus {self.num_gpus:g}: above 1 it must be a whole number of GPUs")
+        if self.device == "cuda" and self.gpus_per_replica == 0:
+            raise ValueError("device cuda needs GPUs: set num_gpus or gpu_memory_gb (Ray must reserve what it uses)")
+        return self
+
+    @property
+    def gpus_per_replica(self) -> float:
+        """The GPU share Ray reserves per replica (gpu_memory_gb turned into a fraction of the accelerator)."""
+        if self.gpu_memory_gb is not None:
+            return round(self.gpu_memory_gb / ACCELERATOR_MEMORY_GB[self.accelerator_type], 4)
+        return self.num_gpus
 
 
 # vLLM batches concurrent requests itself, so the rewriter takes many at once.
@@ -187,7 +314,7 @@ class IngressConfig(BaseModel):
     host: str = Field("127.0.0.1", description="Interface the HTTP proxy listens on (0.0.0.0 for all).")
     http_port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible Videos API.")
     grpc_port: int = Field(9000, ge=1, le=65535, description="gRPC port (binds all interfaces).")
-    num_replicas: int = Field(1, ge=1, description="Ingress replicas; each runs an orchestrator.")
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas (stateless: any number, any time).")
     num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per ingress replica.")
     max_ongoing_requests: int = Field(256, ge=1, description="Concurrent API calls one ingress replica serves.")
 
@@ -220,12 +347,26 @@ class JobsConfig(BaseModel):
         10.0, gt=0, description="An orchestrator owns a job for this long between renewals; after it, another takes over."
     )
     recovery_interval_s: float = Field(2.0, gt=0, description="How often orchestrators look for jobs whose owner died.")
-    max_attempts: int = Field(3, ge=1, description="Runs of one job (first try plus takeovers) before it fails.")
+    max_attempts: int = Field(
+        3, ge=1, description="Runs of one job cut short by a crash (first try plus takeovers) before it fails."
+    )
+    stage_retries: int = Field(
+        2, ge=0, description="Calls of one stage retried when its replica died mid-call (diffusion resumes from its checkpoint)."
+    )
+    artifacts: Literal["results_dir", "redis"] = Field(
+        "results_dir",
+        description=(
+            "Where finished stage outputs and denoising checkpoints are kept until the job ends, so a takeover "
+            "redoes nothing: results_dir (a shared volume in a cluster) or redis (the job store's Redis)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> JobsConfig:
         if self.backend == "redis" and not self.redis_url:
             raise ValueError("jobs.redis_url is required when jobs.backend is redis")
+        if self.artifacts == "redis" and not self.redis_url:
+            raise ValueError("jobs.artifacts redis needs jobs.redis_url")
         return self
 
 
@@ -268,6 +409,62 @@ class RewriterConfig(BaseModel):
     enforce_eager: bool = Field(False, description="Skip CUDA graphs (always on for CPUs).")
 
 
+class OrchestratorConfig(BaseModel):
+    """The orchestrator deployment: replicas that pull queued and orphaned jobs from the store and run them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1, description="Orchestrator replicas; each runs any job it claims.")
+    num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per orchestrator replica.")
+    max_jobs: int = Field(64, ge=1, description="Jobs one orchestrator replica runs at once; it claims no more.")
+    poll_interval_s: float = Field(
+        0.5, gt=0, description="How often an idle orchestrator looks for queued or orphaned jobs (Redis also wakes it at once)."
+    )
+
+
+class NodeType(BaseModel):
+    """One kind of machine in the cluster (a KubeRay worker group): what `reelserve plan` fits stages onto."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Group name, e.g. h100 (a Kubernetes-safe name).")
+    cpus: int = Field(ge=1, description="CPUs per node.")
+    memory_gb: float = Field(gt=0, description="Host memory per node, GiB.")
+    gpus: int = Field(0, ge=0, description="GPUs per node.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type of its GPUs, e.g. H100 or L4.")
+    min_nodes: int = Field(0, ge=0, description="Nodes kept even when idle.")
+    max_nodes: int = Field(1, ge=1, description="Most nodes of this type the cluster may grow to.")
+
+    @model_validator(mode="after")
+    def _gpus_have_a_type(self) -> NodeType:
+        if self.gpus > 0 and self.accelerator_type is None:
+            raise ValueError(f"node type {self.name}: nodes with GPUs need accelerator_type")
+        if self.min_nodes > self.max_nodes:
+            raise ValueError(f"node type {self.name}: min_nodes ({self.min_nodes}) exceeds max_nodes ({self.max_nodes})")
+        return self
+
+
+class FaultConfig(BaseModel):
+    """One injected fault: for tests here and chaos runs in a staging cluster. Off unless listed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Literal[
+        "prompt_rewriter", "text_encoder", "image_conditioner", "diffusion", "video_decoder", "audio_decoder", "muxer"
+    ] = Field(description="The stage that misbehaves.")
+    kind: Literal["out_of_memory", "stall", "kill_replica"] = Field(
+        description="out_of_memory raises the framework's OOM error; stall sleeps stall_s; kill_replica ends the replica's process."
+    )
+    prompt_contains: str = Field(
+        min_length=1, description="Only jobs whose prompt contains this text are hit (how a test picks its job)."
+    )
+    at_step: int = Field(
+        1, ge=1, description="diffusion only: fire after this many finished denoising steps (other stages fire on entry)."
+    )
+    stall_s: float = Field(30.0, gt=0, description="How long a stall lasts.")
+    times_per_job: int = Field(1, ge=1, description="How often it fires for one job (recorded with the job, so a resumed job is not hit again).")
+
+
 class RayConfig(BaseModel):
     """How `reelserve up` starts the local Ray cluster."""
 
@@ -292,6 +489,26 @@ class ReelserveConfig(BaseModel):
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Job store, results and admission limits.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Local cluster settings for `reelserve up`.")
     rewriter: RewriterConfig = Field(default_factory=RewriterConfig, description="The optional prompt rewriter stage.")
+    orchestrator: OrchestratorConfig = Field(
+        default_factory=OrchestratorConfig, description="The deployment that drives jobs through the stages."
+    )
+    nodes: list[NodeType] = Field(
+        default_factory=list,
+        description="The cluster's machine types, for `reelserve plan` and the Kubernetes worker groups (empty: one local machine).",
+    )
+    faults: list[FaultConfig] = Field(default_factory=list, description="Injected faults (testing and chaos runs only).")
+
+    def stage_model(self, name: str) -> ModelConfig:
+        """The model config a stage loads with: its own device and dtype resolved.
+
+        ``auto`` means cuda only when the replica reserves GPUs; a replica never
+        computes on a GPU that Ray did not give it.
+        """
+        stage = self.stages[name]
+        device = stage.device or self.model.device
+        if device == "auto":
+            device = "cuda" if stage.gpus_per_replica > 0 else "cpu"
+        return self.model.model_copy(update={"device": device, "dtype": stage.dtype or self.model.dtype})
 
     @field_validator("model", mode="before")
     @classmethod

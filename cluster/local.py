@@ -25,7 +25,7 @@ _PROFILES = Path(__file__).parent / "profiles"
 
 
 def default_config_path() -> Path:
-    return _PROFILES / "embedded.yaml"
+    return _PROFILES / "local-cpu.yaml"
 
 
 def state_dir() -> Path:

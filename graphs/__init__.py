@@ -48,18 +48,21 @@ def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
     from serving.stages.video_decoder import VideoDecoderStage
 
     config = args if isinstance(args, ReelserveConfig) else ReelserveConfig.model_validate(args or {})
-    model, jobs = config.model, config.jobs
+    jobs = config.jobs
 
     def stage(cls, name: str, *init_args):
-        return serve.deployment(cls).options(**stage_options(name, config.stages[name])).bind(*init_args)
+        return serve.deployment(cls).options(**stage_options(name, config)).bind(*init_args)
 
-    return serve.deployment(VideoIngress).options(**ingress_options(config.ingress)).bind(
+    def model(name: str):
+        return config.stage_model(name)
+
+    return serve.deployment(VideoIngress).options(**ingress_options(config)).bind(
         config.model_dump(),
-        stage(TextEncoderStage, "text_encoder", model),
-        stage(ImageConditionerStage, "image_conditioner", model),
-        stage(DiffusionStage, "diffusion", model, jobs),
-        stage(VideoDecoderStage, "video_decoder", model),
-        stage(AudioDecoderStage, "audio_decoder", model),
+        stage(TextEncoderStage, "text_encoder", model("text_encoder")),
+        stage(ImageConditionerStage, "image_conditioner", model("image_conditioner")),
+        stage(DiffusionStage, "diffusion", model("diffusion"), jobs),
+        stage(VideoDecoderStage, "video_decoder", model("video_decoder")),
+        stage(AudioDecoderStage, "audio_decoder", model("audio_decoder")),
         stage(MuxerStage, "muxer", jobs),
-        stage(PromptRewriterStage, "prompt_rewriter", config.rewriter, model) if config.rewriter.enabled else None,
+        stage(PromptRewriterStage, "prompt_rewriter", config.rewriter, config.model) if config.rewriter.enabled else None,
     )

@@ -75,7 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=_generate)
 
     up = commands.add_parser("up", help="start a local Ray cluster and deploy the app")
-    up.add_argument("--config", help="deployment config YAML (default: the embedded profile: one node, tiny model, CPU)")
+    up.add_argument("--config", help="deployment config YAML (default: cluster/profiles/local-cpu.yaml: one node, tiny model, CPU)")
     up.add_argument("--detach", action="store_true", help="return once the app is ready; stop it with `reelserve down`")
     up.set_defaults(handler=_up)
 
@@ -84,6 +84,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show the deployed app and its stages")
     status.set_defaults(handler=_status)
+
+    plan = commands.add_parser("plan", help="where each stage lands, its memory and hand-offs; refuses configs that cannot fit")
+    plan.add_argument("--config", help="deployment config YAML (default: cluster/profiles/local-cpu.yaml)")
+    plan.add_argument("--size", help="WIDTHxHEIGHT to size the hand-offs for (default: the model's default size)")
+    plan.add_argument("--seconds", help="clip length to size the hand-offs for (default: the model's)")
+    plan.set_defaults(handler=_plan)
     return parser
 
 
@@ -278,6 +284,23 @@ def _status(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(local.status(state), indent=2))
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from cluster.config import parse_size
+    from cluster.plan import format_plan, make_plan
+
+    config = _load_cluster_config(args.config)
+    if args.size is not None:
+        try:
+            parse_size(args.size)
+        except ValueError as error:
+            raise UsageError(f"--size: {error}") from None
+    seconds = _float_or_none(args.seconds, "--seconds")
+    _quiet_libraries()
+    plan = make_plan(config, size=args.size, seconds=seconds)
+    print(format_plan(plan))
+    return 0 if plan.fits else EXIT_BAD_INPUT
 
 
 _CLI_FIELD_NAMES = {

@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from cluster.config import ModelConfig, parse_size
+from cluster.config import ModelConfig, latent_tokens, parse_size
 from serving.errors import InvalidRequest
 from serving.families.base import ModelLimits
 from serving.media import load_photo
@@ -74,6 +74,7 @@ def validate_request(
     width, height = _check_size(size, config, limits, names["size"])
     frame_rate = _check_fps(fps, config, names["fps"])
     duration = _check_seconds(seconds, config, names["seconds"])
+    _check_budget(width, height, duration, frame_rate, config, limits, names["size"])
     seed_value = _check_seed(seed, names["seed"])
     enhance = _check_enhance(enhance_prompt, enhance_default, rewriter_available, names["enhance_prompt"])
     if image is not None:
@@ -150,6 +151,35 @@ def _check_size(size: Any, config: ModelConfig, limits: ModelLimits, field: str)
             field, f"{width}x{height} is too large; at most {config.max_width}x{config.max_height} is allowed"
         )
     return width, height
+
+
+def _check_budget(width: int, height: int, seconds: float, fps: int, config: ModelConfig, limits, field: str) -> None:
+    """The request budget: latent tokens bound a request's memory and GPU time together."""
+    spatial, temporal = limits.size_multiple, limits.temporal_compression
+    tokens = latent_tokens(width, height, seconds, fps, spatial=spatial, temporal=temporal)
+    budget = config.max_latent_tokens
+    if tokens <= budget:
+        return
+    latent_frames = tokens // ((width // spatial) * (height // spatial))
+    largest = _largest_size_within(budget // latent_frames, width, height, spatial)
+    hint = (
+        f"; at {seconds:g} s and {fps} fps the largest size of this shape allowed is {largest[0]}x{largest[1]}"
+        if largest else f"; even the smallest frame is over the budget at {seconds:g} s and {fps} fps: shorten the clip"
+    )
+    raise InvalidRequest(
+        field,
+        f"{width}x{height} for {seconds:g} s at {fps} fps is {tokens:,} latent tokens; this deployment allows at "
+        f"most {budget:,} per request{hint}",
+    )
+
+
+def _largest_size_within(area_tokens: int, width: int, height: int, step: int) -> tuple[int, int] | None:
+    """The largest size with (about) the asked aspect ratio whose latent area fits ``area_tokens``."""
+    for columns in range(width // step, 0, -1):
+        rows = max(1, round(columns * height / width))
+        if columns * rows <= area_tokens:
+            return columns * step, rows * step
+    return None
 
 
 def _number(value: Any, field: str, kind: str) -> int | float:

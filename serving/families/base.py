@@ -87,6 +87,9 @@ class Family:
     denoiser: Callable[[ModelConfig], Denoiser]
     video_decoder: Callable[[ModelConfig], VideoDecoder]
     audio_decoder: Callable[[ModelConfig], AudioDecoder]
+    # Sizing without weights: (config, stage) -> MemoryEstimate, and (model, w, h, seconds, fps) -> HandoffSizes.
+    stage_memory: Callable | None = None
+    handoff_sizes: Callable | None = None
 
 
 def resolve_device(setting: str) -> torch.device:

@@ -22,6 +22,7 @@ import PIL.Image
 import torch
 
 from cluster.config import ModelConfig
+from serving.families import ltx2_sizing
 from serving.families.base import Family, ModelLimits, resolve_device, resolve_dtype
 from serving.protocol import (
     AudioLatents,
@@ -274,6 +275,10 @@ class LTX2Denoiser:
         self._text_to_video = _on_device(_partial_pipeline, _pipeline_class(image_to_video=False), components)
         self._image_to_video = _on_device(_partial_pipeline, _pipeline_class(image_to_video=True), components)
 
+    @property
+    def transformer(self):
+        return self._text_to_video.transformer
+
     @torch.no_grad()
     def denoise(
         self,
@@ -524,4 +529,6 @@ LTX2_FAMILY = Family(
     denoiser=LTX2Denoiser,
     video_decoder=LTX2VideoDecoder,
     audio_decoder=LTX2AudioDecoder,
+    stage_memory=ltx2_sizing.stage_memory,
+    handoff_sizes=ltx2_sizing.handoff_sizes,
 )

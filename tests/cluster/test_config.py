@@ -19,7 +19,7 @@ from cluster.config import (
     parse_size,
 )
 
-EMBEDDED = Path(__file__).resolve().parents[2] / "cluster" / "profiles" / "embedded.yaml"
+EMBEDDED = Path(__file__).resolve().parents[2] / "cluster" / "profiles" / "local-cpu.yaml"
 
 
 def _error(source) -> ValidationError:

@@ -12,7 +12,7 @@ from ray.serve import Application
 from cluster.config import STAGE_NAMES, load_config
 from graphs import build_app
 
-EMBEDDED = Path(__file__).resolve().parents[2] / "cluster" / "profiles" / "embedded.yaml"
+EMBEDDED = Path(__file__).resolve().parents[2] / "cluster" / "profiles" / "local-cpu.yaml"
 
 
 def _deployments(app: Application) -> dict:

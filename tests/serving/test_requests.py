@@ -61,7 +61,7 @@ def test_accepts_model_name_image_and_limits(validate, tiny_config, photos):
     request = validate(
         model=tiny_config.name,
         image=photos.jpeg,
-        size=f"{tiny_config.max_width}x{tiny_config.max_height}",
+        size="64x32",  # the smallest frames: the longest clip at the highest rate fits the budget
         seconds=tiny_config.max_seconds,
         fps=tiny_config.max_fps,
         seed=MAX_SEED,
@@ -71,6 +71,19 @@ def test_accepts_model_name_image_and_limits(validate, tiny_config, photos):
     assert request.plan.seed == MAX_SEED  # every digit kept
     assert request.negative_prompt == "blurry"
     assert request.plan.seconds == tiny_config.max_seconds
+    largest = validate(size=f"{tiny_config.max_width}x{tiny_config.max_height}", seconds=0.3, fps=24)
+    assert largest.size == "1024x1024"  # one latent frame of the largest side fits (32 x 32 = 1,024 tokens)
+
+
+def test_the_request_budget_in_latent_tokens(validate, tiny_config):
+    """frames/8 x height/32 x width/32 against model.max_latent_tokens (8,192 for the tiny model)."""
+    budget = tiny_config.max_latent_tokens
+    # 512x512 for 10 s at 24 fps: 31 latent frames x 16 x 16 = 7,936 tokens: allowed.
+    assert validate(size="512x512", seconds=10, fps=24).size == "512x512"
+    error = _refused(validate, "size", size="1024x512", seconds=10, fps=24)  # 31 x 16 x 32 = 15,872
+    assert "15,872 latent tokens" in error.message and f"at most {budget:,}" in error.message
+    assert "the largest size of this shape allowed is 704x352" in error.message  # 31 x 11 x 22 = 7,502
+    assert validate(size="704x352", seconds=10, fps=24).size == "704x352"
 
 
 def test_prompt_at_the_token_limit_is_accepted(validate, tiny_limits, count_tokens):
@@ -131,7 +144,7 @@ def test_refuses_size_not_a_multiple_of_32(validate, size):
 
 @pytest.mark.parametrize("size", ["2048x64", "64x2048", "1056x1024"])
 def test_refuses_size_over_the_max(validate, tiny_config, size):
-    error = _refused(validate, "size", size=size)
+    error = _refused(validate, "size", size=size, seconds=0.3)
     assert f"at most {tiny_config.max_width}x{tiny_config.max_height}" in error.message
 
 
