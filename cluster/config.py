@@ -353,6 +353,9 @@ class JobsConfig(BaseModel):
     stage_retries: int = Field(
         2, ge=0, description="Calls of one stage retried when its replica died mid-call (diffusion resumes from its checkpoint)."
     )
+    keep_artifacts: bool = Field(
+        False, description="Keep a job's stage outputs after it ends (debugging; they are deleted by default)."
+    )
     artifacts: Literal["results_dir", "redis"] = Field(
         "results_dir",
         description=(
@@ -449,9 +452,9 @@ class FaultConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage: Literal[
-        "prompt_rewriter", "text_encoder", "image_conditioner", "diffusion", "video_decoder", "audio_decoder", "muxer"
-    ] = Field(description="The stage that misbehaves.")
+    stage: Literal["text_encoder", "image_conditioner", "diffusion", "video_decoder", "audio_decoder", "muxer"] = Field(
+        description="The stage that misbehaves."
+    )
     kind: Literal["out_of_memory", "stall", "kill_replica"] = Field(
         description="out_of_memory raises the framework's OOM error; stall sleeps stall_s; kill_replica ends the replica's process."
     )

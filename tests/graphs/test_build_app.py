@@ -16,12 +16,12 @@ EMBEDDED = Path(__file__).resolve().parents[2] / "cluster" / "profiles" / "local
 
 
 def _deployments(app: Application) -> dict:
-    """The ingress deployment and the stage deployments bound as its arguments, by name."""
-    ingress = app._bound_deployment
-    found = {ingress.name: ingress}
-    for argument in ingress.init_args:
+    """Every deployment of the graph, by name: the ingress and what is bound into it, recursively."""
+    deployment = app._bound_deployment
+    found = {deployment.name: deployment}
+    for argument in deployment.init_args:
         if isinstance(argument, Application):
-            found[argument._bound_deployment.name] = argument._bound_deployment
+            found.update(_deployments(argument))
     return found
 
 
@@ -30,11 +30,23 @@ def test_build_app_defaults_without_starting_ray():
     assert isinstance(app, Application)
     assert not ray.is_initialized()
     deployments = _deployments(app)
-    assert set(deployments) == {"ingress", *STAGE_NAMES}
-    # the ingress gets the validated config as a plain dict
-    config_dict = deployments["ingress"].init_args[0]
-    assert isinstance(config_dict, dict)
-    assert config_dict == load_config({}).model_dump()
+    assert set(deployments) == {"ingress", "orchestrator", *STAGE_NAMES}
+    # the ingress holds no stage: only the orchestrator, to wake it
+    ingress_args = [a for a in deployments["ingress"].init_args if isinstance(a, Application)]
+    assert [a._bound_deployment.name for a in ingress_args] == ["orchestrator"]
+    # the ingress and the orchestrator get the validated config as a plain dict
+    for name in ("ingress", "orchestrator"):
+        config_dict = deployments[name].init_args[0]
+        assert isinstance(config_dict, dict)
+        assert config_dict == load_config({}).model_dump()
+
+
+def test_build_app_refuses_a_config_that_cannot_fit():
+    profile = load_config(str(EMBEDDED.parent / "1x-h100.yaml")).model_dump()
+    profile["stages"]["diffusion"]["gpu_memory_gb"] = 30  # the 19B transformer alone is 38 GB
+    with pytest.raises(ValueError, match="stages.diffusion.gpu_memory_gb"):
+        build_app(profile)
+    assert not ray.is_initialized()
 
 
 def test_build_app_from_embedded_profile():
@@ -51,9 +63,9 @@ def test_build_app_from_embedded_profile():
 
 
 def test_build_app_applies_stage_resources():
-    app = build_app({"stages": {"video_decoder": {"num_cpus": 2, "memory_gb": 1.0}}, "ingress": {"num_cpus": 0.5}})
+    app = build_app({"stages": {"video_decoder": {"num_cpus": 2, "memory_gb": 2.0}}, "ingress": {"num_cpus": 0.5}})
     deployments = _deployments(app)
-    assert deployments["video_decoder"].ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0.0, "memory": 1024**3}
+    assert deployments["video_decoder"].ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0.0, "memory": 2 * 1024**3}
     assert deployments["ingress"].ray_actor_options == {"num_cpus": 0.5}
     assert not ray.is_initialized()
 
