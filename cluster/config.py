@@ -455,16 +455,21 @@ class FaultConfig(BaseModel):
     stage: Literal["text_encoder", "image_conditioner", "diffusion", "video_decoder", "audio_decoder", "muxer"] = Field(
         description="The stage that misbehaves."
     )
-    kind: Literal["out_of_memory", "stall", "kill_replica"] = Field(
-        description="out_of_memory raises the framework's OOM error; stall sleeps stall_s; kill_replica ends the replica's process."
+    kind: Literal["out_of_memory", "stall", "slow", "kill_replica"] = Field(
+        description=(
+            "out_of_memory raises the framework's OOM error; stall waits stall_s when the stage takes the job; "
+            "slow makes every denoising step stall_s longer (other stages: like stall); kill_replica ends the "
+            "replica's process."
+        )
     )
     prompt_contains: str = Field(
         min_length=1, description="Only jobs whose prompt contains this text are hit (how a test picks its job)."
     )
     at_step: int = Field(
-        1, ge=1, description="diffusion only: fire after this many finished denoising steps (other stages fire on entry)."
+        1, ge=1,
+        description="diffusion's out_of_memory and kill_replica: fire after this many finished steps (others fire on entry).",
     )
-    stall_s: float = Field(30.0, gt=0, description="How long a stall lasts.")
+    stall_s: float = Field(30.0, gt=0, description="How long a stall lasts (slow: the delay added to each step).")
     times_per_job: int = Field(1, ge=1, description="How often it fires for one job (recorded with the job, so a resumed job is not hit again).")
 
 

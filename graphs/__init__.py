@@ -56,7 +56,6 @@ def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
     config = args if isinstance(args, ReelserveConfig) else ReelserveConfig.model_validate(args or {})
     _refuse_what_cannot_fit(config)
     jobs, faults = config.jobs, config.faults
-    as_dict = config.model_dump()
 
     def stage(cls, name: str, *init_args):
         return serve.deployment(cls).options(**stage_options(name, config)).bind(*init_args)
@@ -68,7 +67,7 @@ def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
     if config.rewriter.enabled:
         rewriter = stage(PromptRewriterStage, "prompt_rewriter", config.rewriter, config.model)
     orchestrator = serve.deployment(OrchestratorDeployment).options(**orchestrator_options(config)).bind(
-        as_dict,
+        config.orchestrator, config.model, jobs, config.rewriter,
         model_stage(TextEncoderStage, "text_encoder"),
         model_stage(ImageConditionerStage, "image_conditioner"),
         model_stage(DiffusionStage, "diffusion"),
@@ -77,7 +76,9 @@ def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
         stage(MuxerStage, "muxer", jobs, faults),
         rewriter,
     )
-    return serve.deployment(VideoIngress).options(**ingress_options(config)).bind(as_dict, orchestrator)
+    return serve.deployment(VideoIngress).options(**ingress_options(config)).bind(
+        config.model, jobs, config.rewriter, orchestrator
+    )
 
 
 def _refuse_what_cannot_fit(config: ReelserveConfig) -> None:

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from ray import serve
 
-from cluster.config import ReelserveConfig
+from cluster.config import JobsConfig, ModelConfig, RewriterConfig
 from serving.errors import InvalidRequest
 from serving.ingress.grpc import GrpcVideoMethods
 from serving.ingress.http import OPENAI_FIELD_NAMES, error_response, parse_create_request, video_object
@@ -23,11 +23,12 @@ http_app = FastAPI(title="reelserve", description="OpenAI-compatible Videos API:
 
 @serve.ingress(http_app)
 class VideoIngress(GrpcVideoMethods):
-    def __init__(self, config: dict, orchestrator=None):
+    def __init__(self, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig, orchestrator=None):
+        # Only the config sections it uses: scaling a stage changes none of them, so it never restarts this.
         from serving.ingress.service import VideoService
 
-        self.config = ReelserveConfig.model_validate(config)
-        self.service = VideoService(self.config, orchestrator)
+        self.model = model
+        self.service = VideoService(model, jobs, rewriter, orchestrator)
 
     async def check_health(self) -> None:
         return None  # alive while the process answers; the store's health is not ours
@@ -39,7 +40,7 @@ class VideoIngress(GrpcVideoMethods):
 
     @http_app.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.config.model.name}
+        return {"status": "ok", "model": self.model.name}
 
     @http_app.post("/v1/videos")
     async def create_video(self, request: Request):

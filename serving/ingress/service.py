@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AsyncIterator
 
-from cluster.config import ReelserveConfig
+from cluster.config import JobsConfig, ModelConfig, RewriterConfig
 from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded
 from serving.families import get_family
 from serving.jobs.artifacts import open_artifacts
@@ -32,12 +32,11 @@ MAX_PAGE = 100
 
 
 class VideoService:
-    def __init__(self, config: ReelserveConfig, orchestrator=None):
-        self.config = config
-        family = get_family(config.model.family)
-        self.limits = family.read_limits(config.model)
-        self._count_tokens = family.token_counter(config.model)
-        jobs = config.jobs
+    def __init__(self, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig, orchestrator=None):
+        self.model, self.jobs, self.rewriter = model, jobs, rewriter
+        family = get_family(model.family)
+        self.limits = family.read_limits(model)
+        self._count_tokens = family.token_counter(model)
         self.store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
         self.results = ResultStore(jobs.results_dir)
         self.artifacts = open_artifacts(jobs)
@@ -56,7 +55,7 @@ class VideoService:
 
     async def create(self, field_names: dict[str, str] | None = None, **fields) -> JobRecord:
         request = await self._blocking(self._validate, field_names, fields)
-        jobs = self.config.jobs
+        jobs = self.jobs
         if await self._blocking(self.store.count_active) >= jobs.max_active_jobs:
             raise Overloaded(
                 f"the server is at its limit of {jobs.max_active_jobs} active jobs; retry later",
@@ -72,8 +71,8 @@ class VideoService:
 
     def _validate(self, field_names, fields) -> VideoRequest:
         return validate_request(
-            config=self.config.model, limits=self.limits, count_tokens=self._count_tokens,
-            enhance_default=self.config.rewriter.enhance_by_default, rewriter_available=self.config.rewriter.enabled,
+            config=self.model, limits=self.limits, count_tokens=self._count_tokens,
+            enhance_default=self.rewriter.enhance_by_default, rewriter_available=bool(self.rewriter.enabled),
             field_names=field_names, **fields,
         )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 from cluster.config import FaultConfig
 from serving.protocol import JobTicket
@@ -36,7 +37,7 @@ class FaultInjector:
     async def on_entry(self, ticket: JobTicket) -> None:
         """Faults that strike when the stage starts the job's work (all but diffusion's step faults)."""
         for index, fault in self._matching(ticket):
-            if fault.kind == "stall":
+            if fault.kind == "stall" or (fault.kind == "slow" and self._stage != "diffusion"):
                 if self._take(ticket, index, fault):
                     logger.warning("injected fault: %s stalls %.0f s for job %s", self._stage, fault.stall_s, ticket.job_id)
                     await asyncio.sleep(fault.stall_s)
@@ -46,7 +47,9 @@ class FaultInjector:
     def at_step(self, ticket: JobTicket, finished_steps: int) -> None:
         """Diffusion's faults, after ``finished_steps`` denoising steps (called from the denoising thread)."""
         for index, fault in self._matching(ticket):
-            if fault.kind != "stall" and finished_steps == fault.at_step and self._take(ticket, index, fault):
+            if fault.kind == "slow":
+                time.sleep(fault.stall_s)  # holds the engine like a slow GPU would
+            elif fault.kind != "stall" and finished_steps == fault.at_step and self._take(ticket, index, fault):
                 self._strike(fault, ticket)
 
     def _matching(self, ticket: JobTicket):

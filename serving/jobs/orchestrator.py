@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from cluster.config import ReelserveConfig
+from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig, RewriterConfig
 from serving.errors import JobCancelled, ReelserveError, StageOutOfMemory, StoreUnavailable
 from serving.jobs.artifacts import ArtifactStore
 from serving.jobs.events import JobEvents
@@ -102,7 +102,10 @@ class Orchestrator:
         results: ResultStore,
         artifacts: ArtifactStore,
         stages: StageHandles,
-        config: ReelserveConfig,
+        model: ModelConfig,
+        jobs: JobsConfig,
+        rewriter: RewriterConfig,
+        settings: OrchestratorConfig,
         temporal_compression: int,
         prompt_fits: Callable[[str], bool] = lambda text: True,
     ):
@@ -110,8 +113,10 @@ class Orchestrator:
         self.results = results
         self.artifacts = artifacts
         self.stages = stages
-        self.config = config
-        self.jobs = config.jobs
+        self.model = model
+        self.jobs = jobs
+        self.rewriter = rewriter
+        self.settings = settings
         self.temporal_compression = temporal_compression
         self.prompt_fits = prompt_fits  # does a rewritten prompt fit the video model's text encoder?
         self.stats = StageStats(stage="orchestrator")
@@ -151,7 +156,7 @@ class Orchestrator:
         return await asyncio.get_running_loop().run_in_executor(self._io_pool, lambda: method(*args, **kwargs))
 
     async def _poll_forever(self) -> None:
-        orchestrator = self.config.orchestrator
+        orchestrator = self.settings
         while True:
             room = orchestrator.max_jobs - len(self._running)
             if room > 0:
@@ -228,7 +233,7 @@ class Orchestrator:
         record, stages, ticket = job.record, self.stages, job.ticket
         plan = RenderPlan.build(
             width=record.width, height=record.height, fps=record.fps, seconds=record.seconds, seed=record.seed,
-            num_inference_steps=self.config.model.num_inference_steps, temporal_compression=self.temporal_compression,
+            num_inference_steps=self.model.num_inference_steps, temporal_compression=self.temporal_compression,
         )
         done = set(record.done_stages)
         timings: dict[str, float] = dict(record.stage_seconds)
@@ -362,11 +367,11 @@ class Orchestrator:
             if self.stages.prompt_rewriter is None:  # e.g. a takeover after a redeploy without the rewriter
                 raise LookupError("no prompt_rewriter stage deployed")
             photo = None
-            if record.has_image and self.config.rewriter.multimodal:
+            if record.has_image and self.rewriter.multimodal:
                 photo = await self._io(self.results.load_input, record.id)
             response = self.stages.prompt_rewriter.rewrite.remote(record.prompt, record.seed, photo)
             # The stage enforces the timeout itself; this bound covers an unreachable or queued stage.
-            result = await asyncio.wait_for(_result_of(response), timeout=self.config.rewriter.timeout_s + 5)
+            result = await asyncio.wait_for(_result_of(response), timeout=self.rewriter.timeout_s + 5)
             text, fallback = result.text, result.fallback
         except Exception:  # noqa: BLE001 - includes asyncio.TimeoutError
             if response is not None:

@@ -7,7 +7,7 @@ kept), so a redeploy or a scale-down costs a successor's claim, not the work.
 
 from __future__ import annotations
 
-from cluster.config import ReelserveConfig
+from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig, RewriterConfig
 from serving.families import get_family
 from serving.jobs.artifacts import open_artifacts
 from serving.jobs.orchestrator import Orchestrator, StageHandles
@@ -19,14 +19,13 @@ __all__ = ["OrchestratorDeployment"]
 
 class OrchestratorDeployment:
     def __init__(
-        self, config: dict, text_encoder, image_conditioner, diffusion, video_decoder, audio_decoder, muxer,
-        prompt_rewriter=None,
+        self, settings: OrchestratorConfig, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig,
+        text_encoder, image_conditioner, diffusion, video_decoder, audio_decoder, muxer, prompt_rewriter=None,
     ):
-        self.config = ReelserveConfig.model_validate(config)
-        family = get_family(self.config.model.family)
-        limits = family.read_limits(self.config.model)
-        count_tokens = family.token_counter(self.config.model)
-        jobs = self.config.jobs
+        # Only the config sections it uses: scaling a stage changes none of them, so it never restarts this.
+        family = get_family(model.family)
+        limits = family.read_limits(model)
+        count_tokens = family.token_counter(model)
         stages = StageHandles(
             text_encoder, image_conditioner, diffusion, video_decoder, audio_decoder, muxer, prompt_rewriter
         )
@@ -35,7 +34,10 @@ class OrchestratorDeployment:
             results=ResultStore(jobs.results_dir),
             artifacts=open_artifacts(jobs),
             stages=stages,
-            config=self.config,
+            model=model,
+            jobs=jobs,
+            rewriter=rewriter,
+            settings=settings,
             temporal_compression=limits.temporal_compression,
             prompt_fits=lambda text: count_tokens(text) <= limits.max_prompt_tokens,
         )

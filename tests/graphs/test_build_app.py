@@ -34,11 +34,14 @@ def test_build_app_defaults_without_starting_ray():
     # the ingress holds no stage: only the orchestrator, to wake it
     ingress_args = [a for a in deployments["ingress"].init_args if isinstance(a, Application)]
     assert [a._bound_deployment.name for a in ingress_args] == ["orchestrator"]
-    # the ingress and the orchestrator get the validated config as a plain dict
-    for name in ("ingress", "orchestrator"):
-        config_dict = deployments[name].init_args[0]
-        assert isinstance(config_dict, dict)
-        assert config_dict == load_config({}).model_dump()
+    # the ingress and the orchestrator get only the config sections they use, so scaling a stage restarts neither
+    config = load_config({})
+    assert deployments["ingress"].init_args[:3] == (config.model, config.jobs, config.rewriter)
+    assert deployments["orchestrator"].init_args[:4] == (config.orchestrator, config.model, config.jobs, config.rewriter)
+    scaled = build_app({"stages": {"diffusion": {"num_replicas": 3}, "muxer": {"num_replicas": 2}}})
+    for name in ("ingress", "orchestrator", "text_encoder"):
+        before, after = deployments[name].init_args, _deployments(scaled)[name].init_args
+        assert [a for a in before if not isinstance(a, Application)] == [a for a in after if not isinstance(a, Application)]
 
 
 def test_build_app_refuses_a_config_that_cannot_fit():
@@ -57,7 +60,7 @@ def test_build_app_from_embedded_profile():
         deployments = _deployments(app)
         assert deployments["diffusion"].max_ongoing_requests == 2
         assert deployments["diffusion"].max_queued_requests == 16
-        assert deployments["ingress"].init_args[0]["model"]["name"] == "ltx-2-tiny"
+        assert deployments["ingress"].init_args[0].name == "ltx-2-tiny"
     assert build_app(None) is not None
     assert not ray.is_initialized()
 
