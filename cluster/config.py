@@ -684,8 +684,9 @@ class DiffusionEngineConfig(BaseModel):
     @model_validator(mode="after")
     def _options_fit_the_recipe(self) -> DiffusionEngineConfig:
         if self.recipe != "two_stage":
-            for name in ("first_stage", "upsampler_path"):
-                if name in self.model_fields_set:
+            # Compared with the defaults, not with what was set: a dumped config must validate again.
+            for name, default in (("first_stage", "dev"), ("upsampler_path", None)):
+                if getattr(self, name) != default:
                     raise ValueError(f"diffusion.{name} applies to the two_stage recipe only (recipe is {self.recipe})")
         if self.step_cache != "none" and self.batching:
             raise ValueError(

@@ -30,6 +30,7 @@ __all__ = [
     "Waveform",
     "JobTicket",
     "Handoff",
+    "DenoiseResult",
     "StepCallback",
     "JobStatus",
 ]
@@ -277,6 +278,21 @@ class Handoff:
     name: str
     ref: object | None
     nbytes: int
+
+
+@dataclass(frozen=True)
+class DenoiseResult:
+    """What the diffusion stage returns: its two hand-offs and how the denoising went.
+
+    The step counts travel back with the result, so the orchestrator records
+    them even when the per-step progress writes were lost (a store outage).
+    """
+
+    video: Handoff
+    audio: Handoff
+    finished_steps: int
+    total_steps: int
+    resumed_from_step: int | None = None
 
 
 class StepCallback:

@@ -56,15 +56,15 @@ class VideoService:
     async def create(self, field_names: dict[str, str] | None = None, **fields) -> JobRecord:
         request = await self._blocking(self._validate, field_names, fields)
         jobs = self.jobs
-        if await self._blocking(self.store.count_active) >= jobs.max_active_jobs:
+        record = _new_record(request)
+        if request.image is not None:
+            await self._blocking(self.results.save_input, record.id, request.image)
+        if not await self._blocking(self.store.create, record, max_active=jobs.max_active_jobs):
+            await self._blocking(self.results.remove, record.id)
             raise Overloaded(
                 f"the server is at its limit of {jobs.max_active_jobs} active jobs; retry later",
                 retry_after_s=jobs.retry_after_s,
             )
-        record = _new_record(request)
-        if request.image is not None:
-            await self._blocking(self.results.save_input, record.id, request.image)
-        await self._blocking(self.store.create, record)
         if self._orchestrator is not None:
             self._orchestrator.wake.remote()  # not awaited: orchestrators also poll
         return record

@@ -108,6 +108,7 @@ class Orchestrator:
         settings: OrchestratorConfig,
         temporal_compression: int,
         prompt_fits: Callable[[str], bool] = lambda text: True,
+        owner: str | None = None,
     ):
         self.store = store
         self.results = results
@@ -120,7 +121,7 @@ class Orchestrator:
         self.temporal_compression = temporal_compression
         self.prompt_fits = prompt_fits  # does a rewritten prompt fit the video model's text encoder?
         self.stats = StageStats(stage="orchestrator")
-        self.owner = "orchestrator-" + secrets.token_hex(6)
+        self.owner = owner or "orchestrator-" + secrets.token_hex(6)  # what the store records as the job's owner
         self.events = JobEvents(store)
         # Store calls block; they get their own threads so a slow store never stalls the event loop.
         self._io_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
@@ -279,9 +280,13 @@ class Orchestrator:
         self._advance(job, "diffusion")
         latents = self._kept_pair(job)
         if latents is None:
-            latents = await self._call(
+            result = await self._call(
                 job, "diffusion", lambda: stages.diffusion.denoise.remote(ticket, embeddings, condition, plan)
             )
+            latents = result.video, result.audio
+            self._note(job, step=result.finished_steps, total_steps=result.total_steps)
+            if result.resumed_from_step is not None:
+                self._note(job, resumed_from_step=result.resumed_from_step)
         del embeddings, condition  # released as soon as their consumer has them
         finished("diffusion")
         video_latents, audio_latents = latents

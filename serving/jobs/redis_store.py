@@ -69,21 +69,28 @@ class RedisJobStore(ConditionalWrites):
         return seconds + micros / 1e6
 
     @_unavailable_on_connection_errors
-    def create(self, record: JobRecord) -> None:
+    def create(self, record: JobRecord, max_active: int | None = None) -> bool:
         key = _PREFIX + record.id
         data = record.to_dict()
+        outcome = {"created": False}
 
         def insert(pipe):
+            # Watching the active set makes "count, then add" one step even with many ingress replicas.
+            outcome["created"] = False
             if pipe.exists(key):
                 raise ValueError(f"job {record.id} already exists")
+            if max_active is not None and pipe.scard(_ACTIVE) >= max_active:
+                return
             pipe.multi()
             pipe.hset(key, mapping=_hash_fields(data))
             pipe.zadd(_INDEX, {record.id: record.created_at})
             if not record.status.is_terminal:
                 pipe.sadd(_ACTIVE, record.id)
             pipe.publish(EVENTS_CHANNEL, record.id)
+            outcome["created"] = True
 
-        self._redis.transaction(insert, key)
+        self._redis.transaction(insert, key, _ACTIVE)
+        return outcome["created"]
 
     @_unavailable_on_connection_errors
     def get(self, job_id: str) -> JobRecord | None:

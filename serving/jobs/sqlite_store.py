@@ -130,14 +130,19 @@ class SQLiteJobStore(ConditionalWrites):
 
     # ------------------------------------------------------------------ writes
 
-    def create(self, record: JobRecord) -> None:
+    def create(self, record: JobRecord, max_active: int | None = None) -> bool:
         with self._transaction() as db:
+            if max_active is not None:
+                active = db.execute("SELECT COUNT(*) FROM jobs WHERE status < ?", (_TERMINAL,)).fetchone()[0]
+                if active >= max_active:
+                    return False
             db.execute(
                 "INSERT INTO jobs (id, created_at, status, lease_until, cancel, owner, seq, data)"
                 " VALUES (?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), ?)",
                 (record.id, record.created_at, int(record.status), record.lease_until,
                  int(record.cancel_requested), record.owner, json.dumps(record.to_dict())),
             )
+        return True
 
     def _modify(self, job_id: str, decide) -> JobRecord | None:
         with self._transaction() as db:

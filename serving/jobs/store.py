@@ -39,8 +39,8 @@ class JobStore(Protocol):
     def now(self) -> float:
         """The store's clock, in seconds: the one clock leases are measured on."""
 
-    def create(self, record: JobRecord) -> None:
-        """Insert a new job."""
+    def create(self, record: JobRecord, max_active: int | None = None) -> bool:
+        """Insert a new job; with ``max_active``, only while fewer jobs are active (atomically). Whether it did."""
 
     def get(self, job_id: str) -> JobRecord | None:
         """The job, or ``None``."""

@@ -27,7 +27,7 @@ from serving.errors import JobCancelled, StageOutOfMemory, StoreUnavailable
 from serving.families import get_family
 from serving.jobs.progress import diffusion_progress
 from serving.jobs.store import open_store
-from serving.protocol import Handoff, JobTicket, RenderPlan
+from serving.protocol import DenoiseResult, Handoff, JobTicket, RenderPlan
 from serving.stages._base import StageRunner, free_device_memory, is_out_of_memory
 
 __all__ = ["DiffusionStage"]
@@ -44,6 +44,7 @@ class _Request:
     ticket: JobTicket
     future: asyncio.Future
     total_steps: int
+    resumed_from_step: int | None = None
     checkpoint_on_stop: bool = False  # stopped by a hand-over: leave a checkpoint for the successor
 
 
@@ -63,7 +64,7 @@ class DiffusionStage:
 
     async def denoise(
         self, ticket: JobTicket, embeddings: Handoff, condition: Handoff | None, plan: RenderPlan
-    ) -> tuple[Handoff, Handoff]:
+    ) -> DenoiseResult:
         await self._runner.faults.on_entry(ticket)
         request = await self._submit(ticket, embeddings, condition, plan)
         try:
@@ -74,7 +75,7 @@ class DiffusionStage:
             raise
         video = await self._runner.publish(ticket, "video_latents", latents.video)
         audio = await self._runner.publish(ticket, "audio_latents", latents.audio)
-        return video, audio
+        return DenoiseResult(video, audio, request.total_steps, request.total_steps, request.resumed_from_step)
 
     async def _submit(self, ticket: JobTicket, embeddings: Handoff, condition: Handoff | None, plan: RenderPlan):
         from serving.families.ltx2_engine import DenoiseRequest
@@ -106,6 +107,7 @@ class DiffusionStage:
             self._requests.pop(ticket.job_id, None)
             raise
         if resume is not None:
+            request.resumed_from_step = resume.finished_steps
             logger.info("job %s resumes from step %d", ticket.job_id, resume.finished_steps)
             self._write(request, resumed_from_step=resume.finished_steps, step=resume.finished_steps)
         with self._wake:
@@ -129,7 +131,7 @@ class DiffusionStage:
         while True:
             with self._wake:
                 while not self._engine.has_work and not self._stop_requests:
-                    self._wake.wait()
+                    self._wake.wait(timeout=5.0)  # idle; woken by every new request and stop
                 stopping, self._stop_requests = self._stop_requests, set()
             for job_id in stopping:
                 self._stop_in_engine(job_id)

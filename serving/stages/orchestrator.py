@@ -40,6 +40,7 @@ class OrchestratorDeployment:
             settings=settings,
             temporal_compression=limits.temporal_compression,
             prompt_fits=lambda text: count_tokens(text) <= limits.max_prompt_tokens,
+            owner=_replica_name(),
         )
         self._started = False
 
@@ -67,3 +68,13 @@ class OrchestratorDeployment:
 
     async def __del__(self):
         await self.orchestrator.stop()
+
+
+def _replica_name() -> str | None:
+    """The job owner's name: this replica's id, so an operator can tell which replica holds a job."""
+    try:
+        from ray import serve
+
+        return f"orchestrator-{serve.get_replica_context().replica_id.unique_id}"
+    except Exception:  # noqa: BLE001 - outside a Serve replica: a random name
+        return None

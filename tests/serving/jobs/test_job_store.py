@@ -626,3 +626,22 @@ def test_the_redis_store_answers_unavailable_when_redis_is_down():
                 call()
     finally:
         store.close()
+
+
+def test_admission_is_atomic_under_concurrent_creates(store):
+    """Many ingress threads creating at once never admit more than max_active (the count and the insert are one step)."""
+    contenders, limit = 12, 5
+    barrier = threading.Barrier(contenders)
+    admitted: list[bool] = []
+
+    def create() -> None:
+        barrier.wait(timeout=10)
+        admitted.append(store.create(make_record(), max_active=limit))
+
+    threads = [threading.Thread(target=create) for _ in range(contenders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(admitted) == contenders
+    assert sum(admitted) == limit == store.count_active()
