@@ -27,6 +27,7 @@ __all__ = [
     "parse_size",
     "latent_tokens",
     "load_config",
+    "DiffusionEngineConfig",
 ]
 
 # The served graph's stages, in request order (the prompt rewriter only when enabled).
@@ -139,6 +140,7 @@ class ModelConfig(BaseModel):
             "their own. Default: LTX-2 19B on one H100 (1.22 s per pass at 14,080 tokens, 4 passes per step)."
         ),
     )
+    diffusion: Annotated[DiffusionEngineConfig, AfterValidator(_diffusion_fits_model)] = Field(default_factory=lambda: DiffusionEngineConfig(), description="The diffusion stage's denoising loop: recipe, step batching, step caches, checkpoints.")
 
     @field_validator("default_size")
     @classmethod
@@ -353,6 +355,9 @@ class JobsConfig(BaseModel):
     stage_retries: int = Field(
         2, ge=0, description="Calls of one stage retried when its replica died mid-call (diffusion resumes from its checkpoint)."
     )
+    keep_artifacts: bool = Field(
+        False, description="Keep a job's stage outputs after it ends (debugging; they are deleted by default)."
+    )
     artifacts: Literal["results_dir", "redis"] = Field(
         "results_dir",
         description=(
@@ -449,19 +454,24 @@ class FaultConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage: Literal[
-        "prompt_rewriter", "text_encoder", "image_conditioner", "diffusion", "video_decoder", "audio_decoder", "muxer"
-    ] = Field(description="The stage that misbehaves.")
-    kind: Literal["out_of_memory", "stall", "kill_replica"] = Field(
-        description="out_of_memory raises the framework's OOM error; stall sleeps stall_s; kill_replica ends the replica's process."
+    stage: Literal["text_encoder", "image_conditioner", "diffusion", "video_decoder", "audio_decoder", "muxer"] = Field(
+        description="The stage that misbehaves."
+    )
+    kind: Literal["out_of_memory", "stall", "slow", "kill_replica"] = Field(
+        description=(
+            "out_of_memory raises the framework's OOM error; stall waits stall_s when the stage takes the job; "
+            "slow makes every denoising step stall_s longer (other stages: like stall); kill_replica ends the "
+            "replica's process."
+        )
     )
     prompt_contains: str = Field(
         min_length=1, description="Only jobs whose prompt contains this text are hit (how a test picks its job)."
     )
     at_step: int = Field(
-        1, ge=1, description="diffusion only: fire after this many finished denoising steps (other stages fire on entry)."
+        1, ge=1,
+        description="diffusion's out_of_memory and kill_replica: fire after this many finished steps (others fire on entry).",
     )
-    stall_s: float = Field(30.0, gt=0, description="How long a stall lasts.")
+    stall_s: float = Field(30.0, gt=0, description="How long a stall lasts (slow: the delay added to each step).")
     times_per_job: int = Field(1, ge=1, description="How often it fires for one job (recorded with the job, so a resumed job is not hit again).")
 
 
@@ -578,3 +588,145 @@ def load_config(source: str | dict | None = None) -> ReelserveConfig:
 
     with open(source) as handle:
         return ReelserveConfig.model_validate(yaml.safe_load(handle) or {})
+
+
+# --------------------------------------------------------------------------- the diffusion engine
+
+from typing import Annotated  # noqa: E402
+
+from pydantic import AfterValidator, ValidationInfo  # noqa: E402
+
+# Off values of ModelConfig's guidance settings: recipes that run without guidance require them.
+_GUIDANCE_OFF = {
+    "guidance_scale": 1.0,
+    "audio_guidance_scale": 1.0,
+    "stg_scale": 0.0,
+    "audio_stg_scale": 0.0,
+    "modality_scale": 1.0,
+    "audio_modality_scale": 1.0,
+}
+
+
+class DiffusionEngineConfig(BaseModel):
+    """How the diffusion stage runs its denoising loop (``model.diffusion``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: Literal["dev", "distilled", "two_stage"] = Field(
+        "dev",
+        description=(
+            "dev: num_inference_steps steps with the guidance settings (CFG, spatio-temporal, modality: up to 4 "
+            "transformer passes a step). distilled: LTX-2's 8 distilled sigmas, one pass a step, no guidance and no "
+            "negative prompt (for distilled weights; the guidance settings must be off). two_stage: the first stage at "
+            "half width and height, the latents upsampled x2 by the latent upsampler inside this stage, then 3 "
+            "refinement steps (sigmas .909375, .725, .421875) without guidance at full size; sizes must be multiples "
+            "of 64."
+        ),
+    )
+    first_stage: Literal["dev", "distilled"] = Field(
+        "dev",
+        description=(
+            "two_stage only: the half-size stage's schedule. dev: num_inference_steps with the guidance settings; "
+            "distilled: the 8 distilled sigmas without guidance."
+        ),
+    )
+    upsampler_path: str | None = Field(
+        None,
+        description=(
+            "two_stage only: local directory or hub id holding latent_upsampler/ (diffusers layout). "
+            "Unset: the model checkpoint's own latent_upsampler/ subfolder."
+        ),
+    )
+    batching: bool = Field(
+        True,
+        description=(
+            "Step-level batching: requests whose latents have the same shape run each transformer pass together; a "
+            "request joins at its first step and leaves after its last. Off: one request per pass."
+        ),
+    )
+    max_batch_tokens: int = Field(
+        65536,
+        ge=1,
+        description=(
+            "Most video+audio tokens one transformer pass carries (rows x tokens per row; every guidance pass of a "
+            "request is a row). A single row always runs. 65536 holds one 1280x704 x 121-frame dev step's 4 rows "
+            "(4 x 14206 tokens) or ten 768x512 x 121-frame rows."
+        ),
+    )
+    step_cache: Literal["none", "first_block", "mag", "taylorseer"] = Field(
+        "none",
+        description=(
+            "diffusers step cache that skips transformer work on some steps (first_block: First-Block Cache; mag: "
+            "MagCache, needs mag_ratios; taylorseer: TaylorSeer). Trades quality for speed: see BENCHMARKS.md for the "
+            "measured deviation. Needs batching off (the caches keep per-request state between steps)."
+        ),
+    )
+    step_cache_threshold: float | None = Field(
+        None,
+        gt=0,
+        description="first_block and mag: how much change is tolerated before blocks run again (unset: 0.05 / 0.06).",
+    )
+    mag_ratios: list[float] | None = Field(
+        None,
+        description="mag only: the checkpoint's per-step residual magnitude ratios, from a calibration run.",
+    )
+    checkpoint_every_steps: int = Field(
+        4,
+        ge=0,
+        description=(
+            "Emit a resumable checkpoint of each request every this many finished steps (0: never). The engine's "
+            "part is a copy of the latents to the host (7.3 MB at 1280x704 x 121 frames, about 1 ms on a GPU); with a "
+            "store write of about 40 ms, every 4 steps costs under 1% of a 1.22 s step, and a takeover redoes at "
+            "most 3 steps."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _options_fit_the_recipe(self) -> DiffusionEngineConfig:
+        if self.recipe != "two_stage":
+            # Compared with the defaults, not with what was set: a dumped config must validate again.
+            for name, default in (("first_stage", "dev"), ("upsampler_path", None)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"diffusion.{name} applies to the two_stage recipe only (recipe is {self.recipe})")
+        if self.step_cache != "none" and self.batching:
+            raise ValueError(
+                f"diffusion.step_cache {self.step_cache} keeps state per request between steps, which a shared "
+                "batch cannot: set diffusion.batching to false"
+            )
+        if self.step_cache == "mag" and not self.mag_ratios:
+            raise ValueError("diffusion.step_cache mag needs diffusion.mag_ratios (the checkpoint's calibrated ratios)")
+        if self.mag_ratios is not None and self.step_cache != "mag":
+            raise ValueError("diffusion.mag_ratios applies to step_cache mag only")
+        if self.step_cache_threshold is not None and self.step_cache not in ("first_block", "mag"):
+            raise ValueError("diffusion.step_cache_threshold applies to step_cache first_block or mag only")
+        return self
+
+    @property
+    def runs_without_guidance(self) -> bool:
+        """True when no phase of the recipe uses the guidance settings."""
+        return self.recipe == "distilled" or (self.recipe == "two_stage" and self.first_stage == "distilled")
+
+
+def _diffusion_fits_model(value: DiffusionEngineConfig, info: ValidationInfo) -> DiffusionEngineConfig:
+    """Rules between the engine and the rest of the model config."""
+    model = info.data
+    if value.runs_without_guidance:
+        on = {name: model[name] for name, off in _GUIDANCE_OFF.items() if name in model and model[name] != off}
+        if on:
+            settings = ", ".join(f"{name} {number:g}" for name, number in on.items())
+            offs = ", ".join(f"{name}: {off:g}" for name, off in _GUIDANCE_OFF.items())
+            raise ValueError(
+                f"diffusion.recipe {value.recipe} runs without guidance, but guidance is on ({settings}); set {offs}"
+            )
+    if value.recipe == "two_stage" and "default_size" in model:
+        width, height = parse_size(model["default_size"])
+        if width % 64 or height % 64:
+            raise ValueError(
+                f"diffusion.recipe two_stage halves the size, so default_size ({model['default_size']}) must be a "
+                "multiple of 64 in both dimensions"
+            )
+    return value
+
+
+ModelConfig.model_rebuild()
+ReelserveConfig.model_rebuild()

@@ -79,6 +79,7 @@ def serve_app(config: ReelserveConfig, address: str | None) -> None:
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(
+                address="local",  # a cluster of its own, even when another runs on this machine
                 num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, include_dashboard=False,
                 object_store_memory=config.ray.object_store_memory_mb * 1024**2, log_to_driver=False,
             )

@@ -16,6 +16,8 @@ __all__ = [
     "Overloaded",
     "JobCancelled",
     "GenerationFailed",
+    "StageOutOfMemory",
+    "StoreUnavailable",
     "StageDead",
 ]
 
@@ -59,6 +61,18 @@ class JobCancelled(ReelserveError):
 
 class GenerationFailed(ReelserveError):
     """A stage failed for this request; the job fails, the replica lives on."""
+
+
+class StageOutOfMemory(GenerationFailed):
+    """A stage ran out of (GPU) memory for this request; the replica freed what it held and serves on."""
+
+    def __init__(self, stage: str):
+        super().__init__(f"the {stage} stage ran out of memory")
+        self.stage = stage
+
+
+class StoreUnavailable(ReelserveError):
+    """The job store cannot be reached right now (clients get 503 / UNAVAILABLE)."""
 
 
 class StageDead(ReelserveError):

@@ -28,6 +28,9 @@ __all__ = [
     "VideoFrames",
     "EncodedVideo",
     "Waveform",
+    "JobTicket",
+    "Handoff",
+    "DenoiseResult",
     "StepCallback",
     "JobStatus",
 ]
@@ -242,6 +245,54 @@ class Waveform:
     @property
     def nbytes(self) -> int:
         return int(self.samples.nbytes)
+
+
+@dataclass(frozen=True)
+class JobTicket:
+    """Who a stage call works for: the job and its owner's fence (owner, attempt), which every write
+    the stage makes about the job carries. ``prompt`` lets injected faults pick their job."""
+
+    job_id: str
+    owner: str
+    attempt: int
+    prompt: str = ""
+
+    @property
+    def fence(self):
+        from serving.jobs.store import Fence
+
+        return Fence(self.job_id, self.owner, self.attempt)
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A stage output on its way to the next stage.
+
+    ``ref`` is the Ray object holding the payload (put by the producing
+    replica; read zero-copy on its node). The same payload is kept under
+    ``name`` in the job's artifacts until the job ends, so a takeover (with no
+    ``ref``) or a consumer whose producer replica is gone still finds it.
+    """
+
+    job_id: str
+    name: str
+    ref: object | None
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class DenoiseResult:
+    """What the diffusion stage returns: its two hand-offs and how the denoising went.
+
+    The step counts travel back with the result, so the orchestrator records
+    them even when the per-step progress writes were lost (a store outage).
+    """
+
+    video: Handoff
+    audio: Handoff
+    finished_steps: int
+    total_steps: int
+    resumed_from_step: int | None = None
 
 
 class StepCallback:

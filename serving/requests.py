@@ -44,7 +44,7 @@ def validate_request(
     *,
     config: ModelConfig,
     limits: ModelLimits,
-    prompt: Any,
+    prompt: Any = None,
     seconds: Any = None,
     size: Any = None,
     fps: Any = None,
@@ -103,6 +103,8 @@ def _check_model(model: Any, config: ModelConfig, field: str) -> str:
 
 
 def _check_prompt(prompt: Any, field: str, limits: ModelLimits, count_tokens) -> str:
+    if prompt is None:
+        raise InvalidRequest(field, "is required: a non-empty description of the video")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidRequest(field, "must be a non-empty description of the video")
     text = prompt.strip()

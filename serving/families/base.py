@@ -87,6 +87,8 @@ class Family:
     denoiser: Callable[[ModelConfig], Denoiser]
     video_decoder: Callable[[ModelConfig], VideoDecoder]
     audio_decoder: Callable[[ModelConfig], AudioDecoder]
+    # The denoising loop a diffusion replica runs (step batching, checkpoints): (config) -> engine.
+    diffusion_engine: Callable | None = None
     # Sizing without weights: (config, stage) -> MemoryEstimate, and (model, w, h, seconds, fps) -> HandoffSizes.
     stage_memory: Callable | None = None
     handoff_sizes: Callable | None = None

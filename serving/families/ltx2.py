@@ -12,9 +12,8 @@ video VAE's encoder in its own stage.
 
 from __future__ import annotations
 
-import json
+import itertools
 from collections import OrderedDict
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -69,8 +68,10 @@ def read_limits(config: ModelConfig) -> ModelLimits:
     spatial = vae.get("spatial_compression_ratio") or vae["patch_size"] * 2 ** sum(vae["spatio_temporal_scaling"])
     temporal = vae.get("temporal_compression_ratio") or vae["patch_size_t"] * 2 ** sum(vae["spatio_temporal_scaling"])
     del audio_vae  # its sample rate feeds the vocoder; the delivered rate is the vocoder's
+    # The two_stage recipe generates at half width and height first.
+    halves = 2 if config.diffusion.recipe == "two_stage" else 1
     return ModelLimits(
-        size_multiple=int(spatial),
+        size_multiple=int(spatial) * halves,
         temporal_compression=int(temporal),
         audio_sample_rate=int(vocoder["output_sampling_rate"]),
         max_prompt_tokens=config.max_prompt_tokens,
@@ -239,47 +240,25 @@ class _ConfigHolder:
 
 
 class LTX2Denoiser:
-    """Embeddings (+ photo latents) -> denoised video and audio latents.
+    """Embeddings (+ photo latents) -> denoised video and audio latents, one request at a time.
 
-    Runs the transformer on the text connectors' outputs (computed by the text
-    encoder stage). The VAEs are needed only for their configs and latent
-    statistics, so they are built on the meta device and just those two buffers
-    are loaded.
+    A thin wrapper over the diffusion engine (``serving.families.ltx2_engine``),
+    which owns the loop, step batching and checkpoints; this runs one request
+    through it and reports each finished step to ``on_step``.
     """
 
     def __init__(self, config: ModelConfig):
-        from diffusers import FlowMatchEulerDiscreteScheduler, LTX2VideoTransformer3DModel
+        from serving.families.ltx2_engine import LTX2Engine
 
-        self._config = config
-        place = _Placement(config)
-        self._device, self._dtype = place.device, place.dtype
-        transformer = LTX2VideoTransformer3DModel.from_pretrained(
-            place.path, subfolder="transformer", torch_dtype=place.dtype
-        )
-        num_blocks = transformer.config.num_layers
-        bad = [b for b in config.stg_blocks if b >= num_blocks]
-        if bad and (config.stg_scale > 0 or config.audio_stg_scale > 0):
-            raise ValueError(
-                f"model.stg_blocks: blocks {bad} do not exist; this transformer has {num_blocks} blocks (0..{num_blocks - 1})"
-            )
-        self._connectors = _PrecomputedConnectors()
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(place.path, subfolder="scheduler")
-        vae, audio_vae = _latent_statistics_only(place.path)
-        components = dict(
-            transformer=transformer.to(place.device).eval(),
-            connectors=self._connectors,
-            scheduler=scheduler,
-            vae=vae,
-            audio_vae=audio_vae,
-        )
-        self._text_to_video = _on_device(_partial_pipeline, _pipeline_class(image_to_video=False), components)
-        self._image_to_video = _on_device(_partial_pipeline, _pipeline_class(image_to_video=True), components)
+        # One request at a time: no checkpoints to hand out.
+        settings = config.diffusion.model_copy(update={"checkpoint_every_steps": 0})
+        self.engine = LTX2Engine(config.model_copy(update={"diffusion": settings}))
+        self._ids = itertools.count()
 
     @property
     def transformer(self):
-        return self._text_to_video.transformer
+        return self.engine.model.transformer
 
-    @torch.no_grad()
     def denoise(
         self,
         embeddings: PromptEmbeddings,
@@ -287,161 +266,26 @@ class LTX2Denoiser:
         plan: RenderPlan,
         on_step: Callable[[int, int], None] | None = None,
     ) -> DenoisedLatents:
-        config = self._config
-        generator = torch.Generator(device=self._device).manual_seed(plan.seed)
-        prompt, negative = self._connectors.hold(embeddings, self._device, self._dtype)
-        kwargs = dict(
-            prompt_embeds=prompt.video,
-            prompt_attention_mask=prompt.mask,
-            negative_prompt_embeds=None if negative is None else negative.video,
-            negative_prompt_attention_mask=None if negative is None else negative.mask,
-            height=plan.height,
-            width=plan.width,
-            num_frames=plan.generated_frames,
-            frame_rate=float(plan.fps),
-            num_inference_steps=plan.num_inference_steps,
-            guidance_scale=config.guidance_scale,
-            audio_guidance_scale=config.audio_guidance_scale,
-            stg_scale=config.stg_scale,
-            audio_stg_scale=config.audio_stg_scale,
-            spatio_temporal_guidance_blocks=list(config.stg_blocks),
-            modality_scale=config.modality_scale,
-            audio_modality_scale=config.audio_modality_scale,
-            guidance_rescale=config.guidance_rescale,
-            audio_guidance_rescale=config.guidance_rescale,
-            generator=generator,
-            output_type="latent",
-            return_dict=False,
-            callback_on_step_end=_step_reporter(on_step, plan.num_inference_steps),
-        )
-        if condition is None:
-            video, audio = self._text_to_video(**kwargs)
-        else:
-            video, audio = self._image_to_video(**kwargs, **self._conditioning_inputs(condition, plan))
-        return DenoisedLatents(
-            video=VideoLatents(HostTensor.of(video.float())), audio=AudioLatents(HostTensor.of(audio.float()))
-        )
+        from serving.families.engine import RequestFailed, RequestFinished, StepFinished
+        from serving.families.ltx2_engine import DenoiseRequest
 
-    def _conditioning_inputs(self, condition: ImageCondition, plan: RenderPlan) -> dict:
-        """The photo latents as the pipeline's 5-D ``latents`` input.
-
-        Given 5-D latents, the image-to-video pipeline keeps frame 0 clean and
-        replaces every other frame by noise drawn from the same generator in the
-        same order as when it encodes the photo itself (``noise_scale=1``).
-        """
-        if (condition.width, condition.height) != (plan.width, plan.height):
-            raise ValueError(
-                f"image condition is {condition.width}x{condition.height} but the plan is {plan.width}x{plan.height}"
-            )
-        vae = self._image_to_video.vae
-        latent_frames = (plan.generated_frames - 1) // vae.temporal_compression_ratio + 1
-        latents = condition.latents.to(self._device, torch.float32)
-        scaling = float(vae.config.scaling_factor)
-        if scaling != 1.0:
-            # The 5-D path normalises with the scaling factor, the photo path without it.
-            mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(latents)
-            latents = mean + (latents - mean) / scaling
-        return dict(latents=latents.repeat(1, 1, latent_frames, 1, 1), noise_scale=1.0)
-
-
-class _DeviceText:
-    """One prompt's connector outputs on the compute device."""
-
-    def __init__(self, text: TextEmbeddings, device, dtype):
-        self.video = text.video.to(device, dtype)
-        self.audio = text.audio.to(device, dtype)
-        self.mask = text.mask.to(device)
-
-
-class _PrecomputedConnectors(torch.nn.Module):
-    """Stands in for the pipeline's ``connectors``: answers with outputs the text encoder stage computed.
-
-    The pipeline stacks ``[negative, prompt]`` when guidance is on and hands the
-    stack to its connectors; this answers in the same order.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self._outputs = None
-
-    def hold(self, embeddings: PromptEmbeddings, device, dtype):
-        prompt = _DeviceText(embeddings.prompt, device, dtype)
-        negative = None if embeddings.negative is None else _DeviceText(embeddings.negative, device, dtype)
-        rows = [prompt] if negative is None else [negative, prompt]
-        self._outputs = (
-            torch.cat([r.video for r in rows]),
-            torch.cat([r.audio for r in rows]),
-            torch.cat([r.mask for r in rows]),
-        )
-        return prompt, negative
-
-    def forward(self, text_encoder_hidden_states, attention_mask, padding_side="left"):
-        if self._outputs is None or self._outputs[0].shape[0] != text_encoder_hidden_states.shape[0]:
-            raise RuntimeError("connector outputs for this batch were not provided")
-        return self._outputs
-
-
-def _step_reporter(on_step, total_steps: int):
-    def callback(pipeline, step_index, timestep, tensors):
-        if on_step is not None:
-            on_step(step_index + 1, total_steps)
-        return {}
-
-    return callback
-
-
-def _latent_statistics_only(path: str):
-    """Video and audio VAEs with real configs and latent statistics but no weights in memory."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
-
-    loaded = []
-    for cls, subfolder in ((AutoencoderKLLTX2Video, "vae"), (AutoencoderKLLTX2Audio, "audio_vae")):
-        with init_empty_weights(include_buffers=False):
-            model = cls.from_config(cls.load_config(path, subfolder=subfolder))
-        statistics = _read_tensors(path, subfolder, ["latents_mean", "latents_std"])
-        for name, value in statistics.items():
-            setattr(model, name, value)
-        loaded.append(model.eval())
-    return loaded
-
-
-def _read_tensors(path: str, subfolder: str, names: list[str]) -> dict[str, torch.Tensor]:
-    """Read a few named tensors from a component's safetensors shards."""
-    from huggingface_hub import snapshot_download
-    from safetensors import safe_open
-
-    root = Path(path)
-    if not root.is_dir():
-        root = Path(snapshot_download(path, allow_patterns=[f"{subfolder}/*.json", f"{subfolder}/*.safetensors"]))
-    folder = root / subfolder
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {name: folder / weight_map[name] for name in names}
-    else:
-        files = {name: folder / "diffusion_pytorch_model.safetensors" for name in names}
-    found = {}
-    for name, file in files.items():
-        with safe_open(str(file), framework="pt") as handle:
-            found[name] = handle.get_tensor(name)
-    return found
-
-
-def _on_device(make, base, components):
-    """A partial pipeline whose execution device is the transformer's.
-
-    diffusers infers the device from the first module it finds; here the VAEs
-    live on the meta device, so name it explicitly.
-    """
-    device = components["transformer"].device
-
-    class _Pipeline(base):
-        @property
-        def _execution_device(self):
-            return device
-
-    return make(_Pipeline, **components)
+        request_id = f"denoise-{next(self._ids)}"
+        self.engine.add(DenoiseRequest(request_id, embeddings, condition, plan))
+        while True:
+            for event in self.engine.step():
+                if event.request_id != request_id:
+                    continue
+                if isinstance(event, StepFinished) and on_step is not None:
+                    try:
+                        on_step(event.finished_steps, event.total_steps)
+                    except BaseException:
+                        self.engine.abort(request_id)
+                        self.engine.step()  # applies the abort: frees the request, runs nothing
+                        raise
+                elif isinstance(event, RequestFinished):
+                    return event.output
+                elif isinstance(event, RequestFailed):
+                    raise event.error
 
 
 # --------------------------------------------------------------------------- decoding
@@ -520,6 +364,12 @@ class LTX2AudioDecoder:
         return Waveform(samples=samples, sample_rate=int(self.vocoder.config.output_sampling_rate))
 
 
+def _engine(config: ModelConfig):
+    from serving.families.ltx2_engine import LTX2Engine
+
+    return LTX2Engine(config)
+
+
 LTX2_FAMILY = Family(
     name="ltx2",
     read_limits=read_limits,
@@ -529,6 +379,7 @@ LTX2_FAMILY = Family(
     denoiser=LTX2Denoiser,
     video_decoder=LTX2VideoDecoder,
     audio_decoder=LTX2AudioDecoder,
+    diffusion_engine=_engine,
     stage_memory=ltx2_sizing.stage_memory,
     handoff_sizes=ltx2_sizing.handoff_sizes,
 )

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["REWRITER_SUBFOLDER", "tiny_vocabulary", "build_tiny_ltx2", "tiny_ltx2_components", "ensure_tiny_ltx2", "default_tiny_dir", "is_complete_checkpoint", "TINY_SEED"]
+__all__ = ["REWRITER_SUBFOLDER", "LATENT_UPSAMPLER_SUBFOLDER", "tiny_latent_upsampler", "tiny_vocabulary", "build_tiny_ltx2", "tiny_ltx2_components", "ensure_tiny_ltx2", "default_tiny_dir", "is_complete_checkpoint", "TINY_SEED"]
 
 TINY_SEED = 0
 
@@ -43,6 +43,9 @@ def build_tiny_ltx2(directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     LTX2ImageToVideoPipeline(**tiny_ltx2_components()).save_pretrained(directory)
+    # Not a pipeline component either: the two-stage recipe's x2 latent upsampler, in its own
+    # subfolder as in the real LTX-2 repository, loaded with ``from_pretrained(path, subfolder=...)``.
+    tiny_latent_upsampler().save_pretrained(directory / LATENT_UPSAMPLER_SUBFOLDER)
     # Not a pipeline component (model_index.json does not list it): the prompt rewriter's own model.
     build_tiny_rewriter(directory / REWRITER_SUBFOLDER)
     (directory / _COMPLETE_MARKER).write_text(json.dumps({"family": "ltx2", "tiny": True}) + "\n")
@@ -103,6 +106,9 @@ def tiny_ltx2_components() -> dict:
         caption_channels=_TEXT_HIDDEN,
         rope_double_precision=False,
         rope_type="split",
+        # Spatio-temporal guidance perturbs self-attention only where a block has perturbed
+        # attention; without it the guidance pass would equal the conditional one.
+        perturbed_attn=True,
     )
 
     torch.manual_seed(TINY_SEED)
@@ -190,6 +196,29 @@ def tiny_ltx2_components() -> dict:
 
 _COMPLETE_MARKER = "reelserve_tiny.json"
 REWRITER_SUBFOLDER = "prompt_rewriter"
+LATENT_UPSAMPLER_SUBFOLDER = "latent_upsampler"
+
+
+def tiny_latent_upsampler():
+    """A tiny x2 spatial latent upsampler with the real one's structure (deterministic).
+
+    The real one (128 latent channels, 1024 middle channels, 4 residual blocks per
+    side) has about 500M parameters; this one keeps the rational resampler and
+    the residual blocks, 32 middle channels (GroupNorm needs multiples of 32).
+    """
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+
+    torch.manual_seed(TINY_SEED)
+    return LTX2LatentUpsamplerModel(
+        in_channels=_LATENT_CHANNELS,
+        mid_channels=32,
+        num_blocks_per_stage=1,
+        dims=3,
+        spatial_upsample=True,
+        temporal_upsample=False,
+        rational_spatial_scale=2.0,
+        use_rational_resampler=True,
+    )
 
 
 def is_complete_checkpoint(directory: str | Path) -> bool:
@@ -249,7 +278,7 @@ def _build_tokenizer():
     return GemmaTokenizer(vocab=_vocabulary(), merges=[], model_max_length=_TOKENIZER_MAX_LENGTH)
 
 
-_TINY_VERSION = "v2"  # bump when the tiny configs change, so stale caches are rebuilt
+_TINY_VERSION = "v3"  # bump when the tiny configs change, so stale caches are rebuilt
 
 
 def default_tiny_dir() -> Path:

@@ -10,7 +10,7 @@ import logging
 
 import grpc
 
-from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded
+from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded, StoreUnavailable
 from serving.jobs.record import JobRecord
 from serving.proto import video_pb2
 
@@ -29,8 +29,10 @@ def to_proto(record: JobRecord) -> video_pb2.Video:
         seconds=record.seconds, size=record.size, fps=record.fps, seed=record.seed, created_at=record.created_at,
         completed_at=record.completed_at or 0.0, result_bytes=record.result_bytes,
         enhance_prompt=record.enhance_prompt, revised_prompt=record.revised_prompt or "",
-        prompt_rewrite_fallback=record.rewrite_fallback or "",
+        prompt_rewrite_fallback=record.rewrite_fallback or "", attempts=record.attempts,
     )
+    if record.resumed_from_step is not None:
+        video.resumed_from_step = record.resumed_from_step
     if record.error_code:
         video.error.code = record.error_code
         video.error.message = record.error_message or ""
@@ -47,6 +49,8 @@ def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, str(error)
     if isinstance(error, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error} (retry after {error.retry_after_s} s)"
+    if isinstance(error, StoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, "the job store is unreachable right now; retry shortly"
     logger.exception("unexpected error in a gRPC call")
     return grpc.StatusCode.INTERNAL, "internal error"
 
@@ -66,7 +70,7 @@ class GrpcVideoMethods:
 
     async def CreateVideo(self, request: video_pb2.CreateVideoRequest, grpc_context=None) -> video_pb2.Video:
         try:
-            record = self.service.create(
+            record = await self.service.create(
                 prompt=request.prompt,
                 image=request.image or None,
                 seconds=request.seconds or None,
@@ -84,21 +88,21 @@ class GrpcVideoMethods:
 
     async def GetVideo(self, request: video_pb2.GetVideoRequest, grpc_context=None) -> video_pb2.Video:
         try:
-            return to_proto(self.service.get(request.id))
+            return to_proto(await self.service.get(request.id))
         except Exception as error:  # noqa: BLE001
             _set_error(grpc_context, error)
             return video_pb2.Video()
 
     async def CancelVideo(self, request: video_pb2.CancelVideoRequest, grpc_context=None) -> video_pb2.Video:
         try:
-            return to_proto(self.service.cancel(request.id))
+            return to_proto(await self.service.cancel(request.id))
         except Exception as error:  # noqa: BLE001
             _set_error(grpc_context, error)
             return video_pb2.Video()
 
     async def ListVideos(self, request: video_pb2.ListVideosRequest, grpc_context=None) -> video_pb2.ListVideosResponse:
         try:
-            records, has_more = self.service.list(request.after or None, request.limit or 20, request.order or "desc")
+            records, has_more = await self.service.list(request.after or None, request.limit or 20, request.order or "desc")
             return video_pb2.ListVideosResponse(videos=[to_proto(r) for r in records], has_more=has_more)
         except Exception as error:  # noqa: BLE001
             _set_error(grpc_context, error)
@@ -114,7 +118,7 @@ class GrpcVideoMethods:
 
     async def DownloadVideo(self, request: video_pb2.DownloadVideoRequest, grpc_context=None):
         try:
-            for offset, data, total in self.service.read_chunks(request.id):
+            async for offset, data, total in self.service.read_chunks(request.id):
                 yield video_pb2.VideoChunk(data=data, offset=offset, total_bytes=total)
         except Exception as error:  # noqa: BLE001
             _set_error(grpc_context, error)

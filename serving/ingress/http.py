@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded
+from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded, StoreUnavailable
 from serving.jobs.record import JobRecord
 from serving.media import MAX_PHOTO_BYTES
 from serving.protocol import JobStatus
@@ -31,7 +31,10 @@ async def parse_create_request(request: Request) -> dict[str, Any]:
     """Fields of ``POST /v1/videos`` from JSON or multipart (``input_reference`` as the photo)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data") or content_type.startswith("application/x-www-form-urlencoded"):
-        form = await request.form()
+        try:
+            form = await request.form()
+        except Exception:
+            raise InvalidRequest("body", "is not a readable multipart/form-data or urlencoded form") from None
         fields = {name: form.get(name) for name in _CREATE_FIELDS if form.get(name) is not None}
         upload = form.get("input_reference")
         if upload is not None:
@@ -90,6 +93,8 @@ def video_object(record: JobRecord) -> dict[str, Any]:
         "enhance_prompt": record.enhance_prompt,
         "revised_prompt": record.revised_prompt,
         "prompt_rewrite_fallback": record.rewrite_fallback,
+        "resumed_from_step": record.resumed_from_step,
+        "attempts": record.attempts,
     }
 
 
@@ -105,6 +110,10 @@ def error_response(error: Exception) -> JSONResponse:
     elif isinstance(error, Overloaded):
         status, kind, param, message = 429, "rate_limit_error", None, str(error)
         headers["Retry-After"] = str(error.retry_after_s)
+    elif isinstance(error, StoreUnavailable):
+        status, kind, param = 503, "service_unavailable", None
+        message = "the job store is unreachable right now; retry shortly"
+        headers["Retry-After"] = "5"
     else:
         logger.error("unexpected error in an HTTP call", exc_info=error)
         status, kind, param, message = 500, "server_error", None, "internal error"

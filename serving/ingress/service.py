@@ -1,98 +1,129 @@
-"""What both ingresses do, once: validate, submit, look up, cancel, watch, read results."""
+"""What both ingresses do, once: validate, record, look up, cancel, watch, read results.
+
+The ingress is stateless: it records accepted jobs in the store and wakes an
+orchestrator; it never runs a job, so redeploying or scaling it loses
+nothing. Everything that blocks (store calls, photo decoding, tokenizing)
+runs in worker threads, never on the event loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AsyncIterator
 
-from cluster.config import ReelserveConfig
-from serving.errors import InvalidRequest, NotFound, NotReady
+from cluster.config import JobsConfig, ModelConfig, RewriterConfig
+from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded
 from serving.families import get_family
-from serving.jobs.orchestrator import Orchestrator, StageHandles
-from serving.jobs.record import JobRecord
+from serving.jobs.artifacts import open_artifacts
+from serving.jobs.events import JobEvents
+from serving.jobs.record import JobRecord, new_job_id
 from serving.jobs.results import ResultStore
 from serving.jobs.store import open_store
 from serving.protocol import JobStatus
-from serving.requests import validate_request
+from serving.requests import VideoRequest, validate_request
 
 __all__ = ["VideoService", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 1024 * 1024  # gRPC clients receive at most 4 MiB per message
-_WATCH_POLL_S = 0.2
+_WATCH_WAIT_S = 5.0  # a watcher re-reads at least this often even if no notification arrives
 MAX_PAGE = 100
 
 
 class VideoService:
-    def __init__(self, config: ReelserveConfig, stages: StageHandles):
-        self.config = config
-        family = get_family(config.model.family)
-        self.limits = family.read_limits(config.model)
-        self._count_tokens = family.token_counter(config.model)
-        jobs = config.jobs
+    def __init__(self, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig, orchestrator=None):
+        self.model, self.jobs, self.rewriter = model, jobs, rewriter
+        family = get_family(model.family)
+        self.limits = family.read_limits(model)
+        self._count_tokens = family.token_counter(model)
         self.store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
         self.results = ResultStore(jobs.results_dir)
-        self.orchestrator = Orchestrator(
-            self.store, self.results, stages, jobs, temporal_compression=self.limits.temporal_compression,
-            prompt_fits=lambda text: self._count_tokens(text) <= self.limits.max_prompt_tokens,
-            rewrite_timeout_s=config.rewriter.timeout_s, rewriter_sees_photo=config.rewriter.multimodal,
-        )
+        self.artifacts = open_artifacts(jobs)
+        self.events = JobEvents(self.store)
+        self._orchestrator = orchestrator  # a deployment handle: woken after each accepted job
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ingress-io")
 
-    def start(self) -> None:
-        self.orchestrator.start()
+    async def _blocking(self, function, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: function(*args, **kwargs))
 
-    async def stop(self) -> None:
-        await self.orchestrator.stop()
+    async def close(self) -> None:
+        await self.events.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ jobs
 
-    def create(self, field_names: dict[str, str] | None = None, **fields) -> JobRecord:
-        request = validate_request(
-            config=self.config.model, limits=self.limits, count_tokens=self._count_tokens,
-            enhance_default=self.config.rewriter.enhance_by_default, rewriter_available=self.config.rewriter.enabled,
+    async def create(self, field_names: dict[str, str] | None = None, **fields) -> JobRecord:
+        request = await self._blocking(self._validate, field_names, fields)
+        jobs = self.jobs
+        record = _new_record(request)
+        if request.image is not None:
+            await self._blocking(self.results.save_input, record.id, request.image)
+        if not await self._blocking(self.store.create, record, max_active=jobs.max_active_jobs):
+            await self._blocking(self.results.remove, record.id)
+            raise Overloaded(
+                f"the server is at its limit of {jobs.max_active_jobs} active jobs; retry later",
+                retry_after_s=jobs.retry_after_s,
+            )
+        if self._orchestrator is not None:
+            self._orchestrator.wake.remote()  # not awaited: orchestrators also poll
+        return record
+
+    def _validate(self, field_names, fields) -> VideoRequest:
+        return validate_request(
+            config=self.model, limits=self.limits, count_tokens=self._count_tokens,
+            enhance_default=self.rewriter.enhance_by_default, rewriter_available=bool(self.rewriter.enabled),
             field_names=field_names, **fields,
         )
-        return self.orchestrator.submit(request)
 
-    def get(self, job_id: str) -> JobRecord:
-        record = self.store.get(job_id) if isinstance(job_id, str) and job_id else None
+    async def get(self, job_id: str) -> JobRecord:
+        record = await self._blocking(self.store.get, job_id) if isinstance(job_id, str) and job_id else None
         if record is None or record.delete_requested:
             raise NotFound(f"no video with id '{job_id}'")
         return record
 
-    def list(self, after: str | None, limit: int, order: str) -> tuple[list[JobRecord], bool]:
+    async def list(self, after: str | None, limit: int, order: str) -> tuple[list[JobRecord], bool]:
         if order not in ("asc", "desc"):
             raise InvalidRequest("order", f"'{order}' is not allowed; use asc or desc")
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidRequest("limit", f"{limit} is out of range; allowed: 1 to {MAX_PAGE}")
         if after:
-            self.get(after)  # an unknown cursor is an error, not an empty page
-        records, has_more = self.store.list(after=after or None, limit=limit, order=order)
+            await self.get(after)  # an unknown cursor is an error, not an empty page
+        records, has_more = await self._blocking(self.store.list, after=after or None, limit=limit, order=order)
         return [r for r in records if not r.delete_requested], has_more
 
-    def cancel(self, job_id: str) -> JobRecord:
-        self.get(job_id)
-        record = self.orchestrator.cancel(job_id)
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Flag the job; its orchestrator stops it within one denoising step (or at once if queued)."""
+        await self.get(job_id)
+        record = await self._blocking(self.store.request_cancel, job_id)
         if record is None:
             raise NotFound(f"no video with id '{job_id}'")
         return record
 
-    def delete(self, job_id: str) -> None:
-        self.get(job_id)
-        self.orchestrator.cancel(job_id, delete=True)
+    async def delete(self, job_id: str) -> None:
+        record = await self.get(job_id)
+        if record.status.is_terminal:
+            await self._blocking(self._remove, job_id)
+            return
+        await self._blocking(self.store.request_cancel, job_id, delete=True)  # its orchestrator removes it
 
-    def result_path(self, job_id: str) -> Path:
-        record = self.get(job_id)
+    def _remove(self, job_id: str) -> None:
+        self.store.delete(job_id)
+        self.results.remove(job_id)
+        self.artifacts.delete_job(job_id)
+
+    async def result_path(self, job_id: str) -> Path:
+        record = await self.get(job_id)
         if record.status != JobStatus.COMPLETED:
             raise NotReady(f"video '{job_id}' is {record.status.api_name}; its content is available once completed")
         path = Path(record.result_path or self.results.video_path(job_id))
-        if not path.is_file():
+        if not await self._blocking(path.is_file):
             raise NotFound(f"the content of video '{job_id}' is no longer stored")
         return path
 
     async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
-        """The job each time its progress rises, then once more when it ends."""
-        record = self.get(job_id)
+        """The job each time its progress rises, then once more when it ends (woken by store writes)."""
+        record = await self.get(job_id)
         last_progress = -1
         while True:
             if record.progress > last_progress or record.status.is_terminal:
@@ -100,15 +131,33 @@ class VideoService:
                 yield record
             if record.status.is_terminal:
                 return
-            await asyncio.sleep(_WATCH_POLL_S)
-            record = self.get(job_id)
+            await self.events.wait(job_id, _WATCH_WAIT_S)
+            record = await self._reread(job_id, record)
 
-    def read_chunks(self, job_id: str):
+    async def _reread(self, job_id: str, last: JobRecord) -> JobRecord:
+        """The job again; while the store is unreachable the watcher keeps what it had and waits."""
+        from serving.errors import StoreUnavailable
+
+        try:
+            return await self.get(job_id)
+        except StoreUnavailable:
+            return last
+
+    async def read_chunks(self, job_id: str):
         """``(offset, data, total)`` chunks of the finished MP4."""
-        path = self.result_path(job_id)
+        path = await self.result_path(job_id)
         total = path.stat().st_size
         with open(path, "rb") as handle:
             offset = 0
-            while chunk := handle.read(CHUNK_BYTES):
+            while chunk := await self._blocking(handle.read, CHUNK_BYTES):
                 yield offset, chunk, total
                 offset += len(chunk)
+
+
+def _new_record(request: VideoRequest) -> JobRecord:
+    plan = request.plan
+    return JobRecord(
+        id=new_job_id(), model=request.model, prompt=request.prompt, negative_prompt=request.negative_prompt,
+        seconds=plan.seconds, width=plan.width, height=plan.height, fps=plan.fps, seed=plan.seed,
+        has_image=request.image is not None, total_steps=plan.num_inference_steps, enhance_prompt=request.enhance_prompt,
+    )

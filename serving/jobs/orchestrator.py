@@ -1,37 +1,53 @@
-"""Runs accepted jobs through the stage graph, one asyncio task per job.
+"""Drives accepted jobs through the stage graph: the heart of the orchestrator deployment.
 
-Durability: the job store is the source of truth. An orchestrator owns a job
-through a lease it renews; when its replica dies the lease lapses and another
-orchestrator (or the restarted replica) takes the job over and runs it again.
-Every job ends ``completed``, ``failed`` (with a message) or ``cancelled``.
+Durability, in order of what can go wrong:
 
-Large tensors never come here: stage responses are chained by reference and
-only the final, small MP4 receipt is fetched.
+- **Pull, don't push.** Orchestrator replicas pull queued and orphaned jobs
+  from the store (``claimable``) under leases; adding, removing or
+  redeploying any replica never loses a job. On shutdown a replica hands its
+  jobs back (``release``): the next claim takes them at once.
+- **Fenced.** Every write about a job carries the claim's fence; a write from
+  a replaced owner is refused, and the refusal stops that owner's work.
+- **Nothing redone.** Stage outputs are kept in the job's artifacts until the
+  job ends (``done_stages`` lists them), so a takeover skips finished stages
+  and diffusion resumes from its last checkpoint.
+- **Truthful.** Each stage call's result is awaited on its own (small
+  hand-off receipts, never the tensors), so a failure names its stage. Cancel
+  is honoured at every stage boundary and cancels the calls in flight. The
+  deadline counts from the job's first start across attempts.
+- **Store outages.** Progress and bookkeeping writes are queued and written
+  when the store answers again; the job keeps running meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from cluster.config import JobsConfig
-from serving.errors import JobCancelled, Overloaded, ReelserveError
+from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig, RewriterConfig
+from serving.errors import JobCancelled, ReelserveError, StageOutOfMemory, StoreUnavailable
+from serving.jobs.artifacts import ArtifactStore
+from serving.jobs.events import JobEvents
 from serving.jobs.progress import STAGE_PROGRESS
-from serving.jobs.record import JobRecord, new_job_id
+from serving.jobs.record import JobRecord
 from serving.jobs.results import ResultStore
-from serving.jobs.store import JobStore
+from serving.jobs.store import Fence, JobStore
 from serving.metrics import StageStats
-from serving.protocol import JobStatus, RenderPlan
-from serving.requests import VideoRequest
+from serving.protocol import Handoff, JobStatus, JobTicket, RenderPlan
 
-__all__ = ["Orchestrator", "StageHandles", "client_safe_error"]
+__all__ = ["Orchestrator", "StageHandles", "StageFailure", "client_safe_error"]
 
 logger = logging.getLogger("reelserve.orchestrator")
+
+_RETRY_WRITE_S = 1.0  # how often a write waits for an unreachable store
+_CANCEL_CHECK_S = 2.0  # the longest a stage call runs on unnoticed after a cancel (events usually tell at once)
+_FINISH_GRACE_S = 120.0  # how long a finished job's last write waits for the store
 
 
 @dataclass
@@ -47,191 +63,320 @@ class StageHandles:
     prompt_rewriter: Any = None  # only when the rewriter is deployed
 
 
+class LeaseLost(Exception):
+    """Another orchestrator owns the job now; this one stops without writing."""
+
+
+class StageFailure(Exception):
+    """A stage failed for this job; ``stage`` names it."""
+
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(f"{stage}: {error!r}")
+        self.stage = stage
+        self.error = error
+
+
+@dataclass
+class _Job:
+    """One job this replica runs: its record at claim time, its fence, and writes waiting for the store."""
+
+    record: JobRecord
+    fence: Fence
+    pending: dict = field(default_factory=dict)
+    flush: asyncio.Event = field(default_factory=asyncio.Event)
+    lost: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def ticket(self) -> JobTicket:
+        return JobTicket(self.id, self.fence.owner, self.fence.attempt, self.record.prompt)
+
+
 class Orchestrator:
     def __init__(
         self,
         store: JobStore,
         results: ResultStore,
+        artifacts: ArtifactStore,
         stages: StageHandles,
+        model: ModelConfig,
         jobs: JobsConfig,
+        rewriter: RewriterConfig,
+        settings: OrchestratorConfig,
         temporal_compression: int,
         prompt_fits: Callable[[str], bool] = lambda text: True,
-        rewrite_timeout_s: float = 5.0,
-        rewriter_sees_photo: bool = False,
+        owner: str | None = None,
     ):
         self.store = store
         self.results = results
+        self.artifacts = artifacts
         self.stages = stages
+        self.model = model
         self.jobs = jobs
+        self.rewriter = rewriter
+        self.settings = settings
         self.temporal_compression = temporal_compression
         self.prompt_fits = prompt_fits  # does a rewritten prompt fit the video model's text encoder?
-        self.rewrite_timeout_s = rewrite_timeout_s
-        self.rewriter_sees_photo = rewriter_sees_photo  # only multimodal rewriters get the (large) photo bytes
         self.stats = StageStats(stage="orchestrator")
-        self.owner = "orchestrator-" + secrets.token_hex(6)
-        # Waiting for a stage without fetching its output blocks a thread; give those waits their own
-        # pool sized for every active job (two waits each at most) so they never starve the event loop's.
-        self._waiters = ThreadPoolExecutor(max_workers=2 * jobs.max_active_jobs + 2, thread_name_prefix="stage-wait")
-        self._tasks: dict[str, asyncio.Task] = {}
-        self._recovery: asyncio.Task | None = None
+        self.owner = owner or "orchestrator-" + secrets.token_hex(6)  # what the store records as the job's owner
+        self.events = JobEvents(store)
+        # Store calls block; they get their own threads so a slow store never stalls the event loop.
+        self._io_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
+        self._running: dict[str, asyncio.Task] = {}
+        self._poller: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Begin looking for jobs whose owner died (including this replica's previous life)."""
-        if self._recovery is None:
-            self._recovery = asyncio.get_running_loop().create_task(self._recover_forever())
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    def wake(self) -> None:
+        """Look for claimable jobs now (the ingress calls this after accepting one)."""
+        self._wake.set()
 
     async def stop(self) -> None:
-        tasks = list(self._tasks.values()) + ([self._recovery] if self._recovery else [])
+        """Hand every job back (leases released, artifacts kept) and stop: a successor resumes them at once."""
+        self._stopping = True
+        tasks = list(self._running.values()) + ([self._poller] if self._poller else [])
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._waiters.shutdown(wait=False, cancel_futures=True)
+        await self.events.close()
+        self._io_pool.shutdown(wait=False, cancel_futures=True)
 
-    # ------------------------------------------------------------------ API
+    def holding(self) -> list[str]:
+        return sorted(self._running)
 
-    def submit(self, request: VideoRequest) -> JobRecord:
-        """Accept a validated request as a queued job, or refuse it when the system is full."""
-        if self.store.count_active() >= self.jobs.max_active_jobs:
-            raise Overloaded(
-                f"the server is at its limit of {self.jobs.max_active_jobs} active jobs; retry later",
-                retry_after_s=self.jobs.retry_after_s,
-            )
-        plan = request.plan
-        record = JobRecord(
-            id=new_job_id(), model=request.model, prompt=request.prompt, negative_prompt=request.negative_prompt,
-            seconds=plan.seconds, width=plan.width, height=plan.height, fps=plan.fps, seed=plan.seed,
-            has_image=request.image is not None, total_steps=plan.num_inference_steps,
-            enhance_prompt=request.enhance_prompt,
-        )
-        if request.image is not None:
-            self.results.save_input(record.id, request.image)
-        self.store.create(record)
-        self._spawn(record.id)
-        return record
+    async def _io(self, method, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._io_pool, lambda: method(*args, **kwargs))
 
-    def cancel(self, job_id: str, delete: bool = False) -> JobRecord | None:
-        record = self.store.request_cancel(job_id, delete=delete)
-        if record is not None and record.status.is_terminal and delete:
-            self._remove(job_id)
-        return record
-
-    # ------------------------------------------------------------------ running a job
+    async def _poll_forever(self) -> None:
+        orchestrator = self.settings
+        while True:
+            room = orchestrator.max_jobs - len(self._running)
+            if room > 0:
+                try:
+                    for job_id in await self._io(self.store.claimable, room + len(self._running)):
+                        if job_id not in self._running and len(self._running) < orchestrator.max_jobs:
+                            self._spawn(job_id)
+                except Exception as error:  # noqa: BLE001 - the store may be briefly unreachable
+                    logger.info("looking for jobs failed: %r", error)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), orchestrator.poll_interval_s)
+            self._wake.clear()
 
     def _spawn(self, job_id: str) -> None:
-        if job_id in self._tasks:
-            return
         task = asyncio.get_running_loop().create_task(self._run(job_id))
-        self._tasks[job_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(job_id, None))
+        self._running[job_id] = task
+        task.add_done_callback(lambda _: self._running.pop(job_id, None))
+
+    # ------------------------------------------------------------------ one job
 
     async def _run(self, job_id: str) -> None:
-        if not self.store.claim(job_id, self.owner, self.jobs.lease_s, time.time()):
-            return  # another orchestrator has it
-        record = self.store.get(job_id)
-        if record is None:
-            return
-        heartbeat = asyncio.get_running_loop().create_task(self._renew_lease(job_id, asyncio.current_task()))
         try:
-            if record.cancel_requested:
-                raise JobCancelled(job_id)
-            if record.attempts >= self.jobs.max_attempts:
-                self._finish_failed(
-                    job_id, "retries_exhausted", f"the job was interrupted {record.attempts} times; giving up"
-                )
-                return
-            attempt = record.attempts + 1
-            self.store.update(
-                job_id, status=JobStatus.IN_PROGRESS, started_at=record.started_at or time.time(),
-                attempts=attempt, stage="text_encoder", progress=max(record.progress, 1),
-            )
-            await asyncio.wait_for(self._execute(record, attempt), timeout=self.jobs.job_timeout_s)
-        except asyncio.TimeoutError:
-            self.store.request_cancel(job_id)  # stop the stages still working on it
-            self._finish_failed(job_id, "timeout", f"the job ran longer than {self.jobs.job_timeout_s:g} s")
+            record = await self._io(self.store.claim, job_id, self.owner, self.jobs.lease_s)
+        except StoreUnavailable:
+            return
+        if record is None:
+            return  # another orchestrator has it
+        job = _Job(record=record, fence=Fence(job_id, self.owner, record.attempts))
+        runner = asyncio.current_task()
+        writer = asyncio.get_running_loop().create_task(self._keep_lease_and_write(job, runner))
+        try:
+            await self._drive(job)
         except asyncio.CancelledError:
-            raise  # this replica is shutting down or lost the lease: another orchestrator takes over
-        except Exception as error:  # noqa: BLE001 - every failure must end the job
-            if isinstance(error, JobCancelled) or self.store.is_cancel_requested(job_id):
-                self.store.finish(job_id, status=JobStatus.CANCELLED, stage="cancelled", completed_at=time.time())
-            else:
-                logger.warning("job %s failed: %r", job_id, error)
-                current = self.store.get(job_id)
-                code, message = client_safe_error(error, current.stage if current else "unknown")
-                self._finish_failed(job_id, code, message)
+            if self._stopping and not job.lost:
+                await asyncio.shield(self._hand_over(job))
+            raise
+        except LeaseLost:
+            logger.info("job %s: another orchestrator took it over; stopping this attempt", job_id)
         finally:
-            heartbeat.cancel()
-            final = self.store.get(job_id)
-            if final is not None and final.delete_requested and final.status.is_terminal:
-                self._remove(job_id)
+            writer.cancel()
+            with contextlib.suppress(BaseException):
+                await writer
+        await self._remove_if_deleted(job_id)
 
-    async def _execute(self, record: JobRecord, attempt: int) -> None:
-        job_id, stages = record.id, self.stages
+    async def _drive(self, job: _Job) -> None:
+        record = job.record
+        if record.cancel_requested:
+            return await self._finish(job, JobStatus.CANCELLED)
+        if record.takeovers >= self.jobs.max_attempts:
+            return await self._fail(
+                job, "retries_exhausted", f"the job was interrupted {record.takeovers} times by failures; giving up"
+            )
+        now = await self._io(self.store.now)
+        deadline = record.deadline_at or now + self.jobs.job_timeout_s
+        if record.started_at is None:
+            self._note(job, status=JobStatus.IN_PROGRESS, started_at=now, deadline_at=deadline)
+        if now >= deadline:
+            return await self._fail(job, "deadline_exceeded", self._deadline_message())
+        try:
+            await asyncio.wait_for(self._execute(job), timeout=deadline - now)
+        except asyncio.TimeoutError:
+            await self._fail(job, "deadline_exceeded", self._deadline_message())
+        except JobCancelled:
+            await self._finish(job, JobStatus.CANCELLED)
+        except StageFailure as failure:
+            logger.warning("job %s failed in %s: %r", job.id, failure.stage, failure.error)
+            code, message = client_safe_error(failure.error, failure.stage, self._size_text(record))
+            await self._fail(job, code, message)
+
+    def _deadline_message(self) -> str:
+        return f"the job did not finish within {self.jobs.job_timeout_s:g} s of its start (jobs.job_timeout_s)"
+
+    async def _execute(self, job: _Job) -> None:
+        record, stages, ticket = job.record, self.stages, job.ticket
         plan = RenderPlan.build(
             width=record.width, height=record.height, fps=record.fps, seconds=record.seconds, seed=record.seed,
-            num_inference_steps=record.total_steps, temporal_compression=self.temporal_compression,
+            num_inference_steps=self.model.num_inference_steps, temporal_compression=self.temporal_compression,
         )
-        timings: dict[str, float] = {}
+        done = set(record.done_stages)
+        timings: dict[str, float] = dict(record.stage_seconds)
         clock = time.perf_counter()
 
-        def mark(stage: str) -> None:
+        def finished(stage: str) -> None:
             nonlocal clock
             now = time.perf_counter()
             timings[stage] = round(now - clock, 4)
             clock = now
+            if stage not in done:
+                done.add(stage)
+                self._note(job, done_stages=sorted(done), stage_seconds=dict(timings))
 
         prompt = record.prompt
         if record.enhance_prompt:
-            prompt = await self._rewritten_prompt(record)
-            mark("prompt_rewriter")
-            self._advance(job_id, "text_encoder")
-        embeddings = stages.text_encoder.encode.remote(prompt, record.negative_prompt)
+            prompt = await self._rewritten_prompt(job)
+            finished("prompt_rewriter")
+
+        # Text and photo encode side by side; each result is checked as it lands.
+        self._advance(job, "text_encoder")
+        embeddings = self._kept(job, "text_encoder", "prompt_embeddings") or asyncio.ensure_future(
+            self._call(job, "text_encoder", lambda: stages.text_encoder.encode.remote(ticket, prompt, record.negative_prompt))
+        )
         condition = None
         if record.has_image:
-            photo = self.results.load_input(job_id)
-            condition = stages.image_conditioner.condition.remote(photo, plan.width, plan.height)
-        await self._done(embeddings)
-        mark("text_encoder")
-        if condition is not None:
-            self._advance(job_id, "image_conditioner")
-            await self._done(condition)
-            mark("image_conditioner")
-        self._raise_if_cancelled(job_id)
+            condition = self._kept(job, "image_conditioner", "image_condition") or asyncio.ensure_future(
+                self._call(job, "image_conditioner",
+                           lambda: stages.image_conditioner.condition.remote(ticket, plan.width, plan.height))
+            )
+        try:
+            embeddings = await _settled(embeddings)
+            finished("text_encoder")
+            if condition is not None:
+                self._advance(job, "image_conditioner")
+                condition = await _settled(condition)
+                finished("image_conditioner")
+        finally:
+            for pending in (embeddings, condition):
+                if isinstance(pending, asyncio.Future) and not pending.done():
+                    pending.cancel()
 
-        self._advance(job_id, "diffusion")
-        latents = stages.diffusion.denoise.remote(job_id, attempt, embeddings, condition, plan)
-        await self._done(latents)
-        mark("diffusion")
-        self._raise_if_cancelled(job_id)
+        self._advance(job, "diffusion")
+        latents = self._kept_pair(job)
+        if latents is None:
+            result = await self._call(
+                job, "diffusion", lambda: stages.diffusion.denoise.remote(ticket, embeddings, condition, plan)
+            )
+            latents = result.video, result.audio
+            self._note(job, step=result.finished_steps, total_steps=result.total_steps)
+            if result.resumed_from_step is not None:
+                self._note(job, resumed_from_step=result.resumed_from_step)
+        del embeddings, condition  # released as soon as their consumer has them
+        finished("diffusion")
+        video_latents, audio_latents = latents
 
-        self._advance(job_id, "decoders")
-        frames = stages.video_decoder.decode.remote(latents, plan)
-        waveform = stages.audio_decoder.decode.remote(latents)
-        await asyncio.gather(self._done(frames), self._done(waveform))
-        mark("decoders")
+        self._advance(job, "decoders")
+        video = self._kept(job, "video_decoder", "encoded_video") or self._call(
+            job, "video_decoder", lambda: stages.video_decoder.decode.remote(ticket, video_latents, plan)
+        )
+        waveform = self._kept(job, "audio_decoder", "waveform") or self._call(
+            job, "audio_decoder", lambda: stages.audio_decoder.decode.remote(ticket, audio_latents)
+        )
+        video, waveform = await _both(video, waveform)
+        del video_latents, audio_latents
+        finished("decoders")
 
-        self._advance(job_id, "muxer")
-        video = await stages.muxer.mux.remote(job_id, frames, waveform)
-        mark("muxer")
-        self.store.finish(
-            job_id, status=JobStatus.COMPLETED, stage="completed", progress=100, completed_at=time.time(),
-            result_path=video.path, result_bytes=video.num_bytes, stage_seconds=timings,
+        self._advance(job, "muxer")
+        muxed = await self._call(job, "muxer", lambda: stages.muxer.mux.remote(ticket, video, waveform))
+        finished("muxer")
+        await self._finish(
+            job, JobStatus.COMPLETED, progress=100, result_path=muxed.path, result_bytes=muxed.num_bytes,
+            stage_seconds=timings,
         )
 
-    async def _rewritten_prompt(self, record: JobRecord) -> str:
+    def _kept(self, job: _Job, stage: str, name: str) -> Handoff | None:
+        """A finished stage's output from an earlier attempt: the hand-off reads the kept copy."""
+        return Handoff(job.id, name, ref=None, nbytes=0) if stage in job.record.done_stages else None
+
+    def _kept_pair(self, job: _Job) -> tuple[Handoff, Handoff] | None:
+        if "diffusion" not in job.record.done_stages:
+            return None
+        return Handoff(job.id, "video_latents", None, 0), Handoff(job.id, "audio_latents", None, 0)
+
+    # ------------------------------------------------------------------ stage calls
+
+    async def _call(self, job: _Job, stage: str, make_call: Callable[[], Any]) -> Any:
+        """One stage call, cancelled with the job; retried when its replica died (diffusion then resumes)."""
+        for retry in range(self.jobs.stage_retries + 1):
+            await self._raise_if_cancelled(job)
+            response = make_call()
+            try:
+                return await self._await_unless_cancelled(job, response)
+            except (asyncio.CancelledError, JobCancelled):
+                response.cancel()
+                raise
+            except Exception as error:  # noqa: BLE001 - every failure is attributed to this stage
+                if _replica_died(error) and retry < self.jobs.stage_retries:
+                    logger.warning("job %s: a %s replica died mid-call; calling again (%d of %d)",
+                                   job.id, stage, retry + 1, self.jobs.stage_retries)
+                    self.stats.bump("stage_retries_total")
+                    continue
+                raise StageFailure(stage, error) from None
+
+    async def _await_unless_cancelled(self, job: _Job, response) -> Any:
+        call = asyncio.ensure_future(_result_of(response))
+        try:
+            while True:
+                watch = asyncio.ensure_future(self.events.wait(job.id, _CANCEL_CHECK_S))
+                done, _ = await asyncio.wait({call, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if call in done:
+                    watch.cancel()
+                    return call.result()
+                await self._raise_if_cancelled(job)
+        finally:
+            if not call.done():
+                call.cancel()
+
+    async def _raise_if_cancelled(self, job: _Job) -> None:
+        try:
+            cancelled = await self._io(self.store.is_cancel_requested, job.id)
+        except StoreUnavailable:
+            return  # cannot tell now; the next check will
+        if cancelled:
+            raise JobCancelled(job.id)
+
+    async def _rewritten_prompt(self, job: _Job) -> str:
         """The rewriter's prompt, or the user's when rewriting falls back (it never fails the job)."""
-        if record.revised_prompt:  # a takeover after the rewrite already happened
-            return record.revised_prompt
-        self._advance(record.id, "prompt_rewriter")
+        record = job.record
+        if record.revised_prompt or record.rewrite_fallback:  # decided by an earlier attempt
+            return record.revised_prompt or record.prompt
+        self._advance(job, "prompt_rewriter")
         response = None
         try:
             if self.stages.prompt_rewriter is None:  # e.g. a takeover after a redeploy without the rewriter
                 raise LookupError("no prompt_rewriter stage deployed")
-            photo = self.results.load_input(record.id) if record.has_image and self.rewriter_sees_photo else None
+            photo = None
+            if record.has_image and self.rewriter.multimodal:
+                photo = await self._io(self.results.load_input, record.id)
             response = self.stages.prompt_rewriter.rewrite.remote(record.prompt, record.seed, photo)
             # The stage enforces the timeout itself; this bound covers an unreachable or queued stage.
-            result = await asyncio.wait_for(_result_of(response), timeout=self.rewrite_timeout_s + 5)
+            result = await asyncio.wait_for(_result_of(response), timeout=self.rewriter.timeout_s + 5)
             text, fallback = result.text, result.fallback
         except Exception:  # noqa: BLE001 - includes asyncio.TimeoutError
             if response is not None:
@@ -242,76 +387,135 @@ class Orchestrator:
         if fallback is not None:
             self.stats.bump(f"rewrite_fallbacks_{fallback}_total")
             logger.info("job %s: prompt rewrite fell back (%s); using the original prompt", record.id, fallback)
-        self.store.update(record.id, revised_prompt=text, rewrite_fallback=fallback)
+        self._note(job, revised_prompt=text, rewrite_fallback=fallback)
         return text or record.prompt
 
-    async def _done(self, response) -> None:
-        """Wait until a stage response is computed, without fetching its value here."""
-        import ray
+    # ------------------------------------------------------------------ writes
 
-        ref = await response._to_object_ref()
-        await asyncio.get_running_loop().run_in_executor(self._waiters, lambda: ray.wait([ref], fetch_local=False))
+    def _advance(self, job: _Job, stage: str) -> None:
+        self._note(job, stage=stage, progress=STAGE_PROGRESS[stage])
 
-    def _advance(self, job_id: str, stage: str) -> None:
-        current = self.store.get(job_id)
-        progress = max(STAGE_PROGRESS[stage], current.progress if current else 0)  # never backwards on a retry
-        self.store.update(job_id, stage=stage, progress=progress)
+    def _note(self, job: _Job, **changes) -> None:
+        """Queue a write about the job; the writer task sends it now, or when the store answers again."""
+        job.pending.update(changes)
+        job.flush.set()
 
-    def _raise_if_cancelled(self, job_id: str) -> None:
-        if self.store.is_cancel_requested(job_id):
-            raise JobCancelled(job_id)
-
-    def _finish_failed(self, job_id: str, code: str, message: str) -> None:
-        self.store.finish(
-            job_id, status=JobStatus.FAILED, stage="failed", completed_at=time.time(),
-            error_code=code, error_message=message,
-        )
-
-    def _remove(self, job_id: str) -> None:
-        self.store.delete(job_id)
-        self.results.remove(job_id)
-
-    async def _renew_lease(self, job_id: str, runner: asyncio.Task) -> None:
+    async def _keep_lease_and_write(self, job: _Job, runner: asyncio.Task) -> None:
+        """Renew the lease and send queued writes; a refused write means the job is someone else's now."""
+        renew_every = self.jobs.lease_s / 3
+        next_renewal = 0.0
         while True:
-            await asyncio.sleep(self.jobs.lease_s / 3)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(job.flush.wait(), max(0.0, next_renewal - time.monotonic()))
+            job.flush.clear()
+            changes, job.pending = job.pending, {}
             try:
-                renewed = self.store.claim(job_id, self.owner, self.jobs.lease_s, time.time())
-                record = None if renewed else self.store.get(job_id)
-            except Exception as error:  # noqa: BLE001 - a store hiccup must not end the heartbeat
-                logger.warning("renewing the lease of job %s failed: %r; retrying", job_id, error)
+                ok = True
+                if changes:
+                    ok = await self._io(self.store.update, job.fence, **changes)
+                if ok and time.monotonic() >= next_renewal:
+                    ok = await self._io(self.store.renew, job.fence, self.jobs.lease_s)
+                    next_renewal = time.monotonic() + renew_every
+            except StoreUnavailable:
+                job.pending = {**changes, **job.pending}  # keep them, newest last, for when the store is back
+                await asyncio.sleep(_RETRY_WRITE_S)
+                job.flush.set()
                 continue
-            if not renewed:
-                if record is None or not record.status.is_terminal:
-                    runner.cancel()  # someone else owns it now; stop duplicating work
+            if not ok:
+                job.lost = True
+                runner.cancel()
                 return
 
-    async def _recover_forever(self) -> None:
+    async def _finish(self, job: _Job, status: JobStatus, **changes) -> None:
+        """The job's last write: everything still queued, plus the outcome; it waits out a store outage."""
+        outcome = {**job.pending, **changes, "status": status, "stage": status.api_name}
+        outcome["completed_at"] = await self._retrying(self.store.now)
+        if status == JobStatus.COMPLETED:
+            outcome["progress"] = 100
+        written = await self._retrying(self.store.finish, job.fence, **outcome)
+        if not written:
+            raise LeaseLost(job.id)
+        job.pending = {}
+        if not self.jobs.keep_artifacts:
+            with contextlib.suppress(Exception):
+                await self._io(self.artifacts.delete_job, job.id)
+
+    async def _fail(self, job: _Job, code: str, message: str) -> None:
+        self.stats.bump(f"failures_{code}_total")
+        await self._finish(job, JobStatus.FAILED, error_code=code, error_message=message)
+
+    async def _retrying(self, method, *args, **kwargs):
+        deadline = time.monotonic() + _FINISH_GRACE_S
         while True:
             try:
-                for job_id in self.store.orphans(time.time()):
-                    self._spawn(job_id)
-            except Exception as error:  # noqa: BLE001 - the store may be briefly unreachable
-                logger.warning("job recovery scan failed: %r", error)
-            await asyncio.sleep(self.jobs.recovery_interval_s)
+                return await self._io(method, *args, **kwargs)
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(_RETRY_WRITE_S)
+
+    async def _hand_over(self, job: _Job) -> None:
+        """On shutdown: queued writes, then the lease back (artifacts and checkpoints stay for the successor)."""
+        with contextlib.suppress(Exception):
+            if job.pending:
+                await self._io(self.store.update, job.fence, **job.pending)
+            await self._io(self.store.release, job.fence)
+            logger.info("job %s handed over", job.id)
+
+    async def _remove_if_deleted(self, job_id: str) -> None:
+        try:
+            final = await self._io(self.store.get, job_id)
+            if final is not None and final.delete_requested and final.status.is_terminal:
+                await self._io(self.store.delete, job_id)
+                await self._io(self.results.remove, job_id)
+                await self._io(self.artifacts.delete_job, job_id)
+        except Exception as error:  # noqa: BLE001 - the ingress deletes terminal jobs itself too
+            logger.info("removing deleted job %s failed: %r", job_id, error)
+
+    @staticmethod
+    def _size_text(record: JobRecord) -> str:
+        return f"{record.width}x{record.height}, {record.seconds:g} s at {record.fps} fps"
 
 
 async def _result_of(response):
     return await response
 
 
-def client_safe_error(error: BaseException, stage: str) -> tuple[str, str]:
+async def _settled(value):
+    """A hand-off, awaiting it first if it is still being computed."""
+    return await value if isinstance(value, asyncio.Future) else value
+
+
+async def _both(first, second) -> tuple[Any, Any]:
+    """Two stage calls side by side; when one fails, the other is cancelled and the failure kept."""
+    tasks = [asyncio.ensure_future(_settled(v) if not asyncio.iscoroutine(v) else v) for v in (first, second)]
+    try:
+        return tuple(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+
+
+def _replica_died(error: BaseException) -> bool:
+    names = {type(error).__name__, type(getattr(error, "cause", None) or error).__name__}
+    return bool(names & {"ActorDiedError", "ActorUnavailableError", "RayActorError", "WorkerCrashedError"})
+
+
+def client_safe_error(error: BaseException, stage: str, size: str = "") -> tuple[str, str]:
     """An error code and a one-line message for the client: no tracebacks, paths or addresses.
 
     Only our own errors carry their text through; anything else is named by its type and the stage.
     """
     cause = getattr(error, "cause", None) or error
     name = type(cause).__name__
-    if "OutOfMemory" in name or "out of memory" in str(cause).lower():
-        return "out_of_memory", f"the {stage} stage ran out of memory; try a smaller size or fewer seconds"
+    at = f" at {size}" if size else ""
+    if isinstance(cause, StageOutOfMemory) or "OutOfMemory" in name or "out of memory" in str(cause).lower():
+        return "resource_exhausted", f"the {stage} stage ran out of memory{at}; try a smaller size or fewer seconds"
     if "BackPressure" in name:
         return "overloaded", f"the {stage} stage was full; retry later"
-    if "ActorDied" in name or "ActorUnavailable" in name or "WorkerCrashed" in name:
-        return "stage_unavailable", f"a {stage} replica died while generating this video; retry"
+    if _replica_died(error):
+        return "stage_unavailable", f"a {stage} replica died while generating this video, also when retried; retry later"
     if isinstance(cause, ReelserveError):
-        return "generation_failed", cause.client_message.splitlines()[0][:300]
+        return "generation_failed", f"the {stage} stage failed: " + cause.client_message.splitlines()[0][:300]
     return "generation_failed", f"the {stage} stage failed ({name})"

@@ -45,13 +45,22 @@ class JobRecord:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     cancel_requested: bool = False
     delete_requested: bool = False
-    owner: str | None = None  # orchestrator currently running it
-    lease_until: float = 0.0  # the owner must renew before this time
-    attempts: int = 0
+    owner: str | None = None  # orchestrator currently running it; None while queued or handed over
+    lease_until: float = 0.0  # the owner must renew before this time (the store's clock)
+    attempts: int = 0  # claims so far; the current owner's writes carry this number (its fence)
+    takeovers: int = 0  # claims after an owner vanished without handing the job over (a crash)
+    deadline_at: float | None = None  # first start + jobs.job_timeout_s: attempts share one deadline
+    done_stages: list[str] = field(default_factory=list)  # stages whose outputs are kept for a takeover
+    resumed_from_step: int | None = None  # denoising step a takeover resumed from (no finished step redone)
 
     @property
     def size(self) -> str:
         return f"{self.width}x{self.height}"
+
+    @property
+    def is_released(self) -> bool:
+        """No owner: queued, or handed over by an orchestrator that shut down."""
+        return self.owner is None
 
     def to_dict(self) -> dict:
         data = asdict(self)

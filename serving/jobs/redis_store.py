@@ -3,22 +3,28 @@
 One hash per job holds the JSON record (plus a few fields copied out for
 cheap checks); a sorted set orders jobs by creation time and a set holds the
 ids of jobs not yet terminal. Conditional writes are optimistic transactions
-(WATCH / MULTI), read-modify-write in Python so numbers keep full precision.
+(WATCH / MULTI): the record is read, the fence checked and the write queued
+against Redis's own clock (``TIME``), and the write is refused if the record
+changed in between. Numbers keep full precision (read-modify-write in Python).
+Every write publishes the job id on ``EVENTS_CHANNEL``, which is how watchers
+and orchestrators hear of it without polling.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 
 from serving.jobs.record import JobRecord
-from serving.jobs.store import ConditionalWrites
+from serving.jobs.store import ConditionalWrites, StoreUnavailable
 from serving.protocol import JobStatus
 
-__all__ = ["RedisJobStore"]
+__all__ = ["RedisJobStore", "EVENTS_CHANNEL"]
 
 _PREFIX = "reelserve:job:"
 _INDEX = "reelserve:jobs"
 _ACTIVE = "reelserve:active"  # ids of jobs not yet terminal
+EVENTS_CHANNEL = "reelserve:events"  # a job id per write
 _TERMINAL = int(JobStatus.COMPLETED)
 
 
@@ -27,8 +33,24 @@ def _hash_fields(data: dict) -> dict:
         "data": json.dumps(data),
         "status": int(data["status"]),
         "lease_until": data["lease_until"],
+        "owner": data["owner"] or "",
         "cancel": int(bool(data["cancel_requested"])),
     }
+
+
+def _unavailable_on_connection_errors(method):
+    """A connection failure becomes ``StoreUnavailable`` (503 for clients; retried by orchestrators)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        import redis
+
+        try:
+            return method(self, *args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise StoreUnavailable(f"the job store (Redis) is unreachable: {type(error).__name__}") from None
+
+    return wrapper
 
 
 class RedisJobStore(ConditionalWrites):
@@ -37,27 +59,45 @@ class RedisJobStore(ConditionalWrites):
 
         if not url:
             raise ValueError("jobs.redis_url: required for the redis job store (e.g. redis://localhost:6380/0)")
-        self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
+        self.url = url
+        # Fail fast when Redis is down: callers retry on their own schedule.
+        self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)
 
-    def create(self, record: JobRecord) -> None:
+    @_unavailable_on_connection_errors
+    def now(self) -> float:
+        seconds, micros = self._redis.time()
+        return seconds + micros / 1e6
+
+    @_unavailable_on_connection_errors
+    def create(self, record: JobRecord, max_active: int | None = None) -> bool:
         key = _PREFIX + record.id
         data = record.to_dict()
+        outcome = {"created": False}
 
         def insert(pipe):
+            # Watching the active set makes "count, then add" one step even with many ingress replicas.
+            outcome["created"] = False
             if pipe.exists(key):
                 raise ValueError(f"job {record.id} already exists")
+            if max_active is not None and pipe.scard(_ACTIVE) >= max_active:
+                return
             pipe.multi()
             pipe.hset(key, mapping=_hash_fields(data))
             pipe.zadd(_INDEX, {record.id: record.created_at})
             if not record.status.is_terminal:
                 pipe.sadd(_ACTIVE, record.id)
+            pipe.publish(EVENTS_CHANNEL, record.id)
+            outcome["created"] = True
 
-        self._redis.transaction(insert, key)
+        self._redis.transaction(insert, key, _ACTIVE)
+        return outcome["created"]
 
+    @_unavailable_on_connection_errors
     def get(self, job_id: str) -> JobRecord | None:
         raw = self._redis.hget(_PREFIX + job_id, "data")
         return None if raw is None else JobRecord.from_dict(json.loads(raw))
 
+    @_unavailable_on_connection_errors
     def list(self, *, after: str | None, limit: int, order: str) -> tuple[list[JobRecord], bool]:
         descending = order == "desc"
         start = 0
@@ -71,74 +111,61 @@ class RedisJobStore(ConditionalWrites):
         records = [r for r in (self.get(i) for i in ids[:limit]) if r is not None]
         return records, len(ids) > limit
 
-    def _modify(self, job_id: str, changes: dict, must_be_active: bool) -> JobRecord | None:
+    @_unavailable_on_connection_errors
+    def _modify(self, job_id: str, decide) -> JobRecord | None:
         key = _PREFIX + job_id
-        encoded = {k: int(v) if isinstance(v, JobStatus) else v for k, v in changes.items()}
         outcome: dict = {}
 
         def apply(pipe):
-            raw = pipe.hget(key, "data")
             outcome["data"] = None
+            raw = pipe.hget(key, "data")
             if raw is None:
                 return
+            seconds, micros = pipe.time()
             data = json.loads(raw)
-            if must_be_active and data["status"] >= _TERMINAL:
+            changes = decide(JobRecord.from_dict(data), seconds + micros / 1e6)
+            if changes is None:
                 return
-            data.update(encoded)
+            data.update({k: int(v) if isinstance(v, JobStatus) else v for k, v in changes.items()})
             pipe.multi()
             pipe.hset(key, mapping=_hash_fields(data))
             if data["status"] >= _TERMINAL:
                 pipe.srem(_ACTIVE, job_id)
+            pipe.publish(EVENTS_CHANNEL, job_id)
             outcome["data"] = data
 
         self._redis.transaction(apply, key)
         return None if outcome["data"] is None else JobRecord.from_dict(outcome["data"])
 
+    @_unavailable_on_connection_errors
     def is_cancel_requested(self, job_id: str) -> bool:
         flag = self._redis.hget(_PREFIX + job_id, "cancel")
         return flag is None or flag == "1"
 
+    @_unavailable_on_connection_errors
     def delete(self, job_id: str) -> bool:
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(_PREFIX + job_id)
         pipe.zrem(_INDEX, job_id)
         pipe.srem(_ACTIVE, job_id)
-        removed, _, _ = pipe.execute()
+        pipe.publish(EVENTS_CHANNEL, job_id)
+        removed = pipe.execute()[0]
         return bool(removed)
 
-    def claim(self, job_id: str, owner: str, lease_s: float, now: float) -> bool:
-        key = _PREFIX + job_id
-        outcome = {"claimed": False}
-
-        def take(pipe):
-            raw = pipe.hget(key, "data")
-            outcome["claimed"] = False
-            if raw is None:
-                return
-            data = json.loads(raw)
-            free = data["owner"] is None or data["lease_until"] < now or data["owner"] == owner
-            if data["status"] >= _TERMINAL or not free:
-                return
-            data.update(owner=owner, lease_until=now + lease_s)
-            pipe.multi()
-            pipe.hset(key, mapping=_hash_fields(data))
-            outcome["claimed"] = True
-
-        self._redis.transaction(take, key)
-        return outcome["claimed"]
-
-    def orphans(self, now: float, limit: int = 100) -> list[str]:
+    @_unavailable_on_connection_errors
+    def claimable(self, limit: int = 100) -> list[str]:
+        now = self.now()
         found = []
         for job_id in self._redis.smembers(_ACTIVE):
-            values = self._redis.hmget(_PREFIX + job_id, "status", "lease_until")
-            if values[0] is None:
+            status, lease_until, owner = self._redis.hmget(_PREFIX + job_id, "status", "lease_until", "owner")
+            if status is None or int(status) >= _TERMINAL:
                 continue
-            if int(values[0]) < _TERMINAL and float(values[1]) < now:
+            if not owner or float(lease_until) < now:
                 found.append(job_id)
-                if len(found) >= limit:
-                    break
-        return found
+        found.sort(key=lambda job_id: self._redis.zscore(_INDEX, job_id) or 0.0)
+        return found[:limit]
 
+    @_unavailable_on_connection_errors
     def count_active(self) -> int:
         return self._redis.scard(_ACTIVE)
 

@@ -1,20 +1,33 @@
-"""SQLite job store: the embedded default (one machine; every process opens the same file)."""
+"""SQLite job store: the embedded default (one machine; every process opens the same file).
+
+Each write is one ``BEGIN IMMEDIATE`` transaction (read, decide, write), so
+the fence check and the write are atomic; the clock is this host's, shared
+by every process on it. Every write stamps the row with a rising sequence
+number, which is how watchers learn what changed (``changed_since``).
+"""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from serving.jobs.record import JobRecord
-from serving.jobs.store import ConditionalWrites
+from serving.jobs.store import ConditionalWrites, StoreUnavailable
 from serving.protocol import JobStatus
 
 __all__ = ["SQLiteJobStore", "default_sqlite_path"]
 
 _TERMINAL = int(JobStatus.COMPLETED)  # every terminal status sorts at or after this
+_COLUMNS = {  # column -> declaration, for tables made by older versions
+    "lease_until": "REAL NOT NULL DEFAULT 0",
+    "cancel": "INTEGER NOT NULL DEFAULT 0",
+    "owner": "TEXT",
+    "seq": "INTEGER NOT NULL DEFAULT 0",
+}
 
 
 def default_sqlite_path() -> str:
@@ -31,10 +44,14 @@ class SQLiteJobStore(ConditionalWrites):
         with self._transaction() as db:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS jobs ("
-                " id TEXT PRIMARY KEY, created_at REAL NOT NULL, status INTEGER NOT NULL,"
-                " lease_until REAL NOT NULL DEFAULT 0, cancel INTEGER NOT NULL DEFAULT 0, data TEXT NOT NULL)"
+                " id TEXT PRIMARY KEY, created_at REAL NOT NULL, status INTEGER NOT NULL, data TEXT NOT NULL)"
             )
+            present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column, declaration in _COLUMNS.items():
+                if column not in present:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
             db.execute("CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (created_at, id)")
+            db.execute("CREATE INDEX IF NOT EXISTS jobs_by_seq ON jobs (seq)")
 
     def _connection(self) -> sqlite3.Connection:
         # One connection per thread: sqlite3 connections must not cross threads.
@@ -49,14 +66,20 @@ class SQLiteJobStore(ConditionalWrites):
 
     @contextmanager
     def _transaction(self):
-        db = self._connection()
-        db.execute("BEGIN IMMEDIATE")
+        try:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            raise StoreUnavailable(f"the job database is busy or unreadable: {error}") from None
         try:
             yield db
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    def now(self) -> float:
+        return time.time()  # one host, one clock
 
     # ------------------------------------------------------------------ reads
 
@@ -85,59 +108,63 @@ class SQLiteJobStore(ConditionalWrites):
         row = self._connection().execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row is None or bool(row[0])  # a deleted job is as good as cancelled
 
-    def orphans(self, now: float, limit: int = 100) -> list[str]:
+    def claimable(self, limit: int = 100) -> list[str]:
         rows = self._connection().execute(
-            "SELECT id FROM jobs WHERE status < ? AND lease_until < ? ORDER BY created_at LIMIT ?",
-            (_TERMINAL, now, limit),
+            "SELECT id FROM jobs WHERE status < ? AND (owner IS NULL OR lease_until < ?) ORDER BY created_at LIMIT ?",
+            (_TERMINAL, self.now(), limit),
         ).fetchall()
         return [r[0] for r in rows]
 
     def count_active(self) -> int:
         return self._connection().execute("SELECT COUNT(*) FROM jobs WHERE status < ?", (_TERMINAL,)).fetchone()[0]
 
+    def changed_since(self, seq: int) -> tuple[int, list[str]]:
+        """Jobs written after sequence number ``seq``, and the newest number (what watchers poll)."""
+        rows = self._connection().execute("SELECT id, seq FROM jobs WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+        if not rows:
+            return seq, []
+        return rows[-1][1], [r[0] for r in rows]
+
+    def latest_seq(self) -> int:
+        return self._connection().execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
+
     # ------------------------------------------------------------------ writes
 
-    def create(self, record: JobRecord) -> None:
+    def create(self, record: JobRecord, max_active: int | None = None) -> bool:
         with self._transaction() as db:
+            if max_active is not None:
+                active = db.execute("SELECT COUNT(*) FROM jobs WHERE status < ?", (_TERMINAL,)).fetchone()[0]
+                if active >= max_active:
+                    return False
             db.execute(
-                "INSERT INTO jobs (id, created_at, status, lease_until, cancel, data) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, created_at, status, lease_until, cancel, owner, seq, data)"
+                " VALUES (?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), ?)",
                 (record.id, record.created_at, int(record.status), record.lease_until,
-                 int(record.cancel_requested), json.dumps(record.to_dict())),
+                 int(record.cancel_requested), record.owner, json.dumps(record.to_dict())),
             )
+        return True
 
-    def _modify(self, job_id: str, changes: dict, *, must_be_active: bool) -> JobRecord | None:
+    def _modify(self, job_id: str, decide) -> JobRecord | None:
         with self._transaction() as db:
             row = db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return None
             data = json.loads(row[0])
-            if must_be_active and data["status"] >= _TERMINAL:
+            changes = decide(JobRecord.from_dict(data), self.now())
+            if changes is None:
                 return None
             data.update({k: int(v) if isinstance(v, JobStatus) else v for k, v in changes.items()})
             db.execute(
-                "UPDATE jobs SET status = ?, lease_until = ?, cancel = ?, data = ? WHERE id = ?",
-                (data["status"], data["lease_until"], int(data["cancel_requested"]), json.dumps(data), job_id),
+                "UPDATE jobs SET status = ?, lease_until = ?, cancel = ?, owner = ?,"
+                " seq = (SELECT MAX(seq) + 1 FROM jobs), data = ? WHERE id = ?",
+                (data["status"], data["lease_until"], int(data["cancel_requested"]), data["owner"],
+                 json.dumps(data), job_id),
             )
             return JobRecord.from_dict(data)
 
     def delete(self, job_id: str) -> bool:
         with self._transaction() as db:
             return db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount > 0
-
-    def claim(self, job_id: str, owner: str, lease_s: float, now: float) -> bool:
-        with self._transaction() as db:
-            row = db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                return False
-            data = json.loads(row[0])
-            free = data["owner"] is None or data["lease_until"] < now or data["owner"] == owner
-            if data["status"] >= _TERMINAL or not free:
-                return False
-            data.update(owner=owner, lease_until=now + lease_s)
-            db.execute(
-                "UPDATE jobs SET lease_until = ?, data = ? WHERE id = ?", (data["lease_until"], json.dumps(data), job_id)
-            )
-            return True
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)

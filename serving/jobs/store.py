@@ -1,25 +1,46 @@
-"""The job store interface and its factory.
+"""The job store interface, its write rules, and its factory.
 
 Two real backends implement it: SQLite (embedded default, one machine) and
-Redis (cluster mode). Every method is short and synchronous; updates to a
-job that already reached a terminal state are ignored, so a late progress
-write can never resurrect a finished job.
+Redis (cluster mode). Rules both enforce atomically:
+
+- **Fenced writes.** An orchestrator owns a job through a claim, which gives it
+  a ``Fence`` (its name and the job's attempt number). Every write about a
+  running job carries the fence and is refused unless it is the current
+  owner's current attempt, so a stalled or replaced orchestrator (or a stage
+  still working for it) can never overwrite its successor's state.
+- **One clock.** Leases are measured on the store's clock (Redis ``TIME``; the
+  SQLite host's clock), never on each node's.
+- **Terminal is final; progress only rises.** A finished job takes no more
+  writes, and ``progress`` never goes down, whoever writes it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
+from serving.errors import StoreUnavailable
 from serving.jobs.record import JobRecord
-
 from serving.protocol import JobStatus
 
-__all__ = ["JobStore", "ConditionalWrites", "open_store"]
+__all__ = ["Fence", "JobStore", "StoreUnavailable", "ConditionalWrites", "open_store"]
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Who may write about a running job: its owner, in the attempt it claimed."""
+
+    job_id: str
+    owner: str
+    attempt: int
 
 
 class JobStore(Protocol):
-    def create(self, record: JobRecord) -> None:
-        """Insert a new job."""
+    def now(self) -> float:
+        """The store's clock, in seconds: the one clock leases are measured on."""
+
+    def create(self, record: JobRecord, max_active: int | None = None) -> bool:
+        """Insert a new job; with ``max_active``, only while fewer jobs are active (atomically). Whether it did."""
 
     def get(self, job_id: str) -> JobRecord | None:
         """The job, or ``None``."""
@@ -27,11 +48,23 @@ class JobStore(Protocol):
     def list(self, *, after: str | None, limit: int, order: str) -> tuple[list[JobRecord], bool]:
         """A page of jobs by creation time (``order`` asc/desc) after the job ``after``; and whether more exist."""
 
-    def update(self, job_id: str, **changes) -> bool:
-        """Apply ``changes`` if the job exists and is not terminal; return whether it did."""
+    def claim(self, job_id: str, owner: str, lease_s: float) -> JobRecord | None:
+        """Take an active job nobody holds (queued, handed over, or its lease expired); return it, or ``None``.
 
-    def finish(self, job_id: str, **changes) -> bool:
-        """Apply terminal ``changes`` (must set a terminal status) once; later calls return False."""
+        The returned record's ``attempts`` is the new attempt: ``Fence(job_id, owner, record.attempts)``.
+        """
+
+    def renew(self, fence: Fence, lease_s: float) -> bool:
+        """Extend the lease; False when the fence is no longer current (someone else owns the job now)."""
+
+    def release(self, fence: Fence) -> bool:
+        """Hand the job back (shutdown): the next claim takes it at once and is not counted as a takeover."""
+
+    def update(self, fence: Fence, **changes) -> bool:
+        """Apply ``changes`` if the fence is current and the job not terminal; return whether it did."""
+
+    def finish(self, fence: Fence, **changes) -> bool:
+        """Apply terminal ``changes`` (must set a terminal status) once, if the fence is current."""
 
     def request_cancel(self, job_id: str, delete: bool = False) -> JobRecord | None:
         """Flag the job for cancellation (and deletion once stopped); return it, or ``None`` if unknown."""
@@ -42,11 +75,8 @@ class JobStore(Protocol):
     def delete(self, job_id: str) -> bool:
         """Remove the record."""
 
-    def claim(self, job_id: str, owner: str, lease_s: float, now: float) -> bool:
-        """Take ownership if the job is active and unowned, its lease expired, or already ours."""
-
-    def orphans(self, now: float, limit: int = 100) -> list[str]:
-        """Active jobs whose lease expired (their orchestrator died)."""
+    def claimable(self, limit: int = 100) -> list[str]:
+        """Active jobs nobody holds: queued, handed over, or whose owner's lease expired (oldest first)."""
 
     def count_active(self) -> int:
         """Jobs queued or in progress."""
@@ -58,27 +88,65 @@ class JobStore(Protocol):
 class ConditionalWrites:
     """The write rules both backends share, on top of their one atomic primitive.
 
-    A backend provides ``_modify(job_id, changes, must_be_active) -> JobRecord | None``:
-    apply ``changes`` atomically, unless the job is missing, or terminal while
-    ``must_be_active`` is set.
+    A backend provides ``_modify(job_id, decide) -> JobRecord | None``: read the
+    record, call ``decide(record, now)`` which returns the changes to apply (or
+    ``None`` to refuse), and apply them atomically with the read.
     """
 
-    def _modify(self, job_id: str, changes: dict, must_be_active: bool) -> JobRecord | None:
+    def _modify(self, job_id: str, decide) -> JobRecord | None:
         raise NotImplementedError
 
-    def update(self, job_id: str, **changes) -> bool:
-        return self._modify(job_id, changes, must_be_active=True) is not None
+    # -- owner's writes (fenced)
 
-    def finish(self, job_id: str, **changes) -> bool:
+    def claim(self, job_id: str, owner: str, lease_s: float) -> JobRecord | None:
+        def decide(record: JobRecord, now: float) -> dict | None:
+            if record.status.is_terminal or (record.owner is not None and record.lease_until >= now):
+                return None
+            crashed = record.owner is not None  # it had an owner whose lease ran out without a hand-over
+            return {
+                "owner": owner, "lease_until": now + lease_s, "attempts": record.attempts + 1,
+                "takeovers": record.takeovers + (1 if crashed else 0),
+            }
+
+        return self._modify(job_id, decide)
+
+    def renew(self, fence: Fence, lease_s: float) -> bool:
+        return self._fenced(fence, lambda record, now: {"lease_until": now + lease_s}) is not None
+
+    def release(self, fence: Fence) -> bool:
+        return self._fenced(fence, lambda record, now: {"owner": None, "lease_until": 0.0}) is not None
+
+    def update(self, fence: Fence, **changes) -> bool:
+        return self._fenced(fence, lambda record, now: _monotonic(record, changes)) is not None
+
+    def finish(self, fence: Fence, **changes) -> bool:
         if "status" not in changes or not JobStatus(changes["status"]).is_terminal:
             raise ValueError("finish() needs a terminal status")
-        return self._modify(job_id, changes, must_be_active=True) is not None
+        changes = {**changes, "owner": None, "lease_until": 0.0}
+        return self._fenced(fence, lambda record, now: _monotonic(record, changes)) is not None
+
+    def _fenced(self, fence: Fence, decide) -> JobRecord | None:
+        def checked(record: JobRecord, now: float) -> dict | None:
+            if record.status.is_terminal or record.owner != fence.owner or record.attempts != fence.attempt:
+                return None
+            return decide(record, now)
+
+        return self._modify(fence.job_id, checked)
+
+    # -- clients' writes (flags only; the owner acts on them)
 
     def request_cancel(self, job_id: str, delete: bool = False) -> JobRecord | None:
         changes = {"cancel_requested": True}
         if delete:
             changes["delete_requested"] = True
-        return self._modify(job_id, changes, must_be_active=False)
+        return self._modify(job_id, lambda record, now: changes)
+
+
+def _monotonic(record: JobRecord, changes: dict) -> dict:
+    """``progress`` never goes down, whoever writes it (a retried stage starts its marks from the bottom)."""
+    if "progress" in changes:
+        changes = {**changes, "progress": max(record.progress, int(changes["progress"]))}
+    return changes
 
 
 def open_store(backend: str, *, sqlite_path: str | None = None, redis_url: str | None = None) -> JobStore:

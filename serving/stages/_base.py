@@ -1,37 +1,114 @@
-"""What every stage deployment shares: one request at a time on the model, off the event loop."""
+"""What every model stage deployment shares.
+
+- One request at a time on the model, in a worker thread, off the event loop
+  (pipeline objects keep per-call state); a cancelled caller never lets the
+  next request in while the model is still busy.
+- Out of memory is a per-request failure: the replica frees what it held and
+  serves on; the orchestrator reports it as this stage's.
+- Outputs leave as a ``Handoff``: a Ray object put by this replica (read
+  zero-copy on its node) plus a copy kept in the job's artifacts, which a
+  takeover or a consumer whose producer is gone reads instead.
+- Injected faults (config ``faults``) strike here.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import time
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
+from cluster.config import FaultConfig, JobsConfig
+from serving.errors import GenerationFailed, StageOutOfMemory
+from serving.jobs.artifacts import open_artifacts
+from serving.jobs.faults import FaultInjector, InjectedOutOfMemory
 from serving.metrics import StageStats
+from serving.protocol import Handoff, JobTicket
 
 T = TypeVar("T")
 
-__all__ = ["StageRunner"]
+__all__ = ["StageRunner", "free_device_memory", "is_out_of_memory"]
+
+logger = logging.getLogger("reelserve.stage")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, (torch.OutOfMemoryError, InjectedOutOfMemory)) or "out of memory" in str(error).lower()
+
+
+def free_device_memory() -> None:
+    """Give back what a failed request held, so the replica can take the next one."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class StageRunner:
-    """Runs blocking model calls in a worker thread, one at a time.
-
-    Pipeline objects keep per-call state, so calls on one replica must not
-    overlap; waiting requests queue on the lock (bounded by the deployment's
-    ``max_ongoing_requests``).
-    """
-
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, jobs: JobsConfig, faults: list[FaultConfig] = ()):
+        self.stage = stage
         self.stats = StageStats(stage=stage)
+        self.artifacts = open_artifacts(jobs)
+        self.faults = FaultInjector(stage, list(faults), self.artifacts)
         self._lock = asyncio.Lock()
 
-    async def run(self, work: Callable[..., T], *args) -> T:
+    async def run(self, ticket: JobTicket, work: Callable[..., T], *args) -> T:
+        await self.faults.on_entry(ticket)
         async with self._lock:
             started = time.perf_counter()
+            future = asyncio.ensure_future(asyncio.to_thread(self._guarded, work, *args))
             try:
-                result = await asyncio.to_thread(work, *args)
+                result = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                await asyncio.wait([future])  # the model call cannot be interrupted: hold the lock until it ends
+                raise
             except BaseException:
                 self.stats.record(time.perf_counter() - started, ok=False)
                 raise
             self.stats.record(time.perf_counter() - started, ok=True)
             return result
+
+    def _guarded(self, work: Callable[..., T], *args) -> T:
+        try:
+            return work(*args)
+        except Exception as error:
+            if is_out_of_memory(error):
+                del error
+                free_device_memory()
+                self.stats.bump("out_of_memory_total")
+                raise StageOutOfMemory(self.stage) from None
+            raise
+
+    # ------------------------------------------------------------------ hand-offs
+
+    async def publish(self, ticket: JobTicket, name: str, payload: Any) -> Handoff:
+        """Put the payload where the next stage reads it, and keep a copy for a takeover."""
+        import ray
+
+        ref = ray.put(payload)
+        try:
+            await asyncio.to_thread(self.artifacts.put, ticket.job_id, name, payload)
+        except Exception as error:  # noqa: BLE001 - the job goes on; only a takeover would redo this stage
+            logger.warning("job %s: keeping the %s failed (%s); continuing without a copy", ticket.job_id, name, error)
+        nbytes = int(getattr(payload, "nbytes", 0))
+        self.stats.bump("handoff_bytes_total", nbytes)
+        return Handoff(job_id=ticket.job_id, name=name, ref=ref, nbytes=nbytes)
+
+    async def receive(self, handoff: Handoff) -> Any:
+        """The payload: from the Ray object, or from the kept copy when there is none or it is gone."""
+        import ray
+
+        if handoff.ref is not None:
+            try:
+                return await handoff.ref
+            except ray.exceptions.RayError as error:
+                logger.info("job %s: the %s object is gone (%s); reading the kept copy",
+                            handoff.job_id, handoff.name, type(error).__name__)
+        value = await asyncio.to_thread(self.artifacts.get, handoff.job_id, handoff.name)
+        if value is None:
+            raise GenerationFailed(f"the {handoff.name} of this job is lost (its producer is gone and no copy was kept)")
+        return value

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from cluster.config import ModelConfig
+from cluster.config import FaultConfig, JobsConfig, ModelConfig
 from serving.families import get_family
-from serving.protocol import DenoisedLatents, Waveform
+from serving.protocol import Handoff, JobTicket
 from serving.stages._base import StageRunner
 
 __all__ = ["AudioDecoderStage"]
 
 
 class AudioDecoderStage:
-    def __init__(self, model: ModelConfig):
+    def __init__(self, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = ()):
         self._decoder = get_family(model.family).audio_decoder(model)
-        self._runner = StageRunner("audio_decoder")
+        self._runner = StageRunner("audio_decoder", jobs, faults)
 
-    async def decode(self, latents: DenoisedLatents) -> Waveform:
-        return await self._runner.run(self._decoder.decode, latents.audio)
+    async def decode(self, ticket: JobTicket, latents: Handoff) -> Handoff:
+        audio_latents = await self._runner.receive(latents)
+        waveform = await self._runner.run(ticket, self._decoder.decode, audio_latents)
+        return await self._runner.publish(ticket, "waveform", waveform)
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()

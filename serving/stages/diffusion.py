@@ -1,61 +1,243 @@
-"""Diffusion stage: embeddings (+ photo latents) -> denoised video and audio latents.
+"""Diffusion stage: embeddings (+ photo latents) -> denoised video and audio latents, on an engine that
+owns its loop.
 
-After every denoising step it writes the job's progress to the job store and
-checks the store's cancel flag; a cancelled job stops before the next step.
+One thread per replica runs the family's diffusion engine: every ``step()``
+advances all the requests it holds by one denoising step, batched where
+shapes allow. Around it, per request, on the event loop:
+
+- progress after every step, written with the job's fence; a refused write
+  means another attempt owns the job, and this one stops;
+- cancellation within one step (the job's cancel flag, read after each step);
+- checkpoints every few steps into the job's artifacts, and one more when the
+  call is cancelled (hand-over, redeploy), so a successor resumes at the very
+  step this one stopped; a request that finds a checkpoint resumes from it;
+- out of memory fails only the requests of that batch; the replica serves on.
 """
 
 from __future__ import annotations
 
-from cluster.config import JobsConfig, ModelConfig
-from serving.errors import JobCancelled
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from cluster.config import FaultConfig, JobsConfig, ModelConfig
+from serving.errors import JobCancelled, StageOutOfMemory, StoreUnavailable
 from serving.families import get_family
 from serving.jobs.progress import diffusion_progress
 from serving.jobs.store import open_store
-from serving.protocol import DenoisedLatents, ImageCondition, PromptEmbeddings, RenderPlan
-from serving.stages._base import StageRunner
+from serving.protocol import DenoiseResult, Handoff, JobTicket, RenderPlan
+from serving.stages._base import StageRunner, free_device_memory, is_out_of_memory
 
 __all__ = ["DiffusionStage"]
 
+logger = logging.getLogger("reelserve.diffusion")
+
+CHECKPOINT = "denoise_checkpoint"
+
+
+@dataclass
+class _Request:
+    """A request in the engine, as the event loop sees it."""
+
+    ticket: JobTicket
+    future: asyncio.Future
+    total_steps: int
+    resumed_from_step: int | None = None
+    checkpoint_on_stop: bool = False  # stopped by a hand-over: leave a checkpoint for the successor
+
 
 class DiffusionStage:
-    def __init__(self, model: ModelConfig, jobs: JobsConfig):
-        self._denoiser = get_family(model.family).denoiser(model)
+    def __init__(self, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = ()):
+        self._engine = get_family(model.family).diffusion_engine(model)
         self._store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
-        self._runner = StageRunner("diffusion")
+        self._runner = StageRunner("diffusion", jobs, faults)
+        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="diffusion-io")
+        self._requests: dict[str, _Request] = {}  # request id -> request
+        self._stop_requests: set[str] = set()  # abort these before the next step (checkpointing first if asked)
+        self._wake = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ the call
 
     async def denoise(
-        self,
-        job_id: str,
-        attempt: int,
-        embeddings: PromptEmbeddings,
-        condition: ImageCondition | None,
-        plan: RenderPlan,
-    ) -> DenoisedLatents:
-        return await self._runner.run(self._denoise, job_id, attempt, embeddings, condition, plan)
+        self, ticket: JobTicket, embeddings: Handoff, condition: Handoff | None, plan: RenderPlan
+    ) -> DenoiseResult:
+        await self._runner.faults.on_entry(ticket)
+        request = await self._submit(ticket, embeddings, condition, plan)
+        try:
+            latents = await request.future
+        except asyncio.CancelledError:
+            request.checkpoint_on_stop = True  # the caller went away (hand-over, deadline): keep the work
+            self._stop(request.ticket.job_id)
+            raise
+        video = await self._runner.publish(ticket, "video_latents", latents.video)
+        audio = await self._runner.publish(ticket, "audio_latents", latents.audio)
+        return DenoiseResult(video, audio, request.total_steps, request.total_steps, request.resumed_from_step)
 
-    def _denoise(self, job_id, attempt, embeddings, condition, plan) -> DenoisedLatents:
-        self._stop_if_abandoned(job_id, attempt, "before the first step")
-        self._store.update(job_id, stage="diffusion", step=0, total_steps=plan.num_inference_steps)
+    async def _submit(self, ticket: JobTicket, embeddings: Handoff, condition: Handoff | None, plan: RenderPlan):
+        from serving.families.ltx2_engine import DenoiseRequest
 
-        def after_step(finished: int, total: int) -> None:
+        self._ensure_running()
+        prompt = await self._runner.receive(embeddings)
+        photo = None if condition is None else await self._runner.receive(condition)
+        loop = asyncio.get_running_loop()
+        older = self._requests.get(ticket.job_id)
+        if older is not None:  # an older attempt of this job still runs here: it stops first, leaving a checkpoint
+            older.checkpoint_on_stop = True
+            self._stop(ticket.job_id)
+            await asyncio.wait([older.future])
+        resume = await loop.run_in_executor(self._io, self._runner.artifacts.get, ticket.job_id, CHECKPOINT)
+        request = _Request(ticket, loop.create_future(), self._engine.total_steps(plan))
+        self._requests[ticket.job_id] = request
+        denoise = DenoiseRequest(ticket.job_id, prompt, photo, plan)
+        try:
+            try:
+                self._engine.add(denoise, resume_from=resume)
+            except ValueError as mismatch:
+                if resume is None:
+                    raise
+                # Taken with other settings (a redeploy changed the steps or the recipe): start over.
+                logger.warning("job %s: its checkpoint does not fit this engine (%s); starting over", ticket.job_id, mismatch)
+                resume = None
+                self._engine.add(denoise)
+        except BaseException:
+            self._requests.pop(ticket.job_id, None)
+            raise
+        if resume is not None:
+            request.resumed_from_step = resume.finished_steps
+            logger.info("job %s resumes from step %d", ticket.job_id, resume.finished_steps)
+            self._write(request, resumed_from_step=resume.finished_steps, step=resume.finished_steps)
+        with self._wake:
+            self._wake.notify()
+        return request
+
+    def _stop(self, job_id: str) -> None:
+        with self._wake:
+            self._stop_requests.add(job_id)
+            self._wake.notify()
+
+    # ------------------------------------------------------------------ the engine's thread
+
+    def _ensure_running(self) -> None:
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run_engine, name="diffusion-engine", daemon=True)
+            self._thread.start()
+
+    def _run_engine(self) -> None:
+        while True:
+            with self._wake:
+                while not self._engine.has_work and not self._stop_requests:
+                    self._wake.wait(timeout=5.0)  # idle; woken by every new request and stop
+                stopping, self._stop_requests = self._stop_requests, set()
+            for job_id in stopping:
+                self._stop_in_engine(job_id)
+            try:
+                events = self._engine.step()
+            except Exception as error:  # noqa: BLE001 - the engine isolates batches; this is a last resort
+                logger.exception("diffusion engine step failed")
+                events = [_EngineFailure(job_id, error) for job_id in self._engine.active_requests]
+            for event in events:
+                self._dispatch(event)
+
+    def _stop_in_engine(self, job_id: str) -> None:
+        request = self._requests.get(job_id)
+        if request is not None and request.checkpoint_on_stop and job_id in self._engine.active_requests:
+            try:
+                self._save_checkpoint(job_id, self._engine.checkpoint(job_id))
+            except Exception as error:  # noqa: BLE001 - a lost checkpoint costs steps, not the job
+                logger.warning("job %s: checkpoint on stop failed: %r", job_id, error)
+        self._engine.abort(job_id)
+        self._resolve(job_id, error=JobCancelled(f"denoising of job {job_id} stopped"))
+
+    def _dispatch(self, event) -> None:
+        from serving.families.engine import CheckpointReady, RequestFailed, RequestFinished, StepFinished
+
+        job_id = event.request_id
+        request = self._requests.get(job_id)
+        if request is None:
+            return
+        if isinstance(event, StepFinished):
             self._runner.stats.bump("steps_total")
-            record = self._stop_if_abandoned(job_id, attempt, f"at step {finished} of {total}")
-            progress = max(record.progress, diffusion_progress(finished, total))
-            self._store.update(job_id, step=finished, total_steps=total, progress=progress)
+            try:
+                self._runner.faults.at_step(request.ticket, event.finished_steps)
+            except Exception as error:  # noqa: BLE001 - an injected out-of-memory error, as the step would raise
+                self._engine.abort(job_id)
+                free_device_memory()
+                self._resolve(job_id, error=StageOutOfMemory("diffusion") if is_out_of_memory(error) else error)
+                return
+            self._loop.call_soon_threadsafe(self._after_step, request, event.finished_steps, event.total_steps)
+        elif isinstance(event, CheckpointReady):
+            self._io.submit(self._save_checkpoint, job_id, event.checkpoint)
+        elif isinstance(event, RequestFinished):
+            self._resolve(job_id, result=event.output)
+        elif isinstance(event, (RequestFailed, _EngineFailure)):
+            error = event.error
+            self._resolve(job_id, error=StageOutOfMemory("diffusion") if is_out_of_memory(error) else error)
 
-        return self._denoiser.denoise(embeddings, condition, plan, after_step)
+    def _resolve(self, job_id: str, result=None, error: BaseException | None = None) -> None:
+        request = self._requests.pop(job_id, None)
+        if request is None:
+            return
 
-    def _stop_if_abandoned(self, job_id: str, attempt: int, where: str):
-        """The job's record, or ``JobCancelled`` when nobody waits for this run any more.
+        def settle() -> None:
+            if request.future.done():
+                return
+            if error is not None:
+                request.future.set_exception(error)
+            else:
+                request.future.set_result(result)
 
-        That is: the job was cancelled, deleted, already ended (e.g. timed out), or
-        another orchestrator took it over and started a newer attempt.
-        """
-        record = self._store.get(job_id)
-        if record is None or record.cancel_requested or record.status.is_terminal or record.attempts != attempt:
-            self._runner.stats.bump("cancelled_total")
-            raise JobCancelled(f"job {job_id} attempt {attempt} stopped {where}")
-        return record
+        self._loop.call_soon_threadsafe(settle)
+
+    # ------------------------------------------------------------------ around each step (event loop)
+
+    def _after_step(self, request: _Request, finished: int, total: int) -> None:
+        progress = diffusion_progress(finished, total)
+        self._write(request, step=finished, total_steps=total, progress=progress)
+
+    def _write(self, request: _Request, **changes) -> None:
+        """Progress with the job's fence; a refused write or a cancel flag stops the request."""
+        ticket = request.ticket
+
+        def write() -> None:
+            try:
+                current = self._store.update(ticket.fence, **changes)
+                cancelled = current and self._store.is_cancel_requested(ticket.job_id)
+            except StoreUnavailable:
+                return  # the job keeps going; the next step writes again
+            if not current:
+                logger.info("job %s attempt %d is superseded; stopping it", ticket.job_id, ticket.attempt)
+                request.checkpoint_on_stop = True
+                self._stop(ticket.job_id)
+            elif cancelled:
+                self._runner.stats.bump("cancelled_total")
+                self._stop(ticket.job_id)
+
+        self._io.submit(write)
+
+    def _save_checkpoint(self, job_id: str, checkpoint) -> None:
+        try:
+            self._runner.artifacts.put(job_id, CHECKPOINT, checkpoint)
+            self._runner.stats.bump("checkpoints_total")
+        except Exception as error:  # noqa: BLE001 - a lost checkpoint costs steps on a takeover, not the job
+            logger.warning("job %s: saving a checkpoint failed: %r", job_id, error)
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()
+
+    async def __del__(self):
+        # Serve calls this after the replica's calls drained (graceful_shutdown_timeout_s, derived from the
+        # longest job); whatever still runs checkpoints now, so its successor resumes where it stopped.
+        for job_id, request in list(self._requests.items()):
+            request.checkpoint_on_stop = True
+            self._stop(job_id)
+
+
+@dataclass(frozen=True)
+class _EngineFailure:
+    request_id: str
+    error: BaseException

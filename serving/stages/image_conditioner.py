@@ -1,26 +1,30 @@
-"""Image conditioner stage: photo bytes -> ImageCondition (first-frame latents)."""
+"""Image conditioner stage: the job's photo (from the results volume) -> first-frame latents (ImageCondition)."""
 
 from __future__ import annotations
 
-from cluster.config import ModelConfig
+from cluster.config import FaultConfig, JobsConfig, ModelConfig
 from serving.families import get_family
+from serving.jobs.results import ResultStore
 from serving.media import load_photo
-from serving.protocol import ImageCondition
+from serving.protocol import Handoff, ImageCondition, JobTicket
 from serving.stages._base import StageRunner
 
 __all__ = ["ImageConditionerStage"]
 
 
 class ImageConditionerStage:
-    def __init__(self, model: ModelConfig):
+    def __init__(self, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = ()):
         self._conditioner = get_family(model.family).image_conditioner(model)
-        self._runner = StageRunner("image_conditioner")
+        self._results = ResultStore(jobs.results_dir)
+        self._runner = StageRunner("image_conditioner", jobs, faults)
 
-    async def condition(self, photo: bytes, width: int, height: int) -> ImageCondition:
-        return await self._runner.run(self._condition, photo, width, height)
+    async def condition(self, ticket: JobTicket, width: int, height: int) -> Handoff:
+        condition = await self._runner.run(ticket, self._condition, ticket.job_id, width, height)
+        return await self._runner.publish(ticket, "image_condition", condition)
 
-    def _condition(self, photo: bytes, width: int, height: int) -> ImageCondition:
-        return self._conditioner.condition(load_photo(photo), width, height)
+    def _condition(self, job_id: str, width: int, height: int) -> ImageCondition:
+        # The photo was checked when the job was accepted; it is read here, not carried through the orchestrator.
+        return self._conditioner.condition(load_photo(self._results.load_input(job_id)), width, height)
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()

@@ -1,13 +1,13 @@
-"""Muxer stage: the H.264 track + waveform -> MP4 (AAC added) in the results directory."""
+"""Muxer stage: the H.264 track + the waveform -> MP4 (AAC added) in the results directory."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.config import JobsConfig
+from cluster.config import FaultConfig, JobsConfig
 from serving.jobs.results import ResultStore
 from serving.media import mux_mp4
-from serving.protocol import EncodedVideo, Waveform
+from serving.protocol import EncodedVideo, Handoff, JobTicket, Waveform
 from serving.stages._base import StageRunner
 
 __all__ = ["MuxerStage", "MuxedVideo"]
@@ -20,12 +20,14 @@ class MuxedVideo:
 
 
 class MuxerStage:
-    def __init__(self, jobs: JobsConfig):
+    def __init__(self, jobs: JobsConfig, faults: list[FaultConfig] = ()):
         self._results = ResultStore(jobs.results_dir)
-        self._runner = StageRunner("muxer")
+        self._runner = StageRunner("muxer", jobs, faults)
 
-    async def mux(self, job_id: str, video: EncodedVideo, waveform: Waveform) -> MuxedVideo:
-        return await self._runner.run(self._mux, job_id, video, waveform)
+    async def mux(self, ticket: JobTicket, video: Handoff, waveform: Handoff) -> MuxedVideo:
+        encoded = await self._runner.receive(video)
+        audio = await self._runner.receive(waveform)
+        return await self._runner.run(ticket, self._mux, ticket.job_id, encoded, audio)
 
     def _mux(self, job_id: str, video: EncodedVideo, waveform: Waveform) -> MuxedVideo:
         path = mux_mp4(self._results.video_path(job_id), video, waveform)

@@ -1,22 +1,23 @@
-"""Text encoder stage: prompt + negative prompt -> PromptEmbeddings."""
+"""Text encoder stage: prompt + negative prompt -> the text connectors' outputs (PromptEmbeddings)."""
 
 from __future__ import annotations
 
-from cluster.config import ModelConfig
+from cluster.config import FaultConfig, JobsConfig, ModelConfig
 from serving.families import get_family
-from serving.protocol import PromptEmbeddings
+from serving.protocol import Handoff, JobTicket
 from serving.stages._base import StageRunner
 
 __all__ = ["TextEncoderStage"]
 
 
 class TextEncoderStage:
-    def __init__(self, model: ModelConfig):
+    def __init__(self, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = ()):
         self._encoder = get_family(model.family).text_encoder(model)
-        self._runner = StageRunner("text_encoder")
+        self._runner = StageRunner("text_encoder", jobs, faults)
 
-    async def encode(self, prompt: str, negative_prompt: str | None) -> PromptEmbeddings:
-        return await self._runner.run(self._encoder.encode, prompt, negative_prompt)
+    async def encode(self, ticket: JobTicket, prompt: str, negative_prompt: str | None) -> Handoff:
+        embeddings = await self._runner.run(ticket, self._encoder.encode, prompt, negative_prompt)
+        return await self._runner.publish(ticket, "prompt_embeddings", embeddings)
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()

@@ -1,22 +1,25 @@
-"""Video decoder stage: video latents -> frames -> H.264 (frames never leave the stage)."""
+"""Video decoder stage: video latents -> frames -> H.264. Frames never leave the stage; the compressed
+track does (about 2 MB for 1280x704 x 5 s instead of 324 MB of frames)."""
 
 from __future__ import annotations
 
-from cluster.config import ModelConfig
+from cluster.config import FaultConfig, JobsConfig, ModelConfig
 from serving.families import get_family
-from serving.protocol import DenoisedLatents, EncodedVideo, RenderPlan
+from serving.protocol import Handoff, JobTicket, RenderPlan
 from serving.stages._base import StageRunner
 
 __all__ = ["VideoDecoderStage"]
 
 
 class VideoDecoderStage:
-    def __init__(self, model: ModelConfig):
+    def __init__(self, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = ()):
         self._decoder = get_family(model.family).video_decoder(model)
-        self._runner = StageRunner("video_decoder")
+        self._runner = StageRunner("video_decoder", jobs, faults)
 
-    async def decode(self, latents: DenoisedLatents, plan: RenderPlan) -> EncodedVideo:
-        return await self._runner.run(self._decoder.decode, latents.video, plan)
+    async def decode(self, ticket: JobTicket, latents: Handoff, plan: RenderPlan) -> Handoff:
+        video_latents = await self._runner.receive(latents)
+        encoded = await self._runner.run(ticket, self._decoder.decode, video_latents, plan)
+        return await self._runner.publish(ticket, "encoded_video", encoded)
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()

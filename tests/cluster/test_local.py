@@ -57,7 +57,7 @@ def test_up_reports_the_endpoints_and_status_shows_every_stage_healthy(cluster):
     status = json.loads(result.stdout)
     assert status["status"] == "RUNNING"
     assert set(status["deployments"]) == {
-        "ingress", "prompt_rewriter", "text_encoder", "image_conditioner", "diffusion", "video_decoder",
+        "ingress", "orchestrator", "prompt_rewriter", "text_encoder", "image_conditioner", "diffusion", "video_decoder",
         "audio_decoder", "muxer",
     }
     assert set(status["deployments"].values()) == {"HEALTHY"}

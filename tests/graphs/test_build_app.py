@@ -16,12 +16,12 @@ EMBEDDED = Path(__file__).resolve().parents[2] / "cluster" / "profiles" / "local
 
 
 def _deployments(app: Application) -> dict:
-    """The ingress deployment and the stage deployments bound as its arguments, by name."""
-    ingress = app._bound_deployment
-    found = {ingress.name: ingress}
-    for argument in ingress.init_args:
+    """Every deployment of the graph, by name: the ingress and what is bound into it, recursively."""
+    deployment = app._bound_deployment
+    found = {deployment.name: deployment}
+    for argument in deployment.init_args:
         if isinstance(argument, Application):
-            found[argument._bound_deployment.name] = argument._bound_deployment
+            found.update(_deployments(argument))
     return found
 
 
@@ -30,11 +30,26 @@ def test_build_app_defaults_without_starting_ray():
     assert isinstance(app, Application)
     assert not ray.is_initialized()
     deployments = _deployments(app)
-    assert set(deployments) == {"ingress", *STAGE_NAMES}
-    # the ingress gets the validated config as a plain dict
-    config_dict = deployments["ingress"].init_args[0]
-    assert isinstance(config_dict, dict)
-    assert config_dict == load_config({}).model_dump()
+    assert set(deployments) == {"ingress", "orchestrator", *STAGE_NAMES}
+    # the ingress holds no stage: only the orchestrator, to wake it
+    ingress_args = [a for a in deployments["ingress"].init_args if isinstance(a, Application)]
+    assert [a._bound_deployment.name for a in ingress_args] == ["orchestrator"]
+    # the ingress and the orchestrator get only the config sections they use, so scaling a stage restarts neither
+    config = load_config({})
+    assert deployments["ingress"].init_args[:3] == (config.model, config.jobs, config.rewriter)
+    assert deployments["orchestrator"].init_args[:4] == (config.orchestrator, config.model, config.jobs, config.rewriter)
+    scaled = build_app({"stages": {"diffusion": {"num_replicas": 3}, "muxer": {"num_replicas": 2}}})
+    for name in ("ingress", "orchestrator", "text_encoder"):
+        before, after = deployments[name].init_args, _deployments(scaled)[name].init_args
+        assert [a for a in before if not isinstance(a, Application)] == [a for a in after if not isinstance(a, Application)]
+
+
+def test_build_app_refuses_a_config_that_cannot_fit():
+    profile = load_config(str(EMBEDDED.parent / "1x-h100.yaml")).model_dump()
+    profile["stages"]["diffusion"]["gpu_memory_gb"] = 30  # the 19B transformer alone is 38 GB
+    with pytest.raises(ValueError, match="stages.diffusion.gpu_memory_gb"):
+        build_app(profile)
+    assert not ray.is_initialized()
 
 
 def test_build_app_from_embedded_profile():
@@ -45,15 +60,15 @@ def test_build_app_from_embedded_profile():
         deployments = _deployments(app)
         assert deployments["diffusion"].max_ongoing_requests == 2
         assert deployments["diffusion"].max_queued_requests == 16
-        assert deployments["ingress"].init_args[0]["model"]["name"] == "ltx-2-tiny"
+        assert deployments["ingress"].init_args[0].name == "ltx-2-tiny"
     assert build_app(None) is not None
     assert not ray.is_initialized()
 
 
 def test_build_app_applies_stage_resources():
-    app = build_app({"stages": {"video_decoder": {"num_cpus": 2, "memory_gb": 1.0}}, "ingress": {"num_cpus": 0.5}})
+    app = build_app({"stages": {"video_decoder": {"num_cpus": 2, "memory_gb": 2.0}}, "ingress": {"num_cpus": 0.5}})
     deployments = _deployments(app)
-    assert deployments["video_decoder"].ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0.0, "memory": 1024**3}
+    assert deployments["video_decoder"].ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0.0, "memory": 2 * 1024**3}
     assert deployments["ingress"].ray_actor_options == {"num_cpus": 0.5}
     assert not ray.is_initialized()
 

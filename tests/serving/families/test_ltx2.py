@@ -140,9 +140,12 @@ def test_stages_equal_the_whole_pipeline(mode, stages, tiny_config, tiny_checkpo
     assert ours.embeddings.negative is not None  # guidance is on in this config
 
     # Video: the pipeline's np output, all generated frames, in 8 bits (the decoder never makes floats on the host).
+    # The engine runs all guidance passes as one batch, so its latents equal the pipeline's up to summation
+    # order (about 1e-6): a pixel may round to the neighbouring byte, never further.
     assert video.shape == (1, plan.generated_frames, HEIGHT, WIDTH, 3)
     assert ours.pixels.shape == video.shape[1:] and ours.pixels.dtype == np.uint8
-    np.testing.assert_array_equal(ours.pixels, _to_bytes(video[0]))
+    byte_error = np.abs(ours.pixels.astype(np.int16) - _to_bytes(video[0]).astype(np.int16))
+    assert byte_error.max() <= 1 and (byte_error > 0).mean() < 0.01
     assert float(ours.pixels.std()) > 2  # not a constant image
 
     # Audio: the pipeline's waveform tensor.

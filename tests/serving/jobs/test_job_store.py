@@ -7,11 +7,13 @@ started once for this module on a free port. Nothing is mocked.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from serving.jobs.record import JobRecord, new_job_id
 from serving.jobs.sqlite_store import SQLiteJobStore
+from serving.jobs.store import Fence
 from serving.protocol import JobStatus
 
 MAX_SEED = 2**63 - 1  # the largest seed a request may carry (serving.requests.MAX_SEED)
@@ -82,6 +84,10 @@ def test_create_get_round_trips_every_field(store):
         owner="orchestrator-1",
         lease_until=1712345690.75,
         attempts=2,
+        takeovers=1,
+        deadline_at=1712347478.25,
+        done_stages=["text_encoder", "image_conditioner"],
+        resumed_from_step=4,
         has_image=True,
         prompt='unicode 🦊 東京 "quotes" \\ and\nnewline',
     )
@@ -115,31 +121,86 @@ def test_get_unknown_is_none(store):
     assert store.get("video_does_not_exist") is None
 
 
-# ---------------------------------------------------------------------------------------------- update / finish
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _claim(store, record: JobRecord, owner: str = "alpha", lease_s: float = 30.0) -> Fence:
+    claimed = store.claim(record.id, owner, lease_s)
+    assert claimed is not None, f"{owner} could not claim {record.id}"
+    return Fence(record.id, owner, claimed.attempts)
+
+
+def _expire(store, record: JobRecord, owner: str = "dead") -> Fence:
+    """Claim with a lease that runs out at once (the owner 'crashes')."""
+    fence = _claim(store, record, owner, lease_s=0.05)
+    time.sleep(0.1)
+    return fence
+
+
+# ---------------------------------------------------------------------------------------------- fenced writes
 
 
 def test_update_changes_fields_and_returns_true(store):
     record = make_record(total_steps=8)
     store.create(record)
+    fence = _claim(store, record)
     assert store.update(
-        record.id, status=JobStatus.IN_PROGRESS, progress=40, stage="diffusion", step=3,
-        started_at=1001.5, stage_seconds={"text_encoder": 0.5},
+        fence, status=JobStatus.IN_PROGRESS, progress=40, stage="diffusion", step=3,
+        started_at=1001.5, stage_seconds={"text_encoder": 0.5}, done_stages=["text_encoder"],
     ) is True
     got = store.get(record.id)
     assert got.status is JobStatus.IN_PROGRESS
     assert (got.progress, got.stage, got.step, got.started_at) == (40, "diffusion", 3, 1001.5)
-    assert got.stage_seconds == {"text_encoder": 0.5}
+    assert got.stage_seconds == {"text_encoder": 0.5} and got.done_stages == ["text_encoder"]
     # fields not named in the update keep their values
     assert (got.prompt, got.negative_prompt, got.model, got.seed) == (record.prompt, "blurry", "ltx-2-tiny", 1234)
     assert (got.width, got.height, got.fps, got.seconds, got.total_steps) == (256, 192, 24, 2.5, 8)
-    assert got.completed_at is None and got.owner is None
+    assert got.completed_at is None and got.owner == "alpha" and got.attempts == 1
     assert store.count_active() == 1
 
 
-def test_update_unknown_job_returns_false(store):
-    assert store.update("video_missing", progress=5) is False
-    assert store.finish("video_missing", status=JobStatus.COMPLETED) is False
+def test_writes_to_unknown_jobs_return_false(store):
+    fence = Fence("video_missing", "alpha", 1)
+    assert store.update(fence, progress=5) is False
+    assert store.finish(fence, status=JobStatus.COMPLETED) is False
+    assert store.renew(fence, 10.0) is False and store.release(fence) is False
+    assert store.claim("video_missing", "alpha", 10.0) is None
     assert store.get("video_missing") is None
+
+
+def test_a_stale_owners_writes_are_refused(store):
+    """An owner whose lease ran out and whose job was taken over can write nothing, not even its outcome."""
+    record = make_record()
+    store.create(record)
+    stale = _expire(store, record, owner="alpha")
+    assert store.update(stale, status=JobStatus.IN_PROGRESS, stage="diffusion", progress=30)
+    current = _claim(store, record, owner="beta")
+    assert current.attempt == stale.attempt + 1
+    before = store.get(record.id)
+    assert before.owner == "beta" and before.takeovers == 1
+
+    assert store.update(stale, stage="decoders", progress=90, step=7) is False
+    assert store.renew(stale, 30.0) is False
+    assert store.release(stale) is False
+    assert store.finish(stale, status=JobStatus.CANCELLED, stage="cancelled") is False  # its JobCancelled
+    assert store.get(record.id) == before
+
+    # The same owner name in an older attempt is just as stale (a replica that restarted under its name).
+    assert store.update(Fence(record.id, "beta", stale.attempt), progress=95) is False
+    assert store.update(current, progress=60) is True
+    assert store.finish(current, status=JobStatus.COMPLETED, progress=100) is True
+    finished = store.get(record.id)
+    assert finished.status is JobStatus.COMPLETED and finished.owner is None
+
+
+def test_progress_never_goes_back(store):
+    record = make_record()
+    store.create(record)
+    fence = _claim(store, record)
+    assert store.update(fence, progress=50, stage="diffusion")
+    assert store.update(fence, progress=5, stage="diffusion", step=1)  # a retried stage starts low
+    got = store.get(record.id)
+    assert got.progress == 50 and got.step == 1
 
 
 def test_writes_keep_untouched_numbers_exact(store):
@@ -151,8 +212,9 @@ def test_writes_keep_untouched_numbers_exact(store):
     """
     record = make_record(seed=MAX_SEED, created_at=1712345678.123456)
     store.create(record)
-    assert store.claim(record.id, "orchestrator-1", 10.0, now=2000.0)
-    assert store.update(record.id, status=JobStatus.IN_PROGRESS, progress=5)
+    fence = _claim(store, record)
+    assert store.update(fence, status=JobStatus.IN_PROGRESS, progress=5)
+    assert store.renew(fence, 10.0)
     assert store.request_cancel(record.id) is not None
     got = store.get(record.id)
     assert type(got.seed) is int
@@ -163,28 +225,31 @@ def test_writes_keep_untouched_numbers_exact(store):
 def test_late_update_cannot_resurrect_finished_job(store):
     record = make_record()
     store.create(record)
-    assert store.update(record.id, status=JobStatus.IN_PROGRESS, progress=50, stage="diffusion")
+    fence = _claim(store, record)
+    assert store.update(fence, status=JobStatus.IN_PROGRESS, progress=50, stage="diffusion")
     assert store.finish(
-        record.id, status=JobStatus.COMPLETED, progress=100, stage="completed", completed_at=1100.0,
+        fence, status=JobStatus.COMPLETED, progress=100, stage="completed", completed_at=1100.0,
         result_path="/r/x.mp4", result_bytes=999,
     ) is True
     finished = store.get(record.id)
     assert finished.status is JobStatus.COMPLETED and finished.progress == 100
     # a late progress write from a stage that had not noticed the end
-    assert store.update(record.id, status=JobStatus.IN_PROGRESS, progress=60, stage="diffusion", step=4) is False
+    assert store.update(fence, status=JobStatus.IN_PROGRESS, progress=60, stage="diffusion", step=4) is False
     assert store.get(record.id) == finished
     assert store.count_active() == 0
+    assert store.claim(record.id, "beta", 10.0) is None
 
 
 @pytest.mark.parametrize("terminal", [JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED])
 def test_finish_twice_second_returns_false_and_changes_nothing(store, terminal):
     record = make_record()
     store.create(record)
-    assert store.finish(record.id, status=terminal, stage="done", completed_at=1200.0) is True
+    fence = _claim(store, record)
+    assert store.finish(fence, status=terminal, stage="done", completed_at=1200.0) is True
     first = store.get(record.id)
     assert first.status is terminal and first.completed_at == 1200.0
     other = JobStatus.FAILED if terminal is not JobStatus.FAILED else JobStatus.CANCELLED
-    assert store.finish(record.id, status=other, error_code="late", completed_at=9999.0) is False
+    assert store.finish(fence, status=other, error_code="late", completed_at=9999.0) is False
     assert store.get(record.id) == first
 
 
@@ -192,17 +257,18 @@ def test_finish_twice_second_returns_false_and_changes_nothing(store, terminal):
 def test_finish_requires_terminal_status(store, status):
     record = make_record()
     store.create(record)
+    fence = _claim(store, record)
+    before = store.get(record.id)
     with pytest.raises(ValueError, match="terminal"):
-        store.finish(record.id, status=status, progress=77)
-    got = store.get(record.id)
-    assert got == record  # nothing changed
+        store.finish(fence, status=status, progress=77)
+    assert store.get(record.id) == before  # nothing changed
     assert store.count_active() == 1
 
 
 def test_finish_accepts_plain_int_status(store):
     record = make_record()
     store.create(record)
-    assert store.finish(record.id, status=int(JobStatus.CANCELLED), stage="cancelled") is True
+    assert store.finish(_claim(store, record), status=int(JobStatus.CANCELLED), stage="cancelled") is True
     assert store.get(record.id).status is JobStatus.CANCELLED
     assert store.count_active() == 0
 
@@ -227,7 +293,7 @@ def test_request_cancel_flags_active_job(store):
 def test_request_cancel_with_delete_on_terminal_job(store):
     record = make_record()
     store.create(record)
-    assert store.finish(record.id, status=JobStatus.COMPLETED, progress=100, completed_at=1300.0)
+    assert store.finish(_claim(store, record), status=JobStatus.COMPLETED, progress=100, completed_at=1300.0)
     returned = store.request_cancel(record.id, delete=True)
     assert returned is not None
     assert returned.cancel_requested is True and returned.delete_requested is True
@@ -265,8 +331,7 @@ def test_delete_removes_job(store):
     assert [r.id for r in page] == [keep.id] and more is False
     assert store.count_active() == 1
     assert store.delete(gone.id) is False  # already gone
-    assert store.update(gone.id, progress=3) is False
-    assert store.claim(gone.id, "o", 10.0, now=5.0) is False
+    assert store.claim(gone.id, "o", 10.0) is None
     assert store.get(keep.id) == keep
 
 
@@ -337,65 +402,67 @@ def test_list_empty_store(store):
     assert store.list(after=None, limit=5, order="desc") == ([], False)
 
 
-# ---------------------------------------------------------------------------------------------- claim / leases
+# ---------------------------------------------------------------------------------------------- claims, leases, one clock
 
 
-def test_claim_unowned_then_lease_rules(store):
+def test_leases_run_on_the_stores_clock(store):
     record = make_record()
     store.create(record)
-    now = 1000.0
-    assert store.claim(record.id, "alpha", 10.0, now=now) is True
-    got = store.get(record.id)
-    assert got.owner == "alpha" and got.lease_until == pytest.approx(now + 10.0)
-
-    # another orchestrator cannot take it while the lease is valid, even at its last instant
-    assert store.claim(record.id, "beta", 10.0, now=now + 5.0) is False
-    assert store.claim(record.id, "beta", 10.0, now=now + 10.0) is False
-    assert store.get(record.id).owner == "alpha"
-
+    before = store.now()
+    claimed = store.claim(record.id, "alpha", 10.0)
+    after = store.now()
+    assert claimed.owner == "alpha" and claimed.attempts == 1 and claimed.takeovers == 0
+    assert before + 10.0 <= store.get(record.id).lease_until <= after + 10.0
+    # another orchestrator cannot take it while the lease is valid
+    assert store.claim(record.id, "beta", 10.0) is None
+    assert record.id not in store.claimable()
     # the owner renews: the lease moves forward
-    assert store.claim(record.id, "alpha", 10.0, now=now + 8.0) is True
-    assert store.get(record.id).lease_until == pytest.approx(now + 18.0)
-    assert store.claim(record.id, "beta", 10.0, now=now + 15.0) is False
-
-    # once it expires, another orchestrator takes over
-    assert store.claim(record.id, "beta", 30.0, now=now + 18.5) is True
-    got = store.get(record.id)
-    assert got.owner == "beta" and got.lease_until == pytest.approx(now + 48.5)
-    assert store.claim(record.id, "alpha", 10.0, now=now + 20.0) is False
+    fence = Fence(record.id, "alpha", 1)
+    time.sleep(0.05)
+    assert store.renew(fence, 20.0)
+    assert store.get(record.id).lease_until >= after + 20.0
 
 
-def test_claim_does_not_touch_other_fields(store):
-    record = make_record(progress=33, stage="diffusion", attempts=1)
+def test_a_crashed_owners_job_is_taken_over_and_counted(store):
+    record = make_record()
     store.create(record)
-    assert store.claim(record.id, "alpha", 10.0, now=50.0)
-    got = store.get(record.id)
-    assert (got.progress, got.stage, got.attempts, got.status) == (33, "diffusion", 1, JobStatus.QUEUED)
-    assert (got.prompt, got.seed, got.width) == (record.prompt, record.seed, record.width)
+    _expire(store, record, owner="alpha")
+    assert record.id in store.claimable()
+    taken = store.claim(record.id, "beta", 10.0)
+    assert (taken.owner, taken.attempts, taken.takeovers) == ("beta", 2, 1)
+    assert store.claim(record.id, "alpha", 10.0) is None  # the old owner cannot get it back
+    assert record.id not in store.claimable()
+
+
+def test_a_released_job_is_claimed_at_once_and_not_counted_as_a_takeover(store):
+    record = make_record(progress=33, stage="diffusion", done_stages=["text_encoder"])
+    store.create(record)
+    fence = _claim(store, record, "alpha", lease_s=600.0)
+    assert store.release(fence) is True
+    released = store.get(record.id)
+    assert released.owner is None and released.lease_until == 0.0
+    assert record.id in store.claimable()
+    taken = store.claim(record.id, "beta", 10.0)
+    assert (taken.owner, taken.attempts, taken.takeovers) == ("beta", 2, 0)
+    # a claim changes nothing else
+    assert (taken.progress, taken.stage, taken.done_stages, taken.status) == (33, "diffusion", ["text_encoder"], JobStatus.QUEUED)
+    assert store.update(fence, progress=99) is False  # the hand-over ended alpha's attempt
 
 
 @pytest.mark.parametrize("terminal", [JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED])
 def test_terminal_jobs_cannot_be_claimed(store, terminal):
     finished = make_record()
     store.create(finished)
-    assert store.finish(finished.id, status=terminal)
-    assert store.claim(finished.id, "alpha", 10.0, now=1.0) is False
+    fence = _claim(store, finished)
+    assert store.finish(fence, status=terminal)
+    assert store.claim(finished.id, "beta", 10.0) is None
     assert store.get(finished.id).owner is None
+    assert store.renew(fence, 10.0) is False  # the previous owner cannot renew a finished job
 
     born_terminal = make_record(status=terminal)
     store.create(born_terminal)
-    assert store.claim(born_terminal.id, "alpha", 10.0, now=1.0) is False
-
-    # the previous owner cannot renew once the job is finished either
-    owned = make_record()
-    store.create(owned)
-    assert store.claim(owned.id, "alpha", 10.0, now=1.0)
-    assert store.finish(owned.id, status=terminal)
-    assert store.claim(owned.id, "alpha", 10.0, now=2.0) is False
-
-
-def test_claim_unknown_job(store):
-    assert store.claim("video_missing", "alpha", 10.0, now=1.0) is False
+    assert store.claim(born_terminal.id, "alpha", 10.0) is None
+    assert born_terminal.id not in store.claimable()
 
 
 def test_concurrent_claims_have_one_winner(store):
@@ -409,7 +476,7 @@ def test_concurrent_claims_have_one_winner(store):
     def contend(owner: str) -> None:
         try:
             barrier.wait(timeout=10)
-            results[owner] = store.claim(record.id, owner, 10.0, now=1000.0)
+            results[owner] = store.claim(record.id, owner, 10.0) is not None
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
@@ -422,35 +489,23 @@ def test_concurrent_claims_have_one_winner(store):
     assert len(results) == contenders
     winners = [owner for owner, won in results.items() if won]
     assert len(winners) == 1
-    assert store.get(record.id).owner == winners[0]
+    assert store.get(record.id).owner == winners[0] and store.get(record.id).attempts == 1
 
 
-def test_orphans_are_active_jobs_with_expired_leases(store):
-    now = 5000.0
-    unowned = make_record(created_at=1.0)  # queued, never claimed: lease 0
+def test_claimable_lists_queued_released_and_expired_jobs_oldest_first(store):
+    queued = make_record(created_at=1.0)
     expired = make_record(created_at=2.0)
     live = make_record(created_at=3.0)
     done = make_record(created_at=4.0)
-    failed_expired = make_record(created_at=5.0)
-    for record in (unowned, expired, live, done, failed_expired):
+    released = make_record(created_at=5.0)
+    for record in (queued, expired, live, done, released):
         store.create(record)
-    assert store.claim(expired.id, "dead", 10.0, now=now - 100.0)
-    assert store.update(expired.id, status=JobStatus.IN_PROGRESS)
-    assert store.claim(live.id, "alive", 10.0, now=now - 1.0)
-    assert store.update(live.id, status=JobStatus.IN_PROGRESS)
-    assert store.finish(done.id, status=JobStatus.COMPLETED)
-    assert store.claim(failed_expired.id, "dead", 10.0, now=now - 100.0)
-    assert store.finish(failed_expired.id, status=JobStatus.FAILED)
-
-    assert sorted(store.orphans(now)) == sorted([unowned.id, expired.id])
-    # after the live lease runs out it is an orphan too; finished jobs never are
-    assert sorted(store.orphans(now + 20.0)) == sorted([unowned.id, expired.id, live.id])
-    limited = store.orphans(now + 20.0, limit=2)
-    assert len(limited) == 2 and set(limited) <= {unowned.id, expired.id, live.id}
-
-    # claiming an orphan takes it off the list
-    assert store.claim(expired.id, "rescuer", 10.0, now=now)
-    assert sorted(store.orphans(now)) == [unowned.id]
+    _expire(store, expired)
+    _claim(store, live, "alive", lease_s=600.0)
+    store.finish(_claim(store, done), status=JobStatus.COMPLETED)
+    store.release(_claim(store, released))
+    assert store.claimable() == [queued.id, expired.id, released.id]
+    assert store.claimable(limit=2) == [queued.id, expired.id]
 
 
 def test_count_active_counts_queued_and_in_progress_only(store):
@@ -459,17 +514,17 @@ def test_count_active_counts_queued_and_in_progress_only(store):
     running = make_record()
     store.create(queued)
     store.create(running)
-    assert store.update(running.id, status=JobStatus.IN_PROGRESS)
+    assert store.update(_claim(store, running), status=JobStatus.IN_PROGRESS)
     for terminal in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED):
         store.create(make_record(status=terminal))
     finished = make_record()
     store.create(finished)
     assert store.count_active() == 3
-    assert store.finish(finished.id, status=JobStatus.COMPLETED)
+    assert store.finish(_claim(store, finished), status=JobStatus.COMPLETED)
     assert store.count_active() == 2
     assert store.request_cancel(queued.id) is not None  # flagged, still active until finished
     assert store.count_active() == 2
-    assert store.finish(queued.id, status=JobStatus.CANCELLED)
+    assert store.finish(_claim(store, queued), status=JobStatus.CANCELLED)
     assert store.count_active() == 1
     assert store.delete(running.id)
     assert store.count_active() == 0
@@ -485,15 +540,14 @@ def test_sqlite_two_stores_on_one_file_see_each_other(tmp_path):
         record = make_record()
         first.create(record)
         assert second.get(record.id) == record
-        assert second.update(record.id, status=JobStatus.IN_PROGRESS, progress=20)
+        fence = _claim(first, record, "first")
+        assert second.update(fence, status=JobStatus.IN_PROGRESS, progress=20)
         assert first.get(record.id).progress == 20
-        assert first.claim(record.id, "first", 10.0, now=100.0)
-        assert second.claim(record.id, "second", 10.0, now=105.0) is False
+        assert second.claim(record.id, "second", 10.0) is None
         assert second.request_cancel(record.id) is not None
         assert first.is_cancel_requested(record.id) is True
-        assert first.finish(record.id, status=JobStatus.CANCELLED)
-        assert second.update(record.id, progress=99) is False
-        assert second.finish(record.id, status=JobStatus.FAILED) is False
+        assert first.finish(fence, status=JobStatus.CANCELLED)
+        assert second.update(fence, progress=99) is False
         assert second.get(record.id).status is JobStatus.CANCELLED
         assert second.count_active() == 0
         other = make_record(created_at=2000.0)
@@ -505,6 +559,23 @@ def test_sqlite_two_stores_on_one_file_see_each_other(tmp_path):
     finally:
         first.close()
         second.close()
+
+
+def test_sqlite_changes_are_numbered_for_watchers(tmp_path):
+    store = SQLiteJobStore(str(tmp_path / "jobs.sqlite3"))
+    try:
+        start = store.latest_seq()
+        first, second = make_record(), make_record()
+        store.create(first)
+        store.create(second)
+        seq, changed = store.changed_since(start)
+        assert changed == [first.id, second.id]
+        store.update(_claim(store, first), progress=10)
+        seq, changed = store.changed_since(seq)
+        assert changed == [first.id]  # the claim and the update, one entry for the job's latest write
+        assert store.changed_since(seq) == (seq, [])
+    finally:
+        store.close()
 
 
 def test_sqlite_threads_claiming_through_two_stores_one_winner(tmp_path):
@@ -523,7 +594,7 @@ def test_sqlite_threads_claiming_through_two_stores_one_winner(tmp_path):
             def contend(index: int) -> None:
                 try:
                     barrier.wait(timeout=10)
-                    won = stores[index % 2].claim(record.id, f"owner-{index}", 10.0, now=1000.0)
+                    won = stores[index % 2].claim(record.id, f"owner-{index}", 10.0) is not None
                     results[f"owner-{index}"] = won
                 except BaseException as error:  # noqa: BLE001 - reported below
                     errors.append(error)
@@ -540,3 +611,37 @@ def test_sqlite_threads_claiming_through_two_stores_one_winner(tmp_path):
     finally:
         for opened in stores:
             opened.close()
+
+
+def test_the_redis_store_answers_unavailable_when_redis_is_down():
+    from serving.errors import StoreUnavailable
+    from serving.jobs.redis_store import RedisJobStore
+    from tests.helpers import free_port
+
+    store = RedisJobStore(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    try:
+        for call in (lambda: store.get("video_x"), store.count_active, store.claimable, store.now,
+                     lambda: store.create(make_record()), lambda: store.request_cancel("video_x")):
+            with pytest.raises(StoreUnavailable, match="unreachable"):
+                call()
+    finally:
+        store.close()
+
+
+def test_admission_is_atomic_under_concurrent_creates(store):
+    """Many ingress threads creating at once never admit more than max_active (the count and the insert are one step)."""
+    contenders, limit = 12, 5
+    barrier = threading.Barrier(contenders)
+    admitted: list[bool] = []
+
+    def create() -> None:
+        barrier.wait(timeout=10)
+        admitted.append(store.create(make_record(), max_active=limit))
+
+    threads = [threading.Thread(target=create) for _ in range(contenders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(admitted) == contenders
+    assert sum(admitted) == limit == store.count_active()

@@ -1,0 +1,75 @@
+"""Injected faults (``faults`` in the config): a chosen stage, for a chosen job, runs out of memory,
+stalls, or kills its own replica. Off unless configured; for tests here and chaos runs in staging.
+
+A fault fires at most ``times_per_job`` times per job, counted in the job's artifacts before it
+fires, so a job resumed after a replica was killed is not killed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from cluster.config import FaultConfig
+from serving.protocol import JobTicket
+
+__all__ = ["FaultInjector", "InjectedOutOfMemory"]
+
+logger = logging.getLogger("reelserve.faults")
+
+
+class InjectedOutOfMemory(RuntimeError):
+    """Stands for the framework's out-of-memory error where torch is not the one raising it."""
+
+
+class FaultInjector:
+    def __init__(self, stage: str, faults: list[FaultConfig], artifacts):
+        self._stage = stage
+        self._faults = [(index, f) for index, f in enumerate(faults) if f.stage == stage]
+        self._artifacts = artifacts
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._faults)
+
+    async def on_entry(self, ticket: JobTicket) -> None:
+        """Faults that strike when the stage starts the job's work (all but diffusion's step faults)."""
+        for index, fault in self._matching(ticket):
+            if fault.kind == "stall" or (fault.kind == "slow" and self._stage != "diffusion"):
+                if self._take(ticket, index, fault):
+                    logger.warning("injected fault: %s stalls %.0f s for job %s", self._stage, fault.stall_s, ticket.job_id)
+                    await asyncio.sleep(fault.stall_s)
+            elif self._stage != "diffusion" and self._take(ticket, index, fault):
+                self._strike(fault, ticket)
+
+    def at_step(self, ticket: JobTicket, finished_steps: int) -> None:
+        """Diffusion's faults, after ``finished_steps`` denoising steps (called from the denoising thread)."""
+        for index, fault in self._matching(ticket):
+            if fault.kind == "slow":
+                time.sleep(fault.stall_s)  # holds the engine like a slow GPU would
+            elif fault.kind != "stall" and finished_steps == fault.at_step and self._take(ticket, index, fault):
+                self._strike(fault, ticket)
+
+    def _matching(self, ticket: JobTicket):
+        return [(i, f) for i, f in self._faults if f.prompt_contains in ticket.prompt]
+
+    def _take(self, ticket: JobTicket, index: int, fault: FaultConfig) -> bool:
+        name = f"fault-{self._stage}-{index}"
+        fired = self._artifacts.get(ticket.job_id, name) or 0
+        if fired >= fault.times_per_job:
+            return False
+        self._artifacts.put(ticket.job_id, name, fired + 1)  # counted before it strikes: a kill forgets nothing
+        return True
+
+    def _strike(self, fault: FaultConfig, ticket: JobTicket) -> None:
+        logger.warning("injected fault: %s %s for job %s", self._stage, fault.kind, ticket.job_id)
+        if fault.kind == "kill_replica":
+            os._exit(1)
+        try:
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected fault in {self._stage})")
+        except ImportError:  # pragma: no cover - torch is always installed with reelserve
+            raise InjectedOutOfMemory(f"out of memory (injected fault in {self._stage})") from None

