@@ -21,6 +21,8 @@ __all__ = [
     "ReelserveConfig",
     "STAGE_NAMES",
     "parse_size",
+    "SpeedConfig",
+    "parse_shape_bucket",
     "load_config",
 ]
 
@@ -92,6 +94,7 @@ class ModelConfig(BaseModel):
         1024, ge=8, description="Longest prompt in text-encoder tokens; longer prompts are refused, never truncated."
     )
     vae_tiling: bool = Field(False, description="Decode video in tiles to bound GPU memory on large frames.")
+    speed: SpeedConfig = Field(default_factory=lambda: SpeedConfig(), description="GPU speed switches of the diffusion transformer (all off or CPU-safe by default).")
 
     @field_validator("default_size")
     @classmethod
@@ -361,3 +364,90 @@ def load_config(source: str | dict | None = None) -> ReelserveConfig:
 
     with open(source) as handle:
         return ReelserveConfig.model_validate(yaml.safe_load(handle) or {})
+
+
+class SpeedConfig(BaseModel):
+    """GPU speed switches of the diffusion transformer; each is off by default or safe on the CPU.
+
+    The weights dtype is ``model.dtype`` (bfloat16 on GPUs by default). A switch
+    the device cannot honour is refused at start-up with the field's name.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    attention_backend: str = Field(
+        "auto",
+        description=(
+            "Attention kernels. auto: at start-up, the fastest of flash-attn 3, flash-attn 2, SageAttention, cuDNN, "
+            "PyTorch flash/efficient and native SDPA that is installed and passes a numeric probe (native on CPUs). "
+            "Or one diffusers backend name (e.g. _flash_3, flash, sage, _native_cudnn, native). Attention with a "
+            "mask (text cross-attention) always runs on a backend that takes masks."
+        ),
+    )
+    compile: bool = Field(
+        False,
+        description=(
+            "Regional torch.compile of the transformer blocks: one compiled block serves all of them, "
+            "compiled once per shape (see shape_buckets) and kept in compile_cache_dir across restarts."
+        ),
+    )
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode for the blocks (max-autotune tunes matmuls: slower start, faster steps)."
+    )
+    compile_cache_dir: str | None = Field(
+        None,
+        description="Directory for compiled kernels, reused after restarts (unset: reelserve/compile under the user cache directory).",
+    )
+    shape_buckets: list[str] = Field(
+        default_factory=list,
+        description=(
+            "WIDTHxHEIGHTxFRAMES shapes (e.g. 1280x704x121) compiled, and captured as CUDA graphs when on, at replica "
+            "start so no request pays for it; another shape compiles on its first request."
+        ),
+    )
+    warmup_batch_sizes: list[int] = Field(
+        default_factory=lambda: [1],
+        description="Transformer batch sizes warmed up per shape bucket (2 per job with classifier-free guidance; more with step batching).",
+    )
+    fp8: bool = Field(
+        False,
+        description=(
+            "FP8 (e4m3, per-row scales) weights and matmuls for the transformer blocks' linear layers via torchao "
+            "(the [gpu] extra); needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell)."
+        ),
+    )
+    cuda_graphs: bool = Field(
+        False,
+        description="Replay the compiled blocks as CUDA graphs (static shapes: one graph per shape and batch size); needs compile and a CUDA device.",
+    )
+    text_tokens: int = Field(
+        1024, ge=1, description="Prompt length (tokens after the text connectors) used for warm-up passes; the served length."
+    )
+
+    @field_validator("shape_buckets")
+    @classmethod
+    def _buckets_parse(cls, value: list[str]) -> list[str]:
+        for bucket in value:
+            parse_shape_bucket(bucket)
+        return value
+
+    @field_validator("warmup_batch_sizes")
+    @classmethod
+    def _batches_positive(cls, value: list[int]) -> list[int]:
+        if not value or any(b < 1 for b in value):
+            raise ValueError("warmup_batch_sizes needs at least one batch size, each >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _graphs_need_compile(self) -> SpeedConfig:
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("cuda_graphs replays compiled blocks: set compile: true as well")
+        return self
+
+
+def parse_shape_bucket(text: str) -> tuple[int, int, int]:
+    """``"1280x704x121"`` -> ``(1280, 704, 121)``; raises ``ValueError`` with the accepted form."""
+    match = re.fullmatch(r"\s*([0-9]{1,5})\s*[xX]\s*([0-9]{1,5})\s*[xX]\s*([0-9]{1,4})\s*", str(text))
+    if match is None or 0 in (values := tuple(int(g) for g in match.groups())):
+        raise ValueError(f"'{text}' is not a shape bucket; write WIDTHxHEIGHTxFRAMES, e.g. 1280x704x121")
+    return values

@@ -46,6 +46,7 @@ __all__ = [
     "audio_latent_shape",
     "prompt_embedding_shape",
     "connector_output_shape",
+    "random_transformer_inputs",
     "DISTILLED_SIGMAS",
     "DISTILLED_REFINE_SIGMAS",
 ]
@@ -414,3 +415,50 @@ def connector_output_shape(tokens: int, batch: int = 1) -> tuple[int, int, int]:
     """Each connector's output (video and audio alike): [batch, tokens, 30 heads x 128]."""
     width = _CONNECTORS["video_connector_num_attention_heads"] * _CONNECTORS["video_connector_attention_head_dim"]
     return (batch, tokens, width)
+
+
+def random_transformer_inputs(
+    config,
+    width: int,
+    height: int,
+    frames: int,
+    *,
+    fps: float = 24.0,
+    text_tokens: int = 1024,
+    batch: int = 1,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    timestep: float = 1000.0,
+) -> dict:
+    """Keyword arguments for one transformer call as the pipeline makes them: packed latents, connector outputs.
+
+    ``config`` is a transformer config (dict or a model's ``config``); its widths
+    and compression ratios size the tensors, so this serves the 19B and any
+    small profile alike (spatial compression 32, temporal 8).
+    """
+    get = config.get if hasattr(config, "get") else lambda key: getattr(config, key)
+    if width % 32 or height % 32 or (frames - 1) % 8:
+        raise ValueError(f"{width}x{height}x{frames}: width and height must be multiples of 32 and frames k * 8 + 1")
+    latent_frames, latent_height, latent_width = (frames - 1) // 8 + 1, height // 32, width // 32
+    audio_frames = audio_latent_frames(frames, fps)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def noise(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    return dict(
+        hidden_states=noise(batch, latent_frames * latent_height * latent_width, get("in_channels")),
+        audio_hidden_states=noise(batch, audio_frames, get("audio_in_channels")),
+        encoder_hidden_states=noise(batch, text_tokens, get("caption_channels")),
+        audio_encoder_hidden_states=noise(batch, text_tokens, get("caption_channels")),
+        timestep=torch.full((batch,), float(timestep), device=device),
+        encoder_attention_mask=torch.ones(batch, text_tokens, device=device, dtype=torch.long),
+        audio_encoder_attention_mask=torch.ones(batch, text_tokens, device=device, dtype=torch.long),
+        num_frames=latent_frames,
+        height=latent_height,
+        width=latent_width,
+        fps=fps,
+        audio_num_frames=audio_frames,
+        return_dict=False,
+    )
