@@ -460,5 +460,4 @@ def random_transformer_inputs(
         width=latent_width,
         fps=fps,
         audio_num_frames=audio_frames,
-        return_dict=False,
     )
