@@ -28,9 +28,10 @@ def tiny_transformer():
 
 
 def small_inputs(transformer, batch=1):
-    return random_transformer_inputs(
+    inputs = random_transformer_inputs(
         transformer.config, 64, 64, 9, text_tokens=16, batch=batch, dtype=torch.float32, seed=1, timestep=700.0
     )
+    return dict(inputs, return_dict=False)
 
 
 @torch.no_grad()
@@ -108,6 +109,7 @@ _COMPILE_RUN = textwrap.dedent(
     config = SpeedConfig(compile=True, compile_cache_dir=sys.argv[1], shape_buckets=["64x64x9"])
     inputs = random_transformer_inputs(transformer.config, 64, 64, 9, text_tokens=config.text_tokens,
                                        dtype=torch.float32, seed=1, timestep=700.0)
+    inputs["return_dict"] = False
     with torch.no_grad():
         eager = transformer(**inputs)
         applied = speed.apply_speed(transformer, config, "cpu", torch.float32)
