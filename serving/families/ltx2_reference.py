@@ -51,7 +51,7 @@ __all__ = [
     "DISTILLED_REFINE_SIGMAS",
 ]
 
-COMPONENT_NAMES = ("transformer", "connectors", "vae", "audio_vae", "vocoder", "text_encoder")
+COMPONENT_NAMES = ("transformer", "connectors", "vae", "audio_vae", "vocoder", "text_encoder", "latent_upsampler")
 
 # The distilled checkpoint's fixed schedule (8 steps) and the two-stage recipe's refinement (3 steps).
 DISTILLED_SIGMAS = (1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875, 0.0)
@@ -232,6 +232,18 @@ _TEXT_ENCODER = {
     "image_token_index": 262144,
 }
 
+_LATENT_UPSAMPLER = {
+    # The x2 spatial upsampler of the two-stage recipe (ltx-2-spatial-upscaler-x2-1.0):
+    # get_ltx2_spatial_latent_upsampler_config("2.0") in the conversion script.
+    "in_channels": 128,
+    "mid_channels": 1024,
+    "num_blocks_per_stage": 4,
+    "dims": 3,
+    "spatial_upsample": True,
+    "temporal_upsample": False,
+    "rational_spatial_scale": 2.0,
+}
+
 _SCHEDULER = {
     "use_dynamic_shifting": True,
     "base_shift": 0.95,
@@ -248,6 +260,7 @@ _CONFIGS = {
     "audio_vae": _AUDIO_VAE,
     "vocoder": _VOCODER,
     "text_encoder": _TEXT_ENCODER,
+    "latent_upsampler": _LATENT_UPSAMPLER,
 }
 
 
@@ -277,6 +290,7 @@ def component_class(name: str) -> type:
         "vae": diffusers.AutoencoderKLLTX2Video,
         "audio_vae": diffusers.AutoencoderKLLTX2Audio,
         "vocoder": ltx2.LTX2Vocoder,
+        "latent_upsampler": ltx2.LTX2LatentUpsamplerModel,
     }
     return classes[name]
 
