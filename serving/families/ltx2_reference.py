@@ -329,8 +329,8 @@ def build_component(
             model = cls(_gemma3_config(config))
         else:
             model = cls(**config)
-    if device.type != "meta":
-        model = model.to(dtype)
+    if device.type != "meta" and any(p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype)  # the few parameters a class creates in float32 on purpose
     return model.eval().requires_grad_(False)
 
 
