@@ -282,7 +282,8 @@ class _Bench:
 
     def _text_seconds(self) -> dict:
         encoder, tokens = self.models.get("text_encoder"), self.profile.text_tokens
-        vocab = encoder.config.text_config.vocab_size
+        # ids below the image markers: random ids that hit the image token would demand pixels
+        vocab = min(encoder.config.text_config.vocab_size, encoder.config.boi_token_index)
 
         def encode(batch: int):
             ids = torch.randint(0, vocab, (batch, tokens), device=self.device)

@@ -166,26 +166,32 @@ def choose_attention_backends(
     candidates = _AUTO_ORDER if setting == "auto" else (setting,)
     choice = AttentionChoice("", "")
     usable: list[str] = []
+    masked: list[str] = []
     for name in candidates:
         reason = _unusable_reason(name)
         if reason is None and probe:
             reason, seconds = _probe(name, device, dtype, heads_and_dim, probe_tokens)
             if seconds is not None:
                 choice.probe_seconds[name] = seconds
-        if reason is None:
-            usable.append(name)
-        else:
+        if reason is not None:
             choice.passed_over[name] = reason
+            continue
+        usable.append(name)
+        if name in _TAKES_MASKS:
+            # text cross-attention hands a [batch, heads, 1, text tokens] bias: it must work with that too
+            masked_reason = _probe(name, device, dtype, heads_and_dim, probe_tokens, masked=True)[0] if probe else None
+            if masked_reason is None:
+                masked.append(name)
+            else:
+                choice.passed_over[f"{name} (masked)"] = masked_reason
     if not usable:
         field_hint = "model.speed.attention_backend"
         raise SpeedSettingError(f"{field_hint}: no usable attention backend among {list(candidates)}: {choice.passed_over}")
     if probe:
         usable.sort(key=lambda name: choice.probe_seconds.get(name, float("inf")))
+        masked.sort(key=lambda name: choice.probe_seconds.get(name, float("inf")))
     choice.unmasked = usable[0]
-    masked = [name for name in usable if name in _TAKES_MASKS]
-    if not masked and setting != "auto":
-        masked = ["native"]  # an explicit mask-free backend: masked layers keep PyTorch's SDPA
-    choice.masked = masked[0] if masked else "native"
+    choice.masked = masked[0] if masked else "native"  # PyTorch's SDPA takes any mask
     return choice
 
 
@@ -199,38 +205,53 @@ def _unusable_reason(name: str) -> str | None:
     return None
 
 
-def _probe(name: str, device, dtype, heads_and_dim, tokens: int) -> tuple[str | None, float | None]:
-    """Run the backend on one attention of the model's width; check it against math, then time it."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
+def _probe(
+    name: str, device, dtype, heads_and_dim, tokens: int, masked: bool = False
+) -> tuple[str | None, float | None]:
+    """Run the backend on one attention of the model's width; check it against math, then time it.
+
+    ``masked``: text cross-attention's layout instead (1024 keys, half of them masked out by a bias).
+    """
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
     heads, head_dim = heads_and_dim
+    keys = 1024 if masked else tokens
     generator = torch.Generator(device=device).manual_seed(0)
-    query, key, value = (
-        torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype, generator=generator) for _ in range(3)
-    )
+    query = torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype, generator=generator)
+    key, value = (torch.randn(1, keys, heads, head_dim, device=device, dtype=dtype, generator=generator) for _ in range(2))
+    mask = None
+    if masked:
+        mask = torch.zeros(1, heads, 1, keys, device=device, dtype=dtype)
+        mask[..., keys // 2 :] = -10000.0
+    backend = AttentionBackendName(name)
     try:
-        out = dispatch_attention_fn(query, key, value, backend=name)
-        torch.cuda.synchronize(device)
+        out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend)
+        _synchronize(device)
     except Exception as error:  # any kernel failure means "not this one"
         return f"failed on a probe: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", None
     reference = torch.nn.functional.scaled_dot_product_attention(
-        *(t.transpose(1, 2).float() for t in (query, key, value))
+        *(t.transpose(1, 2).float() for t in (query, key, value)), attn_mask=None if mask is None else mask.float()
     ).transpose(1, 2)
     error = (out.float() - reference).abs().max().item() / reference.abs().max().item()
     tolerance = _PROBE_TOLERANCE.get(name, _DEFAULT_PROBE_TOLERANCE)
     if not error <= tolerance:
         return f"probe differs from math attention by {error:.3g} (allowed {tolerance})", None
-    return None, _time(lambda: dispatch_attention_fn(query, key, value, backend=name), device)
+    return None, _time(lambda: dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend), device)
 
 
 def _time(run, device, repeats: int = 5) -> float:
     run()
-    torch.cuda.synchronize(device)
+    _synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         run()
-    torch.cuda.synchronize(device)
+    _synchronize(device)
     return (time.perf_counter() - start) / repeats
+
+
+def _synchronize(device: torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _probe_width(transformer) -> tuple[int, int]:

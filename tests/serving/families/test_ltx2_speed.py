@@ -143,3 +143,12 @@ def test_regional_compile_on_the_cpu_matches_eager_and_is_reused_after_a_restart
     assert not first["loaded_artifacts"] and first["cache_hits"] == 0
     assert second["loaded_artifacts"] and second["cache_hits"] >= 1
     assert (tmp_path / "compile" / "inductor").is_dir()
+
+
+def test_attention_probe_checks_backends_against_math_with_and_without_a_mask():
+    for name in ("native", "_native_math"):
+        for masked in (False, True):
+            reason, seconds = speed._probe(name, CPU, torch.float32, (2, 8), tokens=64, masked=masked)
+            assert reason is None and seconds > 0, (name, masked, reason)
+    assert "flash-attn" in speed._unusable_reason("flash")  # not installed here: passed over with diffusers' reason
+    assert speed._unusable_reason("native") is None
