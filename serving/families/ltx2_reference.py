@@ -47,6 +47,7 @@ __all__ = [
     "prompt_embedding_shape",
     "connector_output_shape",
     "random_transformer_inputs",
+    "block_activation_bytes_bound",
     "DISTILLED_SIGMAS",
     "DISTILLED_REFINE_SIGMAS",
 ]
@@ -475,3 +476,26 @@ def random_transformer_inputs(
         fps=fps,
         audio_num_frames=audio_frames,
     )
+
+
+def block_activation_bytes_bound(config, video_tokens: int, audio_tokens: int, text_tokens: int, batch: int = 1,
+                                 dtype: torch.dtype = torch.bfloat16) -> int:
+    """Upper bound on the activation memory one transformer block needs in an eager inference pass.
+
+    At its widest a block holds the video stream's residual, its normalised
+    copy and the feed-forward's 4x-wide projection before and after GELU:
+    about 10 video-width tensors; 16 leaves room for the attention's q, k, v,
+    rotated copies and output living at once. Rotary tables are float32
+    (cos and sin, self-attention and audio<->video attention). The audio and
+    text streams are counted the same way; attention runs in fused kernels
+    (no tokens x tokens score matrix).
+    """
+    get = config.get if hasattr(config, "get") else lambda key: getattr(config, key)
+    element = torch.empty((), dtype=dtype).element_size()
+    video = get("num_attention_heads") * get("attention_head_dim")
+    audio = get("audio_num_attention_heads") * get("audio_attention_head_dim")
+    video_stream = 16 * batch * video_tokens * video * element
+    audio_stream = 16 * batch * audio_tokens * audio * element
+    text = 2 * batch * text_tokens * (video + audio) * element
+    rotary = 2 * batch * video_tokens * (video + audio) // 2 * 4 * 2  # cos + sin, float32, video and cross-modal
+    return video_stream + audio_stream + text + rotary
