@@ -423,15 +423,6 @@ class SpeedConfig(BaseModel):
     text_tokens: int = Field(
         1024, ge=1, description="Prompt length (tokens after the text connectors) used for warm-up passes; the served length."
     )
-    sequence_parallel_degree: int = Field(
-        1,
-        ge=1,
-        le=16,
-        description=(
-            "GPUs of one node one diffusion replica spans (sequence parallelism; must divide the 32 attention heads "
-            "and the video token count). The replica reserves this many GPU bundles, STRICT_PACK."
-        ),
-    )
 
     @field_validator("shape_buckets")
     @classmethod

@@ -44,7 +44,10 @@ def replica_placement(degree: int, num_cpus_per_rank: float = 1.0, num_gpus_per_
     """Serve deployment options for a replica spanning ``degree`` GPUs of one node.
 
     Bundle 0 holds the replica actor itself (its ``ray_actor_options`` must fit
-    in it); bundles 1..degree-1 hold the worker actors.
+    in it); bundles 1..degree-1 hold the worker actors. In the served graph the
+    placement module builds the same layout from the diffusion stage's
+    ``num_gpus``; this helper serves deployments built by hand (and tests).
+    The group's degree is the bundle count, so pass ``degree=int(num_gpus)``.
     """
     if degree < 1:
         raise ValueError(f"degree must be at least 1; got {degree}")
