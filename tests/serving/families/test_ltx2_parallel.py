@@ -41,7 +41,14 @@ def _cases(transformer):
     )
     per_token = dict(base, timestep=torch.linspace(0, 900, base["hidden_states"].shape[1]).unsqueeze(0),
                      audio_timestep=torch.tensor([900.0]))
+    # as the diffusion engine calls it: coordinates given, per-row STG in a mixed batch, cross timesteps
+    coords = transformer.rope.prepare_video_coords(2, batch["num_frames"], batch["height"], batch["width"], "cpu")
+    engine_style = dict(
+        batch, video_coords=coords, spatio_temporal_guidance_blocks=[1], perturbation_mask=torch.tensor([1.0, 0.0]),
+        sigma=batch["timestep"] / 1000, use_cross_timestep=True,
+    )
     return [
+        ("engine-style", engine_style),
         ("text-to-video", base),
         ("batch-of-2", batch),
         ("per-token-timesteps", per_token),
@@ -69,7 +76,7 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
                 spec = describe_pass_inputs(kwargs)
                 inputs = broadcast_pass_inputs(spec, kwargs if rank == 0 else None, torch.device("cpu"))
                 results["sharded"][f"{name}/perturbed={perturbed}"] = sharded(**inputs)
-        odd = dict(cases[0][1], hidden_states=cases[0][1]["hidden_states"][:, :3], num_frames=1, height=1, width=3)
+        odd = dict(cases[1][1], hidden_states=cases[1][1]["hidden_states"][:, :3], num_frames=1, height=1, width=3)
         try:
             sharded(**odd)
         except ValueError as error:  # refused before any rank sends anything: nobody hangs
@@ -88,7 +95,7 @@ def two_rank_results(tmp_path_factory):
 
 def test_two_ranks_equal_one_process(two_rank_results):
     rank0 = two_rank_results[0]
-    assert len(rank0["sharded"]) == 10
+    assert len(rank0["sharded"]) == 12
     for case, (video, audio) in rank0["sharded"].items():
         expected_video, expected_audio = rank0["single"][case]
         assert video.shape == expected_video.shape and audio.shape == expected_audio.shape, case
