@@ -54,7 +54,7 @@ def _variant(bench, shape, settings: dict, cache: str, eager: float) -> dict:
         return {"refused": str(error)}
     started = time.perf_counter()
     if speed.compile:
-        warm_up(transformer, speed, applied, fps=bench.profile.fps)
+        warm_up(transformer, speed, applied, fps=bench.profile.fps)  # the pass timed below: the plain one
     compile_seconds = time.perf_counter() - started
     inputs = bench.inputs(shape)
     seconds = bench.timed(lambda: transformer(**inputs))

@@ -355,16 +355,23 @@ def warm_up(
     applied: AppliedSpeed,
     *,
     fps: float = 24.0,
+    stg_blocks: list[int] | None = None,
 ) -> dict[str, float]:
     """Run each shape bucket x batch size once (twice with CUDA graphs: record, then replay) at replica start.
 
-    Returns seconds per ``WxHxF/bB`` key and records them on ``applied``.
-    Compiled kernels are then saved for the next start.
+    With ``stg_blocks`` (the model's spatio-temporal guidance blocks) the
+    guidance passes are warmed up too: the STG pass and the modality-isolated
+    pass take other branches through the blocks, so each is its own compiled
+    graph. Returns seconds per ``WxHxF/bB/pass`` key and records them on
+    ``applied``. Compiled kernels are then saved for the next start.
     """
     from serving.families.ltx2_reference import random_transformer_inputs
 
     device = torch.device(applied.device)
     dtype = getattr(torch, applied.dtype)
+    passes = {"plain": {}}
+    if stg_blocks:
+        passes |= {"stg": {"spatio_temporal_guidance_blocks": list(stg_blocks)}, "isolated": {"isolate_modalities": True}}
     for bucket in speed.shape_buckets:
         width, height, frames = parse_shape_bucket(bucket)
         for batch in speed.warmup_batch_sizes:
@@ -372,12 +379,12 @@ def warm_up(
                 transformer.config, width, height, frames, fps=fps, text_tokens=speed.text_tokens,
                 batch=batch, device=device, dtype=dtype,
             )
-            start = time.perf_counter()
-            for _ in range(2 if speed.cuda_graphs else 1):
-                transformer(**inputs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            applied.warmup_seconds[f"{bucket}/b{batch}"] = time.perf_counter() - start
+            for name, extra in passes.items():
+                start = time.perf_counter()
+                for _ in range(2 if speed.cuda_graphs else 1):
+                    transformer(**inputs, **extra)
+                _synchronize(device)
+                applied.warmup_seconds[f"{bucket}/b{batch}/{name}"] = time.perf_counter() - start
     if speed.compile and speed.shape_buckets:
         _save_cache_artifacts(speed, device)
     return dict(applied.warmup_seconds)

@@ -85,6 +85,17 @@ def test_what_the_cpu_cannot_do_is_refused_naming_the_field(tiny_transformer, se
     assert torch.equal(weight, tiny_transformer.proj_in.weight)
 
 
+def test_warm_up_runs_every_bucket_batch_and_guidance_pass(tiny_transformer):
+    config = SpeedConfig(shape_buckets=["64x64x9", "128x64x9"], warmup_batch_sizes=[1, 2], text_tokens=16)
+    applied = speed.apply_speed(tiny_transformer, config, CPU, torch.float32)
+    warmed = speed.warm_up(tiny_transformer, config, applied, stg_blocks=[1])
+    assert sorted(warmed) == sorted(
+        f"{bucket}/b{batch}/{name}"
+        for bucket in ("64x64x9", "128x64x9") for batch in (1, 2) for name in ("plain", "stg", "isolated")
+    )
+    assert all(seconds > 0 for seconds in warmed.values())
+
+
 def test_speed_settings_load_from_yaml_style_dicts():
     config = load_config({"model": {"speed": {"compile": True, "shape_buckets": ["1280x704x121"], "warmup_batch_sizes": [1, 2]}}})
     assert config.model.speed.compile and config.model.speed.shape_buckets == ["1280x704x121"]
@@ -120,6 +131,7 @@ _COMPILE_RUN = textwrap.dedent(
         "loaded_artifacts": applied.loaded_cache_artifacts,
         "cache_hits": counters["inductor"]["fxgraph_cache_hit"],
         "compiled_graphs": counters["stats"]["unique_graphs"],
+        "warmed": sorted(applied.warmup_seconds),
     }))
     """
 )
@@ -143,6 +155,7 @@ def test_regional_compile_on_the_cpu_matches_eager_and_is_reused_after_a_restart
     assert not first["loaded_artifacts"] and first["cache_hits"] == 0
     assert second["loaded_artifacts"] and second["cache_hits"] >= 1
     assert (tmp_path / "compile" / "inductor").is_dir()
+    assert first["warmed"] == ["64x64x9/b1/plain"]
 
 
 def test_attention_probe_checks_backends_against_math_with_and_without_a_mask():
