@@ -6,10 +6,12 @@ config is built, never at request time.
 
 from __future__ import annotations
 
-import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cluster.diffusion_config import DiffusionEngineConfig, SpeedConfig, diffusion_fits_model
+from cluster.sizes import latent_tokens, parse_shape_bucket, parse_size
 
 __all__ = [
     "ModelConfig",
@@ -26,6 +28,8 @@ __all__ = [
     "STAGE_NAMES",
     "parse_size",
     "latent_tokens",
+    "SpeedConfig",
+    "parse_shape_bucket",
     "load_config",
     "DiffusionEngineConfig",
 ]
@@ -36,34 +40,6 @@ STAGE_NAMES = (
 )
 
 LTX2_DEFAULT_NEGATIVE_PROMPT = "worst quality, inconsistent motion, blurry, jittery, distorted"
-
-
-# LTX-2's video VAE: 32x in space, 8x in time (the tiny checkpoint keeps the same rules).
-SPATIAL_COMPRESSION = 32
-TEMPORAL_COMPRESSION = 8
-
-
-def latent_tokens(
-    width: int, height: int, seconds: float, fps: int,
-    spatial: int = SPATIAL_COMPRESSION, temporal: int = TEMPORAL_COMPRESSION,
-) -> int:
-    """Latent tokens of one request: the unit of the request budget (and of diffusion's cost per step)."""
-    import math
-
-    output_frames = max(1, round(seconds * fps))
-    latent_frames = math.ceil(max(output_frames - 1, 0) / temporal) + 1
-    return latent_frames * (height // spatial) * (width // spatial)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"768x512"`` -> ``(768, 512)``; raises ``ValueError`` with the accepted form."""
-    match = re.fullmatch(r"\s*([0-9]{1,6})\s*[xX]\s*([0-9]{1,6})\s*", str(text))
-    if match is None:
-        raise ValueError(f"'{text}' is not a size; write WIDTHxHEIGHT in pixels, e.g. 768x512")
-    width, height = int(match.group(1)), int(match.group(2))
-    if width <= 0 or height <= 0:
-        raise ValueError(f"'{text}' has a zero dimension; both width and height must be positive")
-    return width, height
 
 
 class ModelConfig(BaseModel):
@@ -140,7 +116,8 @@ class ModelConfig(BaseModel):
             "their own. Default: LTX-2 19B on one H100 (1.22 s per pass at 14,080 tokens, 4 passes per step)."
         ),
     )
-    diffusion: Annotated[DiffusionEngineConfig, AfterValidator(_diffusion_fits_model)] = Field(default_factory=lambda: DiffusionEngineConfig(), description="The diffusion stage's denoising loop: recipe, step batching, step caches, checkpoints.")
+    diffusion: Annotated[DiffusionEngineConfig, AfterValidator(diffusion_fits_model)] = Field(default_factory=lambda: DiffusionEngineConfig(), description="The diffusion stage's denoising loop: recipe, step batching, step caches, checkpoints.")
+    speed: SpeedConfig = Field(default_factory=lambda: SpeedConfig(), description="GPU speed switches of the diffusion transformer (all off or CPU-safe by default).")
 
     @field_validator("default_size")
     @classmethod
@@ -588,145 +565,3 @@ def load_config(source: str | dict | None = None) -> ReelserveConfig:
 
     with open(source) as handle:
         return ReelserveConfig.model_validate(yaml.safe_load(handle) or {})
-
-
-# --------------------------------------------------------------------------- the diffusion engine
-
-from typing import Annotated  # noqa: E402
-
-from pydantic import AfterValidator, ValidationInfo  # noqa: E402
-
-# Off values of ModelConfig's guidance settings: recipes that run without guidance require them.
-_GUIDANCE_OFF = {
-    "guidance_scale": 1.0,
-    "audio_guidance_scale": 1.0,
-    "stg_scale": 0.0,
-    "audio_stg_scale": 0.0,
-    "modality_scale": 1.0,
-    "audio_modality_scale": 1.0,
-}
-
-
-class DiffusionEngineConfig(BaseModel):
-    """How the diffusion stage runs its denoising loop (``model.diffusion``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    recipe: Literal["dev", "distilled", "two_stage"] = Field(
-        "dev",
-        description=(
-            "dev: num_inference_steps steps with the guidance settings (CFG, spatio-temporal, modality: up to 4 "
-            "transformer passes a step). distilled: LTX-2's 8 distilled sigmas, one pass a step, no guidance and no "
-            "negative prompt (for distilled weights; the guidance settings must be off). two_stage: the first stage at "
-            "half width and height, the latents upsampled x2 by the latent upsampler inside this stage, then 3 "
-            "refinement steps (sigmas .909375, .725, .421875) without guidance at full size; sizes must be multiples "
-            "of 64."
-        ),
-    )
-    first_stage: Literal["dev", "distilled"] = Field(
-        "dev",
-        description=(
-            "two_stage only: the half-size stage's schedule. dev: num_inference_steps with the guidance settings; "
-            "distilled: the 8 distilled sigmas without guidance."
-        ),
-    )
-    upsampler_path: str | None = Field(
-        None,
-        description=(
-            "two_stage only: local directory or hub id holding latent_upsampler/ (diffusers layout). "
-            "Unset: the model checkpoint's own latent_upsampler/ subfolder."
-        ),
-    )
-    batching: bool = Field(
-        True,
-        description=(
-            "Step-level batching: requests whose latents have the same shape run each transformer pass together; a "
-            "request joins at its first step and leaves after its last. Off: one request per pass."
-        ),
-    )
-    max_batch_tokens: int = Field(
-        65536,
-        ge=1,
-        description=(
-            "Most video+audio tokens one transformer pass carries (rows x tokens per row; every guidance pass of a "
-            "request is a row). A single row always runs. 65536 holds one 1280x704 x 121-frame dev step's 4 rows "
-            "(4 x 14206 tokens) or ten 768x512 x 121-frame rows."
-        ),
-    )
-    step_cache: Literal["none", "first_block", "mag", "taylorseer"] = Field(
-        "none",
-        description=(
-            "diffusers step cache that skips transformer work on some steps (first_block: First-Block Cache; mag: "
-            "MagCache, needs mag_ratios; taylorseer: TaylorSeer). Trades quality for speed: see BENCHMARKS.md for the "
-            "measured deviation. Needs batching off (the caches keep per-request state between steps)."
-        ),
-    )
-    step_cache_threshold: float | None = Field(
-        None,
-        gt=0,
-        description="first_block and mag: how much change is tolerated before blocks run again (unset: 0.05 / 0.06).",
-    )
-    mag_ratios: list[float] | None = Field(
-        None,
-        description="mag only: the checkpoint's per-step residual magnitude ratios, from a calibration run.",
-    )
-    checkpoint_every_steps: int = Field(
-        4,
-        ge=0,
-        description=(
-            "Emit a resumable checkpoint of each request every this many finished steps (0: never). The engine's "
-            "part is a copy of the latents to the host (7.3 MB at 1280x704 x 121 frames, about 1 ms on a GPU); with a "
-            "store write of about 40 ms, every 4 steps costs under 1% of a 1.22 s step, and a takeover redoes at "
-            "most 3 steps."
-        ),
-    )
-
-    @model_validator(mode="after")
-    def _options_fit_the_recipe(self) -> DiffusionEngineConfig:
-        if self.recipe != "two_stage":
-            # Compared with the defaults, not with what was set: a dumped config must validate again.
-            for name, default in (("first_stage", "dev"), ("upsampler_path", None)):
-                if getattr(self, name) != default:
-                    raise ValueError(f"diffusion.{name} applies to the two_stage recipe only (recipe is {self.recipe})")
-        if self.step_cache != "none" and self.batching:
-            raise ValueError(
-                f"diffusion.step_cache {self.step_cache} keeps state per request between steps, which a shared "
-                "batch cannot: set diffusion.batching to false"
-            )
-        if self.step_cache == "mag" and not self.mag_ratios:
-            raise ValueError("diffusion.step_cache mag needs diffusion.mag_ratios (the checkpoint's calibrated ratios)")
-        if self.mag_ratios is not None and self.step_cache != "mag":
-            raise ValueError("diffusion.mag_ratios applies to step_cache mag only")
-        if self.step_cache_threshold is not None and self.step_cache not in ("first_block", "mag"):
-            raise ValueError("diffusion.step_cache_threshold applies to step_cache first_block or mag only")
-        return self
-
-    @property
-    def runs_without_guidance(self) -> bool:
-        """True when no phase of the recipe uses the guidance settings."""
-        return self.recipe == "distilled" or (self.recipe == "two_stage" and self.first_stage == "distilled")
-
-
-def _diffusion_fits_model(value: DiffusionEngineConfig, info: ValidationInfo) -> DiffusionEngineConfig:
-    """Rules between the engine and the rest of the model config."""
-    model = info.data
-    if value.runs_without_guidance:
-        on = {name: model[name] for name, off in _GUIDANCE_OFF.items() if name in model and model[name] != off}
-        if on:
-            settings = ", ".join(f"{name} {number:g}" for name, number in on.items())
-            offs = ", ".join(f"{name}: {off:g}" for name, off in _GUIDANCE_OFF.items())
-            raise ValueError(
-                f"diffusion.recipe {value.recipe} runs without guidance, but guidance is on ({settings}); set {offs}"
-            )
-    if value.recipe == "two_stage" and "default_size" in model:
-        width, height = parse_size(model["default_size"])
-        if width % 64 or height % 64:
-            raise ValueError(
-                f"diffusion.recipe two_stage halves the size, so default_size ({model['default_size']}) must be a "
-                "multiple of 64 in both dimensions"
-            )
-    return value
-
-
-ModelConfig.model_rebuild()
-ReelserveConfig.model_rebuild()

@@ -136,7 +136,6 @@ def _accelerator(stage: StageConfig, nodes: list[NodeType]) -> str | None:
 
 def _stage_plan(name: str, config: ReelserveConfig, family, handoff_out: int, problems: list[Problem]) -> StagePlan:
     stage = config.stages[name]
-    where = f"stages.{name}"
     gpus = stage.gpus_per_replica
     accelerator = _accelerator(stage, config.nodes) if gpus > 0 else None
     device = config.stage_model(name).device if name not in ("prompt_rewriter", *_CPU_STAGES) else (

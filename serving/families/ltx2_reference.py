@@ -46,11 +46,13 @@ __all__ = [
     "audio_latent_shape",
     "prompt_embedding_shape",
     "connector_output_shape",
+    "random_transformer_inputs",
+    "block_activation_bytes_bound",
     "DISTILLED_SIGMAS",
     "DISTILLED_REFINE_SIGMAS",
 ]
 
-COMPONENT_NAMES = ("transformer", "connectors", "vae", "audio_vae", "vocoder", "text_encoder")
+COMPONENT_NAMES = ("transformer", "connectors", "vae", "audio_vae", "vocoder", "text_encoder", "latent_upsampler")
 
 # The distilled checkpoint's fixed schedule (8 steps) and the two-stage recipe's refinement (3 steps).
 DISTILLED_SIGMAS = (1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875, 0.0)
@@ -231,6 +233,18 @@ _TEXT_ENCODER = {
     "image_token_index": 262144,
 }
 
+_LATENT_UPSAMPLER = {
+    # The x2 spatial upsampler of the two-stage recipe (ltx-2-spatial-upscaler-x2-1.0):
+    # get_ltx2_spatial_latent_upsampler_config("2.0") in the conversion script.
+    "in_channels": 128,
+    "mid_channels": 1024,
+    "num_blocks_per_stage": 4,
+    "dims": 3,
+    "spatial_upsample": True,
+    "temporal_upsample": False,
+    "rational_spatial_scale": 2.0,
+}
+
 _SCHEDULER = {
     "use_dynamic_shifting": True,
     "base_shift": 0.95,
@@ -247,6 +261,7 @@ _CONFIGS = {
     "audio_vae": _AUDIO_VAE,
     "vocoder": _VOCODER,
     "text_encoder": _TEXT_ENCODER,
+    "latent_upsampler": _LATENT_UPSAMPLER,
 }
 
 
@@ -276,6 +291,7 @@ def component_class(name: str) -> type:
         "vae": diffusers.AutoencoderKLLTX2Video,
         "audio_vae": diffusers.AutoencoderKLLTX2Audio,
         "vocoder": ltx2.LTX2Vocoder,
+        "latent_upsampler": ltx2.LTX2LatentUpsamplerModel,
     }
     return classes[name]
 
@@ -314,8 +330,8 @@ def build_component(
             model = cls(_gemma3_config(config))
         else:
             model = cls(**config)
-    if device.type != "meta":
-        model = model.to(dtype)
+    if device.type != "meta" and any(p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype)  # the few parameters a class creates in float32 on purpose
     return model.eval().requires_grad_(False)
 
 
@@ -414,3 +430,72 @@ def connector_output_shape(tokens: int, batch: int = 1) -> tuple[int, int, int]:
     """Each connector's output (video and audio alike): [batch, tokens, 30 heads x 128]."""
     width = _CONNECTORS["video_connector_num_attention_heads"] * _CONNECTORS["video_connector_attention_head_dim"]
     return (batch, tokens, width)
+
+
+def random_transformer_inputs(
+    config,
+    width: int,
+    height: int,
+    frames: int,
+    *,
+    fps: float = 24.0,
+    text_tokens: int = 1024,
+    batch: int = 1,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    timestep: float = 1000.0,
+) -> dict:
+    """Keyword arguments for one transformer call as the pipeline makes them: packed latents, connector outputs.
+
+    ``config`` is a transformer config (dict or a model's ``config``); its widths
+    and compression ratios size the tensors, so this serves the 19B and any
+    small profile alike (spatial compression 32, temporal 8).
+    """
+    get = config.get if hasattr(config, "get") else lambda key: getattr(config, key)
+    if width % 32 or height % 32 or (frames - 1) % 8:
+        raise ValueError(f"{width}x{height}x{frames}: width and height must be multiples of 32 and frames k * 8 + 1")
+    latent_frames, latent_height, latent_width = (frames - 1) // 8 + 1, height // 32, width // 32
+    audio_frames = audio_latent_frames(frames, fps)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def noise(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    return dict(
+        hidden_states=noise(batch, latent_frames * latent_height * latent_width, get("in_channels")),
+        audio_hidden_states=noise(batch, audio_frames, get("audio_in_channels")),
+        encoder_hidden_states=noise(batch, text_tokens, get("caption_channels")),
+        audio_encoder_hidden_states=noise(batch, text_tokens, get("caption_channels")),
+        timestep=torch.full((batch,), float(timestep), device=device),
+        encoder_attention_mask=torch.ones(batch, text_tokens, device=device, dtype=torch.long),
+        audio_encoder_attention_mask=torch.ones(batch, text_tokens, device=device, dtype=torch.long),
+        num_frames=latent_frames,
+        height=latent_height,
+        width=latent_width,
+        fps=fps,
+        audio_num_frames=audio_frames,
+    )
+
+
+def block_activation_bytes_bound(config, video_tokens: int, audio_tokens: int, text_tokens: int, batch: int = 1,
+                                 dtype: torch.dtype = torch.bfloat16) -> int:
+    """Upper bound on the activation memory one transformer block needs in an eager inference pass.
+
+    At its widest a block holds the video stream's residual, its normalised
+    copy and the feed-forward's 4x-wide projection before and after GELU:
+    about 10 video-width tensors; 16 leaves room for the attention's q, k, v,
+    rotated copies and output living at once. Rotary tables are float32
+    (cos and sin, self-attention and audio<->video attention). The audio and
+    text streams are counted the same way; attention runs in fused kernels
+    (no tokens x tokens score matrix).
+    """
+    get = config.get if hasattr(config, "get") else lambda key: getattr(config, key)
+    element = torch.empty((), dtype=dtype).element_size()
+    video = get("num_attention_heads") * get("attention_head_dim")
+    audio = get("audio_num_attention_heads") * get("audio_attention_head_dim")
+    video_stream = 16 * batch * video_tokens * video * element
+    audio_stream = 16 * batch * audio_tokens * audio * element
+    text = 2 * batch * text_tokens * (video + audio) * element
+    rotary = 2 * batch * video_tokens * (video + audio) // 2 * 4 * 2  # cos + sin, float32, video and cross-modal
+    return video_stream + audio_stream + text + rotary

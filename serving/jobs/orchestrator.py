@@ -287,7 +287,7 @@ class Orchestrator:
             self._note(job, step=result.finished_steps, total_steps=result.total_steps)
             if result.resumed_from_step is not None:
                 self._note(job, resumed_from_step=result.resumed_from_step)
-        del embeddings, condition  # released as soon as their consumer has them
+        embeddings = condition = None  # released as soon as their consumer has them
         finished("diffusion")
         video_latents, audio_latents = latents
 
@@ -299,7 +299,7 @@ class Orchestrator:
             job, "audio_decoder", lambda: stages.audio_decoder.decode.remote(ticket, audio_latents)
         )
         video, waveform = await _both(video, waveform)
-        del video_latents, audio_latents
+        video_latents = audio_latents = None
         finished("decoders")
 
         self._advance(job, "muxer")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from serving.proto import video_pb2
-from tests.serving.conftest import APP, SLOW, STEPS, stage_stats, wait_terminal, wait_until
+from tests.serving.conftest import SLOW, STEPS, stage_stats, wait_terminal, wait_until
 
 SMALL = dict(seconds=1.0, size="64x64")
 

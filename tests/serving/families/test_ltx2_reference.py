@@ -119,3 +119,16 @@ def test_random_weights_on_a_device_in_a_dtype_are_seeded_and_finite():
     small = ref.build_component("transformer", device="cpu", dtype=torch.float32, overrides=narrow)
     assert small.config.num_layers == 1 and small.proj_in.weight.dtype == torch.float32
     assert small.config.rope_type == "split"  # overrides change only what they name
+
+
+def test_two_stage_upsampler_doubles_half_resolution_latents():
+    upsampler = ref.build_meta("latent_upsampler")
+    half = torch.empty(ref.video_latent_shape(WIDTH // 2, HEIGHT // 2, FRAMES), device="meta", dtype=torch.bfloat16)
+    assert tuple(half.shape) == (1, 128, 16, 11, 20)
+    assert tuple(upsampler(half).shape) == ref.video_latent_shape(WIDTH, HEIGHT, FRAMES)
+
+
+def test_block_memory_bound_at_real_size():
+    bound = ref.block_activation_bytes_bound(ref.component_config("transformer"), 14080, 126, 1024)
+    # 16 video-width bf16 tensors (14080 x 4096) are 1.85 GB; float32 rotary tables add 0.35 GB
+    assert 2.0e9 < bound < 3.0e9
