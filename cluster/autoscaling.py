@@ -19,8 +19,9 @@ generation. Here:
   wait. The decoders' and the muxer's arrivals are diffusion's completions;
   the text encoder's and the image conditioner's are the jobs arriving.
 - **both** keep at least one warm replica (loads take minutes), scale up after
-  a short delay and down after a long one (down to the most replicas wanted
-  during that delay), and never ask for fewer replicas than hold work. Serve
+  a short delay and down after a long one (to the most replicas wanted during
+  that delay: a stabilisation window, as in Kubernetes' HPA), and never ask
+  for fewer replicas than hold work. Serve
   2.60 lets a policy choose how many replicas run, not which one stops; a busy
   replica chosen anyway drains (its ``graceful_shutdown_timeout_s`` fits the
   longest job, ``cluster.placement.drain_seconds``).
@@ -256,31 +257,33 @@ def follower_replicas_wanted(
 def apply_delays(
     wanted: int, target: int, now: float, state: dict[str, Any], up_delay_s: float, down_delay_s: float
 ) -> tuple[int, dict[str, Any]]:
-    """Scale up once ``wanted > target`` has held for ``up_delay_s``; down once ``wanted < target`` has held for
-    ``down_delay_s``, to the most replicas wanted during that time. Returns the decision and the new state."""
-    up_since = state.get(f"{_STATE_PREFIX}up_since")
-    down_since = state.get(f"{_STATE_PREFIX}down_since")
-    down_peak = state.get(f"{_STATE_PREFIX}down_peak", 0)
+    """Stabilisation windows over the wanted counts (as Kubernetes' HPA does).
+
+    Up: to the fewest replicas wanted throughout the last ``up_delay_s`` (a need
+    that lasted), when that is above ``target``. Down: to the most replicas
+    wanted at any time in the last ``down_delay_s``, when that is below
+    ``target``. A window counts only once the policy has watched that long.
+    Returns the decision and the new state (a run-length history of ``wanted``).
+    """
+    since = state.get(f"{_STATE_PREFIX}since", now)
+    history = [list(point) for point in state.get(f"{_STATE_PREFIX}history", [])]
+    if not history or history[-1][1] != wanted:
+        history.append([now, wanted])
+    horizon = now - max(up_delay_s, down_delay_s)
+    while len(history) > 1 and history[1][0] <= horizon:  # the first point still holds at the horizon
+        history.pop(0)
+
+    def over_last(seconds: float) -> list[int]:
+        return [count for i, (t, count) in enumerate(history) if i + 1 == len(history) or history[i + 1][0] > now - seconds]
+
     decision = target
-    if wanted > target:
-        down_since = None
-        up_since = now if up_since is None else up_since
-        if now - up_since >= up_delay_s - 1e-9:
-            decision, up_since = wanted, None
-    elif wanted < target:
-        up_since = None
-        if down_since is None:
-            down_since, down_peak = now, wanted
-        down_peak = max(down_peak, wanted)
-        if now - down_since >= down_delay_s - 1e-9:
-            decision, down_since = down_peak, None
-    else:
-        up_since = down_since = None
-    return decision, {
-        f"{_STATE_PREFIX}up_since": up_since,
-        f"{_STATE_PREFIX}down_since": down_since,
-        f"{_STATE_PREFIX}down_peak": down_peak,
-    }
+    sustained = min(over_last(up_delay_s))
+    peak = max(over_last(down_delay_s))
+    if sustained > target and now - since >= up_delay_s - 1e-9:
+        decision = sustained
+    elif peak < target and now - since >= down_delay_s - 1e-9:
+        decision = peak
+    return decision, {f"{_STATE_PREFIX}since": since, f"{_STATE_PREFIX}history": history}
 
 
 # ------------------------------------------------------------------ Ray Serve policies

@@ -35,17 +35,18 @@ __all__ = [
     "IN_FLIGHT",
 ]
 
-# Keys of the reported dicts (what ``record_autoscaling_stats`` returns).
-RUNNING_TOKEN_STEPS = "running_token_steps"  # token-steps still to do of the requests being denoised
-QUEUED_TOKEN_STEPS = "queued_token_steps"  # token-steps of the requests waiting on this replica
-RUNNING_REQUESTS = "running_requests"
-QUEUED_REQUESTS = "queued_requests"
-SECONDS_PER_TOKEN_STEP = "seconds_per_token_step"  # measured; 0 until the first step
-MEAN_REQUEST_TOKEN_STEPS = "mean_request_token_steps"  # of requests that arrived in the window; 0 when none
-ARRIVALS_PER_S = "arrivals_per_s"
-COMPLETIONS_PER_S = "completions_per_s"
-SERVICE_SECONDS = "service_seconds"  # measured busy seconds per request; 0 until the first one
-IN_FLIGHT = "in_flight"  # requests running or waiting on this replica
+# Keys of the reported dicts (what ``record_autoscaling_stats`` returns). Serve keeps its own request counts in
+# the same per-replica store under plain names ("running_requests"), so ours carry a prefix.
+RUNNING_TOKEN_STEPS = "reelserve_running_token_steps"  # token-steps still to do of the requests being denoised
+QUEUED_TOKEN_STEPS = "reelserve_queued_token_steps"  # token-steps of the requests waiting on this replica
+RUNNING_REQUESTS = "reelserve_running_requests"
+QUEUED_REQUESTS = "reelserve_queued_requests"
+SECONDS_PER_TOKEN_STEP = "reelserve_seconds_per_token_step"  # measured; 0 until the first step
+MEAN_REQUEST_TOKEN_STEPS = "reelserve_mean_request_token_steps"  # of requests that arrived in the window; 0 when none
+ARRIVALS_PER_S = "reelserve_arrivals_per_s"
+COMPLETIONS_PER_S = "reelserve_completions_per_s"
+SERVICE_SECONDS = "reelserve_service_seconds"  # measured busy seconds per request; 0 until the first one
+IN_FLIGHT = "reelserve_in_flight"  # requests running or waiting on this replica
 
 Clock = Callable[[], float]
 
