@@ -51,6 +51,7 @@ AGENT_PORT = 52365  # Ray's dashboard agent: the raylet health endpoint
 GRPC_SERVICER = "serving.proto.video_pb2_grpc.add_VideoServiceServicer_to_server"
 POD_SHARE = 0.9  # of a node's CPUs and memory for its Ray pod
 NODE_IDLE_TIMEOUT_S = 300  # a worker node with nothing on it goes after this (after Serve's own downscale delay)
+_POD_SECURITY = {"fsGroup": 1000}  # the image's user (ray, uid 1000) can write the shared results volume
 CPU_NODE = NodeType(name="cpu", cpus=8, memory_gb=32, min_nodes=1, max_nodes=2)  # when the config names no nodes
 
 # nvidia.com/gpu.product values that NVIDIA GPU Feature Discovery (the GPU Operator) puts on nodes, per Ray
@@ -179,7 +180,8 @@ def _head(name: str, image: str, config: ReelserveConfig) -> dict:
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
         "template": {
             "metadata": {"labels": _labels(name, "ray-head")},
-            "spec": {"containers": [container], "volumes": _pod_volumes(name, config, memory_gb=16)},
+            "spec": {"containers": [container], "volumes": _pod_volumes(name, config, memory_gb=16),
+                     "securityContext": _POD_SECURITY},
         },
     }
 
@@ -193,7 +195,7 @@ def _worker_group(name: str, node: NodeType, index: int, image: str, config: Ree
     # raylet is (a model loading for minutes does not make the pod unhealthy).
     container["readinessProbe"] = _probe("/-/healthz", config.ingress.http_port, period_s=5, failures=3)
     container["livenessProbe"] = _probe("/api/local_raylet_healthz", AGENT_PORT, period_s=10, failures=12, delay_s=30)
-    pod: dict = {"containers": [container], "volumes": _pod_volumes(name, config, memory_gb)}
+    pod: dict = {"containers": [container], "volumes": _pod_volumes(name, config, memory_gb), "securityContext": _POD_SECURITY}
     start: dict = {}
     if node.gpus:
         products = GPU_PRODUCTS.get(node.accelerator_type)
