@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -236,3 +237,37 @@ def test_a_gpu_without_known_product_labels_is_refused_naming_the_field():
     raw["nodes"][0]["accelerator_type"] = "TPU-V5"
     with pytest.raises(RenderError, match=r"nodes\[0\].accelerator_type: no GPU product labels known for 'TPU-V5'"):
         render(raw, "x.yaml")
+
+
+def _readme_section() -> str:
+    text = (REPO / "README.md").read_text()
+    return text[text.index("## Deploy on Kubernetes"):text.index("## Layout")]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_the_readme_section_matches_the_manifests(profile, rendered):
+    section = _readme_section()
+    files = rendered[profile]
+    listed = re.findall(r"^\| `([a-z]+\.yaml)` \|", section, re.M)
+    assert sorted(listed) == sorted(files)  # every file described, none invented
+    objects = _objects(files)
+    names = {o["metadata"]["name"] for o in objects if o["kind"] in ("Service", "PersistentVolumeClaim")}
+    service = _rayservice(files)
+    names.add(service["spec"]["serveService"]["metadata"]["name"])
+    tiny = "path" not in yaml.safe_load((REPO / _source(profile)).read_text())["model"]
+    assert ("reelserve-models" in names) != tiny and "(not in `local-cpu`, whose tiny checkpoint each pod builds)" in section
+    for mentioned in set(re.findall(r"`(reelserve-[a-z-]+)`", section)) - ({"reelserve-models"} if tiny else set()):
+        assert mentioned in names, f"the README names {mentioned}, which {profile} does not have"
+    sizes = {o["metadata"]["name"]: o["spec"]["resources"]["requests"]["storage"]
+             for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    assert f"`reelserve-results` ({sizes['reelserve-results'].replace('Gi', ' Gi')}, ReadWriteMany)" in section
+    if "reelserve-models" in sizes:
+        assert f"`reelserve-models` ({sizes['reelserve-models'].replace('Gi', ' Gi')}, ReadWriteMany" in section
+    assert f"a {sizes['reelserve-redis-data'].replace('Gi', ' Gi')} volume" in section
+    cluster = service["spec"]["rayClusterConfig"]
+    assert f"({cluster['autoscalerOptions']['idleTimeoutSeconds']} s)" in section
+    assert f"`upgradeStrategy: {service['spec']['upgradeStrategy']['type']}`" in section
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert f"`{args['jobs']['redis_url']}`" in section and f"`{args['jobs']['results_dir']}`" in section
+    for path in re.findall(r":\d+(/[-/a-z_]+)`", section):  # the probe paths
+        assert path in files["rayservice.yaml"], path
