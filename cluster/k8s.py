@@ -36,6 +36,7 @@ from urllib.parse import urlparse
 import yaml
 
 from cluster.config import NodeType, ReelserveConfig
+from cluster.local import GRPC_SERVICER
 
 __all__ = ["render", "write", "k8s_args", "DEFAULT_IMAGE", "RenderError"]
 
@@ -48,7 +49,6 @@ MODELS_MOUNT = "/models"
 METRICS_PORT = 8080  # Ray's metrics export port on every node
 DASHBOARD_PORT = 8265
 AGENT_PORT = 52365  # Ray's dashboard agent: the raylet health endpoint
-GRPC_SERVICER = "serving.proto.video_pb2_grpc.add_VideoServiceServicer_to_server"
 POD_SHARE = 0.9  # of a node's CPUs and memory for its Ray pod
 NODE_IDLE_TIMEOUT_S = 300  # a worker node with nothing on it goes after this (after Serve's own downscale delay)
 _POD_SECURITY = {"fsGroup": 1000}  # the image's user (ray, uid 1000) can write the shared results volume

@@ -27,9 +27,13 @@ from tests.helpers import free_port
 APP = "reelserve"
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 40
-LONG = dict(seconds=2.0, size="512x512")  # 1,792 latent tokens
+# A must outlast the scale-up (a metrics push, <= 10 s, the up delay and a replica start) and B; D, which starts
+# after B, must outlast A by the down delay plus a metrics push. Measured on a busy 2-core machine: A 154 s,
+# B 6 s, the second replica up 43 s after A started, D 297 s; on an idle one each job takes about a third.
+LONG_A = dict(seconds=6.0, size="512x512")  # 4,864 latent tokens
+LONG_D = dict(seconds=10.0, size="512x512")  # 7,936 latent tokens (the tiny model's budget is 8,192)
 SHORT = dict(seconds=1.0, size="64x64")  # 16 latent tokens
-DOWN_DELAY_S = 30
+DOWN_DELAY_S = 15
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +118,7 @@ def test_a_burst_scales_diffusion_to_max_and_back_and_the_removed_replica_finish
     assert _running_replicas()[0] == 1
     first = _events(events_path)[0][2]  # the replica that was up from the start
 
-    long_a = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt="a long take A", seed=1, **LONG)).id
+    long_a = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt="a long take A", seed=1, **LONG_A)).id
     _wait("A to start denoising", lambda: any(e[1] == "start" and e[3].startswith(long_a) for e in _events(events_path)), 120)
     short_b = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt="a short one B", seed=2, **SHORT)).id
 
@@ -130,7 +134,7 @@ def test_a_burst_scales_diffusion_to_max_and_back_and_the_removed_replica_finish
     assert b_end[2] == second, _events(events_path)
     a_running = [e for e in _events(events_path) if e[3].startswith(long_a) and e[1] in ("start", "end")]
     assert [e[1] for e in a_running] == ["start"], "A ended before B: the scenario needs A still running"
-    long_d = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt="a long take D", seed=4, **LONG)).id
+    long_d = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt="a long take D", seed=4, **LONG_D)).id
     d_start = _wait("D to start", lambda: next(
         (e for e in _events(events_path) if e[1] == "start" and e[3].startswith(long_d)), None), 60)
     assert d_start[2] == second, "D must run on the newest replica, the one Serve stops first"
