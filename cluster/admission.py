@@ -16,7 +16,9 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-__all__ = ["JobLoad", "Admission", "StepRate", "backlog_token_steps", "estimated_queue_wait_s", "admit"]
+__all__ = [
+    "JobLoad", "Admission", "StepRate", "backlog_token_steps", "estimated_queue_wait_s", "admit", "admit_job",
+]
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,12 @@ class JobLoad:
     @property
     def token_steps_left(self) -> int:
         return self.tokens * max(self.steps - self.finished_steps, 0)
+
+    @classmethod
+    def of(cls, width: int, height: int, seconds: float, fps: int, steps: int, finished_steps: int = 0) -> JobLoad:
+        from cluster.config import latent_tokens
+
+        return cls(latent_tokens(width, height, seconds, fps), steps, finished_steps)
 
 
 @dataclass(frozen=True)
@@ -98,3 +106,16 @@ def admit(
 
 def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def admit_job(config, active_jobs: Iterable[JobLoad], step_rate: StepRate) -> Admission:
+    """``admit`` with the bound, the replica count and the Retry-After floor of ``config`` (a ``ReelserveConfig``).
+
+    ``active_jobs``: every queued and running job in the store.
+    """
+    diffusion = config.stages["diffusion"]
+    replicas = diffusion.num_replicas if diffusion.num_replicas is not None else diffusion.max_replicas
+    return admit(
+        backlog_token_steps(active_jobs), step_rate.value, replicas, config.scaling.max_queue_wait_s,
+        min_retry_after_s=config.jobs.retry_after_s,
+    )

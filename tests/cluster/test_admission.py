@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.admission import JobLoad, StepRate, admit, backlog_token_steps, estimated_queue_wait_s
+from cluster.admission import JobLoad, StepRate, admit, admit_job, backlog_token_steps, estimated_queue_wait_s
 from cluster.config import latent_tokens
 
 RATE = 3.5e-4
@@ -67,3 +67,22 @@ def test_the_default_bound_admits_a_full_default_queue_on_the_8x_h100_profile():
     assert answer.admitted  # under the default 30 min: max_active_jobs still bounds first on this profile
     assert not admit(backlog_token_steps(jobs * 2), config.model.seconds_per_token_step,
                      config.stages["diffusion"].max_replicas, config.scaling.max_queue_wait_s).admitted
+
+
+def test_admit_job_reads_the_bound_replicas_and_retry_floor_from_the_config():
+    from cluster.config import ReelserveConfig
+
+    config = ReelserveConfig(
+        stages={"diffusion": {"num_replicas": None, "max_replicas": 2}},
+        scaling={"max_queue_wait_s": 300}, jobs={"retry_after_s": 30},
+    )
+    rate = StepRate(prior=RATE)
+    job = JobLoad.of(1280, 704, 5, 24, steps=30)
+    assert job == JobLoad(BIG, 30)
+    assert admit_job(config, [job] * 4, rate).admitted  # 591 GPU-s over 2 replicas: 296 s
+    refused = admit_job(config, [job] * 5, rate)  # 370 s
+    assert not refused.admitted and refused.retry_after_s == 70
+    barely = admit_job(config, [job] * 4 + [JobLoad(BIG, 30, finished_steps=29)] * 2, rate)  # 306 s: floor of 30
+    assert not barely.admitted and barely.retry_after_s == 30
+    fixed = ReelserveConfig(stages={"diffusion": {"num_replicas": 3}}, scaling={"max_queue_wait_s": 300})
+    assert admit_job(fixed, [job] * 5, rate).admitted  # three fixed replicas: 246 s
