@@ -63,7 +63,8 @@ def served(tiny_checkpoint, redis_url, tmp_path_factory, monkeypatch_module):
                              downscale_delay_s=DOWN_DELAY_S, metrics_window_s=11)
 
     monkeypatch_module.setattr(serving.stages.diffusion, "DiffusionStage", ReportingDiffusionStage)
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2, log_to_driver=False)
+    # address "local": a new cluster of our own, never one another process started on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2, log_to_driver=False)
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
         grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
