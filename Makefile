@@ -7,7 +7,7 @@ OUT    := out
 
 DEMO_PROMPT := A tabby cat looks around, blinks and purrs softly; warm afternoon light, gentle room tone.
 
-.PHONY: demo test install clean redis proto
+.PHONY: demo test install clean redis proto image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ test: $(STAMP) redis
 # Regenerate the committed gRPC modules after editing serving/proto/video.proto.
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. serving/proto/video.proto
+
+# The image of the Kubernetes manifests (k8s/). Needs Docker; nothing in `make test` does.
+IMAGE ?= reelserve:0.1.0
+image:
+	@command -v docker >/dev/null 2>&1 || { echo "make image needs Docker (docker build)"; exit 1; }
+	docker build -f k8s/Dockerfile -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

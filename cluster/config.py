@@ -23,6 +23,7 @@ __all__ = [
     "OrchestratorConfig",
     "NodeType",
     "FaultConfig",
+    "ScalingConfig",
     "ReelserveConfig",
     "ACCELERATOR_MEMORY_GB",
     "STAGE_NAMES",
@@ -484,6 +485,7 @@ class ReelserveConfig(BaseModel):
         description="The cluster's machine types, for `reelserve plan` and the Kubernetes worker groups (empty: one local machine).",
     )
     faults: list[FaultConfig] = Field(default_factory=list, description="Injected faults (testing and chaos runs only).")
+    scaling: ScalingConfig = Field(default_factory=lambda: ScalingConfig(), description="How autoscaled stages scale, and admission by expected queue wait.")
 
     def stage_model(self, name: str) -> ModelConfig:
         """The model config a stage loads with: its own device and dtype resolved.
@@ -565,3 +567,67 @@ def load_config(source: str | dict | None = None) -> ReelserveConfig:
 
     with open(source) as handle:
         return ReelserveConfig.model_validate(yaml.safe_load(handle) or {})
+
+
+class ScalingConfig(BaseModel):
+    """How autoscaled stages scale (``cluster.autoscaling``) and when the ingress refuses by expected wait."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        True,
+        description=(
+            "Autoscaled stages (num_replicas null) use reelserve's policies: diffusion on its backlog in expected "
+            "GPU-seconds, the others on measured arrivals x service time. false: Ray Serve's default policy on "
+            "requests per replica (target_ongoing_requests)."
+        ),
+    )
+    target_queue_wait_s: float = Field(
+        120.0,
+        gt=0,
+        description="The diffusion SLO: longest wait of a queued job before its denoising starts; diffusion scales to meet it.",
+    )
+    replica_start_s: float = Field(
+        240.0,
+        ge=0,
+        description=(
+            "Expected seconds from a scale-up decision to a new diffusion replica taking jobs (node start, image pull, "
+            "weight load, warm-up); a replica is added only where it shortens the wait despite this."
+        ),
+    )
+    upscale_delay_s: float = Field(
+        15.0, ge=0, description="A need for more replicas must last this long before replicas are added (short)."
+    )
+    downscale_delay_s: float = Field(
+        600.0,
+        ge=0,
+        description=(
+            "A need for fewer replicas must last this long before replicas are removed (long: reloading costs minutes); "
+            "the count then drops to the most replicas wanted during it, never below the replicas holding work."
+        ),
+    )
+    metrics_window_s: float = Field(
+        30.0,
+        gt=10,
+        description=(
+            "Serve's look-back window for the stats replicas report (recorded every fifth of it, pushed to the "
+            "controller every 10 s, so it must exceed 10 s); the policies read each replica's latest report."
+        ),
+    )
+    rate_window_s: float = Field(
+        120.0, gt=0, description="Window over which replicas measure their arrival and completion rates."
+    )
+    follower_utilization: float = Field(
+        0.7, gt=0, le=1, description="Target busy share of encoder, decoder and muxer replicas (arrivals x service time)."
+    )
+    follower_wait_s: float = Field(
+        30.0, gt=0, description="Encoders, decoders and the muxer scale so the requests they hold clear within this."
+    )
+    max_queue_wait_s: float | None = Field(
+        1800.0,
+        gt=0,
+        description=(
+            "Admission: a new job is refused (HTTP 429 / RESOURCE_EXHAUSTED, Retry-After from the estimate) when its "
+            "estimated queue wait with diffusion at max_replicas exceeds this. null: only jobs.max_active_jobs bounds."
+        ),
+    )

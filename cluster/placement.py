@@ -51,7 +51,7 @@ def stage_options(name: str, config: ReelserveConfig) -> dict:
     )
     if stage.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = stage.max_replicas_per_node
-    options.update(_scaling(stage))
+    options.update(_scaling(name, config))
     return options
 
 
@@ -78,16 +78,13 @@ def _resources(stage: StageConfig) -> dict:
     }
 
 
-def _scaling(stage: StageConfig) -> dict:
+def _scaling(name: str, config: ReelserveConfig) -> dict:
+    from cluster.autoscaling import autoscaling_config
+
+    stage = config.stages[name]
     if stage.num_replicas is not None:
         return {"num_replicas": stage.num_replicas}
-    return {
-        "autoscaling_config": {
-            "min_replicas": stage.min_replicas,
-            "max_replicas": stage.max_replicas,
-            "target_ongoing_requests": stage.target_ongoing_requests,
-        }
-    }
+    return {"autoscaling_config": autoscaling_config(name, config)}
 
 
 def ingress_options(config: ReelserveConfig) -> dict:

@@ -90,6 +90,15 @@ def _build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--size", help="WIDTHxHEIGHT to size the hand-offs for (default: the model's default size)")
     plan.add_argument("--seconds", help="clip length to size the hand-offs for (default: the model's)")
     plan.set_defaults(handler=_plan)
+
+    k8s = commands.add_parser("k8s", help="Kubernetes (KubeRay) manifests from a deployment config")
+    k8s_commands = k8s.add_subparsers(dest="k8s_command", required=True, parser_class=_Parser)
+    render = k8s_commands.add_parser("render", help="write a RayService, Redis, storage, Services and a PodMonitor")
+    render.add_argument("--config", required=True, help="deployment config YAML, e.g. cluster/profiles/8x-h100.yaml")
+    render.add_argument("--out", help="folder to write (default: k8s/<config name>)")
+    render.add_argument("--image", help="container image of the Ray pods (default: reelserve:<version>)")
+    render.add_argument("--redis-url", help="a managed Redis (redis://HOST:PORT/DB) instead of the in-cluster one")
+    render.set_defaults(handler=_k8s_render)
     return parser
 
 
@@ -301,6 +310,23 @@ def _plan(args: argparse.Namespace) -> int:
     plan = make_plan(config, size=args.size, seconds=seconds)
     print(format_plan(plan))
     return 0 if plan.fits else EXIT_BAD_INPUT
+
+
+def _k8s_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from cluster.k8s import DEFAULT_IMAGE, RenderError, render, write
+
+    _load_cluster_config(args.config)  # names the field of a config that does not validate
+    raw = yaml.safe_load(Path(args.config).read_text()) or {}
+    try:
+        files = render(raw, args.config, image=args.image or DEFAULT_IMAGE, redis_url=args.redis_url)
+    except RenderError as error:
+        raise UsageError(str(error)) from None
+    out = Path(args.out) if args.out else Path("k8s") / Path(args.config).stem
+    for path in write(files, out):
+        print(path)
+    return 0
 
 
 _CLI_FIELD_NAMES = {

@@ -22,7 +22,14 @@ def test_fixed_replicas():
 def test_autoscaling_when_num_replicas_is_none():
     options = _options("text_encoder", num_replicas=None, min_replicas=0, max_replicas=4, target_ongoing_requests=1.5)
     assert "num_replicas" not in options
-    assert options["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 1.5}
+    autoscaling = options["autoscaling_config"]
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (1, 4)  # one warm replica: loads take minutes
+    assert autoscaling["policy"]["policy_function"] == "cluster.autoscaling:FollowerPolicy"
+    default = stage_options("text_encoder", ReelserveConfig(
+        stages={"text_encoder": dict(num_replicas=None, min_replicas=0, max_replicas=4, target_ongoing_requests=1.5)},
+        jobs={"max_active_jobs": 8}, scaling={"enabled": False},
+    ))
+    assert default["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 1.5}
 
 
 def test_actor_resources_without_memory():

@@ -1,0 +1,421 @@
+"""`reelserve k8s render`: Kubernetes manifests for a KubeRay cluster, from the one deployment config.
+
+For a config (a profile in ``cluster/profiles/``) it writes one folder:
+
+- ``rayservice.yaml``: the KubeRay ``RayService`` (``ray.io/v1``). Its
+  ``serveConfigV2`` is the app (``graphs:build_app`` with the config as
+  ``args``), Serve's HTTP and gRPC options included. The head group plus one
+  worker group per ``nodes`` entry, with ``nvidia.com/gpu`` limits, a GPU
+  product affinity and a GPU toleration, Ray's ``accelerator_type`` resource;
+  in-tree autoscaling tuned for minutes-long jobs; ``NewCluster`` upgrades;
+  GCS fault tolerance on Redis; a Serve Service for HTTP and gRPC.
+- ``redis.yaml``: Redis for the job store and GCS fault tolerance (a
+  Deployment with a persistent volume, and its Service). Not written when a
+  managed Redis is given (``--redis-url``).
+- ``storage.yaml``: the shared results volume (ReadWriteMany) and, for real
+  checkpoints, the model volume the pods mount read-only at ``/models``.
+- ``services.yaml``: the metrics Service (port 8080 on every Ray pod).
+- ``monitoring.yaml``: a Prometheus Operator ``PodMonitor``.
+- ``kustomization.yaml``: the folder as a kustomize base (image, namespace).
+
+The config is used as written, with what a Kubernetes cluster fixes for it:
+the ingress listens on all interfaces, jobs live in Redis and results on the
+shared volume, and a prompt rewriter left on ``auto`` is off where no node
+has a GPU (the image's vLLM is the CUDA build). The Ray pod of a node asks
+for 90 % of the node's CPUs and memory, leaving room for the kubelet.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+
+from cluster.config import NodeType, ReelserveConfig
+from cluster.local import GRPC_SERVICER
+
+__all__ = ["render", "write", "k8s_args", "DEFAULT_IMAGE", "RenderError"]
+
+DEFAULT_IMAGE = "reelserve:0.1.0"
+RAY_VERSION = "2.60.0"
+REDIS_IMAGE = "redis:7.4-alpine"
+REDIS_PORT = 6380
+RESULTS_MOUNT = "/shared/reelserve"
+MODELS_MOUNT = "/models"
+METRICS_PORT = 8080  # Ray's metrics export port on every node
+DASHBOARD_PORT = 8265
+AGENT_PORT = 52365  # Ray's dashboard agent: the raylet health endpoint
+POD_SHARE = 0.9  # of a node's CPUs and memory for its Ray pod
+NODE_IDLE_TIMEOUT_S = 300  # a worker node with nothing on it goes after this (after Serve's own downscale delay)
+_POD_SECURITY = {"fsGroup": 1000}  # the image's user (ray, uid 1000) can write the shared results volume
+CPU_NODE = NodeType(name="cpu", cpus=8, memory_gb=32, min_nodes=1, max_nodes=2)  # when the config names no nodes
+
+# nvidia.com/gpu.product values that NVIDIA GPU Feature Discovery (the GPU Operator) puts on nodes, per Ray
+# accelerator type. Clusters labelled otherwise (e.g. GKE's cloud.google.com/gke-accelerator) patch the affinity.
+GPU_PRODUCTS = {
+    "H100": ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe", "NVIDIA-H100-NVL"],
+    "H200": ["NVIDIA-H200", "NVIDIA-H200-NVL"],
+    "B200": ["NVIDIA-B200"],
+    "A100-80G": ["NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe"],
+    "A100-40G": ["NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-PCIE-40GB"],
+    "L40S": ["NVIDIA-L40S"],
+    "L4": ["NVIDIA-L4"],
+    "A10G": ["NVIDIA-A10G"],
+}
+
+
+class RenderError(ValueError):
+    """A config that cannot become manifests; the message names the field."""
+
+
+def k8s_args(raw: dict, config: ReelserveConfig, redis_url: str) -> dict:
+    """The app's ``args``: the config as written, with what the cluster fixes for it."""
+    args = copy.deepcopy(raw)
+    args.setdefault("ingress", {})["host"] = "0.0.0.0"
+    jobs = args.setdefault("jobs", {})
+    jobs.pop("sqlite_path", None)
+    jobs.update(backend="redis", redis_url=redis_url, results_dir=RESULTS_MOUNT)
+    if config.rewriter.enabled and not _has_gpus(config) and args.get("rewriter", {}).get("enabled", "auto") == "auto":
+        args.setdefault("rewriter", {})["enabled"] = False
+    return args
+
+
+def render(raw: dict, source: str, image: str = DEFAULT_IMAGE, redis_url: str | None = None) -> dict[str, str]:
+    """File name -> YAML text for the config ``raw`` (a YAML mapping) read from ``source``."""
+    config = ReelserveConfig.model_validate(copy.deepcopy(raw))
+    name = config.app_name
+    _check_name(name, "app_name")
+    managed_redis = redis_url is not None
+    if managed_redis:
+        redis_host, redis_port = _redis_address(redis_url)
+    else:
+        redis_host, redis_port = f"{name}-redis", REDIS_PORT
+        redis_url = f"redis://{redis_host}:{redis_port}/1"  # db 0 is left to Ray's GCS
+    args = k8s_args(raw, config, redis_url)
+    header = (
+        f"# Written by `reelserve k8s render --config {source}`: change the config and render again.\n"
+    )
+    files = {
+        "rayservice.yaml": [_rayservice(name, config, args, image, f"{redis_host}:{redis_port}")],
+        "storage.yaml": _volumes(name, config),
+        "services.yaml": [_metrics_service(name)],
+        "monitoring.yaml": [_pod_monitor(name)],
+    }
+    if not managed_redis:
+        files["redis.yaml"] = _redis(name)
+    texts = {file: header + _dump_all(objects) for file, objects in sorted(files.items())}
+    texts["kustomization.yaml"] = header + _dump_all([_kustomization(sorted(files), image)])
+    return texts
+
+
+def write(files: dict[str, str], out: Path) -> list[Path]:
+    """Write the rendered files into ``out`` (created), replacing what a previous render left."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in files.items():
+        path = out / name
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+# ------------------------------------------------------------------ the RayService
+
+
+def _rayservice(name: str, config: ReelserveConfig, args: dict, image: str, redis_address: str) -> dict:
+    serve_config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": config.ingress.http_port},
+        "grpc_options": {"port": config.ingress.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+        "applications": [{"name": name, "import_path": "graphs:build_app", "route_prefix": "/", "args": args}],
+    }
+    nodes = config.nodes or [CPU_NODE]
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": name, "labels": _labels(name, "rayservice")},
+        "spec": {
+            # A new cluster comes up beside the old one and takes the traffic once its app is ready, so an
+            # upgrade drops no request; it needs room for both clusters while it runs.
+            "upgradeStrategy": {"type": "NewCluster"},
+            "serveService": {
+                "metadata": {"name": f"{name}-serve", "labels": _labels(name, "serve")},
+                "spec": {
+                    "type": "ClusterIP",
+                    "ports": [
+                        {"name": "http", "port": config.ingress.http_port, "targetPort": config.ingress.http_port},
+                        {"name": "grpc", "port": config.ingress.grpc_port, "targetPort": config.ingress.grpc_port,
+                         "appProtocol": "grpc"},
+                    ],
+                },
+            },
+            "serveConfigV2": _dump(serve_config),
+            "rayClusterConfig": {
+                "rayVersion": RAY_VERSION,
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {
+                    "upscalingMode": "Default",  # a burst of jobs asks for every node it needs at once
+                    "idleTimeoutSeconds": NODE_IDLE_TIMEOUT_S,
+                    "resources": _resources(0.5, 0.5),
+                },
+                "gcsFaultToleranceOptions": {"redisAddress": redis_address},
+                "headGroupSpec": _head(name, image, config),
+                "workerGroupSpecs": [_worker_group(name, node, index, image, config) for index, node in enumerate(nodes)],
+            },
+        },
+    }
+
+
+def _head(name: str, image: str, config: ReelserveConfig) -> dict:
+    container = _ray_container("ray-head", image, config, cpus=4, memory_gb=16, gpus=0)
+    container["ports"] += [{"name": "dashboard", "containerPort": DASHBOARD_PORT}, {"name": "gcs-server", "containerPort": 6379}]
+    # The head is healthy when its GCS answers; it runs no replicas (num-cpus 0), only Serve's controller and a proxy.
+    container["readinessProbe"] = _probe("/api/gcs_healthz", DASHBOARD_PORT, period_s=5, failures=6)
+    container["livenessProbe"] = _probe("/api/gcs_healthz", DASHBOARD_PORT, period_s=10, failures=12, delay_s=30)
+    return {
+        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        "template": {
+            "metadata": {"labels": _labels(name, "ray-head")},
+            "spec": {"containers": [container], "volumes": _pod_volumes(name, config, memory_gb=16),
+                     "securityContext": _POD_SECURITY},
+        },
+    }
+
+
+def _worker_group(name: str, node: NodeType, index: int, image: str, config: ReelserveConfig) -> dict:
+    _check_name(node.name, f"nodes[{index}].name")
+    cpus = max(1, math.floor(node.cpus * POD_SHARE))
+    memory_gb = max(1, math.floor(node.memory_gb * POD_SHARE))
+    container = _ray_container("ray-worker", image, config, cpus=cpus, memory_gb=memory_gb, gpus=node.gpus)
+    # Ready once Serve's proxy on the node answers (the Serve Service sends traffic only there); alive while the
+    # raylet is (a model loading for minutes does not make the pod unhealthy).
+    container["readinessProbe"] = _probe("/-/healthz", config.ingress.http_port, period_s=5, failures=3)
+    container["livenessProbe"] = _probe("/api/local_raylet_healthz", AGENT_PORT, period_s=10, failures=12, delay_s=30)
+    pod: dict = {"containers": [container], "volumes": _pod_volumes(name, config, memory_gb), "securityContext": _POD_SECURITY}
+    start: dict = {}
+    if node.gpus:
+        products = GPU_PRODUCTS.get(node.accelerator_type)
+        if products is None:
+            raise RenderError(
+                f"nodes[{index}].accelerator_type: no GPU product labels known for '{node.accelerator_type}'; "
+                f"known: {', '.join(GPU_PRODUCTS)}"
+            )
+        pod["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": products}]}
+        ]}}}
+        pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        # Known before the node exists, so the autoscaler can start one for a replica that asks for this type.
+        start["resources"] = json.dumps(json.dumps({f"accelerator_type:{node.accelerator_type}": 1}))
+    return {
+        "groupName": node.name,
+        "replicas": node.min_nodes,
+        "minReplicas": node.min_nodes,
+        "maxReplicas": node.max_nodes,
+        "rayStartParams": start,
+        "template": {"metadata": {"labels": _labels(name, "ray-worker")}, "spec": pod},
+    }
+
+
+def _ray_container(container_name: str, image: str, config: ReelserveConfig, cpus: float, memory_gb: int,
+                   gpus: int) -> dict:
+    limits = {"cpu": _quantity(cpus), "memory": f"{memory_gb}Gi"}
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
+    mounts = [{"name": "results", "mountPath": RESULTS_MOUNT}, {"name": "shm", "mountPath": "/dev/shm"}]
+    if _uses_model_volume(config):
+        mounts.append({"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True})
+    return {
+        "name": container_name,
+        "image": image,
+        "resources": {"limits": limits, "requests": dict(limits)},
+        "ports": [
+            {"name": "serve", "containerPort": config.ingress.http_port},
+            {"name": "grpc", "containerPort": config.ingress.grpc_port},
+            {"name": "metrics", "containerPort": METRICS_PORT},
+        ],
+        "env": [
+            {"name": "HF_HUB_OFFLINE", "value": "1"},  # weights come from the volume, never from a hub at run time
+        ],
+        "volumeMounts": mounts,
+    }
+
+
+def _probe(path: str, port: int, period_s: int, failures: int, delay_s: int = 10) -> dict:
+    return {
+        "httpGet": {"path": path, "port": port},
+        "initialDelaySeconds": delay_s,
+        "periodSeconds": period_s,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def _pod_volumes(name: str, config: ReelserveConfig, memory_gb: int) -> list[dict]:
+    # Ray's object store lives in /dev/shm and takes 30 % of the pod's memory by default.
+    shm = {"medium": "Memory", "sizeLimit": f"{max(1, math.ceil(memory_gb * 0.3))}Gi"}
+    volumes = [
+        {"name": "results", "persistentVolumeClaim": {"claimName": f"{name}-results"}},
+        {"name": "shm", "emptyDir": shm},
+    ]
+    if _uses_model_volume(config):
+        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": f"{name}-models", "readOnly": True}})
+    return volumes
+
+
+def _uses_model_volume(config: ReelserveConfig) -> bool:
+    return not config.model.uses_tiny_checkpoint or config.rewriter.model_path is not None
+
+
+def _has_gpus(config: ReelserveConfig) -> bool:
+    return any(node.gpus for node in config.nodes)
+
+
+# ------------------------------------------------------------------ the objects beside it
+
+
+def _volumes(name: str, config: ReelserveConfig) -> list[dict]:
+    claims = [_claim(name, "results", "500Gi", "ReadWriteMany",
+                     "Photos and MP4s (jobs.results_dir): every Ray pod writes and reads them.")]
+    if _uses_model_volume(config):
+        claims.append(_claim(name, "models", "200Gi", "ReadWriteMany",
+                             "Checkpoints in diffusers layout under /models, filled once by you; pods mount it read-only."))
+    return claims
+
+
+def _claim(name: str, role: str, size: str, mode: str, why: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": f"{name}-{role}", "labels": _labels(name, role), "annotations": {"reelserve.io/purpose": why}},
+        "spec": {"accessModes": [mode], "resources": {"requests": {"storage": size}}},
+    }
+
+
+def _redis(name: str) -> list[dict]:
+    labels = _labels(name, "redis")
+    selector = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "redis"}
+    data = _claim(name, "redis-data", "20Gi", "ReadWriteOnce", "Redis' append-only file: jobs and Ray's GCS state.")
+    probe = {"tcpSocket": {"port": REDIS_PORT}, "periodSeconds": 5, "timeoutSeconds": 3}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": f"{name}-redis", "labels": labels},
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},  # one writer on a ReadWriteOnce volume
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "containers": [{
+                        "name": "redis",
+                        "image": REDIS_IMAGE,
+                        "args": ["--port", str(REDIS_PORT), "--appendonly", "yes", "--save", ""],
+                        "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
+                        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
+                        "readinessProbe": probe,
+                        "livenessProbe": {**probe, "initialDelaySeconds": 10, "failureThreshold": 6},
+                        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                    }],
+                    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": f"{name}-redis-data"}}],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"{name}-redis", "labels": labels},
+        "spec": {"selector": selector, "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": REDIS_PORT}]},
+    }
+    return [data, deployment, service]
+
+
+def _metrics_service(name: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"{name}-metrics", "labels": _labels(name, "metrics")},
+        "spec": {
+            "clusterIP": "None",  # one address per Ray pod: each exports its own node's metrics
+            "selector": {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": name},
+            "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT}],
+        },
+    }
+
+
+def _pod_monitor(name: str) -> dict:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {"name": f"{name}-ray", "labels": _labels(name, "monitoring")},
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": name}},
+            "podMetricsEndpoints": [{"port": "metrics", "interval": "15s"}],
+        },
+    }
+
+
+def _kustomization(resources: list[str], image: str) -> dict:
+    repository, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
+    return {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": resources,
+        "images": [{"name": repository, "newName": repository, "newTag": tag}],
+    }
+
+
+# ------------------------------------------------------------------ small parts
+
+
+def _labels(name: str, component: str) -> dict:
+    return {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": name, "app.kubernetes.io/component": component}
+
+
+def _resources(cpu: float, memory_gb: float) -> dict:
+    amounts = {"cpu": _quantity(cpu), "memory": f"{int(memory_gb * 1024)}Mi"}
+    return {"limits": amounts, "requests": dict(amounts)}
+
+
+def _quantity(cpus: float) -> str:
+    return str(int(cpus)) if float(cpus).is_integer() else f"{int(cpus * 1000)}m"
+
+
+def _redis_address(url: str) -> tuple[str, int]:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
+        raise RenderError(f"--redis-url: '{url}' is not a Redis URL; write redis://HOST:PORT/DB")
+    return parsed.hostname, parsed.port or 6379
+
+
+def _check_name(value: str, field: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?", value):
+        raise RenderError(
+            f"{field}: '{value}' is not a Kubernetes name; use lowercase letters, digits and '-' (at most 42)"
+        )
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings (serveConfigV2 reads as YAML inside YAML)."""
+
+
+def _multiline(dumper: yaml.SafeDumper, text: str):
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_Dumper.add_representer(str, _multiline)
+
+
+def _dump(value) -> str:
+    return yaml.dump(value, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
+
+
+def _dump_all(objects: list[dict]) -> str:
+    return "---\n".join(_dump(obj) for obj in objects)

@@ -1,0 +1,273 @@
+"""`reelserve k8s render`: the checked-in manifests are its output, and every manifest validates.
+
+- the RayService against KubeRay's CRD schema (a copy under ``kuberay/``), made strict: a field the schema does
+  not know fails here, where an API server would silently drop it;
+- the core objects with ``kubernetes-validate`` (strict);
+- ``serveConfigV2`` with Ray's ``ServeDeploySchema``, and its app args really build the app (no Ray started).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from cluster.k8s import GPU_PRODUCTS, RenderError, render
+from serving.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+PROFILES = sorted(path.stem for path in (REPO / "cluster" / "profiles").glob("*.yaml"))
+CRD = Path(__file__).parent / "kuberay" / "ray.io_rayservices.yaml"
+KUBERNETES_VERSION = "1.32"
+NOT_CORE = {"RayService", "PodMonitor", "Kustomization"}
+
+
+def _source(profile: str) -> str:
+    return f"cluster/profiles/{profile}.yaml"
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, dict[str, str]]:
+    return {p: render(yaml.safe_load((REPO / _source(p)).read_text()), _source(p)) for p in PROFILES}
+
+
+@pytest.fixture(scope="module")
+def crd_validator():
+    crd = yaml.safe_load(CRD.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+
+
+def _strict(schema):
+    """Objects with listed properties accept no others (an API server would prune them without a word)."""
+    if isinstance(schema, dict):
+        schema = {key: _strict(value) for key, value in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    return schema
+
+
+def _objects(files: dict[str, str]) -> list[dict]:
+    return [obj for text in files.values() for obj in yaml.safe_load_all(text) if obj]
+
+
+def _rayservice(files: dict[str, str]) -> dict:
+    return yaml.safe_load(files["rayservice.yaml"])
+
+
+def test_every_shipped_profile_has_manifests():
+    assert PROFILES == ["1x-h100", "8x-h100", "local-cpu", "mixed-l4-h100"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_the_checked_in_manifests_are_the_render_output(profile, rendered):
+    folder = REPO / "k8s" / profile
+    assert sorted(p.name for p in folder.iterdir()) == sorted(rendered[profile]), "files differ: render again"
+    for name, text in rendered[profile].items():
+        assert (folder / name).read_text() == text, (
+            f"k8s/{profile}/{name} drifted from its config: run `reelserve k8s render --config {_source(profile)}`"
+        )
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_the_rayservice_validates_against_kuberays_crd(profile, rendered, crd_validator):
+    errors = sorted(crd_validator.iter_errors(_rayservice(rendered[profile])), key=str)
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:5])
+
+
+def test_the_strict_crd_check_catches_a_misplaced_field(rendered, crd_validator):
+    service = _rayservice(rendered["8x-h100"])
+    broken = copy.deepcopy(service)
+    broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 3
+    assert any("maxReplica" in e.message for e in crd_validator.iter_errors(broken))
+    broken = copy.deepcopy(service)
+    broken["spec"]["upgradeStrategy"]["type"] = 7
+    assert list(crd_validator.iter_errors(broken))
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_core_objects_validate_with_kubernetes_validate(profile, rendered):
+    core = [obj for obj in _objects(rendered[profile]) if obj["kind"] not in NOT_CORE]
+    assert {obj["kind"] for obj in core} >= {"PersistentVolumeClaim", "Service"}
+    for obj in core:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    with pytest.raises(kubernetes_validate.ValidationError):  # and the check can fail
+        kubernetes_validate.validate({**core[0], "spec": {"nonsense": 1}}, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_the_pod_templates_validate_as_core_pods(profile, rendered):
+    cluster = _rayservice(rendered[profile])["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "check", **template["metadata"]},
+               "spec": template["spec"]}
+        kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+        container = template["spec"]["containers"][0]
+        assert container["readinessProbe"] and container["livenessProbe"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_serve_config_validates_with_rays_schema_and_its_app_builds(profile, rendered):
+    from ray.serve._private.build_app import build_app as build_deployments
+    from ray.serve.schema import ServeDeploySchema
+
+    from graphs import build_app
+
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(_rayservice(rendered[profile])["spec"]["serveConfigV2"]))
+    assert serve_config.grpc_options.grpc_servicer_functions == [
+        "serving.proto.video_pb2_grpc.add_VideoServiceServicer_to_server"
+    ]
+    (app,) = serve_config.applications
+    assert app.import_path == "graphs:build_app"
+    config_file = yaml.safe_load((REPO / _source(profile)).read_text())
+    assert app.args["model"] == config_file["model"] and app.args.get("stages") == config_file.get("stages")
+    assert app.args["jobs"]["backend"] == "redis" and app.args["ingress"]["host"] == "0.0.0.0"
+    if not any(node.get("gpus") for node in config_file.get("nodes", [])):  # the image's vLLM needs a GPU
+        assert app.args["rewriter"]["enabled"] is False
+
+    deployments = {d.name: d for d in build_deployments(build_app(app.args), name=app.name).deployments}
+    assert {"ingress", "diffusion", "muxer"} <= set(deployments)
+    autoscaling = deployments["diffusion"]._deployment_config.autoscaling_config
+    if config_file["stages"].get("diffusion", {}).get("num_replicas", 1) is None:
+        assert autoscaling.policy.policy_function == "cluster.autoscaling:DiffusionBacklogPolicy"
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_worker_groups_follow_the_configs_node_types(profile, rendered):
+    config_file = yaml.safe_load((REPO / _source(profile)).read_text())
+    groups = _rayservice(rendered[profile])["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    nodes = config_file.get("nodes") or [{"name": "cpu", "gpus": 0, "min_nodes": 1, "max_nodes": 2}]
+    assert [g["groupName"] for g in groups] == [n["name"] for n in nodes]
+    for group, node in zip(groups, nodes):
+        assert (group["minReplicas"], group["maxReplicas"]) == (node.get("min_nodes", 0), node.get("max_nodes", 1))
+        spec = group["template"]["spec"]
+        limits = spec["containers"][0]["resources"]["limits"]
+        if node.get("gpus"):
+            assert limits["nvidia.com/gpu"] == str(node["gpus"])
+            term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            (expression,) = term["nodeSelectorTerms"][0]["matchExpressions"]
+            assert expression["key"] == "nvidia.com/gpu.product"
+            assert expression["values"] == GPU_PRODUCTS[node["accelerator_type"]]
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+            resources = yaml.safe_load(yaml.safe_load(f"v: {group['rayStartParams']['resources']}")["v"])
+            assert resources == {f"accelerator_type:{node['accelerator_type']}": 1}
+        else:
+            assert "nvidia.com/gpu" not in limits and "affinity" not in spec
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_cluster_wide_settings(profile, rendered):
+    spec = _rayservice(rendered[profile])["spec"]
+    cluster = spec["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["idleTimeoutSeconds"] >= 300  # nodes take minutes to start and load
+    assert spec["upgradeStrategy"]["type"] == "NewCluster"
+    assert {p["port"] for p in spec["serveService"]["spec"]["ports"]} == {8000, 9000}
+    redis = next(o for o in _objects(rendered[profile]) if o["kind"] == "Service" and o["metadata"]["name"].endswith("redis"))
+    assert cluster["gcsFaultToleranceOptions"]["redisAddress"] == f"{redis['metadata']['name']}:{redis['spec']['ports'][0]['port']}"
+    args = yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]
+    assert args["jobs"]["redis_url"].startswith(f"redis://{redis['metadata']['name']}:")
+    claims = {o["metadata"]["name"]: o for o in _objects(rendered[profile]) if o["kind"] == "PersistentVolumeClaim"}
+    assert claims["reelserve-results"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_prometheus_finds_the_ray_pods_metrics_port(profile, rendered):
+    objects = _objects(rendered[profile])
+    monitor = next(o for o in objects if o["kind"] == "PodMonitor")
+    metrics = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"].endswith("metrics"))
+    cluster = _rayservice(rendered[profile])["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        labels = template["metadata"]["labels"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert metrics["spec"]["selector"].items() <= labels.items()
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert ports[monitor["spec"]["podMetricsEndpoints"][0]["port"]] == 8080
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
+@pytest.mark.parametrize("profile", PROFILES)
+def test_each_folder_builds_with_kustomize_and_the_image_can_be_replaced(profile, tmp_path):
+    overlay = tmp_path / "overlay"
+    shutil.copytree(REPO / "k8s" / profile, tmp_path / "base")
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "resources: [../base]\nnamespace: video\n"
+        "images:\n- {name: reelserve, newName: registry.example.com/reelserve, newTag: '1.2.3'}\n"
+    )
+    built = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    objects = [o for o in yaml.safe_load_all(built.stdout) if o]
+    assert all(o["metadata"]["namespace"] == "video" for o in objects)
+    service = next(o for o in objects if o["kind"] == "RayService")
+    assert "image: registry.example.com/reelserve:1.2.3" in yaml.safe_dump(service)
+
+
+def test_the_cli_writes_a_folder_and_refuses_bad_input_by_name(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["k8s", "render", "--config", _source("8x-h100"), "--out", str(out),
+                 "--redis-url", "rediss://redis.example.com:6380/2", "--image", "example/reelserve:9"]) == 0
+    assert not (out / "redis.yaml").exists()  # a managed Redis: none rendered
+    service = yaml.safe_load((out / "rayservice.yaml").read_text())
+    assert service["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"] == "redis.example.com:6380"
+    assert "rediss://redis.example.com:6380/2" in service["spec"]["serveConfigV2"]
+    assert "example/reelserve:9" in (out / "rayservice.yaml").read_text()
+
+    assert main(["k8s", "render", "--config", _source("8x-h100"), "--out", str(out), "--redis-url", "nope"]) == 2
+    assert "--redis-url: 'nope' is not a Redis URL" in capsys.readouterr().err
+    assert main(["k8s", "render", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "--config: no such file" in capsys.readouterr().err
+
+
+def test_a_gpu_without_known_product_labels_is_refused_naming_the_field():
+    raw = yaml.safe_load((REPO / _source("1x-h100")).read_text())
+    raw["nodes"][0]["accelerator_type"] = "TPU-V5"
+    with pytest.raises(RenderError, match=r"nodes\[0\].accelerator_type: no GPU product labels known for 'TPU-V5'"):
+        render(raw, "x.yaml")
+
+
+def _readme_section() -> str:
+    text = (REPO / "README.md").read_text()
+    return text[text.index("## Deploy on Kubernetes"):text.index("## Layout")]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_the_readme_section_matches_the_manifests(profile, rendered):
+    section = _readme_section()
+    files = rendered[profile]
+    listed = re.findall(r"^\| `([a-z]+\.yaml)` \|", section, re.M)
+    assert sorted(listed) == sorted(files)  # every file described, none invented
+    objects = _objects(files)
+    names = {o["metadata"]["name"] for o in objects if o["kind"] in ("Service", "PersistentVolumeClaim")}
+    service = _rayservice(files)
+    names.add(service["spec"]["serveService"]["metadata"]["name"])
+    tiny = "path" not in yaml.safe_load((REPO / _source(profile)).read_text())["model"]
+    assert ("reelserve-models" in names) != tiny and "(not in `local-cpu`, whose tiny checkpoint each pod builds)" in section
+    for mentioned in set(re.findall(r"`(reelserve-[a-z-]+)`", section)) - ({"reelserve-models"} if tiny else set()):
+        assert mentioned in names, f"the README names {mentioned}, which {profile} does not have"
+    sizes = {o["metadata"]["name"]: o["spec"]["resources"]["requests"]["storage"]
+             for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    assert f"`reelserve-results` ({sizes['reelserve-results'].replace('Gi', ' Gi')}, ReadWriteMany)" in section
+    if "reelserve-models" in sizes:
+        assert f"`reelserve-models` ({sizes['reelserve-models'].replace('Gi', ' Gi')}, ReadWriteMany" in section
+    assert f"a {sizes['reelserve-redis-data'].replace('Gi', ' Gi')} volume" in section
+    cluster = service["spec"]["rayClusterConfig"]
+    assert f"({cluster['autoscalerOptions']['idleTimeoutSeconds']} s)" in section
+    assert f"`upgradeStrategy: {service['spec']['upgradeStrategy']['type']}`" in section
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert f"`{args['jobs']['redis_url']}`" in section and f"`{args['jobs']['results_dir']}`" in section
+    for path in re.findall(r":\d+(/[-/a-z_]+)`", section):  # the probe paths
+        assert path in files["rayservice.yaml"], path
