@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Iterable
 
 __all__ = [
-    "JobLoad", "Admission", "StepRate", "backlog_token_steps", "estimated_queue_wait_s", "admit", "admit_job",
+    "JobLoad", "Admission", "AdmissionLimits", "StepRate", "backlog_token_steps", "estimated_queue_wait_s", "admit",
+    "admit_job",
 ]
 
 
@@ -48,6 +49,27 @@ class Admission:
     estimated_wait_s: float
     retry_after_s: int  # 0 when admitted
     reason: str  # one line, client-safe
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """What the ingress needs from the config to admit by capacity (so it need not hold the whole config)."""
+
+    max_queue_wait_s: float | None
+    diffusion_replicas: int  # diffusion's most replicas: the capacity the estimate assumes
+    retry_after_s: int
+    seconds_per_token_step: float  # the prior, until finished jobs are measured
+
+    @classmethod
+    def of(cls, config) -> AdmissionLimits:
+        diffusion = config.stages["diffusion"]
+        replicas = diffusion.num_replicas if diffusion.num_replicas is not None else diffusion.max_replicas
+        return cls(
+            max_queue_wait_s=config.scaling.max_queue_wait_s,
+            diffusion_replicas=replicas,
+            retry_after_s=config.jobs.retry_after_s,
+            seconds_per_token_step=config.model.seconds_per_token_step,
+        )
 
 
 class StepRate:

@@ -42,6 +42,7 @@ def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
     """Validate ``args`` against ``ReelserveConfig``, check it fits, and bind the deployment graph."""
     from ray import serve
 
+    from cluster.admission import AdmissionLimits
     from cluster.placement import ingress_options, orchestrator_options, stage_options
     from serving.ingress.deployment import VideoIngress
     from serving.stages.audio_decoder import AudioDecoderStage
@@ -77,7 +78,7 @@ def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
         rewriter,
     )
     return serve.deployment(VideoIngress).options(**ingress_options(config)).bind(
-        config.model, jobs, config.rewriter, orchestrator
+        config.model, jobs, config.rewriter, orchestrator, AdmissionLimits.of(config)
     )
 
 

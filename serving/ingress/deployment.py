@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from ray import serve
 
+from cluster.admission import AdmissionLimits
 from cluster.config import JobsConfig, ModelConfig, RewriterConfig
 from serving.errors import InvalidRequest
 from serving.ingress.grpc import GrpcVideoMethods
@@ -23,12 +24,15 @@ http_app = FastAPI(title="reelserve", description="OpenAI-compatible Videos API:
 
 @serve.ingress(http_app)
 class VideoIngress(GrpcVideoMethods):
-    def __init__(self, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig, orchestrator=None):
+    def __init__(
+        self, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig, orchestrator=None,
+        admission: AdmissionLimits | None = None,
+    ):
         # Only the config sections it uses: scaling a stage changes none of them, so it never restarts this.
         from serving.ingress.service import VideoService
 
         self.model = model
-        self.service = VideoService(model, jobs, rewriter, orchestrator)
+        self.service = VideoService(model, jobs, rewriter, orchestrator, admission)
 
     async def check_health(self) -> None:
         return None  # alive while the process answers; the store's health is not ours

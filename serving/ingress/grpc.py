@@ -16,7 +16,7 @@ from serving.proto import video_pb2
 
 __all__ = ["GrpcVideoMethods", "to_proto"]
 
-logger = logging.getLogger("reelserve.grpc")
+logger = logging.getLogger("ray.serve.reelserve.grpc")
 
 _STATUS = {0: video_pb2.QUEUED, 1: video_pb2.IN_PROGRESS, 2: video_pb2.COMPLETED, 3: video_pb2.FAILED,
            4: video_pb2.CANCELLED}

@@ -19,7 +19,7 @@ from serving.protocol import JobStatus
 
 __all__ = ["parse_create_request", "video_object", "error_response", "OPENAI_FIELD_NAMES"]
 
-logger = logging.getLogger("reelserve.http")
+logger = logging.getLogger("ray.serve.reelserve.http")
 
 # What the OpenAI API calls our fields, so error messages name what the client sent.
 OPENAI_FIELD_NAMES = {"image": "input_reference"}

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AsyncIterator
 
+from cluster.admission import AdmissionLimits, JobLoad, StepRate, admit
 from cluster.config import JobsConfig, ModelConfig, RewriterConfig
 from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded
 from serving.families import get_family
@@ -28,12 +29,20 @@ __all__ = ["VideoService", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 1024 * 1024  # gRPC clients receive at most 4 MiB per message
 _WATCH_WAIT_S = 5.0  # a watcher re-reads at least this often even if no notification arrives
+_BACKLOG_FRESH_S = 1.0  # admission re-reads the backlog at most this often
 MAX_PAGE = 100
 
 
 class VideoService:
-    def __init__(self, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig, orchestrator=None):
+    def __init__(
+        self, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig, orchestrator=None,
+        limits: AdmissionLimits | None = None,
+    ):
         self.model, self.jobs, self.rewriter = model, jobs, rewriter
+        self.admission = limits
+        self._step_rate = StepRate(limits.seconds_per_token_step if limits else model.seconds_per_token_step)
+        self._rated: set[str] = set()
+        self._backlog: tuple[float, int] = (0.0, 0)  # (when read, latent token-steps)
         family = get_family(model.family)
         self.limits = family.read_limits(model)
         self._count_tokens = family.token_counter(model)
@@ -56,6 +65,7 @@ class VideoService:
     async def create(self, field_names: dict[str, str] | None = None, **fields) -> JobRecord:
         request = await self._blocking(self._validate, field_names, fields)
         jobs = self.jobs
+        await self._admit_by_capacity()
         record = _new_record(request)
         if request.image is not None:
             await self._blocking(self.results.save_input, record.id, request.image)
@@ -68,6 +78,33 @@ class VideoService:
         if self._orchestrator is not None:
             self._orchestrator.wake.remote()  # not awaited: orchestrators also poll
         return record
+
+    async def _admit_by_capacity(self) -> None:
+        """Refuse a job that would wait longer than scaling.max_queue_wait_s even with diffusion at max replicas."""
+        limits = self.admission
+        if limits is None or limits.max_queue_wait_s is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._backlog[0] > _BACKLOG_FRESH_S:
+            self._backlog = (now, await self._blocking(self._read_backlog))
+        answer = admit(self._backlog[1], self._step_rate.value, limits.diffusion_replicas, limits.max_queue_wait_s,
+                       min_retry_after_s=limits.retry_after_s)
+        if not answer.admitted:
+            raise Overloaded(answer.reason, retry_after_s=answer.retry_after_s)
+
+    def _read_backlog(self) -> int:
+        """Token-steps still to denoise over the active jobs; the newest finished jobs refine the step rate."""
+        steps = self.model.num_inference_steps
+        recent, _ = self.store.list(after=None, limit=20, order="desc")
+        for record in recent:
+            seconds = record.stage_seconds.get("diffusion")
+            if record.status == JobStatus.COMPLETED and seconds and record.id not in self._rated:
+                self._rated.add(record.id)
+                load = JobLoad.of(record.width, record.height, record.seconds, record.fps, steps)
+                self._step_rate.observe(load.tokens, steps, seconds)
+        active = self.store.active_records()
+        return sum(JobLoad.of(r.width, r.height, r.seconds, r.fps, steps, min(r.step, steps)).token_steps_left
+                   for r in active)
 
     def _validate(self, field_names, fields) -> VideoRequest:
         return validate_request(

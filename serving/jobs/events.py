@@ -24,7 +24,7 @@ from serving.jobs.store import JobStore
 
 __all__ = ["JobEvents"]
 
-logger = logging.getLogger("reelserve.events")
+logger = logging.getLogger("ray.serve.reelserve.events")
 
 _SQLITE_POLL_S = 0.1
 _RECONNECT_S = 1.0

@@ -17,7 +17,7 @@ from serving.protocol import JobTicket
 
 __all__ = ["FaultInjector", "InjectedOutOfMemory"]
 
-logger = logging.getLogger("reelserve.faults")
+logger = logging.getLogger("ray.serve.reelserve.faults")
 
 
 class InjectedOutOfMemory(RuntimeError):

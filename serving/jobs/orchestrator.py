@@ -43,7 +43,7 @@ from serving.protocol import Handoff, JobStatus, JobTicket, RenderPlan
 
 __all__ = ["Orchestrator", "StageHandles", "StageFailure", "client_safe_error"]
 
-logger = logging.getLogger("reelserve.orchestrator")
+logger = logging.getLogger("ray.serve.reelserve.orchestrator")
 
 _RETRY_WRITE_S = 1.0  # how often a write waits for an unreachable store
 _CANCEL_CHECK_S = 2.0  # the longest a stage call runs on unnoticed after a cancel (events usually tell at once)

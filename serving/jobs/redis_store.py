@@ -166,6 +166,14 @@ class RedisJobStore(ConditionalWrites):
         return found[:limit]
 
     @_unavailable_on_connection_errors
+    def active_records(self, limit: int = 1000) -> list[JobRecord]:
+        ids = list(self._redis.smembers(_ACTIVE))[:limit]
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(_PREFIX + job_id, "data")
+        return [JobRecord.from_dict(json.loads(raw)) for raw in pipe.execute() if raw is not None]
+
+    @_unavailable_on_connection_errors
     def count_active(self) -> int:
         return self._redis.scard(_ACTIVE)
 

@@ -118,6 +118,12 @@ class SQLiteJobStore(ConditionalWrites):
     def count_active(self) -> int:
         return self._connection().execute("SELECT COUNT(*) FROM jobs WHERE status < ?", (_TERMINAL,)).fetchone()[0]
 
+    def active_records(self, limit: int = 1000) -> list[JobRecord]:
+        rows = self._connection().execute(
+            "SELECT data FROM jobs WHERE status < ? ORDER BY created_at LIMIT ?", (_TERMINAL, limit)
+        ).fetchall()
+        return [JobRecord.from_dict(json.loads(r[0])) for r in rows]
+
     def changed_since(self, seq: int) -> tuple[int, list[str]]:
         """Jobs written after sequence number ``seq``, and the newest number (what watchers poll)."""
         rows = self._connection().execute("SELECT id, seq FROM jobs WHERE seq > ? ORDER BY seq", (seq,)).fetchall()

@@ -81,6 +81,9 @@ class JobStore(Protocol):
     def count_active(self) -> int:
         """Jobs queued or in progress."""
 
+    def active_records(self, limit: int = 1000) -> list[JobRecord]:
+        """Jobs queued or in progress (what admission sizes the backlog from)."""
+
     def close(self) -> None:
         """Release connections."""
 

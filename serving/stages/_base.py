@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 from cluster.config import FaultConfig, JobsConfig
+from cluster.load import StageLoad
 from serving.errors import GenerationFailed, StageOutOfMemory
 from serving.jobs.artifacts import open_artifacts
 from serving.jobs.faults import FaultInjector, InjectedOutOfMemory
@@ -30,7 +31,8 @@ T = TypeVar("T")
 
 __all__ = ["StageRunner", "free_device_memory", "is_out_of_memory"]
 
-logger = logging.getLogger("reelserve.stage")
+# Under "ray.serve": inside a replica, Serve writes these to the replica's own log file.
+logger = logging.getLogger("ray.serve.reelserve.stage")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -54,23 +56,30 @@ class StageRunner:
         self.stats = StageStats(stage=stage)
         self.artifacts = open_artifacts(jobs)
         self.faults = FaultInjector(stage, list(faults), self.artifacts)
+        self.load = StageLoad()  # what the autoscaling policy reads (record_autoscaling_stats)
         self._lock = asyncio.Lock()
 
     async def run(self, ticket: JobTicket, work: Callable[..., T], *args) -> T:
-        await self.faults.on_entry(ticket)
-        async with self._lock:
-            started = time.perf_counter()
-            future = asyncio.ensure_future(asyncio.to_thread(self._guarded, work, *args))
-            try:
-                result = await asyncio.shield(future)
-            except asyncio.CancelledError:
-                await asyncio.wait([future])  # the model call cannot be interrupted: hold the lock until it ends
-                raise
-            except BaseException:
-                self.stats.record(time.perf_counter() - started, ok=False)
-                raise
-            self.stats.record(time.perf_counter() - started, ok=True)
-            return result
+        self.load.arrived()
+        busy = None
+        try:
+            await self.faults.on_entry(ticket)
+            async with self._lock:
+                started = time.perf_counter()
+                future = asyncio.ensure_future(asyncio.to_thread(self._guarded, work, *args))
+                try:
+                    result = await asyncio.shield(future)
+                except asyncio.CancelledError:
+                    await asyncio.wait([future])  # the model call cannot be interrupted: hold the lock until it ends
+                    raise
+                except BaseException:
+                    self.stats.record(time.perf_counter() - started, ok=False)
+                    raise
+                busy = time.perf_counter() - started
+                self.stats.record(busy, ok=True)
+                return result
+        finally:
+            self.load.done(busy)
 
     def _guarded(self, work: Callable[..., T], *args) -> T:
         try:

@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cluster.config import FaultConfig, JobsConfig, ModelConfig
+from cluster.config import FaultConfig, JobsConfig, ModelConfig, latent_tokens
+from cluster.load import DiffusionLoad
 from serving.errors import JobCancelled, StageOutOfMemory, StoreUnavailable
 from serving.families import get_family
 from serving.jobs.progress import diffusion_progress
@@ -32,7 +34,7 @@ from serving.stages._base import StageRunner, free_device_memory, is_out_of_memo
 
 __all__ = ["DiffusionStage"]
 
-logger = logging.getLogger("reelserve.diffusion")
+logger = logging.getLogger("ray.serve.reelserve.diffusion")
 
 CHECKPOINT = "denoise_checkpoint"
 
@@ -55,6 +57,9 @@ class DiffusionStage:
         self._runner = StageRunner("diffusion", jobs, faults)
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="diffusion-io")
         self._requests: dict[str, _Request] = {}  # request id -> request
+        self._load = DiffusionLoad()  # what the autoscaling policy reads (record_autoscaling_stats)
+        self._load_lock = threading.Lock()  # touched by the engine's thread and the event loop
+        self._started: set[str] = set()
         self._stop_requests: set[str] = set()  # abort these before the next step (checkpointing first if asked)
         self._wake = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -73,6 +78,7 @@ class DiffusionStage:
             request.checkpoint_on_stop = True  # the caller went away (hand-over, deadline): keep the work
             self._stop(request.ticket.job_id)
             raise
+        logger.info("job %s denoised (%d steps)", ticket.job_id, request.total_steps)
         video = await self._runner.publish(ticket, "video_latents", latents.video)
         audio = await self._runner.publish(ticket, "audio_latents", latents.audio)
         return DenoiseResult(video, audio, request.total_steps, request.total_steps, request.resumed_from_step)
@@ -106,6 +112,9 @@ class DiffusionStage:
         except BaseException:
             self._requests.pop(ticket.job_id, None)
             raise
+        tokens = latent_tokens(plan.width, plan.height, plan.seconds, plan.fps)
+        with self._load_lock:
+            self._load.queued(ticket.job_id, tokens, request.total_steps, resume.finished_steps if resume else 0)
         if resume is not None:
             request.resumed_from_step = resume.finished_steps
             logger.info("job %s resumes from step %d", ticket.job_id, resume.finished_steps)
@@ -135,13 +144,28 @@ class DiffusionStage:
                 stopping, self._stop_requests = self._stop_requests, set()
             for job_id in stopping:
                 self._stop_in_engine(job_id)
+            started = time.perf_counter()
             try:
                 events = self._engine.step()
             except Exception as error:  # noqa: BLE001 - the engine isolates batches; this is a last resort
                 logger.exception("diffusion engine step failed")
                 events = [_EngineFailure(job_id, error) for job_id in self._engine.active_requests]
+            self._measure(events, time.perf_counter() - started)
             for event in events:
                 self._dispatch(event)
+
+    def _measure(self, events, seconds: float) -> None:
+        from serving.families.engine import StepFinished
+
+        stepped = [e.request_id for e in events if isinstance(e, StepFinished) and e.request_id in self._requests]
+        if not stepped:
+            return
+        with self._load_lock:
+            for job_id in stepped:
+                if job_id not in self._started:
+                    self._started.add(job_id)
+                    self._load.started(job_id)
+            self._load.stepped(stepped, seconds)
 
     def _stop_in_engine(self, job_id: str) -> None:
         request = self._requests.get(job_id)
@@ -182,6 +206,9 @@ class DiffusionStage:
         request = self._requests.pop(job_id, None)
         if request is None:
             return
+        with self._load_lock:
+            self._started.discard(job_id)
+            self._load.finished(job_id, completed=error is None)
 
         def settle() -> None:
             if request.future.done():
@@ -228,6 +255,10 @@ class DiffusionStage:
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        with self._load_lock:
+            return self._load.report()
 
     async def __del__(self):
         # Serve calls this after the replica's calls drained (graceful_shutdown_timeout_s, derived from the

@@ -35,3 +35,6 @@ class MuxerStage:
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        return self._runner.load.report()

@@ -21,3 +21,6 @@ class TextEncoderStage:
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        return self._runner.load.report()

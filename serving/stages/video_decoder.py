@@ -23,3 +23,6 @@ class VideoDecoderStage:
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        return self._runner.load.report()

@@ -20,8 +20,10 @@ from tests.helpers import free_port
 APP = "reelserve"
 STEPS = 12
 SLOW = "[slow]"  # 0.25 s more per denoising step: a job that is still running when a test acts on it
+LONG = "[long]"  # 5 s more per step: a job that outlasts a scale-up (about a minute)
 FAULTS = [
     {"stage": "diffusion", "kind": "slow", "prompt_contains": SLOW, "stall_s": 0.25},
+    {"stage": "diffusion", "kind": "slow", "prompt_contains": LONG, "stall_s": 5.0},
     {"stage": "diffusion", "kind": "out_of_memory", "prompt_contains": "[oom]", "at_step": 2},
     {"stage": "diffusion", "kind": "kill_replica", "prompt_contains": "[kill-diffusion]", "at_step": 7},
     {"stage": "video_decoder", "kind": "stall", "prompt_contains": "[stall-decoder]", "stall_s": 30},

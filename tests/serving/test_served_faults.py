@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from serving.proto import video_pb2
-from tests.serving.conftest import APP, SLOW, STEPS, deploy, wait_terminal, wait_until
+from tests.serving.conftest import APP, LONG, SLOW, STEPS, deploy, wait_terminal, wait_until
 
 SMALL = dict(seconds=1.0, size="64x64")
 
@@ -280,3 +281,66 @@ def test_scaling_diffusion_down_while_both_replicas_run_jobs(served, stub, job_s
     assert remaining < before  # one of the two was kept: a scale change restarts nothing
     diffusion = serve.status().applications[APP].deployments["diffusion"]
     assert sum(diffusion.replica_states.values()) == 1
+
+
+def test_a_burst_scales_diffusion_up_and_back_and_the_removed_replica_finishes_its_job(served, stub, job_store):
+    """Diffusion autoscaled 1..2 on its backlog in GPU-seconds (cluster.autoscaling), as local-cpu runs it.
+
+    A long job A holds the only replica and a short job B waits behind it, so a second replica comes. A long
+    job D starts on that replica (B is done, A still runs). When A ends, the count drops back to 1 after the
+    down delay; Serve stops the newest replica, the one running D, which drains: D completes there.
+    """
+    from ray import serve
+
+    from cluster.autoscaling import autoscaling_config
+    from cluster.config import ReelserveConfig
+
+    config = ReelserveConfig.model_validate({
+        **served["config"],
+        "stages": {**served["config"]["stages"], "diffusion": {**served["config"]["stages"]["diffusion"],
+                                                               "num_replicas": None, "min_replicas": 1, "max_replicas": 2}},
+        "scaling": {"target_queue_wait_s": 3, "replica_start_s": 5, "upscale_delay_s": 1, "downscale_delay_s": 15,
+                    "metrics_window_s": 11},
+    })
+    _override(served, "diffusion", num_replicas=None, autoscaling_config=autoscaling_config("diffusion", config))
+
+    def replicas() -> int:
+        return serve.status().applications[APP].deployments["diffusion"].replica_states.get("RUNNING", 0)
+
+    wait_until(lambda: replicas() == 1, timeout_s=120, what="one diffusion replica")
+    first = {a["name"] for a in _replica_actors("diffusion")}
+    a = _create(stub, f"a long take A {LONG}", seed=1)
+    wait_until(lambda: job_store.get(a.id).step >= 1, timeout_s=120, what="A denoising")
+    b = _create(stub, "a short one B", seed=2)
+    wait_until(lambda: replicas() == 2, timeout_s=180, what="a second diffusion replica")
+    second = {a["name"] for a in _replica_actors("diffusion")} - first
+    assert len(second) == 1
+    assert wait_terminal(stub, b.id).status == video_pb2.COMPLETED
+    assert not job_store.get(a.id).status.is_terminal, "A ended before B: the scenario needs A still running"
+
+    d = _create(stub, f"a long take D {LONG}", seed=4)
+    wait_until(lambda: job_store.get(d.id).step >= 1, timeout_s=120, what="D denoising")
+    assert wait_terminal(stub, a.id, timeout_s=300).status == video_pb2.COMPLETED
+    a_ended = time.time()
+    wait_until(lambda: replicas() == 1, timeout_s=180, what="the scale-down")
+    assert time.time() - a_ended >= 10  # not before the down delay (15 s, less the metrics push lag)
+    assert not job_store.get(d.id).status.is_terminal, "D finished before the scale-down: nothing drained"
+    wait_until(lambda: not (second & {x["name"] for x in _replica_actors("diffusion")}) or
+               job_store.get(d.id).status.is_terminal, timeout_s=300, what="D or the removed replica ending")
+
+    final = wait_terminal(stub, d.id, timeout_s=300)
+    record = job_store.get(d.id)
+    assert final.status == video_pb2.COMPLETED, final.error.message
+    assert record.attempts == 1 and record.resumed_from_step is None  # drained where it ran, not resumed
+    assert _ran_on(d.id) == second.pop().rsplit("#", 1)[-1], "D did not run on the replica Serve removed"
+
+
+def _ran_on(job_id: str) -> str:
+    """The diffusion replica that denoised the job, from the replicas' own logs (Serve names them by replica)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    hosts = [f.stem.rsplit("_", 1)[-1] for f in logs.glob("replica_*_diffusion_*.log")
+             if f"job {job_id} denoised" in f.read_text(errors="ignore")]
+    assert len(hosts) == 1, hosts
+    return hosts[0]
