@@ -18,7 +18,10 @@ from pathlib import Path
 
 from cluster.config import ReelserveConfig
 
-__all__ = ["ClusterError", "ClusterState", "ray_environment", "serve_app", "start_detached", "stop", "read_state", "status"]
+__all__ = [
+    "ClusterError", "ClusterState", "ray_environment", "serve_app", "start_detached", "stop", "read_state", "status",
+    "metrics_url", "metrics_endpoints",
+]
 
 GRPC_SERVICER = "serving.proto.video_pb2_grpc.add_VideoServiceServicer_to_server"
 _PROFILES = Path(__file__).parent / "profiles"
@@ -47,6 +50,7 @@ class ClusterState:
     grpc_address: str
     app_name: str
     started_head: bool
+    metrics_url: str = ""  # the local node's Prometheus endpoint (empty when joining a cluster)
 
 
 def ray_environment() -> dict[str, str]:
@@ -81,6 +85,7 @@ def serve_app(config: ReelserveConfig, address: str | None) -> None:
             ray.init(
                 num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, include_dashboard=False,
                 object_store_memory=config.ray.object_store_memory_mb * 1024**2, log_to_driver=False,
+                _metrics_export_port=config.ray.metrics_export_port,
             )
     serve.start(
         http_options={"host": config.ingress.host, "port": config.ingress.http_port},
@@ -115,6 +120,8 @@ def start_detached(config: ReelserveConfig) -> ClusterState:
             _ray_command(), "start", "--head", f"--port={config.ray.gcs_port}",
             "--include-dashboard=false", "--disable-usage-stats",
             f"--object-store-memory={config.ray.object_store_memory_mb * 1024**2}",
+            # Ray's metrics agent serves /metrics on every node, also without the dashboard.
+            f"--metrics-export-port={config.ray.metrics_export_port}",
         ]
         if config.ray.num_cpus is not None:
             command.append(f"--num-cpus={config.ray.num_cpus}")
@@ -131,6 +138,7 @@ def start_detached(config: ReelserveConfig) -> ClusterState:
         grpc_address=f"127.0.0.1:{config.ingress.grpc_port}",
         app_name=config.app_name,
         started_head=started_head,
+        metrics_url=metrics_url(config) if started_head else "",
     )
     # Recorded before deploying, so `reelserve down` can stop the head even if deploying fails.
     (state_dir() / "cluster.json").write_text(json.dumps(asdict(state), indent=2))
@@ -171,9 +179,26 @@ def status(state: ClusterState) -> dict:
             "deployments": {name: _enum_text(d.status) for name, d in app.deployments.items()},
             "http": state.http_url,
             "grpc": state.grpc_address,
+            "metrics": metrics_endpoints(),
         }
     finally:
         ray.shutdown()
+
+
+def metrics_url(config: ReelserveConfig) -> str:
+    """The local node's metrics endpoint as `reelserve up` starts it."""
+    return f"http://127.0.0.1:{config.ray.metrics_export_port}/metrics"
+
+
+def metrics_endpoints() -> list[str]:
+    """Every live node's Prometheus endpoint in the connected cluster (what Prometheus should scrape)."""
+    import ray
+
+    return sorted(
+        f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        for node in ray.nodes()
+        if node.get("Alive") and node.get("MetricsExportPort")
+    )
 
 
 def _enum_text(value) -> str:

@@ -238,12 +238,15 @@ def _up(args: argparse.Namespace) -> int:
     print("starting the cluster and deploying (first start loads every stage; this takes a minute)...", file=sys.stderr)
     if args.detach:
         state = local.start_detached(config)
-        print(f"reelserve is up: HTTP {state.http_url}/v1  gRPC {state.grpc_address}")
+        metrics = f"  metrics {state.metrics_url}" if state.metrics_url else ""
+        print(f"reelserve is up: HTTP {state.http_url}/v1  gRPC {state.grpc_address}{metrics}")
         return 0
     local.serve_app(config, config.ray.address)
     print(
         f"reelserve is up: HTTP http://{config.ingress.host}:{config.ingress.http_port}/v1  "
-        f"gRPC 127.0.0.1:{config.ingress.grpc_port}  (Ctrl-C stops it)"
+        f"gRPC 127.0.0.1:{config.ingress.grpc_port}"
+        + ("" if config.ray.address else f"  metrics {local.metrics_url(config)}")
+        + "  (Ctrl-C stops it)"
     )
     try:
         while True:

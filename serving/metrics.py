@@ -38,6 +38,7 @@ step time; nothing carries a job id. Histograms share buckets from 10 ms to 30 m
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Literal, Protocol
 
@@ -233,10 +234,18 @@ class RayMetricsExporter:
 
     Ray metric objects are created on first use, once per process. Outside a Ray worker the
     records go nowhere, so the same code runs in ``reelserve generate``.
+
+    Ray 2.60 drops a gauge from its endpoint when nobody set it for two report intervals (at
+    least 2 s), so a value set once (a model's load time, an idle replica's queue of 0) would
+    vanish. This exporter therefore sets every gauge's last value again each ``gauge_refresh_s``
+    from one daemon thread, started with the first gauge.
     """
 
-    def __init__(self):
+    def __init__(self, gauge_refresh_s: float = 1.0):
         self._metrics: dict[str, Any] = {}
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._gauge_refresh_s = gauge_refresh_s
+        self._refresher: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def export(self, measurements: Iterable[Measurement]) -> None:
@@ -248,6 +257,7 @@ class RayMetricsExporter:
                     metric.inc(measurement.value, tags=measurement.labels)
             elif spec.kind == "gauge":
                 metric.set(measurement.value, tags=measurement.labels)
+                self._remember_gauge(spec.name, measurement)
             else:
                 metric.observe(measurement.value, tags=measurement.labels)
 
@@ -265,6 +275,23 @@ class RayMetricsExporter:
                     metric = ray_metrics.Histogram(spec.name, spec.description, list(spec.buckets), spec.labels)
                 self._metrics[spec.name] = metric
             return metric
+
+    def _remember_gauge(self, name: str, measurement: Measurement) -> None:
+        with self._lock:
+            self._gauges[(name, tuple(sorted(measurement.labels.items())))] = measurement.value
+            if self._refresher is None:
+                self._refresher = threading.Thread(
+                    target=self._refresh_gauges_forever, name="reelserve-gauge-refresh", daemon=True
+                )
+                self._refresher.start()
+
+    def _refresh_gauges_forever(self) -> None:
+        while True:
+            time.sleep(self._gauge_refresh_s)
+            with self._lock:
+                gauges = list(self._gauges.items())
+            for (name, labels), value in gauges:
+                self._metrics[name].set(value, tags=dict(labels))
 
 
 class RecordingExporter:

@@ -26,6 +26,7 @@ class StageRunner:
     def __init__(self, stage: str, model: str = "unknown"):
         self.stats = StageStats(stage=stage, model=model)
         self._lock = asyncio.Lock()
+        self._publish_load()  # every replica reports from its start (the dashboard counts replicas by it)
 
     async def run(self, work: Callable[..., T], *args) -> T:
         stats = self.stats

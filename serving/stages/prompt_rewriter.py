@@ -39,6 +39,7 @@ class PromptRewriterStage:
         with LoadTimer("prompt_rewriter", model.name) as load:
             self._rewriter = PromptRewriter(rewriter, rewriter_model_path(rewriter, model))
         self._stats = StageStats(stage="prompt_rewriter", model=model.name, load_seconds=load.seconds)
+        metrics.stage_load(self._stats.stage, self._stats.model, 0, 0)
 
     async def rewrite(self, prompt: str, seed: int, photo: bytes | None = None) -> Rewrite:
         # vLLM batches requests itself: no replica-side queue, so queue wait is 0 and all are in flight.
