@@ -84,6 +84,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show the deployed app and its stages")
     status.set_defaults(handler=_status)
+
+    from serving.loadtest.runner import add_arguments as add_loadtest_arguments
+
+    loadtest = commands.add_parser("loadtest", help="load-test a deployment; JSON report and PNGs")
+    add_loadtest_arguments(loadtest)
+    loadtest.set_defaults(handler=_loadtest)
     return parser
 
 
@@ -281,6 +287,23 @@ def _status(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(local.status(state), indent=2))
     return 0
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from serving.loadtest.runner import SettingsError, run_loadtest, settings_from_args
+
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as error:
+        raise UsageError(str(error)) from None
+    report = run_loadtest(settings)
+    jobs = report["jobs"]
+    print(
+        f"{jobs['submitted']} submitted: {jobs['completed']} completed, {jobs['failed']} failed, "
+        f"{jobs['rejected']} rejected; {report['throughput_jobs_per_min']:g} jobs/min; "
+        f"p50 {report['latency_seconds']['p50']} s; report {settings.out_dir / 'report.json'}"
+    )
+    return 0 if jobs["all_accounted_for"] else 1
 
 
 _CLI_FIELD_NAMES = {
