@@ -51,6 +51,7 @@ class ClusterState:
     app_name: str
     started_head: bool
     metrics_url: str = ""  # the local node's Prometheus endpoint (empty when joining a cluster)
+    gcs_port: int | None = None  # the head `up` started: `down` stops only its processes
 
 
 def ray_environment() -> dict[str, str]:
@@ -139,6 +140,7 @@ def start_detached(config: ReelserveConfig) -> ClusterState:
         app_name=config.app_name,
         started_head=started_head,
         metrics_url=metrics_url(config) if started_head else "",
+        gcs_port=config.ray.gcs_port if started_head else None,
     )
     # Recorded before deploying, so `reelserve down` can stop the head even if deploying fails.
     (state_dir() / "cluster.json").write_text(json.dumps(asdict(state), indent=2))
@@ -216,9 +218,45 @@ def stop(state: ClusterState) -> None:
         serve.shutdown()
         ray.shutdown()
     finally:
-        if state.started_head:
+        if state.started_head and state.gcs_port is not None:
+            _stop_head_processes(state.gcs_port)
+        elif state.started_head:  # recorded by an older version: no port known
             subprocess.run(
                 [_ray_command(), "stop", "--force"],
                 env={**os.environ, **ray_environment()}, capture_output=True,
             )
         (state_dir() / "cluster.json").unlink(missing_ok=True)
+
+
+def _stop_head_processes(gcs_port: int, grace_s: float = 10.0) -> None:
+    """Stop the Ray processes of the head listening on ``gcs_port``, and nothing else.
+
+    ``ray stop`` would end every Ray cluster on the machine. The head's own processes name its
+    GCS on their command line (``--gcs-address=IP:PORT``, ``--gcs_server_port=PORT``); workers
+    and agents (renamed ``ray::...``) are the raylet's children.
+    """
+    import re
+
+    import psutil
+
+    ours = re.compile(rf"--gcs[-_]address=\S+:{gcs_port}(\s|$)|--gcs_server_port={gcs_port}(\s|$)")
+    victims: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if process.pid != os.getpid() and ours.search(" ".join(process.info["cmdline"] or [])):
+                for member in [process, *process.children(recursive=True)]:
+                    victims[member.pid] = member
+        except psutil.Error:
+            continue
+    victims = list(victims.values())
+    for process in victims:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(victims, timeout=grace_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass

@@ -23,7 +23,7 @@ from serving.loadtest.mix import RequestShape, default_mix, load_mix, pick
 from serving.loadtest.report import JobTrace, build_report
 from serving.loadtest.sampler import MetricsSampler
 
-__all__ = ["LoadTestSettings", "run_loadtest", "add_arguments", "settings_from_args", "LIMITS"]
+__all__ = ["LoadTestSettings", "run_loadtest", "measure", "add_arguments", "settings_from_args", "SettingsError", "LIMITS"]
 
 # Bounds: a load test always stops by itself.
 LIMITS = {"requests": 10_000, "concurrency": 1_000, "rate": 100.0, "duration": 3_600.0, "timeout": 7_200.0}
@@ -219,7 +219,8 @@ class _Run:
         )
 
 
-async def _run(settings: LoadTestSettings) -> dict:
+async def measure(settings: LoadTestSettings) -> dict:
+    """Run the test and return its report (nothing written)."""
     run = _Run(settings)
     sampler = MetricsSampler(settings.metrics_urls, settings.sample_interval_s, run.started)
     stop = asyncio.Event()
@@ -243,7 +244,7 @@ def run_loadtest(settings: LoadTestSettings) -> dict:
     from serving.loadtest.plots import draw_plots
 
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    report = asyncio.run(_run(settings))
+    report = asyncio.run(measure(settings))
     report["plots"] = [str(path) for path in draw_plots(report, settings.out_dir)]
     (settings.out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -1,0 +1,291 @@
+"""Section ``served-vs-bare``: the same workload through the served graph and the bare pipeline.
+
+(a) served: a local Ray cluster runs the app (every stage its own replica) and a closed loop of
+gRPC clients (the load tester's) submits each job and follows WatchVideo to its end;
+(b) bare: ``LTX2ImageToVideoPipeline`` in this process, called directly, then the same MP4
+writer. Both run the same jobs (prompt, photo, size, length, steps, seeds), one at a time and at
+concurrency 2 and 4. Latency is submission to the end of the job; throughput is jobs per
+minute over the level's wall time. One untimed job warms each path first.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from serving.bench.registry import BenchContext, SectionResult, markdown_table, register_section
+from serving.loadtest.report import percentiles
+
+__all__ = ["served_vs_bare", "LevelResult"]
+
+
+@dataclass
+class LevelResult:
+    """One path at one concurrency."""
+
+    path: str  # served or bare
+    concurrency: int
+    jobs: int
+    completed: int
+    wall_s: float
+    jobs_per_min: float
+    p50_s: float | None
+    p90_s: float | None
+    max_s: float | None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The jobs both paths run: same prompt, photo (already at the target size), seeds."""
+
+    prompt: str
+    photo_jpeg: bytes
+    width: int
+    height: int
+    seconds: float
+    fps: int
+    steps: int
+    seed: int
+
+    def seeds(self, count: int, offset: int) -> list[int]:
+        return [self.seed + offset + i for i in range(count)]
+
+
+def _workload(profile) -> Workload:
+    from PIL import Image
+
+    from cluster.config import parse_size
+    from serving.families.ltx2 import center_crop_to_aspect
+    from serving.loadtest.mix import SAMPLE_PHOTO
+
+    width, height = parse_size(profile.size)
+    with Image.open(SAMPLE_PHOTO) as photo:
+        # Cropped and resized up front, so both paths see the same pixels with no crop to make.
+        photo = center_crop_to_aspect(photo.convert("RGB"), width, height).resize((width, height), Image.BICUBIC)
+        buffer = io.BytesIO()
+        photo.save(buffer, format="JPEG", quality=95)
+    return Workload(profile.prompt, buffer.getvalue(), width, height, profile.seconds, profile.fps, profile.steps,
+                    profile.seed)
+
+
+@register_section("served-vs-bare", title="Served graph vs the bare diffusers pipeline")
+def served_vs_bare(context: BenchContext) -> SectionResult:
+    profile, log = context.profile, context.log
+    workload = _workload(profile)
+    model_config = _model_config(context)
+    log(f"bare pipeline: {profile.size}, {profile.seconds:g} s at {profile.fps} fps, {profile.steps} steps")
+    bare = _run_bare(context, workload, model_config)
+    log("served graph: starting a local cluster")
+    served = _run_served(context, workload, model_config)
+    rows, ratios = [], []
+    for concurrency in profile.concurrencies:
+        b, s = bare[concurrency], served[concurrency]
+        rows += [asdict(b), asdict(s)]
+        ratios.append({
+            "concurrency": concurrency,
+            "throughput_ratio": round(s.jobs_per_min / b.jobs_per_min, 3) if b.jobs_per_min else None,
+            "p50_overhead_s": round(s.p50_s - b.p50_s, 3) if None not in (s.p50_s, b.p50_s) else None,
+        })
+    table = markdown_table(rows, [
+        ("path", "path"), ("concurrency", "concurrency"), ("jobs", "jobs"), ("completed", "completed"),
+        ("jobs_per_min", "jobs/min"), ("p50_s", "p50 s"), ("p90_s", "p90 s"), ("max_s", "max s"),
+    ])
+    ratio_table = markdown_table(ratios, [
+        ("concurrency", "concurrency"), ("throughput_ratio", "served/bare throughput"),
+        ("p50_overhead_s", "served − bare p50 (s)"),
+    ])
+    first = ratios[0]
+    notes = [
+        f"Goal at concurrency 1: served/bare throughput ≥ 0.9 (measured {first['throughput_ratio']}), "
+        f"overhead ≤ 0.1 s p50 per job (measured {first['p50_overhead_s']} s).",
+    ]
+    markdown = (
+        f"Workload: {profile.description}; image-to-video {profile.size}, {profile.seconds:g} s at {profile.fps} fps "
+        f"({profile.steps} steps), the packaged photo, seeds from {profile.seed}. Bare: `LTX2ImageToVideoPipeline` "
+        f"in one process (one pipeline copy per concurrent job) plus the same MP4 writer. Served: the app on a local "
+        f"Ray cluster ({profile.cluster_cpus} logical CPUs; diffusion replica {profile.diffusion_cpus:g} CPUs), gRPC "
+        f"CreateVideo + WatchVideo.\n\n{table}\n\n{ratio_table}\n"
+    )
+    return SectionResult(
+        name="served-vs-bare", title="Served graph vs the bare diffusers pipeline",
+        data={"levels": rows, "ratios": ratios, "workload": {k: v for k, v in asdict(workload).items() if k != "photo_jpeg"}},
+        markdown=markdown, notes=notes,
+    )
+
+
+def _model_config(context: BenchContext):
+    from cluster.config import ModelConfig
+    from serving.families.ltx2_tiny import is_complete_checkpoint
+
+    overrides = context.profile.model_overrides()
+    if is_complete_checkpoint(context.model_path):
+        return ModelConfig.tiny(path=context.model_path, name="bench", **overrides)
+    return ModelConfig(path=context.model_path, name="bench", **overrides)
+
+
+def _level(path: str, concurrency: int, latencies: list[float], jobs: int, wall_s: float) -> LevelResult:
+    stats = percentiles(latencies)
+    return LevelResult(
+        path=path, concurrency=concurrency, jobs=jobs, completed=len(latencies), wall_s=round(wall_s, 3),
+        jobs_per_min=round(len(latencies) / wall_s * 60, 3) if wall_s else 0.0,
+        p50_s=stats["p50"], p90_s=stats["p90"], max_s=stats["max"],
+    )
+
+
+# --------------------------------------------------------------------------- (b) the bare pipeline
+
+
+def _run_bare(context: BenchContext, workload: Workload, config) -> dict[int, LevelResult]:
+    import torch
+    from diffusers import LTX2ImageToVideoPipeline
+    from PIL import Image
+
+    from serving.families.base import resolve_device, resolve_dtype
+    from serving.media import write_mp4
+    from serving.protocol import RenderPlan, VideoFrames, Waveform
+
+    profile = context.profile
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    photo = Image.open(io.BytesIO(workload.photo_jpeg)).convert("RGB")
+    copies = max(profile.concurrencies)
+    pipelines = []
+    for _ in range(copies):  # a diffusers pipeline keeps per-call state: one copy per concurrent job
+        pipeline = LTX2ImageToVideoPipeline.from_pretrained(context.model_path, torch_dtype=dtype).to(device)
+        pipeline.set_progress_bar_config(disable=True)
+        pipelines.append(pipeline)
+    free = list(pipelines)
+    lock = threading.Lock()
+    out_dir = Path(tempfile.mkdtemp(prefix="bench-bare-", dir=context.out_dir))
+
+    def job(seed: int) -> float:
+        with lock:
+            pipeline = free.pop()
+        started = time.perf_counter()
+        try:
+            plan = RenderPlan.build(
+                width=workload.width, height=workload.height, fps=workload.fps, seconds=workload.seconds, seed=seed,
+                num_inference_steps=workload.steps, temporal_compression=pipeline.vae_temporal_compression_ratio,
+            )
+            with torch.no_grad():
+                video, audio = pipeline(
+                    image=photo, prompt=workload.prompt, negative_prompt=config.negative_prompt,
+                    width=plan.width, height=plan.height, num_frames=plan.generated_frames, frame_rate=float(plan.fps),
+                    num_inference_steps=plan.num_inference_steps, guidance_scale=config.guidance_scale,
+                    audio_guidance_scale=config.audio_guidance_scale, stg_scale=config.stg_scale,
+                    audio_stg_scale=config.audio_stg_scale, spatio_temporal_guidance_blocks=list(config.stg_blocks),
+                    modality_scale=config.modality_scale, audio_modality_scale=config.audio_modality_scale,
+                    guidance_rescale=config.guidance_rescale, audio_guidance_rescale=config.guidance_rescale,
+                    max_sequence_length=config.max_prompt_tokens, generator=torch.Generator(device).manual_seed(seed),
+                    output_type="np", return_dict=False,
+                )
+            frames = VideoFrames.from_unit_float(video[0][: plan.output_frames], fps=plan.fps)
+            waveform = Waveform(samples=audio[0].float().cpu().numpy(), sample_rate=pipeline.vocoder.config.output_sampling_rate)
+            write_mp4(out_dir / f"{seed}.mp4", frames, waveform)
+            return time.perf_counter() - started
+        finally:
+            with lock:
+                free.append(pipeline)
+
+    for _ in range(profile.warmup_jobs):
+        job(workload.seed - 1)
+    results, offset = {}, 0
+    for concurrency in profile.concurrencies:
+        count = profile.jobs_per_level[concurrency]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            latencies = list(pool.map(job, workload.seeds(count, offset)))
+        results[concurrency] = _level("bare", concurrency, latencies, count, time.perf_counter() - started)
+        context.log(f"  bare c={concurrency}: {results[concurrency].jobs_per_min:g} jobs/min, p50 {results[concurrency].p50_s} s")
+        offset += count
+    return results
+
+
+# --------------------------------------------------------------------------- (a) the served graph
+
+
+def _run_served(context: BenchContext, workload: Workload, config) -> dict[int, LevelResult]:
+    import asyncio
+    import os
+
+    from cluster.local import GRPC_SERVICER, ray_environment
+
+    os.environ.update(ray_environment())  # explicit token auth, before Ray reads its config
+    import ray
+    from ray import serve
+
+    from graphs import build_app
+    from serving.loadtest.mix import RequestShape
+    from serving.loadtest.runner import LoadTestSettings, measure
+
+    profile = context.profile
+    scratch = Path(tempfile.mkdtemp(prefix="bench-served-", dir=context.out_dir))
+    photo = scratch / "photo.jpg"
+    photo.write_bytes(workload.photo_jpeg)
+    http_port, grpc_port = _free_port(), _free_port()
+    app_config = {
+        "app_name": "bench",
+        "model": config.model_dump(),
+        "jobs": {"backend": "sqlite", "sqlite_path": str(scratch / "jobs.sqlite3"), "results_dir": str(scratch / "results"),
+                 "max_active_jobs": 16},
+        "stages": {"diffusion": {"num_cpus": profile.diffusion_cpus, "max_ongoing_requests": 4, "max_queued_requests": 16}},
+        "rewriter": {"enabled": False},
+        "ingress": {"http_port": http_port, "grpc_port": grpc_port},
+    }
+    # address="local": a cluster of our own, never another one running on this machine.
+    ray.init(address="local", num_cpus=profile.cluster_cpus, include_dashboard=False,
+             object_store_memory=512 * 1024**2, log_to_driver=False)
+    try:
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": http_port},
+            grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+        )
+        started = time.perf_counter()
+        serve.run(build_app(app_config), name="bench", route_prefix="/")
+        context.log(f"  deployed in {time.perf_counter() - started:.0f} s")
+        threads = ray.get(ray.remote(num_cpus=profile.diffusion_cpus)(_torch_threads).remote())
+        context.machine["served_diffusion_torch_threads"] = threads
+        shape = RequestShape(name="bench", size=f"{workload.width}x{workload.height}", seconds=workload.seconds,
+                             photo=str(photo), enhance_prompt=False, prompt=workload.prompt)
+
+        def closed_loop(count: int, concurrency: int, seed: int) -> dict:
+            settings = LoadTestSettings(
+                address=f"127.0.0.1:{grpc_port}", requests=count, concurrency=concurrency, mix=[shape], seed=seed,
+                metrics_urls=[], quiet=True, timeout_s=600,
+            )
+            return asyncio.run(measure(settings))
+
+        closed_loop(profile.warmup_jobs, 1, workload.seed - 1)
+        results, offset = {}, 0
+        for concurrency in profile.concurrencies:
+            count = profile.jobs_per_level[concurrency]
+            report = closed_loop(count, concurrency, workload.seed + offset)
+            latencies = [t["latency_s"] for t in report["traces"] if t["outcome"] == "completed"]
+            results[concurrency] = _level("served", concurrency, latencies, count, report["wall_seconds"])
+            if report["errors_by_code"] or report["rejections_by_code"]:
+                context.log(f"  served c={concurrency}: errors {report['errors_by_code']} rejections {report['rejections_by_code']}")
+            context.log(f"  served c={concurrency}: {results[concurrency].jobs_per_min:g} jobs/min, p50 {results[concurrency].p50_s} s")
+            offset += count
+        return results
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
