@@ -24,7 +24,12 @@ class UsageError(Exception):
     """Bad input found after parsing; printed as one line, exit code 2."""
 
 
+_argv: list[str] | None = None  # the command line as given (the bench report quotes it)
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _argv
+    _argv = argv
     parser = _build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -90,6 +95,12 @@ def _build_parser() -> argparse.ArgumentParser:
     loadtest = commands.add_parser("loadtest", help="load-test a deployment; JSON report and PNGs")
     add_loadtest_arguments(loadtest)
     loadtest.set_defaults(handler=_loadtest)
+
+    from serving.bench.runner import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser("bench", help="benchmark the served graph against the bare pipeline; BENCHMARKS.md")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=_bench)
     return parser
 
 
@@ -304,6 +315,16 @@ def _loadtest(args: argparse.Namespace) -> int:
         f"p50 {report['latency_seconds']['p50']} s; report {settings.out_dir / 'report.json'}"
     )
     return 0 if jobs["all_accounted_for"] else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from serving.bench.runner import BenchError, command_line, run_bench
+
+    try:
+        run_bench(args, command_line(_argv), before_work=_quiet_libraries)
+    except BenchError as error:
+        raise UsageError(str(error)) from None
+    return 0
 
 
 _CLI_FIELD_NAMES = {

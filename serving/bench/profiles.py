@@ -29,7 +29,7 @@ class BenchProfile:
     fps: int
     steps: int
     concurrencies: tuple[int, ...] = (1, 2, 4)
-    jobs_per_level: dict[int, int] = field(default_factory=lambda: {1: 4, 2: 4, 4: 8})
+    jobs_per_level: dict[int, int] = field(default_factory=lambda: {1: 4, 2: 4, 4: 4})
     warmup_jobs: int = 1
     seed: int = 1234
     prompt: str = "The cat looks around, blinks and purrs softly; warm afternoon light, quiet room tone."
@@ -50,9 +50,9 @@ class BenchProfile:
 PROFILES: dict[str, BenchProfile] = {
     "cpu-small": BenchProfile(
         name="cpu-small",
-        description="LTX-2 architecture, 4 transformer blocks of width 512 (audio 128), random weights, CPU",
-        widths=TransformerWidths(num_layers=4, video_heads=8, video_head_dim=64, audio_heads=4, audio_head_dim=32),
-        size="192x128",
+        description="LTX-2 architecture, 8 transformer blocks of width 512 (audio 128), random weights, CPU",
+        widths=TransformerWidths(num_layers=8, video_heads=8, video_head_dim=64, audio_heads=4, audio_head_dim=32),
+        size="256x192",
         seconds=1.0,
         fps=24,
         steps=6,

@@ -78,10 +78,21 @@ def served_vs_bare(context: BenchContext) -> SectionResult:
     profile, log = context.profile, context.log
     workload = _workload(profile)
     model_config = _model_config(context)
-    log(f"bare pipeline: {profile.size}, {profile.seconds:g} s at {profile.fps} fps, {profile.steps} steps")
-    bare = _run_bare(context, workload, model_config)
-    log("served graph: starting a local cluster")
-    served = _run_served(context, workload, model_config)
+    log(f"workload: {profile.size}, {profile.seconds:g} s at {profile.fps} fps, {profile.steps} steps")
+    bare_path = _BarePath(context, workload, model_config)
+    bare, served = {}, {}
+    with _ServedPath(context, workload, model_config) as served_path:
+        bare_path.warm_up()
+        served_path.warm_up()
+        offset = 0
+        # Each level runs bare, then served, back to back: the machine's other load hits both alike.
+        for concurrency in profile.concurrencies:
+            count = profile.jobs_per_level[concurrency]
+            bare[concurrency] = bare_path.level(concurrency, workload.seeds(count, offset))
+            served[concurrency] = served_path.level(concurrency, workload.seed + offset, count)
+            for result in (bare[concurrency], served[concurrency]):
+                log(f"  {result.path:6s} c={concurrency}: {result.jobs_per_min:g} jobs/min, p50 {result.p50_s} s")
+            offset += count
     rows, ratios = [], []
     for concurrency in profile.concurrencies:
         b, s = bare[concurrency], served[concurrency]
@@ -140,32 +151,48 @@ def _level(path: str, concurrency: int, latencies: list[float], jobs: int, wall_
 # --------------------------------------------------------------------------- (b) the bare pipeline
 
 
-def _run_bare(context: BenchContext, workload: Workload, config) -> dict[int, LevelResult]:
-    import torch
-    from diffusers import LTX2ImageToVideoPipeline
-    from PIL import Image
+class _BarePath:
+    """``LTX2ImageToVideoPipeline`` in this process, one copy per concurrent job, then the MP4 writer."""
 
-    from serving.families.base import resolve_device, resolve_dtype
-    from serving.media import write_mp4
-    from serving.protocol import RenderPlan, VideoFrames, Waveform
+    def __init__(self, context: BenchContext, workload: Workload, config):
+        import torch
+        from diffusers import LTX2ImageToVideoPipeline
+        from PIL import Image
 
-    profile = context.profile
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    photo = Image.open(io.BytesIO(workload.photo_jpeg)).convert("RGB")
-    copies = max(profile.concurrencies)
-    pipelines = []
-    for _ in range(copies):  # a diffusers pipeline keeps per-call state: one copy per concurrent job
-        pipeline = LTX2ImageToVideoPipeline.from_pretrained(context.model_path, torch_dtype=dtype).to(device)
-        pipeline.set_progress_bar_config(disable=True)
-        pipelines.append(pipeline)
-    free = list(pipelines)
-    lock = threading.Lock()
-    out_dir = Path(tempfile.mkdtemp(prefix="bench-bare-", dir=context.out_dir))
+        from serving.families.base import resolve_device, resolve_dtype
 
-    def job(seed: int) -> float:
-        with lock:
-            pipeline = free.pop()
+        self.context, self.workload, self.config = context, workload, config
+        self.device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, self.device)
+        self.photo = Image.open(io.BytesIO(workload.photo_jpeg)).convert("RGB")
+        self.free = []
+        for _ in range(max(context.profile.concurrencies)):  # a pipeline keeps per-call state
+            pipeline = LTX2ImageToVideoPipeline.from_pretrained(context.model_path, torch_dtype=dtype).to(self.device)
+            pipeline.set_progress_bar_config(disable=True)
+            self.free.append(pipeline)
+        self.lock = threading.Lock()
+        self.out_dir = Path(tempfile.mkdtemp(prefix="bench-bare-", dir=context.out_dir))
+        context.machine["bare_torch_threads"] = torch.get_num_threads()
+
+    def warm_up(self) -> None:
+        for _ in range(self.context.profile.warmup_jobs):
+            self.job(self.workload.seed - 1)
+
+    def level(self, concurrency: int, seeds: list[int]) -> LevelResult:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            latencies = list(pool.map(self.job, seeds))
+        return _level("bare", concurrency, latencies, len(seeds), time.perf_counter() - started)
+
+    def job(self, seed: int) -> float:
+        import torch
+
+        from serving.media import write_mp4
+        from serving.protocol import RenderPlan, VideoFrames, Waveform
+
+        workload, config = self.workload, self.config
+        with self.lock:
+            pipeline = self.free.pop()
         started = time.perf_counter()
         try:
             plan = RenderPlan.build(
@@ -174,107 +201,107 @@ def _run_bare(context: BenchContext, workload: Workload, config) -> dict[int, Le
             )
             with torch.no_grad():
                 video, audio = pipeline(
-                    image=photo, prompt=workload.prompt, negative_prompt=config.negative_prompt,
+                    image=self.photo, prompt=workload.prompt, negative_prompt=config.negative_prompt,
                     width=plan.width, height=plan.height, num_frames=plan.generated_frames, frame_rate=float(plan.fps),
                     num_inference_steps=plan.num_inference_steps, guidance_scale=config.guidance_scale,
                     audio_guidance_scale=config.audio_guidance_scale, stg_scale=config.stg_scale,
                     audio_stg_scale=config.audio_stg_scale, spatio_temporal_guidance_blocks=list(config.stg_blocks),
                     modality_scale=config.modality_scale, audio_modality_scale=config.audio_modality_scale,
                     guidance_rescale=config.guidance_rescale, audio_guidance_rescale=config.guidance_rescale,
-                    max_sequence_length=config.max_prompt_tokens, generator=torch.Generator(device).manual_seed(seed),
-                    output_type="np", return_dict=False,
+                    max_sequence_length=config.max_prompt_tokens,
+                    generator=torch.Generator(self.device).manual_seed(seed), output_type="np", return_dict=False,
                 )
             frames = VideoFrames.from_unit_float(video[0][: plan.output_frames], fps=plan.fps)
-            waveform = Waveform(samples=audio[0].float().cpu().numpy(), sample_rate=pipeline.vocoder.config.output_sampling_rate)
-            write_mp4(out_dir / f"{seed}.mp4", frames, waveform)
+            rate = int(pipeline.vocoder.config.output_sampling_rate)
+            write_mp4(self.out_dir / f"{seed}.mp4", frames, Waveform(samples=audio[0].float().cpu().numpy(), sample_rate=rate))
             return time.perf_counter() - started
         finally:
-            with lock:
-                free.append(pipeline)
-
-    for _ in range(profile.warmup_jobs):
-        job(workload.seed - 1)
-    results, offset = {}, 0
-    for concurrency in profile.concurrencies:
-        count = profile.jobs_per_level[concurrency]
-        started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            latencies = list(pool.map(job, workload.seeds(count, offset)))
-        results[concurrency] = _level("bare", concurrency, latencies, count, time.perf_counter() - started)
-        context.log(f"  bare c={concurrency}: {results[concurrency].jobs_per_min:g} jobs/min, p50 {results[concurrency].p50_s} s")
-        offset += count
-    return results
+            with self.lock:
+                self.free.append(pipeline)
 
 
 # --------------------------------------------------------------------------- (a) the served graph
 
 
-def _run_served(context: BenchContext, workload: Workload, config) -> dict[int, LevelResult]:
-    import asyncio
-    import os
+class _ServedPath:
+    """The app on a local Ray cluster of its own; jobs through the load tester's gRPC closed loop."""
 
-    from cluster.local import GRPC_SERVICER, ray_environment
+    def __init__(self, context: BenchContext, workload: Workload, config):
+        self.context, self.workload, self.config = context, workload, config
+        self.scratch = Path(tempfile.mkdtemp(prefix="bench-served-", dir=context.out_dir))
+        self.grpc_port = _free_port()
 
-    os.environ.update(ray_environment())  # explicit token auth, before Ray reads its config
-    import ray
-    from ray import serve
+    def __enter__(self) -> _ServedPath:
+        from cluster.local import GRPC_SERVICER
 
-    from graphs import build_app
-    from serving.loadtest.mix import RequestShape
-    from serving.loadtest.runner import LoadTestSettings, measure
+        import ray  # token auth set up by the bench runner before Ray was first imported
+        from ray import serve
 
-    profile = context.profile
-    scratch = Path(tempfile.mkdtemp(prefix="bench-served-", dir=context.out_dir))
-    photo = scratch / "photo.jpg"
-    photo.write_bytes(workload.photo_jpeg)
-    http_port, grpc_port = _free_port(), _free_port()
-    app_config = {
-        "app_name": "bench",
-        "model": config.model_dump(),
-        "jobs": {"backend": "sqlite", "sqlite_path": str(scratch / "jobs.sqlite3"), "results_dir": str(scratch / "results"),
-                 "max_active_jobs": 16},
-        "stages": {"diffusion": {"num_cpus": profile.diffusion_cpus, "max_ongoing_requests": 4, "max_queued_requests": 16}},
-        "rewriter": {"enabled": False},
-        "ingress": {"http_port": http_port, "grpc_port": grpc_port},
-    }
-    # address="local": a cluster of our own, never another one running on this machine.
-    ray.init(address="local", num_cpus=profile.cluster_cpus, include_dashboard=False,
-             object_store_memory=512 * 1024**2, log_to_driver=False)
-    try:
-        serve.start(
-            http_options={"host": "127.0.0.1", "port": http_port},
-            grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
-        )
-        started = time.perf_counter()
-        serve.run(build_app(app_config), name="bench", route_prefix="/")
-        context.log(f"  deployed in {time.perf_counter() - started:.0f} s")
-        threads = ray.get(ray.remote(num_cpus=profile.diffusion_cpus)(_torch_threads).remote())
-        context.machine["served_diffusion_torch_threads"] = threads
-        shape = RequestShape(name="bench", size=f"{workload.width}x{workload.height}", seconds=workload.seconds,
-                             photo=str(photo), enhance_prompt=False, prompt=workload.prompt)
+        from graphs import build_app
+        from serving.loadtest.mix import RequestShape
 
-        def closed_loop(count: int, concurrency: int, seed: int) -> dict:
-            settings = LoadTestSettings(
-                address=f"127.0.0.1:{grpc_port}", requests=count, concurrency=concurrency, mix=[shape], seed=seed,
-                metrics_urls=[], quiet=True, timeout_s=600,
+        profile, workload, http_port = self.context.profile, self.workload, _free_port()
+        photo = self.scratch / "photo.jpg"
+        photo.write_bytes(workload.photo_jpeg)
+        app_config = {
+            "app_name": "bench",
+            "model": self.config.model_dump(),
+            "jobs": {"backend": "sqlite", "sqlite_path": str(self.scratch / "jobs.sqlite3"),
+                     "results_dir": str(self.scratch / "results"), "max_active_jobs": 16},
+            "stages": {"diffusion": {"num_cpus": profile.diffusion_cpus, "max_ongoing_requests": 4,
+                                     "max_queued_requests": 16}},
+            "rewriter": {"enabled": False},
+            "ingress": {"http_port": http_port, "grpc_port": self.grpc_port},
+        }
+        # address="local": a cluster of our own, never another one running on this machine.
+        ray.init(address="local", num_cpus=profile.cluster_cpus, include_dashboard=False,
+                 object_store_memory=512 * 1024**2, log_to_driver=False)
+        try:
+            serve.start(
+                http_options={"host": "127.0.0.1", "port": http_port},
+                grpc_options={"port": self.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
             )
-            return asyncio.run(measure(settings))
+            started = time.perf_counter()
+            serve.run(build_app(app_config), name="bench", route_prefix="/")
+            self.context.log(f"  served graph deployed in {time.perf_counter() - started:.0f} s")
+            threads = ray.get(ray.remote(num_cpus=profile.diffusion_cpus)(_torch_threads).remote())
+            self.context.machine["served_diffusion_torch_threads"] = threads
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self.shape = RequestShape(name="bench", size=f"{workload.width}x{workload.height}", seconds=workload.seconds,
+                                  photo=str(photo), enhance_prompt=False, prompt=workload.prompt)
+        return self
 
-        closed_loop(profile.warmup_jobs, 1, workload.seed - 1)
-        results, offset = {}, 0
-        for concurrency in profile.concurrencies:
-            count = profile.jobs_per_level[concurrency]
-            report = closed_loop(count, concurrency, workload.seed + offset)
-            latencies = [t["latency_s"] for t in report["traces"] if t["outcome"] == "completed"]
-            results[concurrency] = _level("served", concurrency, latencies, count, report["wall_seconds"])
-            if report["errors_by_code"] or report["rejections_by_code"]:
-                context.log(f"  served c={concurrency}: errors {report['errors_by_code']} rejections {report['rejections_by_code']}")
-            context.log(f"  served c={concurrency}: {results[concurrency].jobs_per_min:g} jobs/min, p50 {results[concurrency].p50_s} s")
-            offset += count
-        return results
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    def warm_up(self) -> None:
+        self._closed_loop(self.context.profile.warmup_jobs, 1, self.workload.seed - 1)
+
+    def level(self, concurrency: int, first_seed: int, count: int) -> LevelResult:
+        report = self._closed_loop(count, concurrency, first_seed)
+        latencies = [t["latency_s"] for t in report["traces"] if t["outcome"] == "completed"]
+        if report["errors_by_code"] or report["rejections_by_code"]:
+            self.context.log(f"  served c={concurrency}: errors {report['errors_by_code']}, "
+                             f"rejections {report['rejections_by_code']}")
+        return _level("served", concurrency, latencies, count, report["wall_seconds"])
+
+    def _closed_loop(self, count: int, concurrency: int, seed: int) -> dict:
+        import asyncio
+
+        from serving.loadtest.runner import LoadTestSettings, measure
+
+        settings = LoadTestSettings(
+            address=f"127.0.0.1:{self.grpc_port}", requests=count, concurrency=concurrency, mix=[self.shape],
+            seed=seed, metrics_urls=[], quiet=True, timeout_s=600,
+        )
+        return asyncio.run(measure(settings))
+
+    def __exit__(self, *exc) -> None:
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
 
 
 def _torch_threads() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -36,7 +37,7 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     ordered = sorted(values)
 
     def rank(q: float) -> float:
-        index = max(0, min(len(ordered) - 1, int(round(q * len(ordered) + 0.5)) - 1))
+        index = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered) - 1e-9) - 1))
         return round(ordered[index], 4)
 
     return {
@@ -100,7 +101,7 @@ def _stage_times(completed: list[JobTrace]) -> dict[str, dict]:
 def _by_shape(traces: list[JobTrace]) -> dict[str, dict]:
     shapes: dict[str, dict] = {}
     for trace in traces:
-        entry = shapes.setdefault(trace.shape, {"submitted": 0, "completed": 0, "failed": 0, "rejected": 0, "latencies": []})
+        entry = shapes.setdefault(trace.shape, {"submitted": 0, "completed": 0, "failed": 0, "rejected": 0, "pending": 0, "latencies": []})
         entry["submitted"] += 1
         entry[trace.outcome] += 1
         if trace.outcome == "completed":
