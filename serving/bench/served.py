@@ -79,19 +79,24 @@ def served_vs_bare(context: BenchContext) -> SectionResult:
     workload = _workload(profile)
     model_config = _model_config(context)
     log(f"workload: {profile.size}, {profile.seconds:g} s at {profile.fps} fps, {profile.steps} steps")
+    # The bare path runs first, before this process starts Ray: torch's thread pool hung in a driver
+    # process after ray.init (2 CPUs, Ray 2.60), so the two paths do not share a process lifetime.
     bare_path = _BarePath(context, workload, model_config)
-    bare, served = {}, {}
+    bare_path.warm_up()
+    bare, served, offset = {}, {}, 0
+    for concurrency in profile.concurrencies:
+        count = profile.jobs_per_level[concurrency]
+        bare[concurrency] = bare_path.level(concurrency, workload.seeds(count, offset))
+        log(f"  bare   c={concurrency}: {bare[concurrency].jobs_per_min:g} jobs/min, p50 {bare[concurrency].p50_s} s")
+        offset += count
+    del bare_path
     with _ServedPath(context, workload, model_config) as served_path:
-        bare_path.warm_up()
         served_path.warm_up()
         offset = 0
-        # Each level runs bare, then served, back to back: the machine's other load hits both alike.
         for concurrency in profile.concurrencies:
             count = profile.jobs_per_level[concurrency]
-            bare[concurrency] = bare_path.level(concurrency, workload.seeds(count, offset))
             served[concurrency] = served_path.level(concurrency, workload.seed + offset, count)
-            for result in (bare[concurrency], served[concurrency]):
-                log(f"  {result.path:6s} c={concurrency}: {result.jobs_per_min:g} jobs/min, p50 {result.p50_s} s")
+            log(f"  served c={concurrency}: {served[concurrency].jobs_per_min:g} jobs/min, p50 {served[concurrency].p50_s} s")
             offset += count
     rows, ratios = [], []
     for concurrency in profile.concurrencies:
@@ -167,7 +172,7 @@ class _BarePath:
         self.photo = Image.open(io.BytesIO(workload.photo_jpeg)).convert("RGB")
         self.free = []
         for _ in range(max(context.profile.concurrencies)):  # a pipeline keeps per-call state
-            pipeline = LTX2ImageToVideoPipeline.from_pretrained(context.model_path, torch_dtype=dtype).to(self.device)
+            pipeline = LTX2ImageToVideoPipeline.from_pretrained(context.model_path, dtype=dtype).to(self.device)
             pipeline.set_progress_bar_config(disable=True)
             self.free.append(pipeline)
         self.lock = threading.Lock()
