@@ -46,6 +46,7 @@ def run_bench(args: argparse.Namespace, command: str, before_work=lambda: None) 
     from cluster.local import ray_environment
 
     os.environ.update(ray_environment())  # explicit token auth for our cluster, before anything imports Ray
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")  # a busy machine registers the node slowly
     # Cheap checks first: no torch import for a typo.
     if args.profile is not None and args.profile not in PROFILES:
         raise BenchError(f"--profile: '{args.profile}' is not a profile; profiles: {', '.join(PROFILES)}")
