@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from serving.families.ltx2_tiny import TransformerWidths
-
 __all__ = ["BenchProfile", "PROFILES", "get_profile", "machine_info", "prepare_checkpoint"]
 
 
@@ -23,7 +21,7 @@ __all__ = ["BenchProfile", "PROFILES", "get_profile", "machine_info", "prepare_c
 class BenchProfile:
     name: str
     description: str
-    widths: TransformerWidths | None  # None: a real checkpoint from --model
+    transformer: dict | None  # TransformerWidths fields of a built checkpoint; None: a real one from --model
     size: str
     seconds: float
     fps: int
@@ -38,11 +36,20 @@ class BenchProfile:
     diffusion_cpus: float = 2.0
     device: str = "cpu"
 
+    @property
+    def widths(self):
+        """The ``TransformerWidths`` of the checkpoint this profile builds (imported late: it pulls in torch)."""
+        if self.transformer is None:
+            return None
+        from serving.families.ltx2_tiny import TransformerWidths
+
+        return TransformerWidths(**self.transformer)
+
     def model_overrides(self) -> dict:
         """ModelConfig fields of this profile (the same for the served and the bare run)."""
         settings = {"num_inference_steps": self.steps, "default_size": self.size, "default_seconds": self.seconds,
                     "default_fps": self.fps, "device": self.device}
-        if self.widths is not None:
+        if self.transformer is not None:
             settings.update(stg_blocks=[1], max_prompt_tokens=256, max_width=1024, max_height=1024)
         return settings
 
@@ -51,7 +58,7 @@ PROFILES: dict[str, BenchProfile] = {
     "cpu-small": BenchProfile(
         name="cpu-small",
         description="LTX-2 architecture, 8 transformer blocks of width 512 (audio 128), random weights, CPU",
-        widths=TransformerWidths(num_layers=8, video_heads=8, video_head_dim=64, audio_heads=4, audio_head_dim=32),
+        transformer=dict(num_layers=8, video_heads=8, video_head_dim=64, audio_heads=4, audio_head_dim=32),
         size="256x192",
         seconds=1.0,
         fps=24,
@@ -60,7 +67,7 @@ PROFILES: dict[str, BenchProfile] = {
     "gpu": BenchProfile(
         name="gpu",
         description="a real checkpoint from --model on one GPU, 768x512, 2 s",
-        widths=None,
+        transformer=None,
         size="768x512",
         seconds=2.0,
         fps=24,

@@ -19,7 +19,6 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 
 __all__ = ["REWRITER_SUBFOLDER", "tiny_vocabulary", "build_tiny_ltx2", "tiny_ltx2_components", "ensure_tiny_ltx2", "default_tiny_dir", "is_complete_checkpoint", "TINY_SEED", "TransformerWidths"]
 
@@ -69,6 +68,7 @@ def build_tiny_ltx2(directory: str | Path, widths: TransformerWidths = Transform
 
 def tiny_ltx2_components(widths: TransformerWidths = TransformerWidths()) -> dict:
     """The tiny components in memory, keyed by their ``model_index.json`` names (deterministic)."""
+    import torch
     from diffusers import (
         AutoencoderKLLTX2Audio,
         AutoencoderKLLTX2Video,
