@@ -303,3 +303,36 @@ def test_prometheus_scrapes_the_cluster_and_every_query_is_valid(cluster, loadte
     assert not unexplained, unexplained
     stage_latency = [q for q in queries if "reelserve_stage_request_seconds" in q]
     assert stage_latency and all(q not in empty for q in stage_latency)
+
+
+def test_down_stops_only_the_processes_of_its_own_head(tmp_path):
+    """`reelserve down` must not end other Ray clusters on the machine (as `ray stop` would)."""
+    import time
+
+    from cluster.local import _stop_head_processes
+
+    ours_port, theirs_port = free_port(), free_port()
+    # A stand-in for a raylet of each cluster, each with a child (a worker renamed ray::..., found as a child).
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    ours = subprocess.Popen([sys.executable, "-c", script, f"--gcs-address=10.0.0.1:{ours_port}"])
+    theirs = subprocess.Popen([sys.executable, "-c", script, f"--gcs-address=10.0.0.1:{theirs_port}"])
+    try:
+        import psutil
+
+        deadline = time.monotonic() + 20
+        while not (psutil.Process(ours.pid).children() and psutil.Process(theirs.pid).children()):
+            assert time.monotonic() < deadline, "the stand-in processes did not start their children"
+            time.sleep(0.1)
+        our_child = psutil.Process(ours.pid).children()[0]
+        their_child = psutil.Process(theirs.pid).children()[0]
+        _stop_head_processes(ours_port, grace_s=5)
+        assert ours.wait(timeout=10) is not None
+        assert not our_child.is_running() or our_child.status() == psutil.STATUS_ZOMBIE
+        assert theirs.poll() is None and their_child.is_running()
+    finally:
+        for process in (ours, theirs):
+            if process.poll() is None:
+                for child in psutil.Process(process.pid).children():
+                    child.kill()
+                process.kill()
+                process.wait(timeout=10)
