@@ -115,6 +115,8 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # Other work on the machine skews every figure: the 1-minute load average when the run began.
+        "load_average_at_start": round(os.getloadavg()[0], 1),
     }
     import diffusers
     import ray

@@ -81,6 +81,7 @@ def run_bench(args: argparse.Namespace, command: str, before_work=lambda: None) 
         log(f"section {section_name}: {section.title}")
         results.append(section.run(context))
     wall_s = round(time.perf_counter() - started, 1)
+    machine["load_average_at_end"] = round(os.getloadavg()[0], 1)
     summary = {
         "command": command, "profile": profile.name, "model": args.model, "machine": machine, "wall_seconds": wall_s,
         "sections": {r.name: {"title": r.title, "data": r.data, "notes": r.notes} for r in results},
@@ -107,8 +108,12 @@ def _machine_line(machine: dict) -> str:
     if "bare_torch_threads" in machine:
         threads = (f"; torch threads: bare {machine['bare_torch_threads']}, "
                    f"served diffusion replica {machine.get('served_diffusion_torch_threads')}")
+    load = ""
+    if "load_average_at_start" in machine:
+        load = (f"; 1-min load average {machine['load_average_at_start']} at the start, "
+                f"{machine.get('load_average_at_end')} at the end (other work on the machine)")
     return (f"{machine['cpu']} ({machine['cpus']} CPUs), {machine['memory_gib']} GiB{gpu}; Python {machine['python']}, "
-            f"torch {machine['torch']}, diffusers {machine['diffusers']}, Ray {machine['ray']}{threads}")
+            f"torch {machine['torch']}, diffusers {machine['diffusers']}, Ray {machine['ray']}{threads}{load}")
 
 
 def _block(result: SectionResult, profile: str, machine: dict, command: str, wall_s: float) -> tuple[str, str]:

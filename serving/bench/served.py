@@ -79,8 +79,7 @@ def served_vs_bare(context: BenchContext) -> SectionResult:
     workload = _workload(profile)
     model_config = _model_config(context)
     log(f"workload: {profile.size}, {profile.seconds:g} s at {profile.fps} fps, {profile.steps} steps")
-    # The bare path runs first, before this process starts Ray: torch's thread pool hung in a driver
-    # process after ray.init (2 CPUs, Ray 2.60), so the two paths do not share a process lifetime.
+    # The bare path runs here; the served cluster runs in a child process (see serving/bench/cluster.py).
     bare_path = _BarePath(context, workload, model_config)
     bare_path.warm_up()
     bare, served, offset = {}, {}, 0
@@ -229,23 +228,21 @@ class _BarePath:
 
 
 class _ServedPath:
-    """The app on a local Ray cluster of its own; jobs through the load tester's gRPC closed loop."""
+    """The app on a local Ray cluster run by a child process; jobs through the load tester's gRPC closed loop."""
 
     def __init__(self, context: BenchContext, workload: Workload, config):
         self.context, self.workload, self.config = context, workload, config
         self.scratch = Path(tempfile.mkdtemp(prefix="bench-served-", dir=context.out_dir))
-        self.grpc_port = _free_port()
+        self.process = None
 
     def __enter__(self) -> _ServedPath:
-        from cluster.local import GRPC_SERVICER
+        import json
+        import subprocess
+        import sys
 
-        import ray  # token auth set up by the bench runner before Ray was first imported
-        from ray import serve
-
-        from graphs import build_app
         from serving.loadtest.mix import RequestShape
 
-        profile, workload, http_port = self.context.profile, self.workload, _free_port()
+        profile, workload = self.context.profile, self.workload
         photo = self.scratch / "photo.jpg"
         photo.write_bytes(workload.photo_jpeg)
         app_config = {
@@ -256,24 +253,27 @@ class _ServedPath:
             "stages": {"diffusion": {"num_cpus": profile.diffusion_cpus, "max_ongoing_requests": 4,
                                      "max_queued_requests": 16}},
             "rewriter": {"enabled": False},
-            "ingress": {"http_port": http_port, "grpc_port": self.grpc_port},
+            "ingress": {"http_port": _free_port(), "grpc_port": _free_port()},
         }
-        # address="local": a cluster of our own, never another one running on this machine.
-        ray.init(address="local", num_cpus=profile.cluster_cpus, include_dashboard=False,
-                 object_store_memory=512 * 1024**2, log_to_driver=False)
-        try:
-            serve.start(
-                http_options={"host": "127.0.0.1", "port": http_port},
-                grpc_options={"port": self.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
-            )
-            started = time.perf_counter()
-            serve.run(build_app(app_config), name="bench", route_prefix="/")
-            self.context.log(f"  served graph deployed in {time.perf_counter() - started:.0f} s")
-            threads = ray.get(ray.remote(num_cpus=profile.diffusion_cpus)(_torch_threads).remote())
-            self.context.machine["served_diffusion_torch_threads"] = threads
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
+        cluster = {"num_cpus": profile.cluster_cpus, "diffusion_cpus": profile.diffusion_cpus, "object_store_mb": 512}
+        config_path, ready_path = self.scratch / "cluster.json", self.scratch / "ready.json"
+        config_path.write_text(json.dumps({"app": app_config, "cluster": cluster}))
+        log = open(self.scratch / "cluster.log", "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "serving.bench.cluster", str(config_path), str(ready_path)],
+            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 900
+        while not ready_path.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                tail = (self.scratch / "cluster.log").read_text(errors="replace").strip().splitlines()[-1:]
+                raise RuntimeError(f"the served cluster did not start: {tail[0] if tail else 'no output'}")
+            time.sleep(0.5)
+        ready = json.loads(ready_path.read_text())
+        self.grpc = ready["grpc"]
+        self.context.machine["served_diffusion_torch_threads"] = ready["diffusion_torch_threads"]
+        self.context.log(f"  served graph deployed in {ready['deploy_seconds']:g} s")
         self.shape = RequestShape(name="bench", size=f"{workload.width}x{workload.height}", seconds=workload.seconds,
                                   photo=str(photo), enhance_prompt=False, prompt=workload.prompt)
         return self
@@ -295,24 +295,21 @@ class _ServedPath:
         from serving.loadtest.runner import LoadTestSettings, measure
 
         settings = LoadTestSettings(
-            address=f"127.0.0.1:{self.grpc_port}", requests=count, concurrency=concurrency, mix=[self.shape],
+            address=self.grpc, requests=count, concurrency=concurrency, mix=[self.shape],
             seed=seed, metrics_urls=[], quiet=True, timeout_s=600,
         )
         return asyncio.run(measure(settings))
 
     def __exit__(self, *exc) -> None:
-        import ray
-        from ray import serve
+        import subprocess
 
-        if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+        if self.process is not None and self.process.poll() is None:
+            self.process.stdin.close()  # the cluster process shuts Serve and Ray down, then exits
+            try:
+                self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
 
 
 def _free_port() -> int:
