@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", num_cpus=cluster["num_cpus"], include_dashboard=False,
              object_store_memory=cluster["object_store_mb"] * 1024**2, log_to_driver=False)
     try:
+        # Ray sets a worker's OMP_NUM_THREADS (hence torch's threads) from its CPUs; asked before the app
+        # takes the cluster's CPUs, with the diffusion replica's share.
+        threads = ray.get(ray.remote(num_cpus=cluster["diffusion_cpus"])(_torch_threads).remote())
         ingress = app_config["ingress"]
         serve.start(
             http_options={"host": "127.0.0.1", "port": ingress["http_port"]},
@@ -52,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         started = time.perf_counter()
         serve.run(build_app(app_config), name=app_config["app_name"], route_prefix="/")
-        threads = ray.get(ray.remote(num_cpus=cluster["diffusion_cpus"])(_torch_threads).remote())
         ready = {"grpc": f"127.0.0.1:{ingress['grpc_port']}", "deploy_seconds": round(time.perf_counter() - started, 1),
                  "diffusion_torch_threads": threads}
         partial = ready_path.with_suffix(".partial")
