@@ -7,7 +7,7 @@ serves them for Prometheus. Ray prefixes every application metric with ``ray_`` 
 the scrape configs in ``k8s/observability/`` strip it again, so Prometheus, the dashboard and the
 alert rules see the names below.
 
-Which metric is recorded where (LEAD: a call still to be added by the orchestrator, ingress or
+Which metric is recorded where (TO WIRE: a call still to be added to the orchestrator, ingress or
 diffusion code, which is being rewritten):
 
 | metric | kind | labels | recorded by | where |
@@ -18,18 +18,18 @@ diffusion code, which is being rewritten):
 | reelserve_stage_requests_in_flight | gauge | stage, model | stage_load | StageRunner.run; prompt_rewriter stage |
 | reelserve_stage_requests_queued | gauge | stage, model | stage_load | StageRunner.run |
 | reelserve_stage_handoff_bytes_total | counter | stage, model | bytes_handed | StageRunner.run (size of each stage's output) |
-| reelserve_model_load_seconds | gauge | stage, model | model_loaded | stage constructors; LEAD: diffusion stage |
+| reelserve_model_load_seconds | gauge | stage, model | model_loaded | stage constructors; TO WIRE: diffusion stage |
 | reelserve_gpu_memory_allocated_bytes | gauge | stage, model | gpu_memory | StageRunner.run, where CUDA is present |
 | reelserve_gpu_memory_peak_bytes | gauge | stage, model | gpu_memory | StageRunner.run, where CUDA is present |
-| reelserve_denoise_steps_total | counter | model | denoise_step | LEAD: diffusion stage, after every step |
-| reelserve_denoise_step_seconds | histogram | model, resolution | denoise_step | LEAD: diffusion stage, after every step |
-| reelserve_jobs_total | counter | model, status, code | job_finished | LEAD: orchestrator, when a job ends |
-| reelserve_job_duration_seconds | histogram | model, status | job_finished | LEAD: orchestrator, when a job ends |
-| reelserve_job_first_progress_seconds | histogram | model | first_progress | LEAD: orchestrator, first progress rise |
-| reelserve_job_progress_updates_total | counter | model | job_progressed | LEAD: orchestrator/diffusion, every progress rise |
-| reelserve_jobs_active | gauge | model, status | jobs_active | LEAD: orchestrator, jobs it owns (queued, in_progress) |
-| reelserve_admissions_refused_total | counter | model, code | admission_refused | LEAD: ingress/orchestrator, on each refusal |
-| reelserve_prompt_rewrite_fallbacks_total | counter | model, code | rewrite_fallback | prompt_rewriter stage; LEAD: orchestrator's own reasons |
+| reelserve_denoise_steps_total | counter | model | denoise_step | TO WIRE: diffusion stage, after every step |
+| reelserve_denoise_step_seconds | histogram | model, resolution | denoise_step | TO WIRE: diffusion stage, after every step |
+| reelserve_jobs_total | counter | model, status, code | job_finished | TO WIRE: orchestrator, when a job ends |
+| reelserve_job_duration_seconds | histogram | model, status | job_finished | TO WIRE: orchestrator, when a job ends |
+| reelserve_job_first_progress_seconds | histogram | model | first_progress | TO WIRE: orchestrator, first progress rise |
+| reelserve_job_progress_updates_total | counter | model | job_progressed | TO WIRE: orchestrator/diffusion, every progress rise |
+| reelserve_jobs_active | gauge | model, status | jobs_active | TO WIRE: orchestrator, jobs it owns (queued, in_progress) |
+| reelserve_admissions_refused_total | counter | model, code | admission_refused | TO WIRE: ingress/orchestrator, on each refusal |
+| reelserve_prompt_rewrite_fallbacks_total | counter | model, code | rewrite_fallback | prompt_rewriter stage; TO WIRE: orchestrator's own reasons |
 
 Labels are only ``stage`` and ``model``, plus ``status``/``code`` for outcomes and ``resolution`` for
 step time; nothing carries a job id. Histograms share buckets from 10 ms to 30 min.
