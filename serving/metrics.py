@@ -8,7 +8,7 @@ the scrape configs in ``k8s/observability/`` strip it again, so Prometheus, the 
 alert rules see the names below.
 
 Which metric is recorded where (TO WIRE: a call still to be added to the orchestrator, ingress or
-diffusion code, which is being rewritten):
+diffusion stage code; tests/cluster/test_local.py lists them as awaiting wiring):
 
 | metric | kind | labels | recorded by | where |
 | --- | --- | --- | --- | --- |
