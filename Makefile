@@ -7,7 +7,7 @@ OUT    := out
 
 DEMO_PROMPT := A tabby cat looks around, blinks and purrs softly; warm afternoon light, gentle room tone.
 
-.PHONY: demo test install clean redis proto image
+.PHONY: demo test install clean redis prometheus proto dashboard image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,19 @@ redis:
 		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
-test: $(STAMP) redis
+# The observability tests run a real Prometheus server and promtool; install them when missing (Debian package).
+prometheus:
+	@{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || { \
+		echo "installing prometheus"; \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+
+test: $(STAMP) redis prometheus
 	$(BIN)/python -m pytest -q
+
+# Regenerate the Grafana dashboard JSON after editing cluster/observability.py.
+dashboard: $(STAMP)
+	$(BIN)/python -m cluster.observability
 
 # Regenerate the committed gRPC modules after editing serving/proto/video.proto.
 proto: $(STAMP)

@@ -463,6 +463,7 @@ class RayConfig(BaseModel):
     num_gpus: int | None = Field(None, ge=0, description="GPUs the local cluster offers (unset: all).")
     object_store_memory_mb: int = Field(1024, ge=75, description="Object store size of a local cluster, MiB.")
     gcs_port: int = Field(6389, ge=1, le=65535, description="Port of the local cluster's head (kept off Redis's 6379).")
+    metrics_export_port: int = Field(8080, ge=1, le=65535, description="Port of the local node's Prometheus metrics endpoint (Ray's metrics agent; /metrics).")
 
 
 class ReelserveConfig(BaseModel):

@@ -18,7 +18,10 @@ from pathlib import Path
 
 from cluster.config import ReelserveConfig
 
-__all__ = ["ClusterError", "ClusterState", "ray_environment", "serve_app", "start_detached", "stop", "read_state", "status"]
+__all__ = [
+    "ClusterError", "ClusterState", "ray_environment", "serve_app", "start_detached", "stop", "read_state", "status",
+    "metrics_url", "metrics_endpoints",
+]
 
 GRPC_SERVICER = "serving.proto.video_pb2_grpc.add_VideoServiceServicer_to_server"
 _PROFILES = Path(__file__).parent / "profiles"
@@ -47,6 +50,8 @@ class ClusterState:
     grpc_address: str
     app_name: str
     started_head: bool
+    metrics_url: str = ""  # the local node's Prometheus endpoint (empty when joining a cluster)
+    gcs_port: int | None = None  # the head `up` started: `down` stops only its processes
 
 
 def ray_environment() -> dict[str, str]:
@@ -82,6 +87,7 @@ def serve_app(config: ReelserveConfig, address: str | None) -> None:
                 address="local",  # a cluster of its own, even when another runs on this machine
                 num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, include_dashboard=False,
                 object_store_memory=config.ray.object_store_memory_mb * 1024**2, log_to_driver=False,
+                _metrics_export_port=config.ray.metrics_export_port,
             )
     serve.start(
         http_options={"host": config.ingress.host, "port": config.ingress.http_port},
@@ -116,6 +122,8 @@ def start_detached(config: ReelserveConfig) -> ClusterState:
             _ray_command(), "start", "--head", f"--port={config.ray.gcs_port}",
             "--include-dashboard=false", "--disable-usage-stats",
             f"--object-store-memory={config.ray.object_store_memory_mb * 1024**2}",
+            # Ray's metrics agent serves /metrics on every node, also without the dashboard.
+            f"--metrics-export-port={config.ray.metrics_export_port}",
         ]
         if config.ray.num_cpus is not None:
             command.append(f"--num-cpus={config.ray.num_cpus}")
@@ -132,6 +140,8 @@ def start_detached(config: ReelserveConfig) -> ClusterState:
         grpc_address=f"127.0.0.1:{config.ingress.grpc_port}",
         app_name=config.app_name,
         started_head=started_head,
+        metrics_url=metrics_url(config) if started_head else "",
+        gcs_port=config.ray.gcs_port if started_head else None,
     )
     # Recorded before deploying, so `reelserve down` can stop the head even if deploying fails.
     (state_dir() / "cluster.json").write_text(json.dumps(asdict(state), indent=2))
@@ -172,9 +182,26 @@ def status(state: ClusterState) -> dict:
             "deployments": {name: _enum_text(d.status) for name, d in app.deployments.items()},
             "http": state.http_url,
             "grpc": state.grpc_address,
+            "metrics": metrics_endpoints(),
         }
     finally:
         ray.shutdown()
+
+
+def metrics_url(config: ReelserveConfig) -> str:
+    """The local node's metrics endpoint as `reelserve up` starts it."""
+    return f"http://127.0.0.1:{config.ray.metrics_export_port}/metrics"
+
+
+def metrics_endpoints() -> list[str]:
+    """Every live node's Prometheus endpoint in the connected cluster (what Prometheus should scrape)."""
+    import ray
+
+    return sorted(
+        f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        for node in ray.nodes()
+        if node.get("Alive") and node.get("MetricsExportPort")
+    )
 
 
 def _enum_text(value) -> str:
@@ -192,9 +219,45 @@ def stop(state: ClusterState) -> None:
         serve.shutdown()
         ray.shutdown()
     finally:
-        if state.started_head:
+        if state.started_head and state.gcs_port is not None:
+            _stop_head_processes(state.gcs_port)
+        elif state.started_head:  # recorded by an older version: no port known
             subprocess.run(
                 [_ray_command(), "stop", "--force"],
                 env={**os.environ, **ray_environment()}, capture_output=True,
             )
         (state_dir() / "cluster.json").unlink(missing_ok=True)
+
+
+def _stop_head_processes(gcs_port: int, grace_s: float = 10.0) -> None:
+    """Stop the Ray processes of the head listening on ``gcs_port``, and nothing else.
+
+    ``ray stop`` would end every Ray cluster on the machine. The head's own processes name its
+    GCS on their command line (``--gcs-address=IP:PORT``, ``--gcs_server_port=PORT``); workers
+    and agents (renamed ``ray::...``) are the raylet's children.
+    """
+    import re
+
+    import psutil
+
+    ours = re.compile(rf"--gcs[-_]address=\S+:{gcs_port}(\s|$)|--gcs_server_port={gcs_port}(\s|$)")
+    victims: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if process.pid != os.getpid() and ours.search(" ".join(process.info["cmdline"] or [])):
+                for member in [process, *process.children(recursive=True)]:
+                    victims[member.pid] = member
+        except psutil.Error:
+            continue
+    victims = list(victims.values())
+    for process in victims:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(victims, timeout=grace_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass

@@ -74,7 +74,7 @@ def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
         model_stage(DiffusionStage, "diffusion"),
         model_stage(VideoDecoderStage, "video_decoder"),
         model_stage(AudioDecoderStage, "audio_decoder"),
-        stage(MuxerStage, "muxer", jobs, faults),
+        stage(MuxerStage, "muxer", jobs, faults, config.model.name),
         rewriter,
     )
     return serve.deployment(VideoIngress).options(**ingress_options(config)).bind(

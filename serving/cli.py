@@ -24,7 +24,12 @@ class UsageError(Exception):
     """Bad input found after parsing; printed as one line, exit code 2."""
 
 
+_argv: list[str] | None = None  # the command line as given (the bench report quotes it)
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _argv
+    _argv = argv
     parser = _build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -99,6 +104,18 @@ def _build_parser() -> argparse.ArgumentParser:
     render.add_argument("--image", help="container image of the Ray pods (default: reelserve:<version>)")
     render.add_argument("--redis-url", help="a managed Redis (redis://HOST:PORT/DB) instead of the in-cluster one")
     render.set_defaults(handler=_k8s_render)
+
+    from serving.loadtest.runner import add_arguments as add_loadtest_arguments
+
+    loadtest = commands.add_parser("loadtest", help="load-test a deployment; JSON report and PNGs")
+    add_loadtest_arguments(loadtest)
+    loadtest.set_defaults(handler=_loadtest)
+
+    from serving.bench.runner import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser("bench", help="benchmark the served graph against the bare pipeline; BENCHMARKS.md")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=_bench)
     return parser
 
 
@@ -253,12 +270,15 @@ def _up(args: argparse.Namespace) -> int:
     print("starting the cluster and deploying (first start loads every stage; this takes a minute)...", file=sys.stderr)
     if args.detach:
         state = local.start_detached(config)
-        print(f"reelserve is up: HTTP {state.http_url}/v1  gRPC {state.grpc_address}")
+        metrics = f"  metrics {state.metrics_url}" if state.metrics_url else ""
+        print(f"reelserve is up: HTTP {state.http_url}/v1  gRPC {state.grpc_address}{metrics}")
         return 0
     local.serve_app(config, config.ray.address)
     print(
         f"reelserve is up: HTTP http://{config.ingress.host}:{config.ingress.http_port}/v1  "
-        f"gRPC 127.0.0.1:{config.ingress.grpc_port}  (Ctrl-C stops it)"
+        f"gRPC 127.0.0.1:{config.ingress.grpc_port}"
+        + ("" if config.ray.address else f"  metrics {local.metrics_url(config)}")
+        + "  (Ctrl-C stops it)"
     )
     try:
         while True:
@@ -326,6 +346,31 @@ def _k8s_render(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("k8s") / Path(args.config).stem
     for path in write(files, out):
         print(path)
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from serving.loadtest.runner import SettingsError, run_loadtest, settings_from_args
+
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as error:
+        raise UsageError(str(error)) from None
+    report = run_loadtest(settings)
+    jobs = report["jobs"]
+    print(
+        f"{jobs['submitted']} submitted: {jobs['completed']} completed, {jobs['failed']} failed, "
+        f"{jobs['rejected']} rejected; {report['throughput_jobs_per_min']:g} jobs/min; "
+        f"p50 {report['latency_seconds']['p50']} s; report {settings.out_dir / 'report.json'}"
+    )
+    return 0 if jobs["all_accounted_for"] else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from serving.bench.runner import BenchError, command_line, run_bench
+
+    try:
+        run_bench(args, command_line(_argv), before_work=_quiet_libraries)
+    except BenchError as error:
+        raise UsageError(str(error)) from None
     return 0
 
 

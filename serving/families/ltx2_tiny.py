@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import json
 import string
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 
-__all__ = ["REWRITER_SUBFOLDER", "LATENT_UPSAMPLER_SUBFOLDER", "tiny_latent_upsampler", "tiny_vocabulary", "build_tiny_ltx2", "tiny_ltx2_components", "ensure_tiny_ltx2", "default_tiny_dir", "is_complete_checkpoint", "TINY_SEED"]
+__all__ = [
+    "REWRITER_SUBFOLDER", "LATENT_UPSAMPLER_SUBFOLDER", "tiny_latent_upsampler", "tiny_vocabulary", "build_tiny_ltx2",
+    "tiny_ltx2_components", "ensure_tiny_ltx2", "default_tiny_dir", "is_complete_checkpoint", "TINY_SEED",
+    "TransformerWidths",
+]
 
 TINY_SEED = 0
 
@@ -34,26 +38,44 @@ _MEL_HOP = 160
 _TOKENIZER_MAX_LENGTH = 256
 
 
-def build_tiny_ltx2(directory: str | Path) -> Path:
-    """Build the tiny LTX-2 set and save it under ``directory``; return the path."""
+@dataclass(frozen=True)
+class TransformerWidths:
+    """Widths of the LTX-2 transformer; the defaults are the tiny checkpoint's.
+
+    Wider settings keep the architecture and every other component, and give each denoising
+    step real work (``reelserve bench`` profiles). Cross-attention widths follow the attention
+    widths, as in the real model.
+    """
+
+    num_layers: int = 2
+    video_heads: int = 2
+    video_head_dim: int = 8
+    audio_heads: int = 2
+    audio_head_dim: int = 4
+
+
+def build_tiny_ltx2(directory: str | Path, widths: TransformerWidths = TransformerWidths()) -> Path:
+    """Build the tiny LTX-2 set (transformer ``widths``) and save it under ``directory``; return the path."""
     from diffusers import LTX2ImageToVideoPipeline
 
     from serving.prompting.tiny_rewriter import build_tiny_rewriter
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    LTX2ImageToVideoPipeline(**tiny_ltx2_components()).save_pretrained(directory)
+    LTX2ImageToVideoPipeline(**tiny_ltx2_components(widths)).save_pretrained(directory)
     # Not a pipeline component either: the two-stage recipe's x2 latent upsampler, in its own
     # subfolder as in the real LTX-2 repository, loaded with ``from_pretrained(path, subfolder=...)``.
     tiny_latent_upsampler().save_pretrained(directory / LATENT_UPSAMPLER_SUBFOLDER)
     # Not a pipeline component (model_index.json does not list it): the prompt rewriter's own model.
     build_tiny_rewriter(directory / REWRITER_SUBFOLDER)
-    (directory / _COMPLETE_MARKER).write_text(json.dumps({"family": "ltx2", "tiny": True}) + "\n")
+    marker = {"family": "ltx2", "tiny": True, "transformer_widths": asdict(widths)}
+    (directory / _COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
     return directory
 
 
-def tiny_ltx2_components() -> dict:
+def tiny_ltx2_components(widths: TransformerWidths = TransformerWidths()) -> dict:
     """The tiny components in memory, keyed by their ``model_index.json`` names (deterministic)."""
+    import torch
     from diffusers import (
         AutoencoderKLLTX2Audio,
         AutoencoderKLLTX2Video,
@@ -93,15 +115,15 @@ def tiny_ltx2_components() -> dict:
         out_channels=_LATENT_CHANNELS,
         patch_size=1,
         patch_size_t=1,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        cross_attention_dim=16,
+        num_attention_heads=widths.video_heads,
+        attention_head_dim=widths.video_head_dim,
+        cross_attention_dim=widths.video_heads * widths.video_head_dim,
         audio_in_channels=_AUDIO_LATENT_CHANNELS * (_MEL_BINS // 4),
         audio_out_channels=_AUDIO_LATENT_CHANNELS * (_MEL_BINS // 4),
-        audio_num_attention_heads=2,
-        audio_attention_head_dim=4,
-        audio_cross_attention_dim=8,
-        num_layers=2,
+        audio_num_attention_heads=widths.audio_heads,
+        audio_attention_head_dim=widths.audio_head_dim,
+        audio_cross_attention_dim=widths.audio_heads * widths.audio_head_dim,
+        num_layers=widths.num_layers,
         qk_norm="rms_norm_across_heads",
         caption_channels=_TEXT_HIDDEN,
         rope_double_precision=False,
@@ -206,6 +228,7 @@ def tiny_latent_upsampler():
     side) has about 500M parameters; this one keeps the rational resampler and
     the residual blocks, 32 middle channels (GroupNorm needs multiples of 32).
     """
+    import torch
     from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
 
     torch.manual_seed(TINY_SEED)
@@ -287,7 +310,7 @@ def default_tiny_dir() -> Path:
     return Path(platformdirs.user_cache_dir("reelserve")) / f"tiny-ltx2-{_TINY_VERSION}"
 
 
-def ensure_tiny_ltx2(directory: str | Path | None = None) -> Path:
+def ensure_tiny_ltx2(directory: str | Path | None = None, widths: TransformerWidths = TransformerWidths()) -> Path:
     """Return a complete tiny checkpoint, building it first if needed.
 
     Safe when several processes (replicas) ask at once: each builds into its
@@ -303,7 +326,7 @@ def ensure_tiny_ltx2(directory: str | Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        build_tiny_ltx2(scratch)
+        build_tiny_ltx2(scratch, widths)
         if target.exists() and not is_complete_checkpoint(target):
             shutil.rmtree(target, ignore_errors=True)  # left over from an interrupted build
         try:

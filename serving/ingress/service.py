@@ -15,6 +15,7 @@ from typing import AsyncIterator
 
 from cluster.admission import AdmissionLimits, JobLoad, StepRate, admit
 from cluster.config import JobsConfig, ModelConfig, RewriterConfig
+from serving import metrics
 from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded
 from serving.families import get_family
 from serving.jobs.artifacts import open_artifacts
@@ -71,6 +72,7 @@ class VideoService:
             await self._blocking(self.results.save_input, record.id, request.image)
         if not await self._blocking(self.store.create, record, max_active=jobs.max_active_jobs):
             await self._blocking(self.results.remove, record.id)
+            metrics.admission_refused(self.model.name, "max_active_jobs")
             raise Overloaded(
                 f"the server is at its limit of {jobs.max_active_jobs} active jobs; retry later",
                 retry_after_s=jobs.retry_after_s,
@@ -90,6 +92,7 @@ class VideoService:
         answer = admit(self._backlog[1], self._step_rate.value, limits.diffusion_replicas, limits.max_queue_wait_s,
                        min_retry_after_s=limits.retry_after_s)
         if not answer.admitted:
+            metrics.admission_refused(self.model.name, "queue_wait")
             raise Overloaded(answer.reason, retry_after_s=answer.retry_after_s)
 
     def _read_backlog(self) -> int:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig, RewriterConfig
+from serving import metrics
 from serving.errors import JobCancelled, ReelserveError, StageOutOfMemory, StoreUnavailable
 from serving.jobs.artifacts import ArtifactStore
 from serving.jobs.events import JobEvents
@@ -160,13 +161,19 @@ class Orchestrator:
         orchestrator = self.settings
         while True:
             room = orchestrator.max_jobs - len(self._running)
-            if room > 0:
-                try:
-                    for job_id in await self._io(self.store.claimable, room + len(self._running)):
-                        if job_id not in self._running and len(self._running) < orchestrator.max_jobs:
-                            self._spawn(job_id)
-                except Exception as error:  # noqa: BLE001 - the store may be briefly unreachable
-                    logger.info("looking for jobs failed: %r", error)
+            waiting = 0
+            try:
+                for job_id in await self._io(self.store.claimable, max(room, 1) + len(self._running)):
+                    if job_id in self._running:
+                        continue
+                    if len(self._running) < orchestrator.max_jobs:
+                        self._spawn(job_id)
+                    else:
+                        waiting += 1
+            except Exception as error:  # noqa: BLE001 - the store may be briefly unreachable
+                logger.info("looking for jobs failed: %r", error)
+            # What this replica runs, and what it saw waiting for room (only when it is full).
+            metrics.jobs_active(self.model.name, queued=waiting, in_progress=len(self._running))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), orchestrator.poll_interval_s)
             self._wake.clear()
@@ -214,6 +221,7 @@ class Orchestrator:
         deadline = record.deadline_at or now + self.jobs.job_timeout_s
         if record.started_at is None:
             self._note(job, status=JobStatus.IN_PROGRESS, started_at=now, deadline_at=deadline)
+            metrics.first_progress(self.model.name, max(0.0, time.time() - record.created_at))
         if now >= deadline:
             return await self._fail(job, "deadline_exceeded", self._deadline_message())
         try:
@@ -386,6 +394,8 @@ class Orchestrator:
             text, fallback = None, "overlong"
         if fallback is not None:
             self.stats.bump(f"rewrite_fallbacks_{fallback}_total")
+            if fallback in ("unavailable", "overlong"):  # the stage itself counts the others
+                metrics.rewrite_fallback(self.model.name, fallback)
             logger.info("job %s: prompt rewrite fell back (%s); using the original prompt", record.id, fallback)
         self._note(job, revised_prompt=text, rewrite_fallback=fallback)
         return text or record.prompt
@@ -394,6 +404,7 @@ class Orchestrator:
 
     def _advance(self, job: _Job, stage: str) -> None:
         self._note(job, stage=stage, progress=STAGE_PROGRESS[stage])
+        metrics.job_progressed(self.model.name)
 
     def _note(self, job: _Job, **changes) -> None:
         """Queue a write about the job; the writer task sends it now, or when the store answers again."""
@@ -436,6 +447,8 @@ class Orchestrator:
         if not written:
             raise LeaseLost(job.id)
         job.pending = {}
+        metrics.job_finished(self.model.name, status.api_name, outcome.get("error_code"),
+                             max(0.0, time.time() - job.record.created_at))
         if not self.jobs.keep_artifacts:
             with contextlib.suppress(Exception):
                 await self._io(self.artifacts.delete_job, job.id)

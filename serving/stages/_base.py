@@ -3,6 +3,9 @@
 - One request at a time on the model, in a worker thread, off the event loop
   (pipeline objects keep per-call state); a cancelled caller never lets the
   next request in while the model is still busy.
+- Measured: request time, queue wait (waiting for that lock), in-flight and
+  queued requests, bytes handed on (``serving.metrics``), and the load the
+  autoscaling policy reads (``cluster.load``).
 - Out of memory is a per-request failure: the replica frees what it held and
   serves on; the orchestrator reports it as this stage's.
 - Outputs leave as a ``Handoff``: a Ray object put by this replica (read
@@ -21,6 +24,7 @@ from typing import Any, Callable, TypeVar
 
 from cluster.config import FaultConfig, JobsConfig
 from cluster.load import StageLoad
+from serving import metrics
 from serving.errors import GenerationFailed, StageOutOfMemory
 from serving.jobs.artifacts import open_artifacts
 from serving.jobs.faults import FaultInjector, InjectedOutOfMemory
@@ -29,7 +33,7 @@ from serving.protocol import Handoff, JobTicket
 
 T = TypeVar("T")
 
-__all__ = ["StageRunner", "free_device_memory", "is_out_of_memory"]
+__all__ = ["StageRunner", "LoadTimer", "free_device_memory", "is_out_of_memory"]
 
 # Under "ray.serve": inside a replica, Serve writes these to the replica's own log file.
 logger = logging.getLogger("ray.serve.reelserve.stage")
@@ -51,35 +55,48 @@ def free_device_memory() -> None:
 
 
 class StageRunner:
-    def __init__(self, stage: str, jobs: JobsConfig, faults: list[FaultConfig] = ()):
+    def __init__(self, stage: str, jobs: JobsConfig, faults: list[FaultConfig] = (), model: str = "unknown"):
         self.stage = stage
-        self.stats = StageStats(stage=stage)
+        self.stats = StageStats(stage=stage, model=model)
         self.artifacts = open_artifacts(jobs)
         self.faults = FaultInjector(stage, list(faults), self.artifacts)
         self.load = StageLoad()  # what the autoscaling policy reads (record_autoscaling_stats)
         self._lock = asyncio.Lock()
+        self._publish_load()  # every replica reports from its start (the dashboard counts replicas by it)
 
     async def run(self, ticket: JobTicket, work: Callable[..., T], *args) -> T:
+        stats = self.stats
+        arrived = time.perf_counter()
         self.load.arrived()
-        busy = None
+        stats.queued += 1
+        self._publish_load()
+        waiting, busy = True, None
         try:
             await self.faults.on_entry(ticket)
             async with self._lock:
                 started = time.perf_counter()
+                stats.queued -= 1
+                stats.in_flight += 1
+                waiting = False
+                self._publish_load()
+                ok = False
                 future = asyncio.ensure_future(asyncio.to_thread(self._guarded, work, *args))
                 try:
                     result = await asyncio.shield(future)
+                    ok = True
                 except asyncio.CancelledError:
                     await asyncio.wait([future])  # the model call cannot be interrupted: hold the lock until it ends
                     raise
-                except BaseException:
-                    self.stats.record(time.perf_counter() - started, ok=False)
-                    raise
-                busy = time.perf_counter() - started
-                self.stats.record(busy, ok=True)
+                finally:
+                    stats.in_flight -= 1
+                    busy = time.perf_counter() - started
+                    self._finished(arrived, started, ok)
                 return result
         finally:
+            if waiting:  # cancelled or failed before the model took it
+                stats.queued -= 1
             self.load.done(busy)
+            self._publish_load()
 
     def _guarded(self, work: Callable[..., T], *args) -> T:
         try:
@@ -92,6 +109,16 @@ class StageRunner:
                 raise StageOutOfMemory(self.stage) from None
             raise
 
+    def _finished(self, arrived: float, started: float, ok: bool) -> None:
+        stats = self.stats
+        now = time.perf_counter()
+        stats.record(now - started, ok=ok, queue_wait_s=started - arrived)
+        metrics.stage_request(stats.stage, stats.model, started - arrived, now - arrived, ok)
+        metrics.record_gpu_memory(stats.stage, stats.model)
+
+    def _publish_load(self) -> None:
+        metrics.stage_load(self.stats.stage, self.stats.model, self.stats.in_flight, self.stats.queued)
+
     # ------------------------------------------------------------------ hand-offs
 
     async def publish(self, ticket: JobTicket, name: str, payload: Any) -> Handoff:
@@ -103,8 +130,9 @@ class StageRunner:
             await asyncio.to_thread(self.artifacts.put, ticket.job_id, name, payload)
         except Exception as error:  # noqa: BLE001 - the job goes on; only a takeover would redo this stage
             logger.warning("job %s: keeping the %s failed (%s); continuing without a copy", ticket.job_id, name, error)
-        nbytes = int(getattr(payload, "nbytes", 0))
-        self.stats.bump("handoff_bytes_total", nbytes)
+        nbytes = metrics.handoff_nbytes(payload)
+        self.stats.handed_bytes_total += nbytes
+        metrics.bytes_handed(self.stats.stage, self.stats.model, nbytes)
         return Handoff(job_id=ticket.job_id, name=name, ref=ref, nbytes=nbytes)
 
     async def receive(self, handoff: Handoff) -> Any:
@@ -121,3 +149,23 @@ class StageRunner:
         if value is None:
             raise GenerationFailed(f"the {handoff.name} of this job is lost (its producer is gone and no copy was kept)")
         return value
+
+
+class LoadTimer:
+    """Times a stage's model load: ``with LoadTimer("text_encoder", model.name) as timer: ...``.
+
+    Records ``reelserve_model_load_seconds`` and keeps the figure in ``timer.seconds``.
+    """
+
+    def __init__(self, stage: str, model: str):
+        self.stage, self.model = stage, model
+        self.seconds: float | None = None
+
+    def __enter__(self) -> LoadTimer:
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.seconds = time.perf_counter() - self._started
+            metrics.model_loaded(self.stage, self.model, self.seconds)

@@ -5,15 +5,17 @@ from __future__ import annotations
 from cluster.config import FaultConfig, JobsConfig, ModelConfig
 from serving.families import get_family
 from serving.protocol import Handoff, JobTicket
-from serving.stages._base import StageRunner
+from serving.stages._base import LoadTimer, StageRunner
 
 __all__ = ["AudioDecoderStage"]
 
 
 class AudioDecoderStage:
     def __init__(self, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = ()):
-        self._decoder = get_family(model.family).audio_decoder(model)
-        self._runner = StageRunner("audio_decoder", jobs, faults)
+        with LoadTimer("audio_decoder", model.name) as load:
+            self._decoder = get_family(model.family).audio_decoder(model)
+        self._runner = StageRunner("audio_decoder", jobs, faults, model.name)
+        self._runner.stats.load_seconds = load.seconds
 
     async def decode(self, ticket: JobTicket, latents: Handoff) -> Handoff:
         audio_latents = await self._runner.receive(latents)

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 
 from cluster.config import FaultConfig, JobsConfig, ModelConfig, latent_tokens
 from cluster.load import DiffusionLoad
+from serving import metrics
 from serving.errors import JobCancelled, StageOutOfMemory, StoreUnavailable
 from serving.families import get_family
 from serving.jobs.progress import diffusion_progress
 from serving.jobs.store import open_store
 from serving.protocol import DenoiseResult, Handoff, JobTicket, RenderPlan
-from serving.stages._base import StageRunner, free_device_memory, is_out_of_memory
+from serving.stages._base import LoadTimer, StageRunner, free_device_memory, is_out_of_memory
 
 __all__ = ["DiffusionStage"]
 
@@ -46,20 +47,25 @@ class _Request:
     ticket: JobTicket
     future: asyncio.Future
     total_steps: int
+    resolution: str  # metrics bucket of the request's size
     resumed_from_step: int | None = None
     checkpoint_on_stop: bool = False  # stopped by a hand-over: leave a checkpoint for the successor
 
 
 class DiffusionStage:
     def __init__(self, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = ()):
-        self._engine = get_family(model.family).diffusion_engine(model)
+        with LoadTimer("diffusion", model.name) as load:
+            self._engine = get_family(model.family).diffusion_engine(model)
+        self._model = model.name
         self._store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
-        self._runner = StageRunner("diffusion", jobs, faults)
+        self._runner = StageRunner("diffusion", jobs, faults, model.name)
+        self._runner.stats.load_seconds = load.seconds
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="diffusion-io")
         self._requests: dict[str, _Request] = {}  # request id -> request
         self._load = DiffusionLoad()  # what the autoscaling policy reads (record_autoscaling_stats)
         self._load_lock = threading.Lock()  # touched by the engine's thread and the event loop
         self._started: set[str] = set()
+        self._step_seconds = 0.0  # the last engine step's wall time (every request in it took that long)
         self._stop_requests: set[str] = set()  # abort these before the next step (checkpointing first if asked)
         self._wake = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -96,7 +102,9 @@ class DiffusionStage:
             self._stop(ticket.job_id)
             await asyncio.wait([older.future])
         resume = await loop.run_in_executor(self._io, self._runner.artifacts.get, ticket.job_id, CHECKPOINT)
-        request = _Request(ticket, loop.create_future(), self._engine.total_steps(plan))
+        request = _Request(
+            ticket, loop.create_future(), self._engine.total_steps(plan), metrics.resolution_bucket(plan.width, plan.height)
+        )
         self._requests[ticket.job_id] = request
         denoise = DenoiseRequest(ticket.job_id, prompt, photo, plan)
         try:
@@ -150,7 +158,8 @@ class DiffusionStage:
             except Exception as error:  # noqa: BLE001 - the engine isolates batches; this is a last resort
                 logger.exception("diffusion engine step failed")
                 events = [_EngineFailure(job_id, error) for job_id in self._engine.active_requests]
-            self._measure(events, time.perf_counter() - started)
+            self._step_seconds = time.perf_counter() - started
+            self._measure(events, self._step_seconds)
             for event in events:
                 self._dispatch(event)
 
@@ -193,6 +202,7 @@ class DiffusionStage:
                 free_device_memory()
                 self._resolve(job_id, error=StageOutOfMemory("diffusion") if is_out_of_memory(error) else error)
                 return
+            metrics.denoise_step(self._model, request.resolution, self._step_seconds)
             self._loop.call_soon_threadsafe(self._after_step, request, event.finished_steps, event.total_steps)
         elif isinstance(event, CheckpointReady):
             self._io.submit(self._save_checkpoint, job_id, event.checkpoint)
@@ -225,6 +235,7 @@ class DiffusionStage:
     def _after_step(self, request: _Request, finished: int, total: int) -> None:
         progress = diffusion_progress(finished, total)
         self._write(request, step=finished, total_steps=total, progress=progress)
+        metrics.job_progressed(self._model)
 
     def _write(self, request: _Request, **changes) -> None:
         """Progress with the job's fence; a refused write or a cancel flag stops the request."""

@@ -7,16 +7,18 @@ from serving.families import get_family
 from serving.jobs.results import ResultStore
 from serving.media import load_photo
 from serving.protocol import Handoff, ImageCondition, JobTicket
-from serving.stages._base import StageRunner
+from serving.stages._base import LoadTimer, StageRunner
 
 __all__ = ["ImageConditionerStage"]
 
 
 class ImageConditionerStage:
     def __init__(self, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = ()):
-        self._conditioner = get_family(model.family).image_conditioner(model)
+        with LoadTimer("image_conditioner", model.name) as load:
+            self._conditioner = get_family(model.family).image_conditioner(model)
         self._results = ResultStore(jobs.results_dir)
-        self._runner = StageRunner("image_conditioner", jobs, faults)
+        self._runner = StageRunner("image_conditioner", jobs, faults, model.name)
+        self._runner.stats.load_seconds = load.seconds
 
     async def condition(self, ticket: JobTicket, width: int, height: int) -> Handoff:
         condition = await self._runner.run(ticket, self._condition, ticket.job_id, width, height)

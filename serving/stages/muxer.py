@@ -20,9 +20,9 @@ class MuxedVideo:
 
 
 class MuxerStage:
-    def __init__(self, jobs: JobsConfig, faults: list[FaultConfig] = ()):
+    def __init__(self, jobs: JobsConfig, faults: list[FaultConfig] = (), model_name: str = "unknown"):
         self._results = ResultStore(jobs.results_dir)
-        self._runner = StageRunner("muxer", jobs, faults)
+        self._runner = StageRunner("muxer", jobs, faults, model_name)
 
     async def mux(self, ticket: JobTicket, video: Handoff, waveform: Handoff) -> MuxedVideo:
         encoded = await self._runner.receive(video)

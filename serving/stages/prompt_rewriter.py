@@ -8,8 +8,10 @@ from __future__ import annotations
 import time
 
 from cluster.config import ModelConfig, RewriterConfig
+from serving import metrics
 from serving.metrics import StageStats
 from serving.prompting.rewriter import PromptRewriter, Rewrite
+from serving.stages._base import LoadTimer
 
 __all__ = ["PromptRewriterStage", "rewriter_model_path"]
 
@@ -34,16 +36,31 @@ def rewriter_model_path(rewriter: RewriterConfig, model: ModelConfig) -> str:
 
 class PromptRewriterStage:
     def __init__(self, rewriter: RewriterConfig, model: ModelConfig):
-        self._rewriter = PromptRewriter(rewriter, rewriter_model_path(rewriter, model))
-        self._stats = StageStats(stage="prompt_rewriter")
+        with LoadTimer("prompt_rewriter", model.name) as load:
+            self._rewriter = PromptRewriter(rewriter, rewriter_model_path(rewriter, model))
+        self._stats = StageStats(stage="prompt_rewriter", model=model.name, load_seconds=load.seconds)
+        metrics.stage_load(self._stats.stage, self._stats.model, 0, 0)
 
     async def rewrite(self, prompt: str, seed: int, photo: bytes | None = None) -> Rewrite:
+        # vLLM batches requests itself: no replica-side queue, so queue wait is 0 and all are in flight.
+        stats = self._stats
         started = time.perf_counter()
-        result = await self._rewriter.rewrite(prompt, seed, photo)
-        self._stats.record(time.perf_counter() - started, ok=result.fallback is None)
-        self._stats.bump("tokens_generated_total", result.tokens)
+        stats.in_flight += 1
+        metrics.stage_load(stats.stage, stats.model, stats.in_flight, 0)
+        ok = False
+        try:
+            result = await self._rewriter.rewrite(prompt, seed, photo)
+            ok = True  # a fallback is an answer, not a failed request: the job goes on with its prompt
+        finally:
+            seconds = time.perf_counter() - started
+            stats.in_flight -= 1
+            stats.record(seconds, ok=ok)
+            metrics.stage_request(stats.stage, stats.model, 0.0, seconds, ok)
+            metrics.stage_load(stats.stage, stats.model, stats.in_flight, 0)
+        stats.bump("tokens_generated_total", result.tokens)
         if result.fallback is not None:
-            self._stats.bump(f"fallbacks_{result.fallback}_total")
+            stats.bump(f"fallbacks_{result.fallback}_total")
+            metrics.rewrite_fallback(stats.model, result.fallback)
         return result
 
     def stats(self) -> dict:

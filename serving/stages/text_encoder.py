@@ -5,15 +5,17 @@ from __future__ import annotations
 from cluster.config import FaultConfig, JobsConfig, ModelConfig
 from serving.families import get_family
 from serving.protocol import Handoff, JobTicket
-from serving.stages._base import StageRunner
+from serving.stages._base import LoadTimer, StageRunner
 
 __all__ = ["TextEncoderStage"]
 
 
 class TextEncoderStage:
     def __init__(self, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = ()):
-        self._encoder = get_family(model.family).text_encoder(model)
-        self._runner = StageRunner("text_encoder", jobs, faults)
+        with LoadTimer("text_encoder", model.name) as load:
+            self._encoder = get_family(model.family).text_encoder(model)
+        self._runner = StageRunner("text_encoder", jobs, faults, model.name)
+        self._runner.stats.load_seconds = load.seconds
 
     async def encode(self, ticket: JobTicket, prompt: str, negative_prompt: str | None) -> Handoff:
         embeddings = await self._runner.run(ticket, self._encoder.encode, prompt, negative_prompt)

@@ -6,15 +6,17 @@ from __future__ import annotations
 from cluster.config import FaultConfig, JobsConfig, ModelConfig
 from serving.families import get_family
 from serving.protocol import Handoff, JobTicket, RenderPlan
-from serving.stages._base import StageRunner
+from serving.stages._base import LoadTimer, StageRunner
 
 __all__ = ["VideoDecoderStage"]
 
 
 class VideoDecoderStage:
     def __init__(self, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = ()):
-        self._decoder = get_family(model.family).video_decoder(model)
-        self._runner = StageRunner("video_decoder", jobs, faults)
+        with LoadTimer("video_decoder", model.name) as load:
+            self._decoder = get_family(model.family).video_decoder(model)
+        self._runner = StageRunner("video_decoder", jobs, faults, model.name)
+        self._runner.stats.load_seconds = load.seconds
 
     async def decode(self, ticket: JobTicket, latents: Handoff, plan: RenderPlan) -> Handoff:
         video_latents = await self._runner.receive(latents)

@@ -1,0 +1,1 @@
+"""``reelserve loadtest``: closed/open-loop load against a deployment, a JSON report and PNGs."""
