@@ -346,6 +346,8 @@ def _k8s_render(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("k8s") / Path(args.config).stem
     for path in write(files, out):
         print(path)
+    return 0
+
 
 def _loadtest(args: argparse.Namespace) -> int:
     from serving.loadtest.runner import SettingsError, run_loadtest, settings_from_args

@@ -28,7 +28,8 @@ class VideoIngress(GrpcVideoMethods):
         self, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig, orchestrator=None,
         admission: AdmissionLimits | None = None,
     ):
-        # Only the config sections it uses: scaling a stage changes none of them, so it never restarts this.
+        # Only the config sections it uses: scaling a stage (but diffusion, whose capacity admission reads)
+        # changes none of them, so it does not restart this.
         from serving.ingress.service import VideoService
 
         self.model = model

@@ -49,6 +49,7 @@ class _Request:
     total_steps: int
     resolution: str  # metrics bucket of the request's size
     resumed_from_step: int | None = None
+    first_step_at: float | None = None  # perf_counter of its first step: the end of its queue wait
     checkpoint_on_stop: bool = False  # stopped by a hand-over: leave a checkpoint for the successor
 
 
@@ -76,18 +77,34 @@ class DiffusionStage:
     async def denoise(
         self, ticket: JobTicket, embeddings: Handoff, condition: Handoff | None, plan: RenderPlan
     ) -> DenoiseResult:
-        await self._runner.faults.on_entry(ticket)
-        request = await self._submit(ticket, embeddings, condition, plan)
+        arrived = time.perf_counter()
+        self._busy(+1)
+        ok, request = False, None
         try:
-            latents = await request.future
-        except asyncio.CancelledError:
-            request.checkpoint_on_stop = True  # the caller went away (hand-over, deadline): keep the work
-            self._stop(request.ticket.job_id)
-            raise
+            await self._runner.faults.on_entry(ticket)
+            request = await self._submit(ticket, embeddings, condition, plan)
+            try:
+                latents = await request.future
+            except asyncio.CancelledError:
+                request.checkpoint_on_stop = True  # the caller went away (hand-over, deadline): keep the work
+                self._stop(request.ticket.job_id)
+                raise
+            ok = True
+        finally:
+            self._busy(-1)
+            first_step = request.first_step_at if request is not None else None
+            started = first_step if ok and first_step else time.perf_counter()
+            self._runner.stats.record(time.perf_counter() - started, ok=ok, queue_wait_s=started - arrived)
+            metrics.stage_request("diffusion", self._model, started - arrived, time.perf_counter() - arrived, ok)
         logger.info("job %s denoised (%d steps)", ticket.job_id, request.total_steps)
         video = await self._runner.publish(ticket, "video_latents", latents.video)
         audio = await self._runner.publish(ticket, "audio_latents", latents.audio)
         return DenoiseResult(video, audio, request.total_steps, request.total_steps, request.resumed_from_step)
+
+    def _busy(self, change: int) -> None:
+        stats = self._runner.stats
+        stats.in_flight += change
+        metrics.stage_load("diffusion", self._model, stats.in_flight, 0)
 
     async def _submit(self, ticket: JobTicket, embeddings: Handoff, condition: Handoff | None, plan: RenderPlan):
         from serving.families.ltx2_engine import DenoiseRequest
@@ -174,6 +191,7 @@ class DiffusionStage:
                 if job_id not in self._started:
                     self._started.add(job_id)
                     self._load.started(job_id)
+                    self._requests[job_id].first_step_at = time.perf_counter() - seconds
             self._load.stepped(stepped, seconds)
 
     def _stop_in_engine(self, job_id: str) -> None:

