@@ -33,7 +33,7 @@ from serving.protocol import Handoff, JobTicket
 
 T = TypeVar("T")
 
-__all__ = ["StageRunner", "LoadTimer", "free_device_memory", "is_out_of_memory"]
+__all__ = ["StageRunner", "LoadTimer", "free_device_memory", "is_out_of_memory", "placement"]
 
 # Under "ray.serve": inside a replica, Serve writes these to the replica's own log file.
 logger = logging.getLogger("ray.serve.reelserve.stage")
@@ -52,6 +52,22 @@ def free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def placement(device: str | None) -> dict:
+    """Where this replica really runs: what Ray gave it and the device its model computes on."""
+    import os
+
+    import ray
+
+    context = ray.get_runtime_context()
+    return {
+        "device": device,
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "resources": context.get_assigned_resources(),
+        "node_id": context.get_node_id(),
+    }
 
 
 class StageRunner:

@@ -28,10 +28,11 @@ from cluster.load import DiffusionLoad
 from serving import metrics
 from serving.errors import JobCancelled, StageOutOfMemory, StoreUnavailable
 from serving.families import get_family
+from serving.families.base import resolve_device
 from serving.jobs.progress import diffusion_progress
 from serving.jobs.store import open_store
 from serving.protocol import DenoiseResult, Handoff, JobTicket, RenderPlan
-from serving.stages._base import LoadTimer, StageRunner, free_device_memory, is_out_of_memory
+from serving.stages._base import LoadTimer, StageRunner, free_device_memory, is_out_of_memory, placement
 
 __all__ = ["DiffusionStage"]
 
@@ -47,6 +48,7 @@ class _Request:
     ticket: JobTicket
     future: asyncio.Future
     total_steps: int
+    engine_id: str  # "<job id>/<attempt>": attempts of one job never share an engine request
     resolution: str  # metrics bucket of the request's size
     resumed_from_step: int | None = None
     first_step_at: float | None = None  # perf_counter of its first step: the end of its queue wait
@@ -59,6 +61,7 @@ class DiffusionStage:
             self._engine = get_family(model.family).diffusion_engine(model)
         self._model = model.name
         self._store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
+        self._device = str(resolve_device(model.device))  # what the family computes on
         self._runner = StageRunner("diffusion", jobs, faults, model.name)
         self._runner.stats.load_seconds = load.seconds
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="diffusion-io")
@@ -87,7 +90,7 @@ class DiffusionStage:
                 latents = await request.future
             except asyncio.CancelledError:
                 request.checkpoint_on_stop = True  # the caller went away (hand-over, deadline): keep the work
-                self._stop(request.ticket.job_id)
+                self._stop(request.engine_id)
                 raise
             ok = True
         finally:
@@ -113,17 +116,19 @@ class DiffusionStage:
         prompt = await self._runner.receive(embeddings)
         photo = None if condition is None else await self._runner.receive(condition)
         loop = asyncio.get_running_loop()
-        older = self._requests.get(ticket.job_id)
-        if older is not None:  # an older attempt of this job still runs here: it stops first, leaving a checkpoint
+        for older in [r for r in self._requests.values() if r.ticket.job_id == ticket.job_id]:
+            # An older attempt of this job still runs here: it stops first, leaving a checkpoint to resume from.
             older.checkpoint_on_stop = True
-            self._stop(ticket.job_id)
+            self._stop(older.engine_id)
             await asyncio.wait([older.future])
         resume = await loop.run_in_executor(self._io, self._runner.artifacts.get, ticket.job_id, CHECKPOINT)
+        engine_id = f"{ticket.job_id}/{ticket.attempt}"
         request = _Request(
-            ticket, loop.create_future(), self._engine.total_steps(plan), metrics.resolution_bucket(plan.width, plan.height)
+            ticket, loop.create_future(), self._engine.total_steps(plan), engine_id,
+            metrics.resolution_bucket(plan.width, plan.height),
         )
-        self._requests[ticket.job_id] = request
-        denoise = DenoiseRequest(ticket.job_id, prompt, photo, plan)
+        self._requests[engine_id] = request
+        denoise = DenoiseRequest(engine_id, prompt, photo, plan)
         try:
             try:
                 self._engine.add(denoise, resume_from=resume)
@@ -135,11 +140,13 @@ class DiffusionStage:
                 resume = None
                 self._engine.add(denoise)
         except BaseException:
-            self._requests.pop(ticket.job_id, None)
+            self._requests.pop(engine_id, None)
+            with self._load_lock:
+                self._load.finished(engine_id, completed=False)
             raise
         tokens = latent_tokens(plan.width, plan.height, plan.seconds, plan.fps)
         with self._load_lock:
-            self._load.queued(ticket.job_id, tokens, request.total_steps, resume.finished_steps if resume else 0)
+            self._load.queued(engine_id, tokens, request.total_steps, resume.finished_steps if resume else 0)
         if resume is not None:
             request.resumed_from_step = resume.finished_steps
             logger.info("job %s resumes from step %d", ticket.job_id, resume.finished_steps)
@@ -148,9 +155,9 @@ class DiffusionStage:
             self._wake.notify()
         return request
 
-    def _stop(self, job_id: str) -> None:
+    def _stop(self, engine_id: str) -> None:
         with self._wake:
-            self._stop_requests.add(job_id)
+            self._stop_requests.add(engine_id)
             self._wake.notify()
 
     # ------------------------------------------------------------------ the engine's thread
@@ -167,8 +174,8 @@ class DiffusionStage:
                 while not self._engine.has_work and not self._stop_requests:
                     self._wake.wait(timeout=5.0)  # idle; woken by every new request and stop
                 stopping, self._stop_requests = self._stop_requests, set()
-            for job_id in stopping:
-                self._stop_in_engine(job_id)
+            for engine_id in stopping:
+                self._stop_in_engine(engine_id)
             started = time.perf_counter()
             try:
                 events = self._engine.step()
@@ -187,28 +194,28 @@ class DiffusionStage:
         if not stepped:
             return
         with self._load_lock:
-            for job_id in stepped:
-                if job_id not in self._started:
-                    self._started.add(job_id)
-                    self._load.started(job_id)
-                    self._requests[job_id].first_step_at = time.perf_counter() - seconds
+            for engine_id in stepped:
+                if engine_id not in self._started:
+                    self._started.add(engine_id)
+                    self._load.started(engine_id)
+                    self._requests[engine_id].first_step_at = time.perf_counter() - seconds
             self._load.stepped(stepped, seconds)
 
-    def _stop_in_engine(self, job_id: str) -> None:
-        request = self._requests.get(job_id)
-        if request is not None and request.checkpoint_on_stop and job_id in self._engine.active_requests:
+    def _stop_in_engine(self, engine_id: str) -> None:
+        request = self._requests.get(engine_id)
+        if request is not None and request.checkpoint_on_stop and engine_id in self._engine.active_requests:
             try:
-                self._save_checkpoint(job_id, self._engine.checkpoint(job_id))
+                self._save_checkpoint(request.ticket.job_id, self._engine.checkpoint(engine_id))
             except Exception as error:  # noqa: BLE001 - a lost checkpoint costs steps, not the job
-                logger.warning("job %s: checkpoint on stop failed: %r", job_id, error)
-        self._engine.abort(job_id)
-        self._resolve(job_id, error=JobCancelled(f"denoising of job {job_id} stopped"))
+                logger.warning("request %s: checkpoint on stop failed: %r", engine_id, error)
+        self._engine.abort(engine_id)
+        self._resolve(engine_id, error=JobCancelled(f"denoising of {engine_id} stopped"))
 
     def _dispatch(self, event) -> None:
         from serving.families.engine import CheckpointReady, RequestFailed, RequestFinished, StepFinished
 
-        job_id = event.request_id
-        request = self._requests.get(job_id)
+        engine_id = event.request_id
+        request = self._requests.get(engine_id)
         if request is None:
             return
         if isinstance(event, StepFinished):
@@ -216,27 +223,27 @@ class DiffusionStage:
             try:
                 self._runner.faults.at_step(request.ticket, event.finished_steps)
             except Exception as error:  # noqa: BLE001 - an injected out-of-memory error, as the step would raise
-                self._engine.abort(job_id)
+                self._engine.abort(engine_id)
                 free_device_memory()
-                self._resolve(job_id, error=StageOutOfMemory("diffusion") if is_out_of_memory(error) else error)
+                self._resolve(engine_id, error=StageOutOfMemory("diffusion") if is_out_of_memory(error) else error)
                 return
             metrics.denoise_step(self._model, request.resolution, self._step_seconds)
             self._loop.call_soon_threadsafe(self._after_step, request, event.finished_steps, event.total_steps)
         elif isinstance(event, CheckpointReady):
-            self._io.submit(self._save_checkpoint, job_id, event.checkpoint)
+            self._io.submit(self._save_checkpoint, request.ticket.job_id, event.checkpoint)
         elif isinstance(event, RequestFinished):
-            self._resolve(job_id, result=event.output)
+            self._resolve(engine_id, result=event.output)
         elif isinstance(event, (RequestFailed, _EngineFailure)):
             error = event.error
-            self._resolve(job_id, error=StageOutOfMemory("diffusion") if is_out_of_memory(error) else error)
+            self._resolve(engine_id, error=StageOutOfMemory("diffusion") if is_out_of_memory(error) else error)
 
-    def _resolve(self, job_id: str, result=None, error: BaseException | None = None) -> None:
-        request = self._requests.pop(job_id, None)
+    def _resolve(self, engine_id: str, result=None, error: BaseException | None = None) -> None:
+        request = self._requests.pop(engine_id, None)
         if request is None:
             return
         with self._load_lock:
-            self._started.discard(job_id)
-            self._load.finished(job_id, completed=error is None)
+            self._started.discard(engine_id)
+            self._load.finished(engine_id, completed=error is None)
 
         def settle() -> None:
             if request.future.done():
@@ -268,10 +275,10 @@ class DiffusionStage:
             if not current:
                 logger.info("job %s attempt %d is superseded; stopping it", ticket.job_id, ticket.attempt)
                 request.checkpoint_on_stop = True
-                self._stop(ticket.job_id)
+                self._stop(request.engine_id)
             elif cancelled:
                 self._runner.stats.bump("cancelled_total")
-                self._stop(ticket.job_id)
+                self._stop(request.engine_id)
 
         self._io.submit(write)
 
@@ -285,6 +292,9 @@ class DiffusionStage:
     def stats(self) -> dict:
         return self._runner.stats.snapshot()
 
+    def placement(self) -> dict:
+        return placement(self._device)
+
     async def record_autoscaling_stats(self) -> dict[str, float]:
         with self._load_lock:
             return self._load.report()
@@ -292,9 +302,9 @@ class DiffusionStage:
     async def __del__(self):
         # Serve calls this after the replica's calls drained (graceful_shutdown_timeout_s, derived from the
         # longest job); whatever still runs checkpoints now, so its successor resumes where it stopped.
-        for job_id, request in list(self._requests.items()):
+        for engine_id, request in list(self._requests.items()):
             request.checkpoint_on_stop = True
-            self._stop(job_id)
+            self._stop(engine_id)
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from cluster.config import FaultConfig, JobsConfig, ModelConfig
 from serving.families import get_family
+from serving.families.base import resolve_device
 from serving.jobs.results import ResultStore
 from serving.media import load_photo
 from serving.protocol import Handoff, ImageCondition, JobTicket
-from serving.stages._base import LoadTimer, StageRunner
+from serving.stages._base import LoadTimer, StageRunner, placement
 
 __all__ = ["ImageConditionerStage"]
 
@@ -17,6 +18,7 @@ class ImageConditionerStage:
         with LoadTimer("image_conditioner", model.name) as load:
             self._conditioner = get_family(model.family).image_conditioner(model)
         self._results = ResultStore(jobs.results_dir)
+        self._device = str(resolve_device(model.device))  # what the family computes on
         self._runner = StageRunner("image_conditioner", jobs, faults, model.name)
         self._runner.stats.load_seconds = load.seconds
 
@@ -30,6 +32,9 @@ class ImageConditionerStage:
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()
+
+    def placement(self) -> dict:
+        return placement(self._device)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         return self._runner.load.report()

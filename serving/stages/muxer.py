@@ -8,7 +8,7 @@ from cluster.config import FaultConfig, JobsConfig
 from serving.jobs.results import ResultStore
 from serving.media import mux_mp4
 from serving.protocol import EncodedVideo, Handoff, JobTicket, Waveform
-from serving.stages._base import StageRunner
+from serving.stages._base import StageRunner, placement
 
 __all__ = ["MuxerStage", "MuxedVideo"]
 
@@ -35,6 +35,9 @@ class MuxerStage:
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()
+
+    def placement(self) -> dict:
+        return placement(None)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         return self._runner.load.report()

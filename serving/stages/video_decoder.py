@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from cluster.config import FaultConfig, JobsConfig, ModelConfig
 from serving.families import get_family
+from serving.families.base import resolve_device
 from serving.protocol import Handoff, JobTicket, RenderPlan
-from serving.stages._base import LoadTimer, StageRunner
+from serving.stages._base import LoadTimer, StageRunner, placement
 
 __all__ = ["VideoDecoderStage"]
 
@@ -15,6 +16,7 @@ class VideoDecoderStage:
     def __init__(self, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = ()):
         with LoadTimer("video_decoder", model.name) as load:
             self._decoder = get_family(model.family).video_decoder(model)
+        self._device = str(resolve_device(model.device))  # what the family computes on
         self._runner = StageRunner("video_decoder", jobs, faults, model.name)
         self._runner.stats.load_seconds = load.seconds
 
@@ -25,6 +27,9 @@ class VideoDecoderStage:
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()
+
+    def placement(self) -> dict:
+        return placement(self._device)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         return self._runner.load.report()

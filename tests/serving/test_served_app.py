@@ -393,3 +393,30 @@ def test_no_request_shape_reaches_a_5xx(served):
     assert answers and all(code < 500 for code in answers), sorted(set(answers))
     created = [code for code in answers if code == 200]
     assert len(created) < len(answers)  # most of these are refused; none crashed the ingress
+
+
+# ---------------------------------------------------------------------------- what Ray placed
+
+
+def test_replicas_get_the_resources_and_devices_the_config_names(served):
+    """Asked of the running replicas, not of the options: a GPU share, a GB budget turned into a share of the
+    named accelerator, and stages without a reservation that see no GPU (and compute on the CPU) although the
+    node has GPUs."""
+    from ray import serve
+
+    def where(stage: str) -> dict:
+        return serve.get_deployment_handle(stage, "reelserve").placement.remote().result()
+
+    muxer = where("muxer")
+    assert muxer["resources"]["GPU"] == pytest.approx(0.5)
+    assert muxer["resources"]["accelerator_type:H100"] > 0
+    assert len(muxer["gpu_ids"]) == 1 and muxer["cuda_visible_devices"] == muxer["gpu_ids"][0]
+
+    audio = where("audio_decoder")
+    assert audio["resources"]["GPU"] == pytest.approx(20 / 80)  # gpu_memory_gb 20 of an 80 GB H100
+    assert len(audio["gpu_ids"]) == 1 and audio["device"] == "cpu"  # device set explicitly: no CUDA here
+
+    for stage in ("text_encoder", "image_conditioner", "diffusion", "video_decoder"):
+        placed = where(stage)
+        assert "GPU" not in placed["resources"] and placed["gpu_ids"] == [], (stage, placed)
+        assert placed["device"] == "cpu", (stage, placed)  # device auto without a reservation: never a GPU
