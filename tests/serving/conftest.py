@@ -87,10 +87,10 @@ def served_config(tiny_checkpoint, redis: DurableRedis, results, http_port: int,
             "lease_s": 3, "retry_after_s": 2, "job_timeout_s": 60, "keep_artifacts": True,
         },
         "orchestrator": {"num_replicas": 2, "poll_interval_s": 0.3},
-        # Autoscaled by reelserve's policy, held at 2 replicas until a test changes the bounds. One job per
-        # replica: two jobs land on two replicas (the scale-down test needs that).
+        # Autoscaled 1..2 by reelserve's policy; the deployment overrides hold it at 2 until a test changes the
+        # bounds. One job per replica: two jobs land on two replicas (the scale-down test needs that).
         "stages": {
-            "diffusion": {"num_replicas": None, "min_replicas": 2, "max_replicas": 2, "max_ongoing_requests": 1,
+            "diffusion": {"num_replicas": None, "min_replicas": 1, "max_replicas": 2, "max_ongoing_requests": 1,
                           "max_queued_requests": 16},
             # GPU reservations on the cluster's two logical "H100"s (no CUDA here: these stages compute on the CPU),
             # so a test can check what Ray places: a GPU share, a budget in GB, and nothing for the others.
@@ -138,7 +138,8 @@ def served(tiny_checkpoint, tmp_path_factory):
         )
         # The diffusion policy is named in the deployment overrides from the start: Serve rebuilds the whole app
         # when the set of policies changes, and only updates bounds in place when it does not.
-        overrides = {"diffusion": {"name": "diffusion", "autoscaling_config": diffusion_autoscaling(config)}}
+        held = diffusion_autoscaling(config, min_replicas=2, max_replicas=2)
+        overrides = {"diffusion": {"name": "diffusion", "autoscaling_config": held}}
         deploy(config, list(overrides.values()))
         yield {
             "http": f"http://127.0.0.1:{http_port}",
@@ -158,7 +159,10 @@ def served(tiny_checkpoint, tmp_path_factory):
 
 
 def diffusion_autoscaling(config: dict, **bounds) -> dict:
-    """diffusion's ``autoscaling_config`` (reelserve's policy) for the session config, with other bounds."""
+    """diffusion's ``autoscaling_config`` (reelserve's policy) for the session config, with other bounds.
+
+    The policy and its settings stay the same whatever the bounds (Serve reads the bounds from the config it is
+    given), so changing them never rebuilds the app."""
     from cluster.autoscaling import autoscaling_config
     from cluster.config import ReelserveConfig
 
