@@ -165,8 +165,13 @@ def enable_step_cache(transformer, settings: DiffusionEngineConfig, expected_ste
             mag_ratios=torch.tensor(settings.mag_ratios, dtype=torch.float32),
         )
     else:
-        config = TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32)
+        # diffusers' default patterns match module names ending in "attn": in LTX-2 only the two
+        # cross-modal attentions. Name every block's attentions and feed-forwards instead.
+        config = TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32, cache_identifiers=[_LTX2_BLOCK_WORK])
     transformer.enable_cache(config)
+
+
+_LTX2_BLOCK_WORK = r"transformer_blocks\.\d+\.(attn1|attn2|audio_attn1|audio_attn2|audio_to_video_attn|video_to_audio_attn|ff|audio_ff)"
 
 
 def drop_step_cache_state(transformer, context: str) -> None:
