@@ -459,9 +459,10 @@ class DiffusionEngineConfig(BaseModel):
     @model_validator(mode="after")
     def _options_fit_the_recipe(self) -> DiffusionEngineConfig:
         if self.recipe != "two_stage":
-            for name in ("first_stage", "upsampler_path"):
-                if name in self.model_fields_set:
-                    raise ValueError(f"diffusion.{name} applies to the two_stage recipe only (recipe is {self.recipe})")
+            if self.first_stage != "dev":
+                raise ValueError(f"diffusion.first_stage applies to the two_stage recipe only (recipe is {self.recipe})")
+            if self.upsampler_path is not None:
+                raise ValueError(f"diffusion.upsampler_path applies to the two_stage recipe only (recipe is {self.recipe})")
         if self.step_cache != "none" and self.batching:
             raise ValueError(
                 f"diffusion.step_cache {self.step_cache} keeps state per request between steps, which a shared "
