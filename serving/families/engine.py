@@ -214,8 +214,9 @@ class DiffusionEngine(Generic[RequestT, StateT, CheckpointT]):
 
     @property
     def has_work(self) -> bool:
+        """True while anything is queued or running (an aborted request until the next step frees it)."""
         with self._lock:
-            return bool(self._inbox) or any(rid not in self._aborts for rid in self._active)
+            return bool(self._inbox) or bool(self._active)
 
     @property
     def active_requests(self) -> list[str]:

@@ -254,6 +254,14 @@ class LTX2Denoiser:
         self.engine = LTX2Engine(config.model_copy(update={"diffusion": settings}))
         self._ids = itertools.count()
 
+    @property
+    def transformer(self):
+        return self.engine.model.transformer
+
+    def condition_size(self, plan: RenderPlan) -> tuple[int, int]:
+        """The size the photo must be encoded at for this plan (half of it for the two_stage recipe)."""
+        return self.engine.condition_size(plan)
+
     def denoise(
         self,
         embeddings: PromptEmbeddings,
@@ -275,7 +283,7 @@ class LTX2Denoiser:
                         on_step(event.finished_steps, event.total_steps)
                     except BaseException:
                         self.engine.abort(request_id)
-                        self.engine.step()  # applies the abort: frees the request, runs nothing
+                        self.engine.step()  # applies the abort: frees the request, runs nothing else
                         raise
                 elif isinstance(event, RequestFinished):
                     return event.output

@@ -23,6 +23,7 @@ __all__ = [
     "load_latent_upsampler",
     "enable_step_cache",
     "drop_step_cache_state",
+    "MagRatioRecorder",
     "DISTILLED_SIGMAS",
     "REFINE_SIGMAS",
 ]
@@ -184,6 +185,45 @@ def drop_step_cache_state(transformer, context: str) -> None:
             manager = getattr(hook, "state_manager", None)
             if manager is not None:
                 manager._state_cache.pop(context, None)
+
+
+class MagRatioRecorder:
+    """Records MagCache's per-step ratios on an uncached transformer (its calibration), for ``mag_ratios``.
+
+    MagCache's ratio of a step is the mean over tokens of |residual_t| / |residual_t-1|,
+    the residual being the last block's video output minus the first block's video
+    input. Run one request alone, one pass a step (batching on or off), inside
+    ``with MagRatioRecorder(transformer) as recorder:``; then ``recorder.ratios``.
+    """
+
+    def __init__(self, transformer):
+        self._blocks = transformer.transformer_blocks
+        self._input: torch.Tensor | None = None
+        self._previous: torch.Tensor | None = None
+        self.ratios: list[float] = []
+
+    def __enter__(self) -> MagRatioRecorder:
+        self._handles = [
+            self._blocks[0].register_forward_pre_hook(self._record_input, with_kwargs=True),
+            self._blocks[-1].register_forward_hook(self._record_output),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _record_input(self, module, args, kwargs):
+        self._input = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def _record_output(self, module, args, output):
+        residual = (output[0] - self._input).float()
+        if self._previous is None:
+            self.ratios.append(1.0)
+        else:
+            current, previous = torch.linalg.norm(residual, dim=-1), torch.linalg.norm(self._previous, dim=-1)
+            self.ratios.append(float((current / (previous + 1e-8)).mean()))
+        self._previous = residual
 
 
 def _register_ltx2_block() -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks: plain functions ``run(profile, out_dir, ...) -> dict`` that write JSON and a markdown table."""
