@@ -93,7 +93,10 @@ class ModelConfig(BaseModel):
         1024, ge=8, description="Longest prompt in text-encoder tokens; longer prompts are refused, never truncated."
     )
     vae_tiling: bool = Field(False, description="Decode video in tiles to bound GPU memory on large frames.")
-    diffusion: Annotated[DiffusionEngineConfig, AfterValidator(_diffusion_fits_model)] = Field(default_factory=lambda: DiffusionEngineConfig(), description="The diffusion stage's denoising loop: recipe, step batching, step caches, checkpoints.")
+    diffusion: DiffusionSettings = Field(
+        default_factory=lambda: DiffusionEngineConfig(),
+        description="The diffusion stage's loop: recipe, step batching, step caches, checkpoints.",
+    )
 
     @field_validator("default_size")
     @classmethod
@@ -424,8 +427,9 @@ class DiffusionEngineConfig(BaseModel):
         ge=1,
         description=(
             "Most video+audio tokens one transformer pass carries (rows x tokens per row; every guidance pass of a "
-            "request is a row). A single row always runs. 65536 holds one 1280x704 x 121-frame dev step's 4 rows "
-            "(4 x 14206 tokens) or ten 768x512 x 121-frame rows."
+            "request is a row). A single row always runs; after an out-of-memory error the engine halves it until "
+            "idle. 65536 holds one 1280x704 x 121-frame dev step (3 or 4 rows of 14206 tokens, about 3 GB of "
+            "activations a row in bf16) or ten 768x512 x 121-frame rows."
         ),
     )
     step_cache: Literal["none", "first_block", "mag", "taylorseer"] = Field(
@@ -502,6 +506,9 @@ def _diffusion_fits_model(value: DiffusionEngineConfig, info: ValidationInfo) ->
             )
     return value
 
+
+# ModelConfig.diffusion: the engine's section, checked against the rest of the model config.
+DiffusionSettings = Annotated[DiffusionEngineConfig, AfterValidator(_diffusion_fits_model)]
 
 ModelConfig.model_rebuild()
 ReelserveConfig.model_rebuild()

@@ -392,7 +392,8 @@ def _build_checkpoint(directory: Path, settings: BenchProfile) -> Path:
 
 def _machine() -> str:
     cores = os.cpu_count()
-    return f"{platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    processor = platform.processor() or platform.machine()
+    return f"{processor}, {cores} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def markdown(results: dict) -> str:
@@ -435,7 +436,8 @@ def markdown(results: dict) -> str:
         f"Step caches (dev, {results['step_caches']['steps']} steps, batching off; deviation of the final latents "
         "from the uncached run):",
         "",
-        "| cache | wall s | speedup | last-block passes | video max / mean abs | video mean rel | audio max / mean abs | audio mean rel |",
+        "| cache | wall s | speedup | last-block passes | video max / mean abs | video mean rel "
+        "| audio max / mean abs | audio mean rel |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in results["step_caches"]["rows"].items():

@@ -172,7 +172,10 @@ def enable_step_cache(transformer, settings: DiffusionEngineConfig, expected_ste
     transformer.enable_cache(config)
 
 
-_LTX2_BLOCK_WORK = r"transformer_blocks\.\d+\.(attn1|attn2|audio_attn1|audio_attn2|audio_to_video_attn|video_to_audio_attn|ff|audio_ff)"
+_LTX2_BLOCK_WORK = (
+    r"transformer_blocks\.\d+\."
+    r"(attn1|attn2|audio_attn1|audio_attn2|audio_to_video_attn|video_to_audio_attn|ff|audio_ff)"
+)
 
 
 def drop_step_cache_state(transformer, context: str) -> None:

@@ -18,7 +18,12 @@ from serving.protocol import RenderPlan
 PROMPT = "a tabby cat looks around and purrs"
 WIDTH, HEIGHT, FPS, SEED, STEPS = 128, 128, 24, 7, 3
 GUIDANCE_OFF = dict(
-    guidance_scale=1.0, audio_guidance_scale=1.0, stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0, audio_modality_scale=1.0
+    guidance_scale=1.0,
+    audio_guidance_scale=1.0,
+    stg_scale=0.0,
+    audio_stg_scale=0.0,
+    modality_scale=1.0,
+    audio_modality_scale=1.0,
 )
 
 
