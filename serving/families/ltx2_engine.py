@@ -199,6 +199,8 @@ class LTX2StepModel:
     def check(self, request: DenoiseRequest, resume_from: DenoiseCheckpoint | None) -> None:
         plan = request.plan
         phases = recipe_phases(self.settings, plan.num_inference_steps)
+        if any(phase.sigmas is None and phase.steps < 2 for phase in phases):
+            raise ValueError(f"num_inference_steps {plan.num_inference_steps}: LTX-2's shifted schedule needs at least 2")
         first = self._phase_size(plan, phases[0])
         if any(phase.size_divisor == 2 for phase in phases) and (plan.width % 64 or plan.height % 64):
             raise ValueError(
