@@ -56,10 +56,11 @@ class BenchProfile:
 
 
 PROFILES = {
-    # One dev step (3 guidance rows, 306 tokens a row) takes about half a second on 2 CPU cores.
+    # The real proportions at small widths: 48 blocks; text tokens about 7% of the video tokens (real: 1024
+    # for 14080 at 1280x704 x 121). One dev step (3 guidance rows of 498 tokens) takes 0.5-1 s on 2 CPU cores.
     "cpu": BenchProfile(
         heads=4, head_dim=32, audio_heads=4, audio_head_dim=16, caption_channels=128, num_layers=48,
-        upsampler_channels=64, prompt_tokens=1024, width=384, height=256, seconds=16 / 24, fps=24,
+        upsampler_channels=64, prompt_tokens=32, width=512, height=320, seconds=16 / 24, fps=24,
         dev_steps=30, batching_steps=4, repeats=2,
     ),
     # Seconds, for a smoke test of this module.
@@ -198,6 +199,7 @@ class _Bench:
             "dev": self._config("dev"),
             "distilled": self._config("distilled", guidance_off=True),
             "two_stage": self._config("two_stage"),
+            "two_stage (distilled first stage)": self._config("two_stage", guidance_off=True, first_stage="distilled"),
         }
         rows = {}
         for name, config in configs.items():
@@ -262,26 +264,34 @@ class _Bench:
         request = self._requests(1, steps, "cache")[0]
         uncached_engine = LTX2Engine(self._config(batching=False))
         with MagRatioRecorder(uncached_engine.model.transformer) as recorder:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             reference = _drain(uncached_engine, [request])[request.request_id]
-            uncached_wall = time.perf_counter() - started
+            uncached = (time.perf_counter() - started, time.process_time() - cpu_started)
         variants = {
             "first_block (threshold 0.05)": dict(step_cache="first_block"),
             "first_block (threshold 0.2)": dict(step_cache="first_block", step_cache_threshold=0.2),
             "mag (calibrated ratios)": dict(step_cache="mag", mag_ratios=recorder.ratios),
             "taylorseer": dict(step_cache="taylorseer"),
         }
-        rows = {"none": dict(wall_s=round(uncached_wall, 3), block_passes=steps, **_deviation(reference, reference))}
+        rows = {
+            "none": dict(
+                wall_s=round(uncached[0], 3), cpu_s=round(uncached[1], 3), block_passes=steps, **_deviation(reference, reference)
+            )
+        }
         for name, options in variants.items():
             engine = LTX2Engine(self._config(batching=False, **options))
             calls = _count_calls(engine.model.transformer.transformer_blocks[-1].attn1.to_q)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             output = _drain(engine, [request])[request.request_id]
             rows[name] = dict(
-                wall_s=round(time.perf_counter() - started, 3), block_passes=calls[0], **_deviation(output, reference)
+                wall_s=round(time.perf_counter() - started, 3),
+                cpu_s=round(time.process_time() - cpu_started, 3),
+                block_passes=calls[0],
+                **_deviation(output, reference),
             )
         for row in rows.values():
             row["speedup"] = round(rows["none"]["wall_s"] / row["wall_s"], 3)
+            row["speedup_cpu"] = round(rows["none"]["cpu_s"] / row["cpu_s"], 3)
         return {"steps": steps, "rows": rows}
 
 
@@ -445,13 +455,14 @@ def markdown(results: dict) -> str:
         f"Step caches (dev, {results['step_caches']['steps']} steps, batching off; deviation of the final latents "
         "from the uncached run):",
         "",
-        "| cache | wall s | speedup | last-block passes | video max / mean abs | video mean rel "
+        "| cache | wall s | CPU s | speedup (wall) | (CPU) | last-block passes | video max / mean abs | video mean rel "
         "| audio max / mean abs | audio mean rel |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in results["step_caches"]["rows"].items():
         lines.append(
-            f"| {name} | {row['wall_s']} | {row['speedup']}x | {row['block_passes']} | "
+            f"| {name} | {row['wall_s']} | {row['cpu_s']} | {row['speedup']}x | {row['speedup_cpu']}x | "
+            f"{row['block_passes']} | "
             f"{row['video_max_abs']:.3g} / {row['video_mean_abs']:.3g} | {row['video_mean_rel']:.3g} | "
             f"{row['audio_max_abs']:.3g} / {row['audio_mean_abs']:.3g} | {row['audio_mean_rel']:.3g} |"
         )
