@@ -67,7 +67,7 @@ PROFILES = {
     "smoke": BenchProfile(
         heads=2, head_dim=8, audio_heads=2, audio_head_dim=4, caption_channels=16, num_layers=2,
         upsampler_channels=32, prompt_tokens=16, width=128, height=128, seconds=8 / 24, fps=24,
-        dev_steps=2, batching_steps=1, repeats=1,
+        dev_steps=2, batching_steps=2, repeats=1,
     ),
 }
 
