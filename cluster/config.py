@@ -6,11 +6,11 @@ config is built, never at request time.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cluster.diffusion_config import DiffusionEngineConfig, SpeedConfig, diffusion_fits_model
+from cluster.diffusion_config import DiffusionEngineConfig, DiffusionSettings, SpeedConfig
 from cluster.sizes import latent_tokens, parse_shape_bucket, parse_size
 
 __all__ = [
@@ -117,8 +117,14 @@ class ModelConfig(BaseModel):
             "their own. Default: LTX-2 19B on one H100 (1.22 s per pass at 14,080 tokens, 4 passes per step)."
         ),
     )
-    diffusion: Annotated[DiffusionEngineConfig, AfterValidator(diffusion_fits_model)] = Field(default_factory=lambda: DiffusionEngineConfig(), description="The diffusion stage's denoising loop: recipe, step batching, step caches, checkpoints.")
-    speed: SpeedConfig = Field(default_factory=lambda: SpeedConfig(), description="GPU speed switches of the diffusion transformer (all off or CPU-safe by default).")
+    diffusion: DiffusionSettings = Field(
+        default_factory=lambda: DiffusionEngineConfig(),
+        description="The diffusion stage's loop: recipe, step batching, step caches, checkpoints.",
+    )
+    speed: SpeedConfig = Field(
+        default_factory=lambda: SpeedConfig(),
+        description="GPU speed switches of the diffusion transformer (all off or CPU-safe by default).",
+    )
 
     @field_validator("default_size")
     @classmethod

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from cluster.sizes import parse_shape_bucket, parse_size
 
-__all__ = ["DiffusionEngineConfig", "SpeedConfig", "diffusion_fits_model"]
+__all__ = ["DiffusionEngineConfig", "DiffusionSettings", "SpeedConfig", "diffusion_fits_model"]
 
 # Off values of ModelConfig's guidance settings: recipes that run without guidance require them.
 _GUIDANCE_OFF = {
@@ -64,8 +64,9 @@ class DiffusionEngineConfig(BaseModel):
         ge=1,
         description=(
             "Most video+audio tokens one transformer pass carries (rows x tokens per row; every guidance pass of a "
-            "request is a row). A single row always runs. 65536 holds one 1280x704 x 121-frame dev step's 4 rows "
-            "(4 x 14206 tokens) or ten 768x512 x 121-frame rows."
+            "request is a row). A single row always runs; after an out-of-memory error the engine halves it until "
+            "idle. 65536 holds one 1280x704 x 121-frame dev step (3 or 4 rows of 14206 tokens, about 3 GB of "
+            "activations a row in bf16) or ten 768x512 x 121-frame rows."
         ),
     )
     step_cache: Literal["none", "first_block", "mag", "taylorseer"] = Field(
@@ -99,10 +100,10 @@ class DiffusionEngineConfig(BaseModel):
     @model_validator(mode="after")
     def _options_fit_the_recipe(self) -> DiffusionEngineConfig:
         if self.recipe != "two_stage":
-            # Compared with the defaults, not with what was set: a dumped config must validate again.
-            for name, default in (("first_stage", "dev"), ("upsampler_path", None)):
-                if getattr(self, name) != default:
-                    raise ValueError(f"diffusion.{name} applies to the two_stage recipe only (recipe is {self.recipe})")
+            if self.first_stage != "dev":
+                raise ValueError(f"diffusion.first_stage applies to the two_stage recipe only (recipe is {self.recipe})")
+            if self.upsampler_path is not None:
+                raise ValueError(f"diffusion.upsampler_path applies to the two_stage recipe only (recipe is {self.recipe})")
         if self.step_cache != "none" and self.batching:
             raise ValueError(
                 f"diffusion.step_cache {self.step_cache} keeps state per request between steps, which a shared "
@@ -141,6 +142,10 @@ def diffusion_fits_model(value: DiffusionEngineConfig, info: ValidationInfo) -> 
                 "multiple of 64 in both dimensions"
             )
     return value
+
+
+# ModelConfig.diffusion: the engine's section, checked against the rest of the model config.
+DiffusionSettings = Annotated[DiffusionEngineConfig, AfterValidator(diffusion_fits_model)]
 
 
 class SpeedConfig(BaseModel):

@@ -62,9 +62,8 @@ class LocalGenerator:
         condition = None
         if request.image is not None:
             photo = load_photo(request.image)
-            condition = timed(
-                "image_conditioner", lambda: stages["image_conditioner"].condition(photo, plan.width, plan.height)
-            )
+            size = getattr(stages["denoiser"], "condition_size", lambda plan: (plan.width, plan.height))(plan)
+            condition = timed("image_conditioner", lambda: stages["image_conditioner"].condition(photo, *size))
         latents = timed("diffusion", lambda: stages["denoiser"].denoise(embeddings, condition, plan, on_step))
         video = timed("video_decoder", lambda: stages["video_decoder"].decode(latents.video, plan))
         waveform = timed("audio_decoder", lambda: stages["audio_decoder"].decode(latents.audio))

@@ -435,6 +435,20 @@ def _flatten(section: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
+def _register() -> None:
+    """``reelserve bench``'s GPU section (where a GPU exists); importing the registry needs nothing heavy."""
+    from serving.bench.registry import SectionResult, register_section
+
+    @register_section("gpu", title="GPU: LTX-2 19B dims with random weights", needs_gpu=True)
+    def gpu_section(context) -> SectionResult:
+        report = run("ltx2-19b-random", Path(context.out_dir) / "gpu")
+        text = (Path(context.out_dir) / "gpu" / "gpu-bench.md").read_text()
+        return SectionResult(name="gpu", title="GPU, real LTX-2 dims", data=report, markdown=text)
+
+
+_register()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving.bench.gpu", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="ltx2-19b-random", help="ltx2-19b-random (one GPU) or tiny (CPU)")

@@ -89,6 +89,8 @@ class Family:
     audio_decoder: Callable[[ModelConfig], AudioDecoder]
     # The denoising loop a diffusion replica runs (step batching, checkpoints): (config) -> engine.
     diffusion_engine: Callable | None = None
+    # (config, plan) -> (width, height) the photo is encoded at (a recipe may start below the plan's size).
+    condition_size: Callable | None = None
     # Sizing without weights: (config, stage) -> MemoryEstimate, and (model, w, h, seconds, fps) -> HandoffSizes.
     stage_memory: Callable | None = None
     handoff_sizes: Callable | None = None

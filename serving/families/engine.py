@@ -13,7 +13,7 @@ nothing about any model family.
 
 Failure isolation: an error while advancing a batch touches only that batch's
 requests. An out-of-memory error in a batch of several requests retries them
-one by one in the same step (the batch may simply have been too big) and lowers
+one by one in the same step (the batch may simply have been too big) and halves
 the token budget below the failed batch's size until the engine is idle again;
 any other error, or an out-of-memory error of a single request, fails the
 requests of that batch and the engine goes on with the rest.
@@ -214,8 +214,9 @@ class DiffusionEngine(Generic[RequestT, StateT, CheckpointT]):
 
     @property
     def has_work(self) -> bool:
+        """True while anything is queued or running (an aborted request until the next step frees it)."""
         with self._lock:
-            return bool(self._inbox) or any(rid not in self._aborts for rid in self._active)
+            return bool(self._inbox) or bool(self._active)
 
     @property
     def active_requests(self) -> list[str]:
@@ -295,7 +296,7 @@ class DiffusionEngine(Generic[RequestT, StateT, CheckpointT]):
             if _is_out_of_memory(failure.cause) and len(batch) > 1:
                 self.stats.oom_retries += 1
                 cost = sum(self.model.cost(state) for state in batch)
-                self._token_budget = max(1, min(self._token_budget, cost - 1))
+                self._token_budget = max(1, min(self._token_budget, cost // 2))
                 for state in batch:
                     self._run([state], events)
                 return

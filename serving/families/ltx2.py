@@ -259,6 +259,10 @@ class LTX2Denoiser:
     def transformer(self):
         return self.engine.model.transformer
 
+    def condition_size(self, plan: RenderPlan) -> tuple[int, int]:
+        """The size the photo must be encoded at for this plan (half of it for the two_stage recipe)."""
+        return self.engine.condition_size(plan)
+
     def denoise(
         self,
         embeddings: PromptEmbeddings,
@@ -280,7 +284,7 @@ class LTX2Denoiser:
                         on_step(event.finished_steps, event.total_steps)
                     except BaseException:
                         self.engine.abort(request_id)
-                        self.engine.step()  # applies the abort: frees the request, runs nothing
+                        self.engine.step()  # applies the abort: frees the request, runs nothing else
                         raise
                 elif isinstance(event, RequestFinished):
                     return event.output
@@ -364,6 +368,13 @@ class LTX2AudioDecoder:
         return Waveform(samples=samples, sample_rate=int(self.vocoder.config.output_sampling_rate))
 
 
+def _condition_size(config: ModelConfig, plan: RenderPlan) -> tuple[int, int]:
+    from serving.families.ltx2_recipes import recipe_phases
+
+    first = recipe_phases(config.diffusion, plan.num_inference_steps)[0]
+    return plan.width // first.size_divisor, plan.height // first.size_divisor
+
+
 def _engine(config: ModelConfig):
     from serving.families.ltx2_engine import LTX2Engine
 
@@ -380,6 +391,7 @@ LTX2_FAMILY = Family(
     video_decoder=LTX2VideoDecoder,
     audio_decoder=LTX2AudioDecoder,
     diffusion_engine=_engine,
+    condition_size=_condition_size,
     stage_memory=ltx2_sizing.stage_memory,
     handoff_sizes=ltx2_sizing.handoff_sizes,
 )

@@ -199,6 +199,8 @@ class LTX2StepModel:
     def check(self, request: DenoiseRequest, resume_from: DenoiseCheckpoint | None) -> None:
         plan = request.plan
         phases = recipe_phases(self.settings, plan.num_inference_steps)
+        if any(phase.sigmas is None and phase.steps < 2 for phase in phases):
+            raise ValueError(f"num_inference_steps {plan.num_inference_steps}: LTX-2's shifted schedule needs at least 2")
         first = self._phase_size(plan, phases[0])
         if any(phase.size_divisor == 2 for phase in phases) and (plan.width % 64 or plan.height % 64):
             raise ValueError(
@@ -212,6 +214,8 @@ class LTX2StepModel:
                 f"image condition is {condition.width}x{condition.height} but {where} {first[0]}x{first[1]}"
             )
         guidance = request.guidance or self.default_guidance
+        if resume_from is not None:
+            guidance = resume_from.guidance  # a resumed request keeps the guidance it started with
         if request.guidance is not None:
             if self.settings.runs_without_guidance and not request.guidance.is_off:
                 raise ValueError(f"the {self.settings.recipe} recipe runs without guidance; this request asks for it")
@@ -239,11 +243,13 @@ class LTX2StepModel:
             fps=plan.fps,
             total_steps=sum(phase.steps for phase in phases),
         )
+        where = f"checkpoint of {checkpoint.request_id}"
         for name, value in expected.items():
             if getattr(checkpoint, name) != value:
-                raise ValueError(f"checkpoint of {checkpoint.request_id}: {name} is {getattr(checkpoint, name)}, the request's is {value}")
-        if not 0 <= checkpoint.phase_index < len(phases) or not 0 <= checkpoint.step_index < phases[checkpoint.phase_index].steps:
-            raise ValueError(f"checkpoint of {checkpoint.request_id}: phase {checkpoint.phase_index} step {checkpoint.step_index} is not in this recipe")
+                raise ValueError(f"{where}: {name} is {getattr(checkpoint, name)}, the request's is {value}")
+        phase, step = checkpoint.phase_index, checkpoint.step_index
+        if not 0 <= phase < len(phases) or not 0 <= step < phases[phase].steps:
+            raise ValueError(f"{where}: phase {phase} step {step} is not in this recipe")
 
     # ------------------------------------------------------------------ state
 

@@ -100,7 +100,8 @@ class LatentSpace:
         video = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         mask = None
         if photo is not None:
-            clean = LTX2ImageToVideoPipeline._normalize_latents(photo.to(self.device, torch.float32), self.video_mean, self.video_std)
+            photo = photo.to(self.device, torch.float32)
+            clean = LTX2ImageToVideoPipeline._normalize_latents(photo, self.video_mean, self.video_std)
             clean = clean.repeat(1, 1, geometry.latent_frames, 1, 1)
             frame_mask = self._first_frame_mask(geometry)
             video = clean * frame_mask + video * (1 - frame_mask)
@@ -127,7 +128,8 @@ class LatentSpace:
         upsampled = upsampler(video_5d.to(upsampler.dtype)).to(torch.float32)
         expected = (after.latent_frames, after.latent_height, after.latent_width)
         if tuple(upsampled.shape[2:]) != expected:
-            raise ValueError(f"the latent upsampler made {tuple(upsampled.shape[2:])} latents; the refine phase needs {expected}")
+            made = tuple(upsampled.shape[2:])
+            raise ValueError(f"the latent upsampler made {made} latents; the refine phase needs {expected}")
         normalised = LTX2Pipeline._normalize_latents(upsampled, self.video_mean, self.video_std, self.scaling_factor)
         mask = None
         if conditioned:

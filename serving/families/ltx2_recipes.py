@@ -23,6 +23,7 @@ __all__ = [
     "load_latent_upsampler",
     "enable_step_cache",
     "drop_step_cache_state",
+    "MagRatioRecorder",
     "DISTILLED_SIGMAS",
     "REFINE_SIGMAS",
 ]
@@ -165,8 +166,16 @@ def enable_step_cache(transformer, settings: DiffusionEngineConfig, expected_ste
             mag_ratios=torch.tensor(settings.mag_ratios, dtype=torch.float32),
         )
     else:
-        config = TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32)
+        # diffusers' default patterns match module names ending in "attn": in LTX-2 only the two
+        # cross-modal attentions. Name every block's attentions and feed-forwards instead.
+        config = TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32, cache_identifiers=[_LTX2_BLOCK_WORK])
     transformer.enable_cache(config)
+
+
+_LTX2_BLOCK_WORK = (
+    r"transformer_blocks\.\d+\."
+    r"(attn1|attn2|audio_attn1|audio_attn2|audio_to_video_attn|video_to_audio_attn|ff|audio_ff)"
+)
 
 
 def drop_step_cache_state(transformer, context: str) -> None:
@@ -179,6 +188,45 @@ def drop_step_cache_state(transformer, context: str) -> None:
             manager = getattr(hook, "state_manager", None)
             if manager is not None:
                 manager._state_cache.pop(context, None)
+
+
+class MagRatioRecorder:
+    """Records MagCache's per-step ratios on an uncached transformer (its calibration), for ``mag_ratios``.
+
+    MagCache's ratio of a step is the mean over tokens of |residual_t| / |residual_t-1|,
+    the residual being the last block's video output minus the first block's video
+    input. Run one request alone, one pass a step (batching on or off), inside
+    ``with MagRatioRecorder(transformer) as recorder:``; then ``recorder.ratios``.
+    """
+
+    def __init__(self, transformer):
+        self._blocks = transformer.transformer_blocks
+        self._input: torch.Tensor | None = None
+        self._previous: torch.Tensor | None = None
+        self.ratios: list[float] = []
+
+    def __enter__(self) -> MagRatioRecorder:
+        self._handles = [
+            self._blocks[0].register_forward_pre_hook(self._record_input, with_kwargs=True),
+            self._blocks[-1].register_forward_hook(self._record_output),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _record_input(self, module, args, kwargs):
+        self._input = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def _record_output(self, module, args, output):
+        residual = (output[0] - self._input).float()
+        if self._previous is None:
+            self.ratios.append(1.0)
+        else:
+            current, previous = torch.linalg.norm(residual, dim=-1), torch.linalg.norm(self._previous, dim=-1)
+            self.ratios.append(float((current / (previous + 1e-8)).mean()))
+        self._previous = residual
 
 
 def _register_ltx2_block() -> None:

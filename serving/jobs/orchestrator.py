@@ -110,6 +110,7 @@ class Orchestrator:
         temporal_compression: int,
         prompt_fits: Callable[[str], bool] = lambda text: True,
         owner: str | None = None,
+        condition_size: Callable[[RenderPlan], tuple[int, int]] | None = None,
     ):
         self.store = store
         self.results = results
@@ -121,6 +122,7 @@ class Orchestrator:
         self.settings = settings
         self.temporal_compression = temporal_compression
         self.prompt_fits = prompt_fits  # does a rewritten prompt fit the video model's text encoder?
+        self.condition_size = condition_size or (lambda plan: (plan.width, plan.height))
         self.stats = StageStats(stage="orchestrator")
         self.owner = owner or "orchestrator-" + secrets.token_hex(6)  # what the store records as the job's owner
         self.events = JobEvents(store)
@@ -269,9 +271,10 @@ class Orchestrator:
         )
         condition = None
         if record.has_image:
+            width, height = self.condition_size(plan)  # a recipe may start below the plan's size
             condition = self._kept(job, "image_conditioner", "image_condition") or asyncio.ensure_future(
                 self._call(job, "image_conditioner",
-                           lambda: stages.image_conditioner.condition.remote(ticket, plan.width, plan.height))
+                           lambda: stages.image_conditioner.condition.remote(ticket, width, height))
             )
         try:
             embeddings = await _settled(embeddings)

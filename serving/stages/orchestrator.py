@@ -41,6 +41,7 @@ class OrchestratorDeployment:
             temporal_compression=limits.temporal_compression,
             prompt_fits=lambda text: count_tokens(text) <= limits.max_prompt_tokens,
             owner=_replica_name(),
+            condition_size=lambda plan: family.condition_size(model, plan),
         )
         self._started = False
 
