@@ -18,7 +18,6 @@ from typing import Iterable
 
 __all__ = [
     "JobLoad", "Admission", "AdmissionLimits", "StepRate", "backlog_token_steps", "estimated_queue_wait_s", "admit",
-    "admit_job",
 ]
 
 
@@ -128,16 +127,3 @@ def admit(
 
 def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
-
-
-def admit_job(config, active_jobs: Iterable[JobLoad], step_rate: StepRate) -> Admission:
-    """``admit`` with the bound, the replica count and the Retry-After floor of ``config`` (a ``ReelserveConfig``).
-
-    ``active_jobs``: every queued and running job in the store.
-    """
-    diffusion = config.stages["diffusion"]
-    replicas = diffusion.num_replicas if diffusion.num_replicas is not None else diffusion.max_replicas
-    return admit(
-        backlog_token_steps(active_jobs), step_rate.value, replicas, config.scaling.max_queue_wait_s,
-        min_retry_after_s=config.jobs.retry_after_s,
-    )

@@ -332,7 +332,6 @@ class JobsConfig(BaseModel):
     lease_s: float = Field(
         10.0, gt=0, description="An orchestrator owns a job for this long between renewals; after it, another takes over."
     )
-    recovery_interval_s: float = Field(2.0, gt=0, description="How often orchestrators look for jobs whose owner died.")
     max_attempts: int = Field(
         3, ge=1, description="Runs of one job cut short by a crash (first try plus takeovers) before it fails."
     )
@@ -407,7 +406,7 @@ class OrchestratorConfig(BaseModel):
     num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per orchestrator replica.")
     max_jobs: int = Field(64, ge=1, description="Jobs one orchestrator replica runs at once; it claims no more.")
     poll_interval_s: float = Field(
-        0.5, gt=0, description="How often an idle orchestrator looks for queued or orphaned jobs (Redis also wakes it at once)."
+        0.5, gt=0, description="How often an orchestrator looks for queued or orphaned jobs (an accepted job also wakes one at once)."
     )
 
 

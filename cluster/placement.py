@@ -66,7 +66,10 @@ def _resources(stage: StageConfig) -> dict:
     if gpus <= 1:
         return {"ray_actor_options": actor}
     # The replica takes the first bundle; its N-1 GPU workers take the rest (STRICT_PACK: one node, NVLink).
+    # Whatever the replica's actor asks for must be in its bundle, host memory included.
     first = {"CPU": stage.num_cpus, "GPU": 1.0}
+    if "memory" in actor:
+        first["memory"] = actor["memory"]
     bundles = [first] + [{"CPU": 0.0, "GPU": 1.0} for _ in range(int(gpus) - 1)]
     if stage.accelerator_type is not None:
         for bundle in bundles:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AsyncIterator
 
-from cluster.admission import AdmissionLimits, JobLoad, StepRate, admit
+from cluster.admission import AdmissionLimits, JobLoad, StepRate, admit, backlog_token_steps
 from cluster.config import JobsConfig, ModelConfig, RewriterConfig
 from serving import metrics
 from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded
@@ -70,7 +70,12 @@ class VideoService:
         record = _new_record(request)
         if request.image is not None:
             await self._blocking(self.results.save_input, record.id, request.image)
-        if not await self._blocking(self.store.create, record, max_active=jobs.max_active_jobs):
+        try:
+            created = await self._blocking(self.store.create, record, max_active=jobs.max_active_jobs)
+        except BaseException:
+            await self._blocking(self.results.remove, record.id)  # no job, no photo left behind
+            raise
+        if not created:
             await self._blocking(self.results.remove, record.id)
             metrics.admission_refused(self.model.name, "max_active_jobs")
             raise Overloaded(
@@ -97,17 +102,21 @@ class VideoService:
 
     def _read_backlog(self) -> int:
         """Token-steps still to denoise over the active jobs; the newest finished jobs refine the step rate."""
-        steps = self.model.num_inference_steps
         recent, _ = self.store.list(after=None, limit=20, order="desc")
         for record in recent:
             seconds = record.stage_seconds.get("diffusion")
-            if record.status == JobStatus.COMPLETED and seconds and record.id not in self._rated:
+            whole = record.attempts == 1 and record.resumed_from_step is None  # one uninterrupted denoising
+            if record.status == JobStatus.COMPLETED and seconds and whole and record.id not in self._rated:
                 self._rated.add(record.id)
-                load = JobLoad.of(record.width, record.height, record.seconds, record.fps, steps)
-                self._step_rate.observe(load.tokens, steps, seconds)
-        active = self.store.active_records()
-        return sum(JobLoad.of(r.width, r.height, r.seconds, r.fps, steps, min(r.step, steps)).token_steps_left
-                   for r in active)
+                load = JobLoad.of(record.width, record.height, record.seconds, record.fps, record.total_steps)
+                self._step_rate.observe(load.tokens, record.total_steps, seconds)
+        if len(self._rated) > 1000:
+            self._rated = {r.id for r in recent}
+        steps = self.model.num_inference_steps
+        return backlog_token_steps(
+            JobLoad.of(r.width, r.height, r.seconds, r.fps, max(r.total_steps, steps), r.step)
+            for r in self.store.active_records()
+        )
 
     def _validate(self, field_names, fields) -> VideoRequest:
         return validate_request(
@@ -133,7 +142,7 @@ class VideoService:
         return [r for r in records if not r.delete_requested], has_more
 
     async def cancel(self, job_id: str) -> JobRecord:
-        """Flag the job; its orchestrator stops it within one denoising step (or at once if queued)."""
+        """Stop the job: at once if nobody claimed it yet, else its orchestrator stops it within one denoising step."""
         await self.get(job_id)
         record = await self._blocking(self.store.request_cancel, job_id)
         if record is None:
@@ -141,11 +150,12 @@ class VideoService:
         return record
 
     async def delete(self, job_id: str) -> None:
-        record = await self.get(job_id)
-        if record.status.is_terminal:
+        await self.get(job_id)
+        # The flag and the job's state in one write: a job that ended meanwhile (or was still queued and ended
+        # by this very write) is removed here; a running one is removed by its orchestrator once it stopped.
+        record = await self._blocking(self.store.request_cancel, job_id, delete=True)
+        if record is not None and record.status.is_terminal:
             await self._blocking(self._remove, job_id)
-            return
-        await self._blocking(self.store.request_cancel, job_id, delete=True)  # its orchestrator removes it
 
     def _remove(self, job_id: str) -> None:
         self.store.delete(job_id)

@@ -12,7 +12,10 @@ flat); files are written atomically.
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +23,8 @@ from typing import Any, Protocol
 from serving.jobs.store import StoreUnavailable
 
 __all__ = ["ArtifactStore", "DirectoryArtifacts", "RedisArtifacts", "open_artifacts"]
+
+logger = logging.getLogger("ray.serve.reelserve.artifacts")
 
 
 class ArtifactStore(Protocol):
@@ -35,9 +40,21 @@ class ArtifactStore(Protocol):
     def delete_job(self, job_id: str) -> None:
         """Forget everything kept for the job."""
 
+    def job_ids(self) -> list[str]:
+        """Jobs with something kept (what a sweep for ended jobs walks)."""
+
 
 def _dumps(value: Any) -> bytes:
     return pickle.dumps(value, protocol=5)
+
+
+def _loads(data: bytes, where: str) -> Any | None:
+    """The kept value; a damaged one counts as missing (a takeover then redoes that work)."""
+    try:
+        return pickle.loads(data)
+    except Exception as error:  # noqa: BLE001 - truncated or foreign bytes
+        logger.warning("%s is unreadable (%s); treating it as missing", where, type(error).__name__)
+        return None
 
 
 class DirectoryArtifacts:
@@ -52,17 +69,22 @@ class DirectoryArtifacts:
         path = self._path(job_id, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = _dumps(value)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_bytes(data)
-        partial.replace(path)
+        # A name of its own per write: writers of one artifact (threads, replicas) never share a temporary file.
+        partial = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+        try:
+            partial.write_bytes(data)
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
         return len(data)
 
     def get(self, job_id: str, name: str) -> Any | None:
         path = self._path(job_id, name)
         try:
-            return pickle.loads(path.read_bytes())
+            data = path.read_bytes()
         except FileNotFoundError:
             return None
+        return _loads(data, str(path))
 
     def names(self, job_id: str) -> set[str]:
         folder = self.root / job_id
@@ -70,6 +92,9 @@ class DirectoryArtifacts:
 
     def delete_job(self, job_id: str) -> None:
         shutil.rmtree(self.root / job_id, ignore_errors=True)
+
+    def job_ids(self) -> list[str]:
+        return [p.name for p in self.root.iterdir() if p.is_dir()]
 
 
 class RedisArtifacts:
@@ -90,7 +115,7 @@ class RedisArtifacts:
 
     def get(self, job_id: str, name: str) -> Any | None:
         data = self._call(self._redis.hget, self._key(job_id), name)
-        return None if data is None else pickle.loads(data)
+        return None if data is None else _loads(data, f"{self._key(job_id)} {name}")
 
     def names(self, job_id: str) -> set[str]:
         return {n.decode() for n in self._call(self._redis.hkeys, self._key(job_id))}
@@ -98,13 +123,17 @@ class RedisArtifacts:
     def delete_job(self, job_id: str) -> None:
         self._call(self._redis.delete, self._key(job_id))
 
+    def job_ids(self) -> list[str]:
+        keys = self._call(lambda: list(self._redis.scan_iter(match=self._PREFIX + "*", count=500)))
+        return [key.decode().removeprefix(self._PREFIX) for key in keys]
+
     @staticmethod
     def _call(method, *args):
         import redis
 
         try:
             return method(*args)
-        except (redis.ConnectionError, redis.TimeoutError) as error:
+        except redis.RedisError as error:
             raise StoreUnavailable(f"the artifact store (Redis) is unreachable: {type(error).__name__}") from None
 
 

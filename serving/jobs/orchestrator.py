@@ -49,6 +49,8 @@ logger = logging.getLogger("ray.serve.reelserve.orchestrator")
 _RETRY_WRITE_S = 1.0  # how often a write waits for an unreachable store
 _CANCEL_CHECK_S = 2.0  # the longest a stage call runs on unnoticed after a cancel (events usually tell at once)
 _FINISH_GRACE_S = 120.0  # how long a finished job's last write waits for the store
+_HANDOVER_CHECKPOINT_S = 15.0  # how long a hand-over waits for diffusion's stop checkpoint (about a step at real size)
+_SWEEP_EVERY_S = 300.0  # how often kept outputs of ended jobs are looked for (a crash can leave them behind)
 
 
 @dataclass
@@ -86,6 +88,8 @@ class _Job:
     pending: dict = field(default_factory=dict)
     flush: asyncio.Event = field(default_factory=asyncio.Event)
     lost: bool = False
+    writer: asyncio.Task | None = None  # renews the lease and sends queued writes
+    denoising: bool = False  # a diffusion call is in flight (a hand-over waits for its stop checkpoint)
 
     @property
     def id(self) -> str:
@@ -153,19 +157,26 @@ class Orchestrator:
         await self.events.close()
         self._io_pool.shutdown(wait=False, cancel_futures=True)
 
-    def holding(self) -> list[str]:
-        return sorted(self._running)
+    @property
+    def healthy(self) -> bool:
+        """False when the loop that claims jobs has died (the replica then asks Serve to replace it)."""
+        return self._poller is None or not self._poller.done() or self._stopping
 
     async def _io(self, method, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._io_pool, lambda: method(*args, **kwargs))
 
     async def _poll_forever(self) -> None:
         orchestrator = self.settings
+        next_sweep = time.monotonic() + _SWEEP_EVERY_S
         while True:
             room = orchestrator.max_jobs - len(self._running)
             waiting = 0
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + _SWEEP_EVERY_S
+                await self._sweep_artifacts()
             try:
-                for job_id in await self._io(self.store.claimable, max(room, 1) + len(self._running)):
+                claimable = await self._io(self.store.claimable, self.jobs.lease_s, max(room, 1) + len(self._running))
+                for job_id in claimable:
                     if job_id in self._running:
                         continue
                     if len(self._running) < orchestrator.max_jobs:
@@ -180,6 +191,18 @@ class Orchestrator:
                 await asyncio.wait_for(self._wake.wait(), orchestrator.poll_interval_s)
             self._wake.clear()
 
+    async def _sweep_artifacts(self) -> None:
+        """Forget the kept outputs of jobs that ended or no longer exist (left by a crash or a late checkpoint)."""
+        if self.jobs.keep_artifacts:
+            return
+        try:
+            for job_id in await self._io(self.artifacts.job_ids):
+                record = await self._io(self.store.get, job_id)
+                if record is None or record.status.is_terminal:
+                    await self._io(self.artifacts.delete_job, job_id)
+        except Exception as error:  # noqa: BLE001 - the next sweep tries again
+            logger.info("sweeping kept outputs failed: %r", error)
+
     def _spawn(self, job_id: str) -> None:
         task = asyncio.get_running_loop().create_task(self._run(job_id))
         self._running[job_id] = task
@@ -188,15 +211,20 @@ class Orchestrator:
     # ------------------------------------------------------------------ one job
 
     async def _run(self, job_id: str) -> None:
+        claim = asyncio.ensure_future(self._io(self.store.claim, job_id, self.owner, self.jobs.lease_s))
         try:
-            record = await self._io(self.store.claim, job_id, self.owner, self.jobs.lease_s)
+            record = await asyncio.shield(claim)  # a claim that lands must be known, even when stopping
+        except asyncio.CancelledError:
+            record = await claim
+            if record is not None:
+                await self._io(self.store.release, Fence(job_id, self.owner, record.attempts))
+            raise
         except StoreUnavailable:
             return
         if record is None:
             return  # another orchestrator has it
         job = _Job(record=record, fence=Fence(job_id, self.owner, record.attempts))
-        runner = asyncio.current_task()
-        writer = asyncio.get_running_loop().create_task(self._keep_lease_and_write(job, runner))
+        job.writer = asyncio.get_running_loop().create_task(self._keep_lease_and_write(job, asyncio.current_task()))
         try:
             await self._drive(job)
         except asyncio.CancelledError:
@@ -206,10 +234,8 @@ class Orchestrator:
         except LeaseLost:
             logger.info("job %s: another orchestrator took it over; stopping this attempt", job_id)
         finally:
-            writer.cancel()
-            with contextlib.suppress(BaseException):
-                await writer
-        await self._remove_if_deleted(job_id)
+            await self._stop_writer(job)
+            await asyncio.shield(self._remove_if_deleted(job_id))
 
     async def _drive(self, job: _Job) -> None:
         record = job.record
@@ -219,7 +245,10 @@ class Orchestrator:
             return await self._fail(
                 job, "retries_exhausted", f"the job was interrupted {record.takeovers} times by failures; giving up"
             )
-        now = await self._io(self.store.now)
+        try:
+            now = await self._io(self.store.now)
+        except StoreUnavailable:
+            return await self._hand_over(job)  # try again when the store answers; nothing has started
         deadline = record.deadline_at or now + self.jobs.job_timeout_s
         if record.started_at is None:
             self._note(job, status=JobStatus.IN_PROGRESS, started_at=now, deadline_at=deadline)
@@ -227,15 +256,22 @@ class Orchestrator:
         if now >= deadline:
             return await self._fail(job, "deadline_exceeded", self._deadline_message())
         try:
-            await asyncio.wait_for(self._execute(job), timeout=deadline - now)
+            outcome = await asyncio.wait_for(self._execute(job), timeout=deadline - now)
         except asyncio.TimeoutError:
-            await self._fail(job, "deadline_exceeded", self._deadline_message())
+            return await self._fail(job, "deadline_exceeded", self._deadline_message())
         except JobCancelled:
-            await self._finish(job, JobStatus.CANCELLED)
+            return await self._finish(job, JobStatus.CANCELLED)
         except StageFailure as failure:
             logger.warning("job %s failed in %s: %r", job.id, failure.stage, failure.error)
             code, message = client_safe_error(failure.error, failure.stage, self._size_text(record))
-            await self._fail(job, code, message)
+            return await self._fail(job, code, message)
+        except (asyncio.CancelledError, LeaseLost):
+            raise
+        except Exception as error:  # noqa: BLE001 - a bug here must end the job, not strand it on its lease
+            logger.exception("job %s: the orchestrator failed", job.id)
+            return await self._fail(job, "internal", f"the orchestrator failed ({type(error).__name__}); retry")
+        # The MP4 exists: its record is written outside the deadline, which no longer matters.
+        await self._finish(job, JobStatus.COMPLETED, **outcome)
 
     def _deadline_message(self) -> str:
         return f"the job did not finish within {self.jobs.job_timeout_s:g} s of its start (jobs.job_timeout_s)"
@@ -250,14 +286,17 @@ class Orchestrator:
         timings: dict[str, float] = dict(record.stage_seconds)
         clock = time.perf_counter()
 
-        def finished(stage: str) -> None:
+        def finished(stage: str, kept: bool = True) -> None:
+            """The stage's output landed: time it (unless an earlier attempt did) and, if it is kept, skip it
+            on a takeover."""
             nonlocal clock
             now = time.perf_counter()
-            timings[stage] = round(now - clock, 4)
-            clock = now
             if stage not in done:
-                done.add(stage)
+                timings[stage] = round(now - clock, 4)
+                if kept:
+                    done.add(stage)
                 self._note(job, done_stages=sorted(done), stage_seconds=dict(timings))
+            clock = now
 
         prompt = record.prompt
         if record.enhance_prompt:
@@ -278,11 +317,11 @@ class Orchestrator:
             )
         try:
             embeddings = await _settled(embeddings)
-            finished("text_encoder")
+            finished("text_encoder", embeddings.kept)
             if condition is not None:
                 self._advance(job, "image_conditioner")
                 condition = await _settled(condition)
-                finished("image_conditioner")
+                finished("image_conditioner", condition.kept)
         finally:
             for pending in (embeddings, condition):
                 if isinstance(pending, asyncio.Future) and not pending.done():
@@ -291,35 +330,41 @@ class Orchestrator:
         self._advance(job, "diffusion")
         latents = self._kept_pair(job)
         if latents is None:
-            result = await self._call(
-                job, "diffusion", lambda: stages.diffusion.denoise.remote(ticket, embeddings, condition, plan)
-            )
+            job.denoising = True
+            try:
+                result = await self._call(
+                    job, "diffusion", lambda: stages.diffusion.denoise.remote(ticket, embeddings, condition, plan)
+                )
+            finally:
+                job.denoising = False
             latents = result.video, result.audio
             self._note(job, step=result.finished_steps, total_steps=result.total_steps)
             if result.resumed_from_step is not None:
                 self._note(job, resumed_from_step=result.resumed_from_step)
-        embeddings = condition = None  # released as soon as their consumer has them
-        finished("diffusion")
-        video_latents, audio_latents = latents
+            finished("diffusion", result.video.kept and result.audio.kept)
+        else:
+            finished("diffusion")
+        embeddings = condition = None  # their consumer has them
 
         self._advance(job, "decoders")
-        video = self._kept(job, "video_decoder", "encoded_video") or self._call(
-            job, "video_decoder", lambda: stages.video_decoder.decode.remote(ticket, video_latents, plan)
+
+        async def decoded(stage: str, name: str, make_call) -> Handoff:
+            handoff = self._kept(job, stage, name) or await self._call(job, stage, make_call)
+            finished(stage, handoff.kept)  # each decoder's output counts on its own
+            return handoff
+
+        video_latents, audio_latents = latents
+        video, waveform = await _both(
+            decoded("video_decoder", "encoded_video",
+                    lambda: stages.video_decoder.decode.remote(ticket, video_latents, plan)),
+            decoded("audio_decoder", "waveform", lambda: stages.audio_decoder.decode.remote(ticket, audio_latents)),
         )
-        waveform = self._kept(job, "audio_decoder", "waveform") or self._call(
-            job, "audio_decoder", lambda: stages.audio_decoder.decode.remote(ticket, audio_latents)
-        )
-        video, waveform = await _both(video, waveform)
-        video_latents = audio_latents = None
-        finished("decoders")
+        latents = video_latents = audio_latents = None
 
         self._advance(job, "muxer")
         muxed = await self._call(job, "muxer", lambda: stages.muxer.mux.remote(ticket, video, waveform))
         finished("muxer")
-        await self._finish(
-            job, JobStatus.COMPLETED, progress=100, result_path=muxed.path, result_bytes=muxed.num_bytes,
-            stage_seconds=timings,
-        )
+        return {"progress": 100, "result_path": muxed.path, "result_bytes": muxed.num_bytes, "stage_seconds": timings}
 
     def _kept(self, job: _Job, stage: str, name: str) -> Handoff | None:
         """A finished stage's output from an earlier attempt: the hand-off reads the kept copy."""
@@ -430,7 +475,12 @@ class Orchestrator:
                 if ok and time.monotonic() >= next_renewal:
                     ok = await self._io(self.store.renew, job.fence, self.jobs.lease_s)
                     next_renewal = time.monotonic() + renew_every
-            except StoreUnavailable:
+            except asyncio.CancelledError:
+                job.pending = {**changes, **job.pending}  # stopped mid-write: the final write sends them
+                raise
+            except Exception as error:  # noqa: BLE001 - an outage, or anything else: keep them and try again
+                if not isinstance(error, StoreUnavailable):
+                    logger.warning("job %s: writing to the store failed: %r; retrying", job.id, error)
                 job.pending = {**changes, **job.pending}  # keep them, newest last, for when the store is back
                 await asyncio.sleep(_RETRY_WRITE_S)
                 job.flush.set()
@@ -440,8 +490,15 @@ class Orchestrator:
                 runner.cancel()
                 return
 
+    async def _stop_writer(self, job: _Job) -> None:
+        if job.writer is not None:
+            job.writer.cancel()
+            with contextlib.suppress(BaseException):
+                await job.writer
+
     async def _finish(self, job: _Job, status: JobStatus, **changes) -> None:
         """The job's last write: everything still queued, plus the outcome; it waits out a store outage."""
+        await self._stop_writer(job)  # a renewal landing after the outcome would be refused and cancel this
         outcome = {**job.pending, **changes, "status": status, "stage": status.api_name}
         outcome["completed_at"] = await self._retrying(self.store.now)
         if status == JobStatus.COMPLETED:
@@ -471,12 +528,30 @@ class Orchestrator:
                 await asyncio.sleep(_RETRY_WRITE_S)
 
     async def _hand_over(self, job: _Job) -> None:
-        """On shutdown: queued writes, then the lease back (artifacts and checkpoints stay for the successor)."""
+        """On shutdown: queued writes, diffusion's stop checkpoint, then the lease back.
+
+        The lease is released only once the checkpoint of the step the denoising stopped at is kept (or a
+        bound passed): a successor that starts earlier would resume from an older one and redo steps.
+        """
+        await self._stop_writer(job)
         with contextlib.suppress(Exception):
             if job.pending:
                 await self._io(self.store.update, job.fence, **job.pending)
+            if job.denoising:
+                await self._await_stop_checkpoint(job)
             await self._io(self.store.release, job.fence)
             logger.info("job %s handed over", job.id)
+
+    async def _await_stop_checkpoint(self, job: _Job) -> None:
+        deadline = time.monotonic() + _HANDOVER_CHECKPOINT_S
+        while time.monotonic() < deadline:
+            record = await self._io(self.store.get, job.id)
+            checkpoint = await self._io(self.artifacts.get, job.id, "denoise_checkpoint")
+            if record is None or (checkpoint is not None and checkpoint.finished_steps >= record.step):
+                return
+            await asyncio.sleep(0.2)
+        logger.info("job %s: no checkpoint of its last step in %g s; handing it over anyway", job.id,
+                    _HANDOVER_CHECKPOINT_S)
 
     async def _remove_if_deleted(self, job_id: str) -> None:
         try:

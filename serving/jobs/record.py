@@ -57,11 +57,6 @@ class JobRecord:
     def size(self) -> str:
         return f"{self.width}x{self.height}"
 
-    @property
-    def is_released(self) -> bool:
-        """No owner: queued, or handed over by an orchestrator that shut down."""
-        return self.owner is None
-
     def to_dict(self) -> dict:
         data = asdict(self)
         data["status"] = int(self.status)

@@ -47,7 +47,7 @@ def _unavailable_on_connection_errors(method):
 
         try:
             return method(self, *args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as error:
+        except redis.RedisError as error:  # unreachable, read-only after a failover, out of memory...
             raise StoreUnavailable(f"the job store (Redis) is unreachable: {type(error).__name__}") from None
 
     return wrapper
@@ -153,17 +153,22 @@ class RedisJobStore(ConditionalWrites):
         return bool(removed)
 
     @_unavailable_on_connection_errors
-    def claimable(self, limit: int = 100) -> list[str]:
+    def claimable(self, lease_s: float, limit: int = 100) -> list[str]:
         now = self.now()
+        ids = list(self._redis.smembers(_ACTIVE))
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(_PREFIX + job_id, "status", "lease_until", "owner")
+            pipe.zscore(_INDEX, job_id)
+        answers = pipe.execute()
         found = []
-        for job_id in self._redis.smembers(_ACTIVE):
-            status, lease_until, owner = self._redis.hmget(_PREFIX + job_id, "status", "lease_until", "owner")
+        for index, job_id in enumerate(ids):
+            (status, lease_until, owner), created = answers[2 * index], answers[2 * index + 1]
             if status is None or int(status) >= _TERMINAL:
                 continue
-            if not owner or float(lease_until) < now:
-                found.append(job_id)
-        found.sort(key=lambda job_id: self._redis.zscore(_INDEX, job_id) or 0.0)
-        return found[:limit]
+            if not owner or float(lease_until) + lease_s < now:
+                found.append((created or 0.0, job_id))
+        return [job_id for _, job_id in sorted(found)[:limit]]
 
     @_unavailable_on_connection_errors
     def active_records(self, limit: int = 1000) -> list[JobRecord]:

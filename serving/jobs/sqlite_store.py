@@ -52,6 +52,9 @@ class SQLiteJobStore(ConditionalWrites):
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
             db.execute("CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (created_at, id)")
             db.execute("CREATE INDEX IF NOT EXISTS jobs_by_seq ON jobs (seq)")
+            # The change counter lives apart from the rows: deleting the newest job must not hand its number out again.
+            db.execute("CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL)")
+            db.execute("INSERT OR IGNORE INTO changes (id, seq) VALUES (1, (SELECT COALESCE(MAX(seq), 0) FROM jobs))")
 
     def _connection(self) -> sqlite3.Connection:
         # One connection per thread: sqlite3 connections must not cross threads.
@@ -69,14 +72,30 @@ class SQLiteJobStore(ConditionalWrites):
         try:
             db = self._connection()
             db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as error:
+        except sqlite3.Error as error:
             raise StoreUnavailable(f"the job database is busy or unreadable: {error}") from None
         try:
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
+            db.execute("COMMIT")
+        except BaseException as error:
+            try:
+                db.execute("ROLLBACK")  # a failed COMMIT leaves the connection in the transaction otherwise
+            except sqlite3.Error:
+                pass
+            if isinstance(error, sqlite3.Error):
+                raise StoreUnavailable(f"the job database is busy or unreadable: {error}") from None
             raise
-        db.execute("COMMIT")
+
+    def _read(self, query: str, params: tuple = ()) -> list:
+        try:
+            return self._connection().execute(query, params).fetchall()
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"the job database is busy or unreadable: {error}") from None
+
+    @staticmethod
+    def _next_seq(db: sqlite3.Connection) -> int:
+        db.execute("UPDATE changes SET seq = seq + 1 WHERE id = 1")
+        return db.execute("SELECT seq FROM changes WHERE id = 1").fetchone()[0]
 
     def now(self) -> float:
         return time.time()  # one host, one clock
@@ -84,55 +103,52 @@ class SQLiteJobStore(ConditionalWrites):
     # ------------------------------------------------------------------ reads
 
     def get(self, job_id: str) -> JobRecord | None:
-        row = self._connection().execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else JobRecord.from_dict(json.loads(row[0]))
+        rows = self._read("SELECT data FROM jobs WHERE id = ?", (job_id,))
+        return JobRecord.from_dict(json.loads(rows[0][0])) if rows else None
 
     def list(self, *, after: str | None, limit: int, order: str) -> tuple[list[JobRecord], bool]:
-        db = self._connection()
         descending = order == "desc"
         query, params = "SELECT data FROM jobs", []
         if after is not None:
-            anchor = db.execute("SELECT created_at, id FROM jobs WHERE id = ?", (after,)).fetchone()
-            if anchor is None:
+            anchors = self._read("SELECT created_at, id FROM jobs WHERE id = ?", (after,))
+            if not anchors:
                 return [], False
             comparison = "<" if descending else ">"
             query += f" WHERE (created_at, id) {comparison} (?, ?)"
-            params += list(anchor)
+            params += list(anchors[0])
         direction = "DESC" if descending else "ASC"
         query += f" ORDER BY created_at {direction}, id {direction} LIMIT ?"
-        rows = db.execute(query, params + [limit + 1]).fetchall()
+        rows = self._read(query, tuple(params + [limit + 1]))
         records = [JobRecord.from_dict(json.loads(r[0])) for r in rows[:limit]]
         return records, len(rows) > limit
 
     def is_cancel_requested(self, job_id: str) -> bool:
-        row = self._connection().execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return row is None or bool(row[0])  # a deleted job is as good as cancelled
+        rows = self._read("SELECT cancel FROM jobs WHERE id = ?", (job_id,))
+        return not rows or bool(rows[0][0])  # a deleted job is as good as cancelled
 
-    def claimable(self, limit: int = 100) -> list[str]:
-        rows = self._connection().execute(
-            "SELECT id FROM jobs WHERE status < ? AND (owner IS NULL OR lease_until < ?) ORDER BY created_at LIMIT ?",
-            (_TERMINAL, self.now(), limit),
-        ).fetchall()
+    def claimable(self, lease_s: float, limit: int = 100) -> list[str]:
+        rows = self._read(
+            "SELECT id FROM jobs WHERE status < ? AND (owner IS NULL OR lease_until + ? < ?) ORDER BY created_at LIMIT ?",
+            (_TERMINAL, lease_s, self.now(), limit),
+        )
         return [r[0] for r in rows]
 
     def count_active(self) -> int:
-        return self._connection().execute("SELECT COUNT(*) FROM jobs WHERE status < ?", (_TERMINAL,)).fetchone()[0]
+        return self._read("SELECT COUNT(*) FROM jobs WHERE status < ?", (_TERMINAL,))[0][0]
 
     def active_records(self, limit: int = 1000) -> list[JobRecord]:
-        rows = self._connection().execute(
-            "SELECT data FROM jobs WHERE status < ? ORDER BY created_at LIMIT ?", (_TERMINAL, limit)
-        ).fetchall()
+        rows = self._read("SELECT data FROM jobs WHERE status < ? ORDER BY created_at LIMIT ?", (_TERMINAL, limit))
         return [JobRecord.from_dict(json.loads(r[0])) for r in rows]
 
     def changed_since(self, seq: int) -> tuple[int, list[str]]:
         """Jobs written after sequence number ``seq``, and the newest number (what watchers poll)."""
-        rows = self._connection().execute("SELECT id, seq FROM jobs WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+        rows = self._read("SELECT id, seq FROM jobs WHERE seq > ? ORDER BY seq", (seq,))
         if not rows:
             return seq, []
         return rows[-1][1], [r[0] for r in rows]
 
     def latest_seq(self) -> int:
-        return self._connection().execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
+        return self._read("SELECT seq FROM changes WHERE id = 1")[0][0]
 
     # ------------------------------------------------------------------ writes
 
@@ -144,9 +160,9 @@ class SQLiteJobStore(ConditionalWrites):
                     return False
             db.execute(
                 "INSERT INTO jobs (id, created_at, status, lease_until, cancel, owner, seq, data)"
-                " VALUES (?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.id, record.created_at, int(record.status), record.lease_until,
-                 int(record.cancel_requested), record.owner, json.dumps(record.to_dict())),
+                 int(record.cancel_requested), record.owner, self._next_seq(db), json.dumps(record.to_dict())),
             )
         return True
 
@@ -161,10 +177,9 @@ class SQLiteJobStore(ConditionalWrites):
                 return None
             data.update({k: int(v) if isinstance(v, JobStatus) else v for k, v in changes.items()})
             db.execute(
-                "UPDATE jobs SET status = ?, lease_until = ?, cancel = ?, owner = ?,"
-                " seq = (SELECT MAX(seq) + 1 FROM jobs), data = ? WHERE id = ?",
+                "UPDATE jobs SET status = ?, lease_until = ?, cancel = ?, owner = ?, seq = ?, data = ? WHERE id = ?",
                 (data["status"], data["lease_until"], int(data["cancel_requested"]), data["owner"],
-                 json.dumps(data), job_id),
+                 self._next_seq(db), json.dumps(data), job_id),
             )
             return JobRecord.from_dict(data)
 
@@ -173,6 +188,7 @@ class SQLiteJobStore(ConditionalWrites):
             return db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount > 0
 
     def close(self) -> None:
+        """Close this thread's connection (each thread that used the store opened its own)."""
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()

@@ -49,9 +49,11 @@ class JobStore(Protocol):
         """A page of jobs by creation time (``order`` asc/desc) after the job ``after``; and whether more exist."""
 
     def claim(self, job_id: str, owner: str, lease_s: float) -> JobRecord | None:
-        """Take an active job nobody holds (queued, handed over, or its lease expired); return it, or ``None``.
+        """Take an active job nobody holds (queued, handed over, or its lease expired a lease ago); return it, or ``None``.
 
         The returned record's ``attempts`` is the new attempt: ``Fence(job_id, owner, record.attempts)``.
+        An owner whose lease ran out keeps the job for one more lease period: after a store outage it
+        renews first, so an outage is not taken for a crash.
         """
 
     def renew(self, fence: Fence, lease_s: float) -> bool:
@@ -67,7 +69,10 @@ class JobStore(Protocol):
         """Apply terminal ``changes`` (must set a terminal status) once, if the fence is current."""
 
     def request_cancel(self, job_id: str, delete: bool = False) -> JobRecord | None:
-        """Flag the job for cancellation (and deletion once stopped); return it, or ``None`` if unknown."""
+        """Flag the job for cancellation (and deletion once stopped); return it, or ``None`` if unknown.
+
+        A job still queued (nobody ever claimed it) ends ``cancelled`` at once: no orchestrator capacity is needed.
+        """
 
     def is_cancel_requested(self, job_id: str) -> bool:
         """Cheap check, called once per denoising step."""
@@ -75,8 +80,8 @@ class JobStore(Protocol):
     def delete(self, job_id: str) -> bool:
         """Remove the record."""
 
-    def claimable(self, limit: int = 100) -> list[str]:
-        """Active jobs nobody holds: queued, handed over, or whose owner's lease expired (oldest first)."""
+    def claimable(self, lease_s: float, limit: int = 100) -> list[str]:
+        """Active jobs nobody holds: queued, handed over, or whose owner's lease expired a lease ago (oldest first)."""
 
     def count_active(self) -> int:
         """Jobs queued or in progress."""
@@ -103,7 +108,7 @@ class ConditionalWrites:
 
     def claim(self, job_id: str, owner: str, lease_s: float) -> JobRecord | None:
         def decide(record: JobRecord, now: float) -> dict | None:
-            if record.status.is_terminal or (record.owner is not None and record.lease_until >= now):
+            if record.status.is_terminal or (record.owner is not None and record.lease_until + lease_s >= now):
                 return None
             crashed = record.owner is not None  # it had an owner whose lease ran out without a hand-over
             return {
@@ -139,10 +144,15 @@ class ConditionalWrites:
     # -- clients' writes (flags only; the owner acts on them)
 
     def request_cancel(self, job_id: str, delete: bool = False) -> JobRecord | None:
-        changes = {"cancel_requested": True}
-        if delete:
-            changes["delete_requested"] = True
-        return self._modify(job_id, lambda record, now: changes)
+        def decide(record: JobRecord, now: float) -> dict:
+            changes = {"cancel_requested": True}
+            if delete:
+                changes["delete_requested"] = True
+            if record.status == JobStatus.QUEUED and record.owner is None and record.attempts == 0:
+                changes.update(status=JobStatus.CANCELLED, stage="cancelled", completed_at=now)
+            return changes
+
+        return self._modify(job_id, decide)
 
 
 def _monotonic(record: JobRecord, changes: dict) -> dict:

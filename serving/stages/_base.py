@@ -118,12 +118,12 @@ class StageRunner:
         try:
             return work(*args)
         except Exception as error:
-            if is_out_of_memory(error):
-                del error
-                free_device_memory()
-                self.stats.bump("out_of_memory_total")
-                raise StageOutOfMemory(self.stage) from None
-            raise
+            if not is_out_of_memory(error):
+                raise
+        # Out of memory: freed outside the except block, so the failed call's frames (and tensors) are gone.
+        free_device_memory()
+        self.stats.bump("out_of_memory_total")
+        raise StageOutOfMemory(self.stage)
 
     def _finished(self, arrived: float, started: float, ok: bool) -> None:
         stats = self.stats

@@ -21,12 +21,12 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster.config import FaultConfig, JobsConfig, ModelConfig, latent_tokens
 from cluster.load import DiffusionLoad
 from serving import metrics
-from serving.errors import JobCancelled, StageOutOfMemory, StoreUnavailable
+from serving.errors import JobCancelled, StageDead, StageOutOfMemory
 from serving.families import get_family
 from serving.families.base import resolve_device
 from serving.jobs.progress import diffusion_progress
@@ -39,6 +39,7 @@ __all__ = ["DiffusionStage"]
 logger = logging.getLogger("ray.serve.reelserve.diffusion")
 
 CHECKPOINT = "denoise_checkpoint"
+_STOP_WAIT_S = 20.0  # how long a stopping replica waits for its requests' stop checkpoints (about a step)
 
 
 @dataclass
@@ -53,6 +54,8 @@ class _Request:
     resumed_from_step: int | None = None
     first_step_at: float | None = None  # perf_counter of its first step: the end of its queue wait
     checkpoint_on_stop: bool = False  # stopped by a hand-over: leave a checkpoint for the successor
+    pending_write: dict = field(default_factory=dict)  # progress not yet in the store (newest wins)
+    writing: bool = False  # a flush of pending_write is under way
 
 
 class DiffusionStage:
@@ -64,7 +67,11 @@ class DiffusionStage:
         self._device = str(resolve_device(model.device))  # what the family computes on
         self._runner = StageRunner("diffusion", jobs, faults, model.name)
         self._runner.stats.load_seconds = load.seconds
-        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="diffusion-io")
+        # Store writes (progress, cancel checks) and artifact writes (checkpoints) each get their own threads: a
+        # slow store never holds up a checkpoint, nor the other way round.
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="diffusion-store")
+        self._artifact_io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="diffusion-artifacts")
+        self._checkpoint_lock = threading.Lock()
         self._requests: dict[str, _Request] = {}  # request id -> request
         self._load = DiffusionLoad()  # what the autoscaling policy reads (record_autoscaling_stats)
         self._load_lock = threading.Lock()  # touched by the engine's thread and the event loop
@@ -89,8 +96,9 @@ class DiffusionStage:
             try:
                 latents = await request.future
             except asyncio.CancelledError:
-                request.checkpoint_on_stop = True  # the caller went away (hand-over, deadline): keep the work
-                self._stop(request.engine_id)
+                # The caller went away. A hand-over (shutdown, lost lease) keeps the work for the successor; a
+                # cancel or a deadline does not. The store says which; this call must stop now either way.
+                asyncio.ensure_future(self._stop_when_the_caller_left(request))
                 raise
             ok = True
         finally:
@@ -104,6 +112,16 @@ class DiffusionStage:
         audio = await self._runner.publish(ticket, "audio_latents", latents.audio)
         return DenoiseResult(video, audio, request.total_steps, request.total_steps, request.resumed_from_step)
 
+    async def _stop_when_the_caller_left(self, request: _Request) -> None:
+        try:
+            record = await asyncio.get_running_loop().run_in_executor(self._io, self._store.get, request.ticket.job_id)
+            request.checkpoint_on_stop = (
+                record is not None and not record.status.is_terminal and not record.cancel_requested
+            )
+        except Exception:  # noqa: BLE001 - the store cannot tell: keep the work, a sweep removes what is not needed
+            request.checkpoint_on_stop = True
+        self._stop(request.engine_id)
+
     def _busy(self, change: int) -> None:
         stats = self._runner.stats
         stats.in_flight += change
@@ -116,12 +134,12 @@ class DiffusionStage:
         prompt = await self._runner.receive(embeddings)
         photo = None if condition is None else await self._runner.receive(condition)
         loop = asyncio.get_running_loop()
-        for older in [r for r in self._requests.values() if r.ticket.job_id == ticket.job_id]:
+        for older in [r for r in list(self._requests.values()) if r.ticket.job_id == ticket.job_id]:
             # An older attempt of this job still runs here: it stops first, leaving a checkpoint to resume from.
             older.checkpoint_on_stop = True
             self._stop(older.engine_id)
             await asyncio.wait([older.future])
-        resume = await loop.run_in_executor(self._io, self._runner.artifacts.get, ticket.job_id, CHECKPOINT)
+        resume = await loop.run_in_executor(self._artifact_io, self._runner.artifacts.get, ticket.job_id, CHECKPOINT)
         engine_id = f"{ticket.job_id}/{ticket.attempt}"
         request = _Request(
             ticket, loop.create_future(), self._engine.total_steps(plan), engine_id,
@@ -168,38 +186,61 @@ class DiffusionStage:
             self._thread = threading.Thread(target=self._run_engine, name="diffusion-engine", daemon=True)
             self._thread.start()
 
+    @property
+    def _engine_alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
+
     def _run_engine(self) -> None:
         while True:
             with self._wake:
                 while not self._engine.has_work and not self._stop_requests:
                     self._wake.wait(timeout=5.0)  # idle; woken by every new request and stop
                 stopping, self._stop_requests = self._stop_requests, set()
-            for engine_id in stopping:
-                self._stop_in_engine(engine_id)
-            started = time.perf_counter()
             try:
-                events = self._engine.step()
-            except Exception as error:  # noqa: BLE001 - the engine isolates batches; this is a last resort
-                logger.exception("diffusion engine step failed")
-                events = [_EngineFailure(job_id, error) for job_id in self._engine.active_requests]
-            self._step_seconds = time.perf_counter() - started
-            self._measure(events, self._step_seconds)
+                self._one_step(stopping)
+            except Exception as error:  # noqa: BLE001 - fail what is running, never the thread
+                logger.exception("the diffusion engine's loop failed; failing the requests it held")
+                for engine_id in list(self._requests):
+                    self._engine.abort(engine_id)
+                    self._resolve(engine_id, error=error)
+
+    def _one_step(self, stopping: set[str]) -> None:
+        for engine_id in stopping:
+            self._stop_in_engine(engine_id)
+        started = time.perf_counter()
+        try:
+            events = self._engine.step()
+        except Exception as error:  # noqa: BLE001 - the engine isolates batches; this is a last resort
+            logger.exception("diffusion engine step failed")
+            failed = list(self._engine.active_requests)
+            for engine_id in failed:
+                self._engine.abort(engine_id)  # so it does not run (and fail) again
+            events = [_EngineFailure(engine_id, error) for engine_id in failed]
+        self._step_seconds = time.perf_counter() - started
+        self._mark_started(events)
+        for event in events:
+            self._dispatch(event)
+        # The load the autoscaler reads counts the whole step, slow hardware (or an injected slowdown) included.
+        self._measure(events, time.perf_counter() - started)
+
+    def _mark_started(self, events) -> None:
+        from serving.families.engine import StepFinished
+
+        with self._load_lock:
             for event in events:
-                self._dispatch(event)
+                engine_id = event.request_id
+                if isinstance(event, StepFinished) and engine_id in self._requests and engine_id not in self._started:
+                    self._started.add(engine_id)
+                    self._load.started(engine_id)
+                    self._requests[engine_id].first_step_at = time.perf_counter() - self._step_seconds
 
     def _measure(self, events, seconds: float) -> None:
         from serving.families.engine import StepFinished
 
-        stepped = [e.request_id for e in events if isinstance(e, StepFinished) and e.request_id in self._requests]
-        if not stepped:
-            return
-        with self._load_lock:
-            for engine_id in stepped:
-                if engine_id not in self._started:
-                    self._started.add(engine_id)
-                    self._load.started(engine_id)
-                    self._requests[engine_id].first_step_at = time.perf_counter() - seconds
-            self._load.stepped(stepped, seconds)
+        with self._load_lock:  # requests that ended in this step have left the tracker already
+            stepped = [e.request_id for e in events if isinstance(e, StepFinished) and e.request_id in self._started]
+            if stepped:
+                self._load.stepped(stepped, seconds)
 
     def _stop_in_engine(self, engine_id: str) -> None:
         request = self._requests.get(engine_id)
@@ -230,7 +271,7 @@ class DiffusionStage:
             metrics.denoise_step(self._model, request.resolution, self._step_seconds)
             self._loop.call_soon_threadsafe(self._after_step, request, event.finished_steps, event.total_steps)
         elif isinstance(event, CheckpointReady):
-            self._io.submit(self._save_checkpoint, request.ticket.job_id, event.checkpoint)
+            self._artifact_io.submit(self._save_checkpoint, request.ticket.job_id, event.checkpoint)
         elif isinstance(event, RequestFinished):
             self._resolve(engine_id, result=event.output)
         elif isinstance(event, (RequestFailed, _EngineFailure)):
@@ -263,15 +304,28 @@ class DiffusionStage:
         metrics.job_progressed(self._model)
 
     def _write(self, request: _Request, **changes) -> None:
-        """Progress with the job's fence; a refused write or a cancel flag stops the request."""
-        ticket = request.ticket
+        """Progress with the job's fence, newest last, one write at a time per request (a slow store coalesces
+        them); a refused write or a cancel flag stops the request."""
+        request.pending_write.update(changes)
+        if not request.writing:
+            request.writing = True
+            self._io.submit(self._flush, request)
 
-        def write() -> None:
+    def _flush(self, request: _Request) -> None:
+        ticket = request.ticket
+        while True:
+            changes, request.pending_write = request.pending_write, {}
+            if not changes:
+                request.writing = False
+                if request.pending_write:  # arrived between the check and the flag: keep going
+                    request.writing = True
+                    continue
+                return
             try:
                 current = self._store.update(ticket.fence, **changes)
                 cancelled = current and self._store.is_cancel_requested(ticket.job_id)
-            except StoreUnavailable:
-                return  # the job keeps going; the next step writes again
+            except Exception:  # noqa: BLE001 - the store is away: the job keeps going; the next step writes again
+                continue
             if not current:
                 logger.info("job %s attempt %d is superseded; stopping it", ticket.job_id, ticket.attempt)
                 request.checkpoint_on_stop = True
@@ -280,11 +334,14 @@ class DiffusionStage:
                 self._runner.stats.bump("cancelled_total")
                 self._stop(request.engine_id)
 
-        self._io.submit(write)
-
     def _save_checkpoint(self, job_id: str, checkpoint) -> None:
+        """Keep the checkpoint unless one of a later step is kept already (saves run on several threads)."""
         try:
-            self._runner.artifacts.put(job_id, CHECKPOINT, checkpoint)
+            with self._checkpoint_lock:
+                kept = self._runner.artifacts.get(job_id, CHECKPOINT)
+                if kept is not None and kept.finished_steps > checkpoint.finished_steps:
+                    return
+                self._runner.artifacts.put(job_id, CHECKPOINT, checkpoint)
             self._runner.stats.bump("checkpoints_total")
         except Exception as error:  # noqa: BLE001 - a lost checkpoint costs steps on a takeover, not the job
             logger.warning("job %s: saving a checkpoint failed: %r", job_id, error)
@@ -299,12 +356,20 @@ class DiffusionStage:
         with self._load_lock:
             return self._load.report()
 
+    async def check_health(self) -> None:
+        """Dead only when the denoising thread died (every request would wait forever)."""
+        if not self._engine_alive:
+            raise StageDead("the diffusion engine's thread has stopped")
+
     async def __del__(self):
-        # Serve calls this after the replica's calls drained (graceful_shutdown_timeout_s, derived from the
-        # longest job); whatever still runs checkpoints now, so its successor resumes where it stopped.
-        for engine_id, request in list(self._requests.items()):
+        # Serve calls this once the replica's calls drained or its drain time (sized for the longest job) is
+        # nearly over. Whatever still runs stops at its next step with a checkpoint, so a successor resumes there.
+        requests = list(self._requests.values())
+        for request in requests:
             request.checkpoint_on_stop = True
-            self._stop(engine_id)
+            self._stop(request.engine_id)
+        if requests:
+            await asyncio.wait([r.future for r in requests], timeout=_STOP_WAIT_S)
 
 
 @dataclass(frozen=True)

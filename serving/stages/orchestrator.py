@@ -8,6 +8,7 @@ kept), so a redeploy or a scale-down costs a successor's claim, not the work.
 from __future__ import annotations
 
 from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig, RewriterConfig
+from serving.errors import StageDead
 from serving.families import get_family
 from serving.jobs.artifacts import open_artifacts
 from serving.jobs.orchestrator import Orchestrator, StageHandles
@@ -52,17 +53,15 @@ class OrchestratorDeployment:
             self._started = True
 
     async def check_health(self) -> None:
-        self._ensure_started()  # healthy while the process lives: a store outage is not this replica's fault
+        """Healthy while its job loop runs: a store outage is not this replica's fault."""
+        self._ensure_started()
+        if not self.orchestrator.healthy:
+            raise StageDead("the orchestrator's job loop has stopped")
 
     async def wake(self) -> None:
         """A job was accepted: look for it now instead of at the next poll."""
         self._ensure_started()
         self.orchestrator.wake()
-
-    async def holding(self) -> list[str]:
-        """Ids of the jobs this replica runs right now."""
-        self._ensure_started()
-        return self.orchestrator.holding()
 
     def stats(self) -> dict:
         return self.orchestrator.stats.snapshot()

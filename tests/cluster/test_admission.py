@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.admission import JobLoad, StepRate, admit, admit_job, backlog_token_steps, estimated_queue_wait_s
+from cluster.admission import AdmissionLimits, JobLoad, StepRate, admit, backlog_token_steps, estimated_queue_wait_s
 from cluster.config import latent_tokens
 
 RATE = 3.5e-4
@@ -69,7 +69,14 @@ def test_the_default_bound_admits_a_full_default_queue_on_the_8x_h100_profile():
                      config.stages["diffusion"].max_replicas, config.scaling.max_queue_wait_s).admitted
 
 
-def test_admit_job_reads_the_bound_replicas_and_retry_floor_from_the_config():
+def _admit(config, jobs: list[JobLoad], rate: StepRate):
+    """What the ingress does: the limits from the config, the backlog from the store's active jobs."""
+    limits = AdmissionLimits.of(config)
+    return admit(backlog_token_steps(jobs), rate.value, limits.diffusion_replicas, limits.max_queue_wait_s,
+                 min_retry_after_s=limits.retry_after_s)
+
+
+def test_admission_reads_the_bound_replicas_and_retry_floor_from_the_config():
     from cluster.config import ReelserveConfig
 
     config = ReelserveConfig(
@@ -79,10 +86,10 @@ def test_admit_job_reads_the_bound_replicas_and_retry_floor_from_the_config():
     rate = StepRate(prior=RATE)
     job = JobLoad.of(1280, 704, 5, 24, steps=30)
     assert job == JobLoad(BIG, 30)
-    assert admit_job(config, [job] * 4, rate).admitted  # 591 GPU-s over 2 replicas: 296 s
-    refused = admit_job(config, [job] * 5, rate)  # 370 s
+    assert _admit(config, [job] * 4, rate).admitted  # 591 GPU-s over 2 replicas: 296 s
+    refused = _admit(config, [job] * 5, rate)  # 370 s
     assert not refused.admitted and refused.retry_after_s == 70
-    barely = admit_job(config, [job] * 4 + [JobLoad(BIG, 30, finished_steps=29)] * 2, rate)  # 306 s: floor of 30
+    barely = _admit(config, [job] * 4 + [JobLoad(BIG, 30, finished_steps=29)] * 2, rate)  # 306 s: floor of 30
     assert not barely.admitted and barely.retry_after_s == 30
     fixed = ReelserveConfig(stages={"diffusion": {"num_replicas": 3}}, scaling={"max_queue_wait_s": 300})
-    assert admit_job(fixed, [job] * 5, rate).admitted  # three fixed replicas: 246 s
+    assert _admit(fixed, [job] * 5, rate).admitted  # three fixed replicas: 246 s

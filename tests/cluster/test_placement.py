@@ -77,6 +77,8 @@ def test_spreading_and_multi_gpu_replicas():
     bundles = options["placement_group_bundles"]
     assert len(bundles) == 4 and all(b["GPU"] == 1.0 for b in bundles)
     assert all(b["accelerator_type:H100"] > 0 for b in bundles)
+    with_memory = _options("diffusion", num_gpus=2, memory_gb=64)
+    assert with_memory["placement_group_bundles"][0]["memory"] == with_memory["ray_actor_options"]["memory"]
 
 
 def test_drain_fits_the_longest_job_and_never_exceeds_the_deadline():

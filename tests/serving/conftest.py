@@ -30,6 +30,7 @@ FAULTS = [
     {"stage": "diffusion", "kind": "out_of_memory", "prompt_contains": "[oom]", "at_step": 2},
     {"stage": "diffusion", "kind": "kill_replica", "prompt_contains": "[kill-diffusion]", "at_step": 7},
     {"stage": "video_decoder", "kind": "stall", "prompt_contains": "[stall-decoder]", "stall_s": 30},
+    {"stage": "muxer", "kind": "stall", "prompt_contains": "[stall-muxer]", "stall_s": 20},
     {"stage": "diffusion", "kind": "stall", "prompt_contains": "[stall-diffusion]", "stall_s": 120, "times_per_job": 3},
 ]
 

@@ -175,6 +175,20 @@ def test_an_orchestrator_replica_killed_mid_job_is_taken_over(stub, job_store, f
     watcher.assert_never_went_back()
 
 
+def test_a_takeover_after_the_decoders_redoes_neither_decoder(stub, job_store):
+    from tests.serving.conftest import stage_stats
+
+    created = _create(stub, "a windmill turning [stall-muxer]", seed=12)
+    wait_until(lambda: job_store.get(created.id).stage == "muxer", timeout_s=60, what="the job reaching the muxer")
+    decoded = stage_stats("video_decoder")["requests_total"]
+    _kill_orchestrator_holding(created.id, job_store)
+    final = wait_terminal(stub, created.id, timeout_s=90)
+    record = job_store.get(created.id)
+    assert final.status == video_pb2.COMPLETED, final.error.message
+    assert record.takeovers == 1 and {"video_decoder", "audio_decoder", "diffusion"} <= set(record.done_stages)
+    assert stage_stats("video_decoder")["requests_total"] == decoded  # the successor read the kept H.264
+
+
 def test_the_deadline_counts_from_the_first_start_across_attempts(served, stub, job_store):
     """A stalled job whose orchestrator dies fails at its first start + job_timeout_s, not a timeout later."""
     timeout = served["config"]["jobs"]["job_timeout_s"]
@@ -219,6 +233,8 @@ def test_redis_stopped_for_20_s_mid_job_and_restarted(served, stub, job_store):
     final = wait_terminal(stub, created.id, timeout_s=120)
     assert final.status == video_pb2.COMPLETED, final.error.message
     assert final.step == STEPS > step_before
+    record = job_store.get(created.id)
+    assert (record.attempts, record.takeovers) == (1, 0)  # the outage was no crash: its owner kept it
     assert httpx.post(served["http"] + "/v1/videos", json={"prompt": "after", "size": "64x64"}).status_code == 200
     watcher._thread.join(30)
     assert watcher.events[-1].status == video_pb2.COMPLETED  # the stream rode out the outage
@@ -257,12 +273,14 @@ def test_the_ingress_redeployed_mid_job(served, stub, job_store):
 def test_the_orchestrators_redeployed_mid_job_hand_the_job_over(served, stub, job_store, figures):
     created = _create(stub, f"a market at noon {SLOWER}", seed=6)
     wait_until(lambda: job_store.get(created.id).step >= 3, what="three denoising steps")
+    step_at_rollout = job_store.get(created.id).step
     _override(served, "orchestrator", ray_actor_options={"num_cpus": 0.11})
     final = wait_terminal(stub, created.id)
     record = job_store.get(created.id)
     assert final.status == video_pb2.COMPLETED, final.error.message
     assert record.takeovers == 0 and record.attempts >= 2  # handed over, not crashed
-    assert record.resumed_from_step is not None and record.resumed_from_step >= 3
+    # The successor resumed from the step denoising stopped at, not from an older periodic checkpoint.
+    assert record.resumed_from_step is not None and record.resumed_from_step >= step_at_rollout
     figures["rollout_resumed_from_step"] = record.resumed_from_step
 
 

@@ -130,10 +130,13 @@ def _claim(store, record: JobRecord, owner: str = "alpha", lease_s: float = 30.0
     return Fence(record.id, owner, claimed.attempts)
 
 
+SHORT = 0.05  # a lease that runs out at once
+
+
 def _expire(store, record: JobRecord, owner: str = "dead") -> Fence:
-    """Claim with a lease that runs out at once (the owner 'crashes')."""
-    fence = _claim(store, record, owner, lease_s=0.05)
-    time.sleep(0.1)
+    """Claim with a lease that runs out at once and let its grace pass too (the owner 'crashed')."""
+    fence = _claim(store, record, owner, lease_s=SHORT)
+    time.sleep(3 * SHORT)
     return fence
 
 
@@ -174,7 +177,7 @@ def test_a_stale_owners_writes_are_refused(store):
     store.create(record)
     stale = _expire(store, record, owner="alpha")
     assert store.update(stale, status=JobStatus.IN_PROGRESS, stage="diffusion", progress=30)
-    current = _claim(store, record, owner="beta")
+    current = _claim(store, record, owner="beta", lease_s=SHORT)
     assert current.attempt == stale.attempt + 1
     before = store.get(record.id)
     assert before.owner == "beta" and before.takeovers == 1
@@ -284,10 +287,17 @@ def test_request_cancel_flags_active_job(store):
     assert isinstance(returned, JobRecord)
     assert returned.id == record.id
     assert returned.cancel_requested is True and returned.delete_requested is False
-    assert returned.status is JobStatus.QUEUED  # cancelling only flags; the orchestrator finishes it
+    assert returned.status is JobStatus.CANCELLED  # never claimed: it ends at once, no orchestrator needed
     assert store.is_cancel_requested(record.id) is True
     got = store.get(record.id)
     assert got.cancel_requested is True and got.delete_requested is False
+    assert got.status is JobStatus.CANCELLED and got.completed_at is not None and store.count_active() == 0
+
+    running = make_record()
+    store.create(running)
+    _claim(store, running)
+    flagged = store.request_cancel(running.id)
+    assert flagged.status is JobStatus.QUEUED and flagged.cancel_requested  # claimed: its owner stops it
 
 
 def test_request_cancel_with_delete_on_terminal_job(store):
@@ -415,7 +425,7 @@ def test_leases_run_on_the_stores_clock(store):
     assert before + 10.0 <= store.get(record.id).lease_until <= after + 10.0
     # another orchestrator cannot take it while the lease is valid
     assert store.claim(record.id, "beta", 10.0) is None
-    assert record.id not in store.claimable()
+    assert record.id not in store.claimable(10.0)
     # the owner renews: the lease moves forward
     fence = Fence(record.id, "alpha", 1)
     time.sleep(0.05)
@@ -427,11 +437,23 @@ def test_a_crashed_owners_job_is_taken_over_and_counted(store):
     record = make_record()
     store.create(record)
     _expire(store, record, owner="alpha")
-    assert record.id in store.claimable()
-    taken = store.claim(record.id, "beta", 10.0)
+    assert record.id in store.claimable(SHORT)
+    taken = store.claim(record.id, "beta", SHORT)
     assert (taken.owner, taken.attempts, taken.takeovers) == ("beta", 2, 1)
-    assert store.claim(record.id, "alpha", 10.0) is None  # the old owner cannot get it back
-    assert record.id not in store.claimable()
+    assert store.claim(record.id, "alpha", SHORT) is None  # the old owner cannot get it back
+    assert record.id not in store.claimable(SHORT)
+
+
+def test_an_expired_lease_stays_with_its_owner_for_one_more_lease(store):
+    """After a store outage the owner renews before anyone may take the job over: an outage is no crash."""
+    record = make_record()
+    store.create(record)
+    fence = _claim(store, record, "alpha", lease_s=0.3)
+    time.sleep(0.4)  # the lease ran out (the store was unreachable, say) ...
+    assert record.id not in store.claimable(0.3)
+    assert store.claim(record.id, "beta", 0.3) is None  # ... but its grace has not
+    assert store.renew(fence, 0.3)  # the owner is back in time
+    assert store.get(record.id).takeovers == 0
 
 
 def test_a_released_job_is_claimed_at_once_and_not_counted_as_a_takeover(store):
@@ -441,7 +463,7 @@ def test_a_released_job_is_claimed_at_once_and_not_counted_as_a_takeover(store):
     assert store.release(fence) is True
     released = store.get(record.id)
     assert released.owner is None and released.lease_until == 0.0
-    assert record.id in store.claimable()
+    assert record.id in store.claimable(10.0)
     taken = store.claim(record.id, "beta", 10.0)
     assert (taken.owner, taken.attempts, taken.takeovers) == ("beta", 2, 0)
     # a claim changes nothing else
@@ -462,7 +484,7 @@ def test_terminal_jobs_cannot_be_claimed(store, terminal):
     born_terminal = make_record(status=terminal)
     store.create(born_terminal)
     assert store.claim(born_terminal.id, "alpha", 10.0) is None
-    assert born_terminal.id not in store.claimable()
+    assert born_terminal.id not in store.claimable(10.0)
 
 
 def test_concurrent_claims_have_one_winner(store):
@@ -504,8 +526,8 @@ def test_claimable_lists_queued_released_and_expired_jobs_oldest_first(store):
     _claim(store, live, "alive", lease_s=600.0)
     store.finish(_claim(store, done), status=JobStatus.COMPLETED)
     store.release(_claim(store, released))
-    assert store.claimable() == [queued.id, expired.id, released.id]
-    assert store.claimable(limit=2) == [queued.id, expired.id]
+    assert store.claimable(SHORT) == [queued.id, expired.id, released.id]
+    assert store.claimable(SHORT, limit=2) == [queued.id, expired.id]
 
 
 def test_count_active_counts_queued_and_in_progress_only(store):
@@ -522,9 +544,9 @@ def test_count_active_counts_queued_and_in_progress_only(store):
     assert store.count_active() == 3
     assert store.finish(_claim(store, finished), status=JobStatus.COMPLETED)
     assert store.count_active() == 2
-    assert store.request_cancel(queued.id) is not None  # flagged, still active until finished
+    assert store.request_cancel(running.id) is not None  # flagged, still active until its owner finishes it
     assert store.count_active() == 2
-    assert store.finish(_claim(store, queued), status=JobStatus.CANCELLED)
+    assert store.request_cancel(queued.id).status is JobStatus.CANCELLED  # never claimed: ends at once
     assert store.count_active() == 1
     assert store.delete(running.id)
     assert store.count_active() == 0
@@ -620,7 +642,7 @@ def test_the_redis_store_answers_unavailable_when_redis_is_down():
 
     store = RedisJobStore(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     try:
-        for call in (lambda: store.get("video_x"), store.count_active, store.claimable, store.now,
+        for call in (lambda: store.get("video_x"), store.count_active, lambda: store.claimable(1.0), store.now,
                      lambda: store.create(make_record()), lambda: store.request_cancel("video_x")):
             with pytest.raises(StoreUnavailable, match="unreachable"):
                 call()
