@@ -272,12 +272,15 @@ class Handoff:
     replica; read zero-copy on its node). The same payload is kept under
     ``name`` in the job's artifacts until the job ends, so a takeover (with no
     ``ref``) or a consumer whose producer replica is gone still finds it.
+    ``kept`` is false when keeping that copy failed: the job goes on, but the
+    stage is not marked done, so a takeover runs it again.
     """
 
     job_id: str
     name: str
     ref: object | None
     nbytes: int
+    kept: bool = True
 
 
 @dataclass(frozen=True)

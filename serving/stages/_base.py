@@ -142,14 +142,16 @@ class StageRunner:
         import ray
 
         ref = ray.put(payload)
+        kept = True
         try:
             await asyncio.to_thread(self.artifacts.put, ticket.job_id, name, payload)
         except Exception as error:  # noqa: BLE001 - the job goes on; only a takeover would redo this stage
+            kept = False
             logger.warning("job %s: keeping the %s failed (%s); continuing without a copy", ticket.job_id, name, error)
         nbytes = metrics.handoff_nbytes(payload)
         self.stats.handed_bytes_total += nbytes
         metrics.bytes_handed(self.stats.stage, self.stats.model, nbytes)
-        return Handoff(job_id=ticket.job_id, name=name, ref=ref, nbytes=nbytes)
+        return Handoff(job_id=ticket.job_id, name=name, ref=ref, nbytes=nbytes, kept=kept)
 
     async def receive(self, handoff: Handoff) -> Any:
         """The payload: from the Ray object, or from the kept copy when there is none or it is gone."""
