@@ -22,12 +22,28 @@ import logging
 
 from serving.jobs.store import JobStore
 
-__all__ = ["JobEvents"]
+__all__ = ["JobEvents", "wait_for_event"]
 
 logger = logging.getLogger("ray.serve.reelserve.events")
 
 _SQLITE_POLL_S = 0.1
 _RECONNECT_S = 1.0
+
+
+async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
+    """Until ``event`` is set or ``timeout`` passes; True when it was set.
+
+    Not ``asyncio.wait_for``: on Python 3.11 that swallows a cancel that arrives
+    just as the event is set, and a task stopped that way runs on unseen.
+    """
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=max(0.0, timeout))
+    finally:
+        waiter.cancel()
+    return event.is_set()
 
 
 class JobEvents:
@@ -44,10 +60,7 @@ class JobEvents:
         event = asyncio.Event()
         self._waiters.setdefault(job_id, set()).add(event)
         try:
-            await asyncio.wait_for(event.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
+            return await wait_for_event(event, timeout)
         finally:
             waiters = self._waiters.get(job_id)
             if waiters is not None:

@@ -34,7 +34,7 @@ from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig, Rewriter
 from serving import metrics
 from serving.errors import JobCancelled, ReelserveError, StageOutOfMemory, StoreUnavailable
 from serving.jobs.artifacts import ArtifactStore
-from serving.jobs.events import JobEvents
+from serving.jobs.events import JobEvents, wait_for_event
 from serving.jobs.progress import STAGE_PROGRESS
 from serving.jobs.record import JobRecord
 from serving.jobs.results import ResultStore
@@ -187,8 +187,7 @@ class Orchestrator:
                 logger.info("looking for jobs failed: %r", error)
             # What this replica runs, and what it saw waiting for room (only when it is full).
             metrics.jobs_active(self.model.name, queued=waiting, in_progress=len(self._running))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), orchestrator.poll_interval_s)
+            await wait_for_event(self._wake, orchestrator.poll_interval_s)
             self._wake.clear()
 
     async def _sweep_artifacts(self) -> None:
@@ -464,8 +463,7 @@ class Orchestrator:
         renew_every = self.jobs.lease_s / 3
         next_renewal = 0.0
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(job.flush.wait(), max(0.0, next_renewal - time.monotonic()))
+            await wait_for_event(job.flush, next_renewal - time.monotonic())
             job.flush.clear()
             changes, job.pending = job.pending, {}
             try:
