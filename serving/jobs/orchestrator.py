@@ -16,7 +16,10 @@ Durability, in order of what can go wrong:
   is honoured at every stage boundary and cancels the calls in flight. The
   deadline counts from the job's first start across attempts.
 - **Store outages.** Progress and bookkeeping writes are queued and written
-  when the store answers again; the job keeps running meanwhile.
+  when the store answers again; the job keeps running meanwhile. Every lease
+  lapses during a long outage, so for one lease after the store answers
+  again a replica claims only jobs nobody owns: the owners renew first, and
+  an outage is not taken for a crash.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -136,6 +140,7 @@ class Orchestrator:
         self._poller: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._stopping = False
+        self._store_failed_at = -math.inf  # monotonic time of the last store call that found the store down
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -163,7 +168,21 @@ class Orchestrator:
         return self._poller is None or not self._poller.done() or self._stopping
 
     async def _io(self, method, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(self._io_pool, lambda: method(*args, **kwargs))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._io_pool, lambda: method(*args, **kwargs))
+        except StoreUnavailable:
+            self._store_failed_at = time.monotonic()
+            raise
+
+    def _orphan_grace_s(self) -> float:
+        """How long past its lease a job waits before this replica takes it from its owner.
+
+        One more lease normally; while the store is down and for one lease after it answers again, for ever
+        (only unowned jobs are claimed), because every owner's renewals were failing too.
+        """
+        if time.monotonic() - self._store_failed_at < self.jobs.lease_s:
+            return math.inf
+        return self.jobs.lease_s
 
     async def _poll_forever(self) -> None:
         orchestrator = self.settings
@@ -175,7 +194,9 @@ class Orchestrator:
                 next_sweep = time.monotonic() + _SWEEP_EVERY_S
                 await self._sweep_artifacts()
             try:
-                claimable = await self._io(self.store.claimable, self.jobs.lease_s, max(room, 1) + len(self._running))
+                claimable = await self._io(
+                    self.store.claimable, self._orphan_grace_s(), max(room, 1) + len(self._running)
+                )
                 for job_id in claimable:
                     if job_id in self._running:
                         continue
@@ -210,7 +231,9 @@ class Orchestrator:
     # ------------------------------------------------------------------ one job
 
     async def _run(self, job_id: str) -> None:
-        claim = asyncio.ensure_future(self._io(self.store.claim, job_id, self.owner, self.jobs.lease_s))
+        claim = asyncio.ensure_future(
+            self._io(self.store.claim, job_id, self.owner, self.jobs.lease_s, self._orphan_grace_s())
+        )
         try:
             record = await asyncio.shield(claim)  # a claim that lands must be known, even when stopping
         except asyncio.CancelledError:

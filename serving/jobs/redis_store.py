@@ -153,7 +153,7 @@ class RedisJobStore(ConditionalWrites):
         return bool(removed)
 
     @_unavailable_on_connection_errors
-    def claimable(self, lease_s: float, limit: int = 100) -> list[str]:
+    def claimable(self, grace_s: float, limit: int = 100) -> list[str]:
         now = self.now()
         ids = list(self._redis.smembers(_ACTIVE))
         pipe = self._redis.pipeline(transaction=False)
@@ -166,7 +166,7 @@ class RedisJobStore(ConditionalWrites):
             (status, lease_until, owner), created = answers[2 * index], answers[2 * index + 1]
             if status is None or int(status) >= _TERMINAL:
                 continue
-            if not owner or float(lease_until) + lease_s < now:
+            if not owner or float(lease_until) + grace_s < now:
                 found.append((created or 0.0, job_id))
         return [job_id for _, job_id in sorted(found)[:limit]]
 

@@ -126,10 +126,10 @@ class SQLiteJobStore(ConditionalWrites):
         rows = self._read("SELECT cancel FROM jobs WHERE id = ?", (job_id,))
         return not rows or bool(rows[0][0])  # a deleted job is as good as cancelled
 
-    def claimable(self, lease_s: float, limit: int = 100) -> list[str]:
+    def claimable(self, grace_s: float, limit: int = 100) -> list[str]:
         rows = self._read(
             "SELECT id FROM jobs WHERE status < ? AND (owner IS NULL OR lease_until + ? < ?) ORDER BY created_at LIMIT ?",
-            (_TERMINAL, lease_s, self.now(), limit),
+            (_TERMINAL, grace_s, self.now(), limit),
         )
         return [r[0] for r in rows]
 

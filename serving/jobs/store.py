@@ -48,12 +48,12 @@ class JobStore(Protocol):
     def list(self, *, after: str | None, limit: int, order: str) -> tuple[list[JobRecord], bool]:
         """A page of jobs by creation time (``order`` asc/desc) after the job ``after``; and whether more exist."""
 
-    def claim(self, job_id: str, owner: str, lease_s: float) -> JobRecord | None:
-        """Take an active job nobody holds (queued, handed over, or its lease expired a lease ago); return it, or ``None``.
+    def claim(self, job_id: str, owner: str, lease_s: float, grace_s: float | None = None) -> JobRecord | None:
+        """Take an active job nobody holds (queued, handed over, or its lease expired ``grace_s`` ago); return it, or ``None``.
 
         The returned record's ``attempts`` is the new attempt: ``Fence(job_id, owner, record.attempts)``.
-        An owner whose lease ran out keeps the job for one more lease period: after a store outage it
-        renews first, so an outage is not taken for a crash.
+        An owner whose lease ran out keeps the job for ``grace_s`` more (default: one more lease), so an
+        owner that was only cut off from the store can renew first.
         """
 
     def renew(self, fence: Fence, lease_s: float) -> bool:
@@ -80,8 +80,8 @@ class JobStore(Protocol):
     def delete(self, job_id: str) -> bool:
         """Remove the record."""
 
-    def claimable(self, lease_s: float, limit: int = 100) -> list[str]:
-        """Active jobs nobody holds: queued, handed over, or whose owner's lease expired a lease ago (oldest first)."""
+    def claimable(self, grace_s: float, limit: int = 100) -> list[str]:
+        """Active jobs nobody holds: queued, handed over, or whose owner's lease expired ``grace_s`` ago (oldest first)."""
 
     def count_active(self) -> int:
         """Jobs queued or in progress."""
@@ -106,9 +106,11 @@ class ConditionalWrites:
 
     # -- owner's writes (fenced)
 
-    def claim(self, job_id: str, owner: str, lease_s: float) -> JobRecord | None:
+    def claim(self, job_id: str, owner: str, lease_s: float, grace_s: float | None = None) -> JobRecord | None:
+        grace_s = lease_s if grace_s is None else grace_s
+
         def decide(record: JobRecord, now: float) -> dict | None:
-            if record.status.is_terminal or (record.owner is not None and record.lease_until + lease_s >= now):
+            if record.status.is_terminal or (record.owner is not None and record.lease_until + grace_s >= now):
                 return None
             crashed = record.owner is not None  # it had an owner whose lease ran out without a hand-over
             return {

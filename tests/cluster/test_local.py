@@ -184,7 +184,7 @@ def test_loadtest_accounts_for_every_job_and_writes_the_report_and_plots(loadtes
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
     assert report["goodput"]["slo_seconds"] == 30 and report["goodput"]["within_slo"] <= 20
     assert report["first_progress_seconds"]["count"] == 20
-    assert {"text_encoder", "diffusion", "decoders", "muxer"} <= set(report["stage_seconds"])
+    assert {"text_encoder", "diffusion", "video_decoder", "audio_decoder", "muxer"} <= set(report["stage_seconds"])
     assert set(report["by_shape"]) == {"i2v", "t2v-enhanced"}
     assert len(report["traces"]) == 20 and all(t["job_id"] for t in report["traces"])
     samples = report["metrics"]["samples"]

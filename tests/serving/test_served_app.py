@@ -36,7 +36,7 @@ def test_grpc_job_streams_progress_to_100_and_downloads_an_mp4(stub, photos, pro
     assert all(b > a for a, b in zip(progress, progress[1:])), progress
     assert progress[-1] == 100 and events[-1].status == video_pb2.COMPLETED
     assert any(e.stage == "diffusion" for e in events)
-    assert set(events[-1].stage_seconds) >= {"text_encoder", "image_conditioner", "diffusion", "decoders", "muxer"}
+    assert set(events[-1].stage_seconds) >= {"text_encoder", "image_conditioner", "diffusion", "video_decoder", "audio_decoder", "muxer"}
 
     chunks = list(stub.DownloadVideo(video_pb2.DownloadVideoRequest(id=created.id)))
     data = b"".join(c.data for c in chunks)

@@ -307,9 +307,10 @@ def test_scaling_diffusion_down_while_both_replicas_run_jobs(served, stub, job_s
 def test_a_burst_scales_diffusion_up_and_back_and_the_removed_replica_finishes_its_job(served, stub, job_store):
     """Diffusion autoscaled 1..2 on its backlog in GPU-seconds (cluster.autoscaling), as local-cpu runs it.
 
-    A long job A holds the only replica and a short job B waits behind it, so a second replica comes. A long
+    A long job A holds the only replica and a medium job B waits behind it, so a second replica comes. A long
     job D starts on that replica (B is done, A still runs). When A ends, the count drops back to 1 after the
-    down delay; Serve stops the newest replica, the one running D, which drains: D completes there.
+    down delay; Serve stops the newest replica, the one running D, which drains: D completes there. B lasts
+    long enough that D, started after it, still runs a down delay after A ends.
     """
     from ray import serve
 
@@ -323,7 +324,7 @@ def test_a_burst_scales_diffusion_up_and_back_and_the_removed_replica_finishes_i
     first = {a["name"] for a in _replica_actors("diffusion")}
     a = _create(stub, f"a long take A {LONG}", seed=1)
     wait_until(lambda: job_store.get(a.id).step >= 1, timeout_s=120, what="A denoising")
-    b = _create(stub, "a short one B", seed=2)
+    b = _create(stub, f"a medium one B {SLOWER}", seed=2)
     wait_until(lambda: replicas() == 2, timeout_s=120, what="a second diffusion replica")
     second = {x["name"] for x in _replica_actors("diffusion")} - first
     assert len(second) == 1

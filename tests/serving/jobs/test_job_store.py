@@ -6,6 +6,7 @@ started once for this module on a free port. Nothing is mocked.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -528,6 +529,20 @@ def test_claimable_lists_queued_released_and_expired_jobs_oldest_first(store):
     store.release(_claim(store, released))
     assert store.claimable(SHORT) == [queued.id, expired.id, released.id]
     assert store.claimable(SHORT, limit=2) == [queued.id, expired.id]
+
+
+def test_an_endless_grace_leaves_lapsed_owners_their_jobs(store):
+    # Right after a store outage every lease has lapsed; an orchestrator then claims only unowned jobs.
+    queued = make_record(created_at=1.0)
+    lapsed = make_record(created_at=2.0)
+    for record in (queued, lapsed):
+        store.create(record)
+    fence = _expire(store, lapsed, owner="cut-off")
+    assert store.claimable(math.inf) == [queued.id]
+    assert store.claim(lapsed.id, "eager", 30.0, grace_s=math.inf) is None
+    assert store.renew(fence, 30.0)  # the owner is back first and keeps its job
+    assert store.claim(lapsed.id, "eager", 30.0) is None
+    assert store.claim(queued.id, "eager", 30.0, grace_s=math.inf) is not None
 
 
 def test_count_active_counts_queued_and_in_progress_only(store):
