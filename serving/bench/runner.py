@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from serving.bench.gpu_profiles import PROFILES as GPU_PROFILES
 from serving.bench.profiles import PROFILES, get_profile, machine_info, prepare_checkpoint
 from serving.bench.registry import BenchContext, SectionResult, sections
 
@@ -29,7 +30,12 @@ class BenchError(ValueError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", help=f"workload and model widths: {', '.join(PROFILES)} (default: gpu with a GPU, else cpu-small)")
+    parser.add_argument(
+        "--profile",
+        help=f"workload and model widths: {', '.join(PROFILES)} (default: gpu with a GPU, else cpu-small); or "
+        f"{', '.join(GPU_PROFILES)}: the real LTX-2 dims with random weights (serving.bench.gpu; --section picks "
+        f"its sections)",
+    )
     parser.add_argument("--model", help="checkpoint directory to benchmark (default: the profile's own, built offline)")
     parser.add_argument("--out", default="bench-out", help="folder for bench.json and bench.md (default: bench-out)")
     parser.add_argument("--section", action="append", help="run only this section (repeatable; default: all)")
@@ -48,8 +54,13 @@ def run_bench(args: argparse.Namespace, command: str, before_work=lambda: None) 
     os.environ.update(ray_environment())  # explicit token auth for our cluster, before anything imports Ray
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")  # a busy machine registers the node slowly
     # Cheap checks first: no torch import for a typo.
+    if args.profile in GPU_PROFILES:
+        before_work()
+        return _run_real_dims(args, command)
     if args.profile is not None and args.profile not in PROFILES:
-        raise BenchError(f"--profile: '{args.profile}' is not a profile; profiles: {', '.join(PROFILES)}")
+        raise BenchError(
+            f"--profile: '{args.profile}' is not a profile; profiles: {', '.join([*PROFILES, *GPU_PROFILES])}"
+        )
     if args.model is not None and not Path(args.model, "model_index.json").is_file():
         raise BenchError(f"--model: '{args.model}' is not a checkpoint folder (no model_index.json in it)")
     available = sections()
@@ -94,6 +105,33 @@ def run_bench(args: argparse.Namespace, command: str, before_work=lambda: None) 
     for _, text in blocks:
         print(text)
     return summary
+
+
+def _run_real_dims(args: argparse.Namespace, command: str) -> dict:
+    """The real-dims benchmark (``serving.bench.gpu``) as ``reelserve bench --profile ltx2-19b-random``."""
+    from serving.bench import gpu
+
+    if args.model is not None:
+        raise BenchError(f"--model: the {args.profile} profile builds its own random weights; leave --model out")
+    unknown = [s for s in args.section or () if s not in gpu.SECTIONS]
+    if unknown:
+        raise BenchError(f"--section: {unknown[0]} is not a section of {args.profile}; sections: {', '.join(gpu.SECTIONS)}")
+    chosen = None if not args.section else ["machine", *(s for s in args.section if s != "machine")]
+    out_dir = Path(args.out)
+    started = time.perf_counter()
+    try:
+        report = gpu.run(args.profile, out_dir, sections=chosen, command=command)
+    except (ValueError, RuntimeError) as error:
+        raise BenchError(f"--profile: {error}") from None
+    wall_s = round(time.perf_counter() - started, 1)
+    markdown = (out_dir / "gpu-bench.md").read_text()
+    result = SectionResult(name="gpu", title="GPU speed at real LTX-2 dims, random weights", data=report,
+                           markdown=markdown)
+    blocks = [_block(result, args.profile, machine_info(), command, wall_s)]
+    if not args.no_benchmarks:
+        update_benchmarks_file(Path(args.benchmarks), blocks)
+    print(markdown)
+    return report
 
 
 def _cache_dir() -> Path:

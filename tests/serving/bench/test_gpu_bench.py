@@ -57,3 +57,33 @@ def test_bad_profile_and_sections_are_refused(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
             gpu.run("ltx2-19b-random", tmp_path)
+
+
+def test_reelserve_bench_runs_the_real_dims_profiles(tmp_path):
+    """``reelserve bench --profile tiny|ltx2-19b-random`` runs this benchmark and writes its BENCHMARKS.md block."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[3]
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text("# Benchmarks\n")
+
+    def bench(*argv):
+        return subprocess.run([sys.executable, "-m", "serving.cli", "bench", *argv, "--out", str(tmp_path / "out"),
+                               "--benchmarks", str(benchmarks)], cwd=repo, capture_output=True, text=True, timeout=300)
+
+    ran = bench("--profile", "tiny", "--section", "step")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "gpu-bench.json").read_text())
+    assert list(report["sections"]) == ["machine", "step"] and report["sections"]["step"]["pass_seconds"] > 0
+    text = benchmarks.read_text()
+    assert "<!-- bench:gpu:tiny -->" in text and "bench --profile tiny --section step" in text
+
+    refused = bench("--profile", "tiny", "--section", "warp")
+    assert refused.returncode == 2 and "error: --section: warp" in refused.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        no_gpu = bench("--profile", "ltx2-19b-random")
+        assert no_gpu.returncode == 2 and "needs a CUDA GPU" in no_gpu.stderr and "Traceback" not in no_gpu.stderr
