@@ -84,6 +84,14 @@ def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
 
 def _refuse_what_cannot_fit(config: ReelserveConfig) -> None:
     """GPU and sized deployments are checked as `reelserve plan` checks them, before anything starts."""
+    for name, settings in config.stages.items():
+        if settings.gpus_per_replica > 1:
+            # Placement would reserve the GPUs and nothing would use them but the first: refuse, do not waste.
+            raise ValueError(
+                f"stages.{name}.num_gpus: {settings.gpus_per_replica:g} GPUs per replica is not served yet (the "
+                "sequence-parallel worker group is built and benchmarked, not wired into the stage); use num_gpus: 1 "
+                "and more replicas"
+            )
     sized = config.nodes or any(s.gpus_per_replica > 0 or s.memory_gb for s in config.stages.values())
     if not sized:
         return

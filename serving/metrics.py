@@ -7,8 +7,7 @@ serves them for Prometheus. Ray prefixes every application metric with ``ray_`` 
 the scrape configs in ``k8s/observability/`` strip it again, so Prometheus, the dashboard and the
 alert rules see the names below.
 
-Which metric is recorded where (TO WIRE: a call still to be added to the orchestrator, ingress or
-diffusion stage code; tests/cluster/test_local.py lists them as awaiting wiring):
+Which metric is recorded where:
 
 | metric | kind | labels | recorded by | where |
 | --- | --- | --- | --- | --- |
@@ -18,18 +17,18 @@ diffusion stage code; tests/cluster/test_local.py lists them as awaiting wiring)
 | reelserve_stage_requests_in_flight | gauge | stage, model | stage_load | StageRunner.run; prompt_rewriter stage |
 | reelserve_stage_requests_queued | gauge | stage, model | stage_load | StageRunner.run |
 | reelserve_stage_handoff_bytes_total | counter | stage, model | bytes_handed | StageRunner.run (size of each stage's output) |
-| reelserve_model_load_seconds | gauge | stage, model | model_loaded | stage constructors; TO WIRE: diffusion stage |
+| reelserve_model_load_seconds | gauge | stage, model | model_loaded | every model stage's constructor (``LoadTimer``) |
 | reelserve_gpu_memory_allocated_bytes | gauge | stage, model | gpu_memory | StageRunner.run, where CUDA is present |
 | reelserve_gpu_memory_peak_bytes | gauge | stage, model | gpu_memory | StageRunner.run, where CUDA is present |
-| reelserve_denoise_steps_total | counter | model | denoise_step | TO WIRE: diffusion stage, after every step |
-| reelserve_denoise_step_seconds | histogram | model, resolution | denoise_step | TO WIRE: diffusion stage, after every step |
-| reelserve_jobs_total | counter | model, status, code | job_finished | TO WIRE: orchestrator, when a job ends |
-| reelserve_job_duration_seconds | histogram | model, status | job_finished | TO WIRE: orchestrator, when a job ends |
-| reelserve_job_first_progress_seconds | histogram | model | first_progress | TO WIRE: orchestrator, first progress rise |
-| reelserve_job_progress_updates_total | counter | model | job_progressed | TO WIRE: orchestrator/diffusion, every progress rise |
-| reelserve_jobs_active | gauge | model, status | jobs_active | TO WIRE: orchestrator, jobs it owns (queued, in_progress) |
-| reelserve_admissions_refused_total | counter | model, code | admission_refused | TO WIRE: ingress/orchestrator, on each refusal |
-| reelserve_prompt_rewrite_fallbacks_total | counter | model, code | rewrite_fallback | prompt_rewriter stage; TO WIRE: orchestrator's own reasons |
+| reelserve_denoise_steps_total | counter | model | denoise_step | diffusion stage, after every step |
+| reelserve_denoise_step_seconds | histogram | model, resolution | denoise_step | diffusion stage, after every step |
+| reelserve_jobs_total | counter | model, status, code | job_finished | orchestrator, when a job ends |
+| reelserve_job_duration_seconds | histogram | model, status | job_finished | orchestrator, when a job ends |
+| reelserve_job_first_progress_seconds | histogram | model | first_progress | orchestrator, when a job first starts |
+| reelserve_job_progress_updates_total | counter | model | job_progressed | orchestrator (each stage) and diffusion stage (each step) |
+| reelserve_jobs_active | gauge | model, status | jobs_active | orchestrator: jobs it runs, and those it saw waiting for room |
+| reelserve_admissions_refused_total | counter | model, code | admission_refused | ingress, on each refusal |
+| reelserve_prompt_rewrite_fallbacks_total | counter | model, code | rewrite_fallback | prompt_rewriter stage; orchestrator (unavailable, overlong) |
 
 Labels are only ``stage`` and ``model``, plus ``status``/``code`` for outcomes and ``resolution`` for
 step time; nothing carries a job id. Histograms share buckets from 10 ms to 30 min.

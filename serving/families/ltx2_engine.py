@@ -46,6 +46,7 @@ from serving.families.ltx2_recipes import (
     load_latent_upsampler,
     recipe_phases,
 )
+from serving.families.ltx2_speed import SpeedSettingError, apply_speed, check_speed_settings, warm_up
 from serving.protocol import (
     AudioLatents,
     DenoisedLatents,
@@ -174,10 +175,22 @@ class LTX2StepModel:
         path = checkpoint_path(config)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        check_speed_settings(config.speed, self.device)  # before the weights: a bad switch costs no load
+        if config.speed.compile and self.settings.step_cache != "none":
+            raise SpeedSettingError(
+                "model.speed.compile: not with a step cache (model.diffusion.step_cache); its hooks skip blocks per "
+                "step, which the compiled blocks do not follow; turn one of them off"
+            )
         self.transformer = LTX2VideoTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=self.dtype)
-        self.transformer.to(self.device).eval()
+        self.transformer.eval()
+        # Device, attention kernels, FP8 and compilation (model.speed), then the warm-up of its shape buckets.
+        self.speed = apply_speed(self.transformer, config.speed, self.device, self.dtype)
         self.default_guidance = GUIDANCE_OFF if self.settings.runs_without_guidance else Guidance.from_config(config)
         self._check_stg_blocks(self.default_guidance, "model.stg_blocks")
+        if config.speed.shape_buckets:
+            with torch.inference_mode():
+                warm_up(self.transformer, config.speed, self.speed,
+                        stg_blocks=list(self.default_guidance.stg_blocks) or None)
         self._scheduler_class = FlowMatchEulerDiscreteScheduler
         self._scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
         self.latents: LatentSpace = read_latent_space(path, self.transformer.config, self.device)

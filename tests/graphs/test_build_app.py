@@ -53,6 +53,14 @@ def test_build_app_refuses_a_config_that_cannot_fit():
     assert not ray.is_initialized()
 
 
+def test_build_app_refuses_multi_gpu_replicas_it_cannot_use_yet():
+    profile = load_config(str(EMBEDDED.parent / "8x-h100.yaml")).model_dump()
+    profile["stages"]["diffusion"]["num_gpus"] = 2
+    with pytest.raises(ValueError, match="stages.diffusion.num_gpus: 2 GPUs per replica is not served yet"):
+        build_app(profile)
+    assert not ray.is_initialized()
+
+
 def test_build_app_from_embedded_profile():
     config = load_config(str(EMBEDDED))
     for args in (config, config.model_dump()):

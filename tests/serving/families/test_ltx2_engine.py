@@ -290,3 +290,27 @@ def test_bad_requests_are_refused_when_added(engine, embeddings, condition, tiny
     with pytest.raises(ValueError, match="already queued or running"):
         engine.add(DenoiseRequest("dup", embeddings["cat"], None, _plan(7, 2)))
     _drain(engine)
+
+
+def test_the_engine_applies_model_speed_at_start(tiny_config):
+    """``model.speed`` reaches the served engine: refused before loading when the device cannot honour it,
+    and its shape buckets warmed up at start so no request pays for them."""
+    from serving.families.ltx2_speed import SpeedSettingError
+
+    def with_speed(**speed):
+        return tiny_config.model_copy(update={"speed": tiny_config.speed.model_copy(update=speed)})
+
+    with pytest.raises(SpeedSettingError, match="model.speed.fp8"):
+        LTX2Engine(with_speed(fp8=True))
+    stepped = tiny_config.model_copy(update={
+        "speed": tiny_config.speed.model_copy(update={"compile": True}),
+        "diffusion": tiny_config.diffusion.model_copy(update={"step_cache": "taylorseer"}),
+    })
+    with pytest.raises(SpeedSettingError, match="model.speed.compile: not with a step cache"):
+        LTX2Engine(stepped)
+
+    warmed = LTX2Engine(with_speed(attention_backend="native", shape_buckets=[f"{WIDTH}x{HEIGHT}x9"]))
+    applied = warmed.model.speed
+    assert (applied.attention.unmasked, applied.attention.masked) == ("native", "native")
+    assert [key.split("/")[0] for key in applied.warmup_seconds] == [f"{WIDTH}x{HEIGHT}x9"] * len(applied.warmup_seconds)
+    assert all(seconds > 0 for seconds in applied.warmup_seconds.values())
