@@ -7,7 +7,7 @@ OUT    := out
 
 DEMO_PROMPT := A tabby cat looks around, blinks and purrs softly; warm afternoon light, gentle room tone.
 
-.PHONY: demo test install clean redis prometheus proto dashboard image
+.PHONY: demo test install clean redis prometheus kubectl proto dashboard image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +50,14 @@ prometheus:
 		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq prometheus >/dev/null; }
 
-test: $(STAMP) redis prometheus
+# The manifest tests build each k8s/ folder with `kubectl kustomize`; install kubectl when missing (Debian package).
+kubectl:
+	@command -v kubectl >/dev/null 2>&1 || { \
+		echo "installing kubectl"; \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq kubernetes-client >/dev/null; }
+
+test: $(STAMP) redis prometheus kubectl
 	$(BIN)/python -m pytest -q
 
 # Regenerate the Grafana dashboard JSON after editing cluster/observability.py.
