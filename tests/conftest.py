@@ -14,13 +14,12 @@ from pathlib import Path
 
 import shutil
 import subprocess
-import time
 
 import av
 import pytest
 from PIL import Image
 
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_for_redis
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,8 +188,6 @@ def probe_mp4():
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
     """A real redis-server on a free port, for one test module; no persistence."""
-    import redis
-
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
@@ -202,18 +199,7 @@ def redis_url(tmp_path_factory):
     )
     url = f"redis://127.0.0.1:{port}/0"
     try:
-        client = redis.Redis.from_url(url, socket_timeout=1)
-        deadline = time.monotonic() + 15
-        while True:
-            assert process.poll() is None, f"redis-server exited early with code {process.returncode}"
-            try:
-                if client.ping():
-                    break
-            except redis.exceptions.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "redis-server did not answer PING within 15 s"
-            time.sleep(0.05)
-        client.close()
+        wait_for_redis(process, url)
         yield url
     finally:
         process.terminate()

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from cluster.k8s import DEFAULT_IMAGE
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_for_redis
 
 APP = "reelserve"
 STEPS = 12
@@ -45,26 +45,13 @@ class DurableRedis:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        import redis
-
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
              "--appendfsync", "always", "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis.from_url(self.url, socket_timeout=1)
-        deadline = time.monotonic() + 15
-        while True:
-            assert self.process.poll() is None, f"redis-server exited early with code {self.process.returncode}"
-            try:
-                if client.ping():
-                    break
-            except redis.exceptions.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "redis-server did not answer PING within 15 s"
-            time.sleep(0.05)
-        client.close()
+        wait_for_redis(self.process, self.url)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
