@@ -25,7 +25,7 @@ __all__ = [
 class JobLoad:
     """A queued or running job as the store knows it."""
 
-    tokens: int  # latent tokens (cluster.config.latent_tokens of its size, length and fps)
+    tokens: int  # latent tokens of its size, length and fps (the model config's latent_tokens)
     steps: int  # denoising steps it runs
     finished_steps: int = 0  # denoising steps done (a resumed job counts its checkpointed steps)
 
@@ -34,10 +34,9 @@ class JobLoad:
         return self.tokens * max(self.steps - self.finished_steps, 0)
 
     @classmethod
-    def of(cls, width: int, height: int, seconds: float, fps: int, steps: int, finished_steps: int = 0) -> JobLoad:
-        from cluster.config import latent_tokens
-
-        return cls(latent_tokens(width, height, seconds, fps), steps, finished_steps)
+    def of(cls, model, width: int, height: int, seconds: float, fps: int, steps: int, finished_steps: int = 0) -> JobLoad:
+        """The load of a job of this size on ``model`` (a model config, whose family's latent grid counts)."""
+        return cls(model.latent_tokens(width, height, seconds, fps), steps, finished_steps)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.sizes import parse_size
 from cluster.load import (
     ARRIVALS_PER_S,
     IN_FLIGHT,
@@ -366,8 +367,6 @@ class FollowerPolicy(_DelayedPolicy):
 
 def autoscaling_config(name: str, config) -> dict:
     """``autoscaling_config`` for the autoscaled stage ``name`` of ``config`` (a ``ReelserveConfig``)."""
-    from cluster.config import latent_tokens, parse_size
-
     stage = config.stages[name]
     base = {
         "min_replicas": stage.min_replicas,
@@ -382,7 +381,7 @@ def autoscaling_config(name: str, config) -> dict:
     if name == "diffusion":
         model = config.model
         width, height = parse_size(model.default_size)
-        tokens = latent_tokens(width, height, model.default_seconds, model.default_fps)
+        tokens = model.latent_tokens(width, height, model.default_seconds, model.default_fps)
         policy = {
             "policy_function": "cluster.autoscaling:DiffusionBacklogPolicy",
             "policy_kwargs": {

@@ -6,15 +6,19 @@ config is built, never at request time.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from cluster.diffusion_config import DiffusionEngineConfig, DiffusionSettings, SpeedConfig
-from cluster.sizes import latent_tokens, parse_shape_bucket, parse_size
+from cluster.model_config import EngineLoopConfig, ModelConfigBase
+from cluster.sizes import parse_size
+from serving.families import config_classes, family_names, get_family, is_tiny_checkpoint
 
 __all__ = [
     "ModelConfig",
+    "AnyModelConfig",
+    "ModelConfigBase",
+    "EngineLoopConfig",
     "StageConfig",
     "IngressConfig",
     "JobsConfig",
@@ -26,161 +30,43 @@ __all__ = [
     "ScalingConfig",
     "ReelserveConfig",
     "ACCELERATOR_MEMORY_GB",
-    "STAGE_NAMES",
+    "REWRITER_STAGE",
+    "stage_names",
+    "all_stage_names",
     "parse_size",
-    "latent_tokens",
-    "SpeedConfig",
-    "parse_shape_bucket",
     "load_config",
-    "DiffusionEngineConfig",
+    "parse_model_config",
 ]
 
-# The served graph's stages, in request order (the prompt rewriter only when enabled).
-STAGE_NAMES = (
-    "prompt_rewriter", "text_encoder", "image_conditioner", "diffusion", "video_decoder", "audio_decoder", "muxer"
-)
+# Every family's graph starts with the optional prompt rewriter (vLLM), then its own stages.
+REWRITER_STAGE = "prompt_rewriter"
 
-LTX2_DEFAULT_NEGATIVE_PROMPT = "worst quality, inconsistent motion, blurry, jittery, distorted"
+# For type hints: what every family's model config has.
+ModelConfig = ModelConfigBase
 
 
-class ModelConfig(BaseModel):
-    """Which checkpoint a deployment serves and how it generates."""
+def _model_config_union():
+    classes = config_classes()
+    if len(classes) == 1:
+        return classes[0]
+    return Annotated[Union[classes], Field(discriminator="family")]  # type: ignore[valid-type]
 
-    model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(
-        "ltx-2",
-        description="Model id that clients name in requests (the `model` field); requests naming another id are refused.",
-    )
-    family: Literal["ltx2"] = Field("ltx2", description="Model family: which stage code runs the checkpoint.")
-    path: str | None = Field(
-        None,
-        description=(
-            "Local directory (Hugging Face diffusers layout) or a hub id your machines can reach. "
-            "Unset: the tiny random checkpoint, built on first use under the user cache directory."
-        ),
-    )
-    device: str = Field(
-        "auto",
-        description=(
-            "Default torch device of the model's stages (a stage may set its own): auto (cuda for replicas that "
-            "reserve GPUs, cpu for the others; in one process, cuda when present), cpu, cuda, cuda:N."
-        ),
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights and compute dtype; auto is bfloat16 on GPUs and float32 on the CPU."
-    )
-    num_inference_steps: int = Field(
-        30, ge=2, le=200, description="Denoising steps per video (at least 2: LTX-2's shifted schedule needs two)."
-    )
-    guidance_scale: float = Field(3.0, ge=1.0, description="Classifier-free guidance for video (1 turns it off).")
-    audio_guidance_scale: float = Field(7.0, ge=1.0, description="Classifier-free guidance for audio.")
-    stg_scale: float = Field(1.0, ge=0.0, description="Spatio-temporal guidance for video (0 turns it off).")
-    audio_stg_scale: float = Field(
-        1.0, ge=0.0, description="Spatio-temporal guidance for audio; 0 is allowed only with stg_scale 0 (both off)."
-    )
-    stg_blocks: list[int] = Field(
-        default_factory=lambda: [28],
-        description="Transformer block indices perturbed by spatio-temporal guidance; each must be below the block count.",
-    )
-    modality_scale: float = Field(3.0, ge=1.0, description="Modality-isolation guidance for video (1 turns it off).")
-    audio_modality_scale: float = Field(3.0, ge=1.0, description="Modality-isolation guidance for audio.")
-    guidance_rescale: float = Field(0.7, ge=0.0, le=1.0, description="Guidance rescale factor against over-exposure.")
-    negative_prompt: str = Field(LTX2_DEFAULT_NEGATIVE_PROMPT, description="Negative prompt used when a request gives none.")
-    default_size: str = Field("768x512", description="WIDTHxHEIGHT used when a request gives no size.")
-    default_fps: int = Field(24, ge=1, le=60, description="Frame rate used when a request gives none.")
-    default_seconds: float = Field(5.0, gt=0, description="Clip length used when a request gives none.")
-    max_seconds: float = Field(20.0, gt=0, description="Longest clip a request may ask for.")
-    max_width: int = Field(1920, ge=32, description="Widest frame a request may ask for, in pixels (a cap on one side).")
-    max_height: int = Field(1920, ge=32, description="Tallest frame a request may ask for, in pixels (a cap on one side).")
-    max_fps: int = Field(60, ge=1, description="Highest frame rate a request may ask for.")
-    max_latent_tokens: int = Field(
-        27_280,
-        ge=1,
-        description=(
-            "Per-request budget in latent tokens: latent frames x (height / 32) x (width / 32), with latent frames "
-            "= (generated frames - 1) / 8 + 1. It bounds a request's memory and GPU time together; requests over it "
-            "are refused with the largest size allowed at their length. Default: 1280x704 for 10 s at 24 fps "
-            "(31 x 22 x 40), which fits one 80 GB GPU beside the 19B transformer's weights."
-        ),
-    )
-    max_prompt_tokens: int = Field(
-        1024, ge=8, description="Longest prompt in text-encoder tokens; longer prompts are refused, never truncated."
-    )
-    vae_tiling: bool = Field(False, description="Decode video in tiles to bound GPU memory on large frames.")
-    seconds_per_token_step: float = Field(
-        3.5e-4,
-        gt=0,
-        description=(
-            "Expected diffusion seconds per latent token per denoising step, all guidance passes included, on the "
-            "diffusion stage's hardware. It sizes drain timeouts and capacity estimates until replicas have measured "
-            "their own. Default: LTX-2 19B on one H100 (1.22 s per pass at 14,080 tokens, 4 passes per step)."
-        ),
-    )
-    diffusion: DiffusionSettings = Field(
-        default_factory=lambda: DiffusionEngineConfig(),
-        description="The diffusion stage's loop: recipe, step batching, step caches, checkpoints.",
-    )
-    speed: SpeedConfig = Field(
-        default_factory=lambda: SpeedConfig(),
-        description="GPU speed switches of the diffusion transformer (all off or CPU-safe by default).",
-    )
+# What `model:` validates as: one family's config, chosen by its `family` field.
+AnyModelConfig = _model_config_union()
 
-    @field_validator("default_size")
-    @classmethod
-    def _size_is_parsable(cls, value: str) -> str:
-        parse_size(value)
-        return value
 
-    @field_validator("stg_blocks")
-    @classmethod
-    def _blocks_non_negative(cls, value: list[int]) -> list[int]:
-        if any(b < 0 for b in value):
-            raise ValueError("block indices start at 0")
-        return value
+def stage_names(family: str) -> tuple[str, ...]:
+    """The served graph's stages for a family, in request order (the prompt rewriter first, when enabled)."""
+    return (REWRITER_STAGE, *get_family(family).stage_names)
 
-    @model_validator(mode="after")
-    def _defaults_within_limits(self) -> ModelConfig:
-        if self.default_seconds > self.max_seconds:
-            raise ValueError(f"default_seconds ({self.default_seconds}) exceeds max_seconds ({self.max_seconds})")
-        if self.default_fps > self.max_fps:
-            raise ValueError(f"default_fps ({self.default_fps}) exceeds max_fps ({self.max_fps})")
-        width, height = parse_size(self.default_size)
-        default_tokens = latent_tokens(width, height, self.default_seconds, self.default_fps)
-        if default_tokens > self.max_latent_tokens:
-            raise ValueError(
-                f"the default request ({self.default_size}, {self.default_seconds:g} s at {self.default_fps} fps) is "
-                f"{default_tokens} latent tokens, over max_latent_tokens ({self.max_latent_tokens})"
-            )
-        if self.audio_stg_scale == 0 and self.stg_scale > 0:
-            # diffusers reads an audio scale of 0 as "unset" and uses the video scale instead.
-            raise ValueError("audio_stg_scale 0 cannot turn audio STG off while stg_scale > 0; set both to 0")
-        if (self.stg_scale > 0 or self.audio_stg_scale > 0) and not self.stg_blocks:
-            raise ValueError("spatio-temporal guidance is on (stg_scale > 0) but stg_blocks is empty")
-        return self
 
-    @classmethod
-    def tiny(cls, **overrides) -> ModelConfig:
-        """Settings that suit the tiny random checkpoint (2 transformer blocks, short clips)."""
-        settings = dict(
-            name="ltx-2-tiny",
-            num_inference_steps=8,
-            stg_blocks=[1],
-            default_size="256x256",
-            default_seconds=2.0,
-            max_seconds=20.0,
-            max_width=1024,
-            max_height=1024,
-            max_latent_tokens=8192,  # e.g. 512x512 for 10 s at 24 fps (31 x 16 x 16 = 7936)
-            seconds_per_token_step=2e-3,  # measured on a 2-core CPU at small sizes
-            max_prompt_tokens=256,
-        )
-        settings.update(overrides)
-        return cls(**settings)
-
-    @property
-    def uses_tiny_checkpoint(self) -> bool:
-        return self.path is None
+def all_stage_names() -> tuple[str, ...]:
+    """Every stage name of every family (dashboards cover them all), in a stable order."""
+    names: list[str] = []
+    for family in family_names():
+        names += [name for name in stage_names(family) if name not in names]
+    return tuple(names)
 
 
 # GPU memory of the accelerators we know, in GB (what `gpu_memory_gb` budgets are fractions of).
@@ -286,10 +172,8 @@ class StageConfig(BaseModel):
 _REWRITER_STAGE_DEFAULTS = {"max_ongoing_requests": 64, "max_queued_requests": 256}
 
 
-def _default_stages() -> dict[str, StageConfig]:
-    return {
-        name: StageConfig(**(_REWRITER_STAGE_DEFAULTS if name == "prompt_rewriter" else {})) for name in STAGE_NAMES
-    }
+def _stage_defaults(name: str) -> dict:
+    return dict(_REWRITER_STAGE_DEFAULTS) if name == REWRITER_STAGE else {}
 
 
 class IngressConfig(BaseModel):
@@ -437,9 +321,7 @@ class FaultConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage: Literal["text_encoder", "image_conditioner", "diffusion", "video_decoder", "audio_decoder", "muxer"] = Field(
-        description="The stage that misbehaves."
-    )
+    stage: str = Field(description="The stage that misbehaves (one of the model family's stages).")
     kind: Literal["out_of_memory", "stall", "slow", "kill_replica"] = Field(
         description=(
             "out_of_memory raises the framework's OOM error; stall waits stall_s when the stage takes the job; "
@@ -477,8 +359,15 @@ class ReelserveConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     app_name: str = Field("reelserve", description="Serve application name.")
-    model: ModelConfig = Field(default_factory=ModelConfig.tiny, description="The checkpoint served and how it generates.")
-    stages: dict[str, StageConfig] = Field(default_factory=_default_stages, description="Per-stage resources and scaling.")
+    model: AnyModelConfig = Field(  # type: ignore[valid-type]
+        default_factory=lambda: get_family("ltx2").config_class.tiny(),
+        description="The checkpoint served and how it generates; `family` picks the model family (default ltx2).",
+    )
+    stages: dict[str, StageConfig] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="Per-stage resources and scaling, by stage name (the model family's stages and prompt_rewriter).",
+    )
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="HTTP and gRPC front door.")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Job store, results and admission limits.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Local cluster settings for `reelserve up`.")
@@ -492,6 +381,11 @@ class ReelserveConfig(BaseModel):
     )
     faults: list[FaultConfig] = Field(default_factory=list, description="Injected faults (testing and chaos runs only).")
     scaling: ScalingConfig = Field(default_factory=lambda: ScalingConfig(), description="How autoscaled stages scale, and admission by expected queue wait.")
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The stages this config deploys, in request order (the rewriter only when enabled)."""
+        return tuple(name for name in stage_names(self.model.family) if name != REWRITER_STAGE or self.rewriter.enabled)
 
     def stage_model(self, name: str) -> ModelConfig:
         """The model config a stage loads with: its own device and dtype resolved.
@@ -508,35 +402,51 @@ class ReelserveConfig(BaseModel):
     @field_validator("model", mode="before")
     @classmethod
     def _tiny_when_no_path(cls, value):
-        # No checkpoint path means the tiny one, which needs its own settings (2 blocks, short clips).
-        if isinstance(value, dict) and not value.get("path"):
-            return ModelConfig.tiny(**value)
-        return value
+        return _with_tiny_defaults(value)
 
     @field_validator("stages", mode="before")
     @classmethod
-    def _fill_stages(cls, value):
+    def _stages_of_the_family(cls, value, info: ValidationInfo):
+        model = info.data.get("model")
+        if model is None:
+            return value  # the model section failed; its own error says why
+        names = stage_names(model.family)
         value = dict(value or {})
-        unknown = sorted(set(value) - set(STAGE_NAMES))
+        unknown = sorted(set(value) - set(names))
         if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGE_NAMES)}")
-        for name in STAGE_NAMES:
-            value.setdefault(name, _REWRITER_STAGE_DEFAULTS if name == "prompt_rewriter" else {})
+            raise ValueError(f"unknown stage(s) {unknown}; the {model.family} family's stages are {list(names)}")
+        # Every stage gets its defaults; request order, with the ones given first (their errors come first).
+        return {**value, **{name: _stage_defaults(name) for name in names if name not in value}}
+
+    @field_validator("faults")
+    @classmethod
+    def _faults_name_a_stage(cls, value: list[FaultConfig], info: ValidationInfo):
+        model = info.data.get("model")
+        if model is None:
+            return value
+        stages = get_family(model.family).stage_names
+        for fault in value:
+            if fault.stage not in stages:
+                raise ValueError(
+                    f"stage '{fault.stage}' is not a stage of the {model.family} family; allowed: {', '.join(stages)}"
+                )
         return value
 
     @model_validator(mode="after")
     def _stages_hold_every_admitted_job(self) -> ReelserveConfig:
         # Each admitted job has one request in flight per stage; if a stage cannot hold them all,
         # accepted jobs would fail as overloaded instead of new ones getting a 429.
+        short = []
         for name, stage in self.stages.items():
             replicas = stage.num_replicas if stage.num_replicas is not None else max(stage.min_replicas, 1)
             capacity = replicas * stage.max_ongoing_requests + stage.max_queued_requests
             if capacity < self.jobs.max_active_jobs:
-                raise ValueError(
-                    f"stages.{name} holds {capacity} requests (replicas x max_ongoing_requests + max_queued_requests) "
-                    f"but jobs.max_active_jobs is {self.jobs.max_active_jobs}; raise max_queued_requests or lower "
-                    "max_active_jobs"
-                )
+                short.append(f"stages.{name} holds {capacity} requests")
+        if short:
+            raise ValueError(
+                f"{', '.join(short)} (replicas x max_ongoing_requests + max_queued_requests) but jobs.max_active_jobs "
+                f"is {self.jobs.max_active_jobs}; raise max_queued_requests or lower max_active_jobs"
+            )
         return self
 
     @model_validator(mode="after")
@@ -561,6 +471,29 @@ def _has_tiny_rewriter(config: ReelserveConfig) -> bool:
 
     path = config.model.path
     return path is not None and (Path(path) / "prompt_rewriter" / "config.json").is_file()
+
+
+def _with_tiny_defaults(value):
+    """A model section as a family's config: no checkpoint path means the family's tiny checkpoint, which needs
+    its own settings (few blocks, short clips). The family defaults to ltx2."""
+    if not isinstance(value, dict):
+        return value
+    value = {"family": "ltx2", **value}
+    if value["family"] not in family_names():
+        raise ValueError(f"model.family: unknown family '{value['family']}'; known: {', '.join(family_names())}")
+    if not value.get("path"):
+        return get_family(value["family"]).config_class.tiny(**value)
+    return value
+
+
+def parse_model_config(value: dict) -> ModelConfig:
+    """A model section on its own (``reelserve generate``, benchmarks): as the config's ``model``, except that a
+    path to a tiny build also gets the settings that suit it."""
+    value = {"family": "ltx2", **value}
+    if value.get("path") and is_tiny_checkpoint(value["path"]) and value["family"] in family_names():
+        return get_family(value["family"]).config_class.tiny(**value)
+    model = _with_tiny_defaults(value)
+    return model if not isinstance(model, dict) else get_family(model["family"]).config_class(**model)
 
 
 def load_config(source: str | dict | None = None) -> ReelserveConfig:

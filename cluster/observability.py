@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.config import STAGE_NAMES
+from cluster.config import all_stage_names
 
 __all__ = ["Query", "Panel", "build_dashboard", "dashboard_queries", "DASHBOARD_PATH", "render", "main"]
 
@@ -185,7 +185,7 @@ def _panel_json(panel: Panel, panel_id: int, x: int, y: int, width: int) -> dict
 def _rows() -> list[tuple[str, list[Panel], int]]:
     """(row title, panels, panels per line); the jobs row first, then one row per stage in request order."""
     rows = [("jobs", job_panels(), 4)]
-    rows += [(f"stage: {stage}", stage_panels(stage), 5) for stage in STAGE_NAMES]
+    rows += [(f"stage: {stage}", stage_panels(stage), 5) for stage in all_stage_names()]
     return rows
 
 

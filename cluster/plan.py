@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from cluster.config import ACCELERATOR_MEMORY_GB, STAGE_NAMES, NodeType, ReelserveConfig, StageConfig, parse_size
+from cluster.config import ACCELERATOR_MEMORY_GB, REWRITER_STAGE, NodeType, ReelserveConfig, StageConfig, parse_size
 from cluster.placement import drain_seconds
 
 __all__ = ["Plan", "StagePlan", "Problem", "make_plan", "format_plan"]
 
 GB = 1e9
-_CPU_STAGES = ("muxer",)
 _CUDA_CONTEXT_GB = 0.5  # every process that touches a GPU holds a CUDA context (kernels, cuBLAS workspace)
 
 
@@ -75,11 +74,11 @@ def make_plan(config: ReelserveConfig, size: str | None = None, seconds: float |
     width, height = parse_size(size or config.model.default_size)
     seconds = seconds or config.model.default_seconds
     handoffs = family.handoff_sizes(config.model, width, height, seconds, config.model.default_fps)
-    outgoing = _outgoing_bytes(handoffs.as_dict())
+    outgoing = _outgoing_bytes(family, handoffs.as_dict())
 
     problems: list[Problem] = []
     stages = []
-    for name in _deployed_stages(config):
+    for name in config.stage_names:
         stages.append(_stage_plan(name, config, family, outgoing.get(name, 0), problems))
 
     available = _gpus_available(config.nodes)
@@ -106,17 +105,11 @@ def make_plan(config: ReelserveConfig, size: str | None = None, seconds: float |
     )
 
 
-def _deployed_stages(config: ReelserveConfig) -> list[str]:
-    return [n for n in STAGE_NAMES if n != "prompt_rewriter" or config.rewriter.enabled]
-
-
-def _outgoing_bytes(handoffs: dict[str, int]) -> dict[str, int]:
+def _outgoing_bytes(family, handoffs: dict[str, int]) -> dict[str, int]:
+    """Bytes each stage hands on per job: the sizes of the outputs its methods declare."""
     return {
-        "text_encoder": handoffs["prompt_embeddings"],
-        "image_conditioner": handoffs["image_condition"],
-        "diffusion": handoffs["video_latents"] + handoffs["audio_latents"],
-        "video_decoder": handoffs["encoded_video"],
-        "audio_decoder": handoffs["waveform"],
+        stage.name: sum(handoffs.get(name, 0) for outputs in stage.methods.values() for name in outputs)
+        for stage in family.stages
     }
 
 
@@ -138,9 +131,8 @@ def _stage_plan(name: str, config: ReelserveConfig, family, handoff_out: int, pr
     stage = config.stages[name]
     gpus = stage.gpus_per_replica
     accelerator = _accelerator(stage, config.nodes) if gpus > 0 else None
-    device = config.stage_model(name).device if name not in ("prompt_rewriter", *_CPU_STAGES) else (
-        "cuda" if gpus > 0 else "cpu"
-    )
+    model_stage = name != REWRITER_STAGE and family.stage(name).kind != "muxer"
+    device = config.stage_model(name).device if model_stage else ("cuda" if gpus > 0 else "cpu")
     budget = None
     if gpus > 0 and accelerator in ACCELERATOR_MEMORY_GB:
         budget = gpus * ACCELERATOR_MEMORY_GB[accelerator]
@@ -149,9 +141,9 @@ def _stage_plan(name: str, config: ReelserveConfig, family, handoff_out: int, pr
 
     weights = activations = 0.0
     note = ""
-    if name == "prompt_rewriter":
+    if name == REWRITER_STAGE:
         weights, note = _rewriter_memory(config, stage, accelerator, problems)
-    elif name not in _CPU_STAGES:
+    elif model_stage:
         estimate = family.stage_memory(config, name)
         weights, activations, note = estimate.weights / GB, estimate.activations / GB, estimate.note
         if gpus > 0:
@@ -191,7 +183,7 @@ def _check_fit(plan: StagePlan, stage: StageConfig, config: ReelserveConfig, pro
     if plan.budget_gb is not None and plan.needs_gb > plan.budget_gb:
         if plan.weights_gb <= plan.budget_gb and plan.name == "diffusion":
             budget_field = "model.max_latent_tokens"  # the weights fit; the largest allowed request does not
-        elif plan.weights_gb <= plan.budget_gb and plan.name == "video_decoder" and not config.model.vae_tiling:
+        elif plan.weights_gb <= plan.budget_gb and plan.name == "video_decoder" and not getattr(config.model, "vae_tiling", True):
             budget_field = "model.vae_tiling"
         problems.append(Problem(
             budget_field,

@@ -33,53 +33,57 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.config import ReelserveConfig
+from ray import serve
+
+from cluster.admission import AdmissionLimits
+from cluster.config import REWRITER_STAGE, ReelserveConfig
+from cluster.placement import ingress_options, orchestrator_options, stage_options
+from serving.families import get_family
+from serving.ingress.deployment import VideoIngress
+from serving.jobs.deployment import JobRunnerDeployment
+from serving.stages.diffusion import DiffusionStage
+from serving.stages.model import ModelStage
+from serving.stages.muxer import MuxerStage
+from serving.stages.prompt_rewriter import PromptRewriterStage
 
 __all__ = ["build_app"]
 
+# Which deployment class runs a stage of each kind a family declares.
+_STAGE_CLASSES = {"model": ModelStage, "diffusion": DiffusionStage, "muxer": MuxerStage}
+
 
 def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
-    """Validate ``args`` against ``ReelserveConfig``, check it fits, and bind the deployment graph."""
-    from ray import serve
+    """Validate ``args`` against ``ReelserveConfig``, check it fits, and bind the deployment graph.
 
-    from cluster.admission import AdmissionLimits
-    from cluster.placement import ingress_options, orchestrator_options, stage_options
-    from serving.ingress.deployment import VideoIngress
-    from serving.stages.audio_decoder import AudioDecoderStage
-    from serving.stages.diffusion import DiffusionStage
-    from serving.stages.image_conditioner import ImageConditionerStage
-    from serving.stages.muxer import MuxerStage
-    from serving.stages.orchestrator import OrchestratorDeployment
-    from serving.stages.prompt_rewriter import PromptRewriterStage
-    from serving.stages.text_encoder import TextEncoderStage
-    from serving.stages.video_decoder import VideoDecoderStage
-
+    One deployment per stage the model's family declares, bound by name; the
+    runner gets their handles in a dict keyed by the same names.
+    """
     config = args if isinstance(args, ReelserveConfig) else ReelserveConfig.model_validate(args or {})
     _refuse_what_cannot_fit(config)
-    jobs, faults = config.jobs, config.faults
-
-    def stage(cls, name: str, *init_args):
-        return serve.deployment(cls).options(**stage_options(name, config)).bind(*init_args)
-
-    def model_stage(cls, name: str):
-        return stage(cls, name, config.stage_model(name), jobs, faults)
-
-    rewriter = None
+    family = get_family(config.model.family)
+    handles = {spec.name: _bind_stage(spec.name, spec.kind, config) for spec in family.stages}
     if config.rewriter.enabled:
-        rewriter = stage(PromptRewriterStage, "prompt_rewriter", config.rewriter, config.model)
-    orchestrator = serve.deployment(OrchestratorDeployment).options(**orchestrator_options(config)).bind(
-        config.orchestrator, config.model, jobs, config.rewriter,
-        model_stage(TextEncoderStage, "text_encoder"),
-        model_stage(ImageConditionerStage, "image_conditioner"),
-        model_stage(DiffusionStage, "diffusion"),
-        model_stage(VideoDecoderStage, "video_decoder"),
-        model_stage(AudioDecoderStage, "audio_decoder"),
-        stage(MuxerStage, "muxer", jobs, faults, config.model.name),
-        rewriter,
+        handles[REWRITER_STAGE] = _deployment(PromptRewriterStage, REWRITER_STAGE, config).bind(
+            config.rewriter, config.model
+        )
+    runner = serve.deployment(JobRunnerDeployment).options(**orchestrator_options(config)).bind(
+        config.orchestrator, config.model, config.jobs, config.rewriter, handles
     )
     return serve.deployment(VideoIngress).options(**ingress_options(config)).bind(
-        config.model, jobs, config.rewriter, orchestrator, AdmissionLimits.of(config)
+        config.model, config.jobs, config.rewriter, runner, AdmissionLimits.of(config)
     )
+
+
+def _deployment(cls, name: str, config: ReelserveConfig):
+    return serve.deployment(cls).options(**stage_options(name, config))
+
+
+def _bind_stage(name: str, kind: str, config: ReelserveConfig):
+    """A stage gets only what it uses: its own model settings (device, dtype), the jobs section, its faults."""
+    jobs, faults = config.jobs, [f for f in config.faults if f.stage == name]
+    if kind == "muxer":
+        return _deployment(MuxerStage, name, config).bind(jobs, faults, config.model.name)
+    return _deployment(_STAGE_CLASSES[kind], name, config).bind(name, config.stage_model(name), jobs, faults)
 
 
 def _refuse_what_cannot_fit(config: ReelserveConfig) -> None:

@@ -121,7 +121,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _make_tiny(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from serving.families.ltx2_tiny import build_tiny_ltx2
+    from serving.families.ltx2.tiny import build_tiny_ltx2
 
     path = build_tiny_ltx2(args.directory)
     print(path)
@@ -139,7 +139,7 @@ def _generate(args: argparse.Namespace) -> int:
     config = _model_config(args.model, args.steps)
 
     from serving.errors import InvalidRequest
-    from serving.local import LocalGenerator
+    from serving.generate import LocalGenerator
 
     try:
         generator = LocalGenerator(config)
@@ -414,18 +414,16 @@ def _read_image_file(name: str) -> bytes:
 def _model_config(model: str | None, steps: int | None):
     from pydantic import ValidationError
 
-    from cluster.config import ModelConfig
+    from cluster.config import parse_model_config
+    from serving.families import checkpoint_family
 
     overrides = {} if steps is None else {"num_inference_steps": steps}
     try:
         if model is None:
-            return ModelConfig.tiny(**overrides)
+            return parse_model_config(overrides)
         _check_model_location(model)
-        from serving.families.ltx2_tiny import is_complete_checkpoint
-
-        if is_complete_checkpoint(model):  # a tiny build: use the settings that suit it
-            return ModelConfig.tiny(path=model, **overrides)
-        return ModelConfig(path=model, **overrides)
+        family = checkpoint_family(model) or "ltx2"  # a hub id or an unknown folder: the default family
+        return parse_model_config({"family": family, "path": model, **overrides})
     except ValidationError as error:
         first = error.errors()[0]
         field = "--steps" if first["loc"] and first["loc"][0] == "num_inference_steps" else "--model"

@@ -22,7 +22,7 @@ from typing import Callable, Protocol
 import torch
 import torch.distributed as dist
 
-from serving.families.ltx2_parallel import (
+from serving.families.ltx2.parallel import (
     PassSpec,
     SequenceParallelTransformer,
     broadcast_pass_inputs,
@@ -71,7 +71,7 @@ class TinyTransformerLoader:
     """The tiny checkpoint's transformer, built in code (deterministic: identical on every rank)."""
 
     def __call__(self, device, dtype):
-        from serving.families.ltx2_tiny import tiny_ltx2_components
+        from serving.families.ltx2.tiny import tiny_ltx2_components
 
         return tiny_ltx2_components()["transformer"].to(device=device, dtype=dtype).eval()
 
@@ -98,7 +98,7 @@ class ReferenceTransformerLoader:
     overrides: dict = field(default_factory=dict)
 
     def __call__(self, device, dtype):
-        from serving.families.ltx2_reference import build_component
+        from serving.families.ltx2.reference import build_component
 
         return build_component("transformer", device=device, dtype=dtype, seed=self.seed, overrides=self.overrides)
 

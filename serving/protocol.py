@@ -1,9 +1,14 @@
-"""What travels between stages, and the job record.
+"""What travels between stages, what a job asks for, and what a family's pipeline sees of the runner.
 
 Hand-off objects are named after what they carry. Their tensors are numpy
 arrays on the host (``HostTensor``): a hand-off can cross process boundaries
 (Ray object references) no matter which device produced it, and Ray moves
 numpy buffers without copying them through pickle.
+
+At the bottom: ``JobSpec`` (what a pipeline generates) and ``JobContext``, the
+small protocol through which a family's pipeline calls its stages. The job
+runner (``serving.jobs``) implements it durably; ``serving.generate`` in one
+process. The job record itself lives with the runner (``serving.jobs.record``).
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import enum
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -28,11 +34,17 @@ __all__ = [
     "VideoFrames",
     "EncodedVideo",
     "Waveform",
+    "Fence",
     "JobTicket",
     "Handoff",
+    "JobInput",
     "DenoiseResult",
+    "StoredVideo",
     "StepCallback",
     "JobStatus",
+    "InputSpec",
+    "JobSpec",
+    "JobContext",
 ]
 
 
@@ -64,12 +76,14 @@ class RenderPlan:
         seconds: float,
         seed: int,
         num_inference_steps: int,
-        temporal_compression: int,
+        frame_step: int,
+        frame_offset: int = 1,
     ) -> RenderPlan:
+        """The plan for a request; the model generates ``k * frame_step + frame_offset`` frames (the smallest such
+        count that covers the output: 8k+1 for LTX-2, 17k+5 for MiniMax-H3)."""
         output_frames = max(1, round(seconds * fps))
-        # Smallest count of the form k * temporal_compression + 1 that covers the output.
-        blocks = math.ceil(max(output_frames - 1, 0) / temporal_compression)
-        generated_frames = blocks * temporal_compression + 1
+        blocks = math.ceil(max(output_frames - frame_offset, 0) / frame_step)
+        generated_frames = blocks * frame_step + frame_offset
         return cls(
             width=width,
             height=height,
@@ -248,6 +262,15 @@ class Waveform:
 
 
 @dataclass(frozen=True)
+class Fence:
+    """Who may write about a running job: its owner, in the attempt it claimed."""
+
+    job_id: str
+    owner: str
+    attempt: int
+
+
+@dataclass(frozen=True)
 class JobTicket:
     """Who a stage call works for: the job and its owner's fence (owner, attempt), which every write
     the stage makes about the job carries. ``prompt`` lets injected faults pick their job."""
@@ -258,9 +281,7 @@ class JobTicket:
     prompt: str = ""
 
     @property
-    def fence(self):
-        from serving.jobs.store import Fence
-
+    def fence(self) -> Fence:
         return Fence(self.job_id, self.owner, self.attempt)
 
 
@@ -284,18 +305,51 @@ class Handoff:
 
 
 @dataclass(frozen=True)
-class DenoiseResult:
-    """What the diffusion stage returns: its two hand-offs and how the denoising went.
+class JobInput:
+    """One of the job's own inputs (a photo, a reference clip), named as the ingress stored it.
 
-    The step counts travel back with the result, so the orchestrator records
-    them even when the per-step progress writes were lost (a store outage).
+    It travels to a stage as this small name, never as bytes through the runner:
+    the stage reads the bytes from the results store itself.
     """
 
-    video: Handoff
-    audio: Handoff
+    job_id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class DenoiseResult:
+    """What the diffusion stage returns: its hand-offs (in the order its family declares) and how it went.
+
+    The step counts travel back with the result, so the runner records them
+    even when the per-step progress writes were lost (a store outage).
+    """
+
+    outputs: tuple[Handoff, ...]
     finished_steps: int
     total_steps: int
     resumed_from_step: int | None = None
+
+    @property
+    def kept(self) -> bool:
+        return all(handoff.kept for handoff in self.outputs)
+
+    def record_changes(self) -> dict[str, Any]:
+        changes: dict[str, Any] = {"step": self.finished_steps, "total_steps": self.total_steps}
+        if self.resumed_from_step is not None:
+            changes["resumed_from_step"] = self.resumed_from_step
+        return changes
+
+
+@dataclass(frozen=True)
+class StoredVideo:
+    """The finished MP4, written by the muxer where the results live."""
+
+    path: str
+    num_bytes: int
+    kept: bool = True
+
+    def record_changes(self) -> dict[str, Any]:
+        return {"result_path": self.path, "result_bytes": self.num_bytes}
 
 
 class StepCallback:
@@ -326,3 +380,67 @@ class JobStatus(enum.IntEnum):
     def api_name(self) -> str:
         return self.name.lower()
 
+
+
+# --------------------------------------------------------------------------- what a pipeline sees
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input the client sent with the job: its stored name, its kind and the role it plays.
+
+    ``kind`` is image, video or audio; ``role`` is what the model does with it
+    (first_frame, last_frame, reference_image, reference_video, reference_audio).
+    """
+
+    name: str
+    kind: str
+    role: str
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What one job asks a family's pipeline to generate, after validation.
+
+    ``options`` holds family-specific request settings (e.g. a workflow);
+    every value is plain data.
+    """
+
+    job_id: str
+    prompt: str
+    negative_prompt: str
+    plan: RenderPlan
+    inputs: tuple[InputSpec, ...] = ()
+    enhance_prompt: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def inputs_with(self, role: str) -> tuple[InputSpec, ...]:
+        return tuple(spec for spec in self.inputs if spec.role == role)
+
+
+class JobContext(Protocol):
+    """What a family's pipeline sees of the runner: its stages, by name, and nothing else.
+
+    Every ``call`` is durable: its output is kept (a later attempt of the job
+    skips a stage that finished), a failure names its stage, a cancelled job
+    stops at once, and progress and timing are recorded. ``call`` returns the
+    stage's hand-off, a tuple of them when the stage declares several outputs,
+    or the ``StoredVideo`` of the muxer.
+    """
+
+    job: JobSpec
+
+    def call(self, stage: str, method: str, *args: Any) -> Awaitable[Any]:
+        """Run ``method`` of ``stage`` on ``args`` (hand-offs, ``JobInput`` names, plain values)."""
+
+    async def gather(self, *calls: Awaitable[Any] | None) -> tuple[Any, ...]:
+        """Run calls side by side (``None`` entries give ``None``); the first failure cancels the others."""
+
+    def job_input(self, name: str) -> JobInput:
+        """A reference to one of the job's stored inputs, for a stage to read."""
+
+    async def rewritten_prompt(self) -> str:
+        """The prompt to generate from: the prompt rewriter's when the job asked for it, else the user's.
+
+        Rewriting never fails a job: on any trouble the user's prompt comes back.
+        """

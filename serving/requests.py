@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from cluster.config import ModelConfig, latent_tokens, parse_size
+from cluster.config import ModelConfig, parse_size
 from serving.errors import InvalidRequest
 from serving.families.base import ModelLimits
 from serving.media import load_photo
@@ -87,7 +87,8 @@ def validate_request(
         seconds=duration,
         seed=seed_value,
         num_inference_steps=config.num_inference_steps,
-        temporal_compression=limits.temporal_compression,
+        frame_step=limits.frames_step,
+        frame_offset=limits.frame_offset,
     )
     return VideoRequest(
         prompt=prompt_text, negative_prompt=negative, image=image, model=model_name, plan=plan, enhance_prompt=enhance
@@ -157,13 +158,13 @@ def _check_size(size: Any, config: ModelConfig, limits: ModelLimits, field: str)
 
 def _check_budget(width: int, height: int, seconds: float, fps: int, config: ModelConfig, limits, field: str) -> None:
     """The request budget: latent tokens bound a request's memory and GPU time together."""
-    spatial, temporal = limits.size_multiple, limits.temporal_compression
-    tokens = latent_tokens(width, height, seconds, fps, spatial=spatial, temporal=temporal)
+    spatial = limits.spatial_compression
+    tokens = config.latent_tokens(width, height, seconds, fps)
     budget = config.max_latent_tokens
     if tokens <= budget:
         return
     latent_frames = tokens // ((width // spatial) * (height // spatial))
-    largest = _largest_size_within(budget // latent_frames, width, height, spatial)
+    largest = _largest_size_within(budget // latent_frames, width, height, limits.size_multiple, spatial)
     hint = (
         f"; at {seconds:g} s and {fps} fps the largest size of this shape allowed is {largest[0]}x{largest[1]}"
         if largest else f"; even the smallest frame is over the budget at {seconds:g} s and {fps} fps: shorten the clip"
@@ -175,11 +176,13 @@ def _check_budget(width: int, height: int, seconds: float, fps: int, config: Mod
     )
 
 
-def _largest_size_within(area_tokens: int, width: int, height: int, step: int) -> tuple[int, int] | None:
-    """The largest size with (about) the asked aspect ratio whose latent area fits ``area_tokens``."""
+def _largest_size_within(area_tokens: int, width: int, height: int, step: int, spatial: int) -> tuple[int, int] | None:
+    """The largest size in multiples of ``step`` with (about) the asked aspect ratio whose latent area (in cells of
+    ``spatial`` pixels) fits ``area_tokens``."""
+    cells = (step // spatial) ** 2  # latent cells per step x step block
     for columns in range(width // step, 0, -1):
         rows = max(1, round(columns * height / width))
-        if columns * rows <= area_tokens:
+        if columns * rows * cells <= area_tokens:
             return columns * step, rows * step
     return None
 

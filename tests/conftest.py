@@ -47,17 +47,17 @@ SAMPLE_PHOTO = REPO_ROOT / "serving" / "assets" / "sample_photo.jpg"
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """The tiny random LTX-2 checkpoint, saved once for the whole session."""
-    from serving.families.ltx2_tiny import build_tiny_ltx2
+    from serving.families.ltx2.tiny import build_tiny_ltx2
 
     return build_tiny_ltx2(tmp_path_factory.mktemp("tiny-ltx2"))
 
 
 @pytest.fixture(scope="session")
 def tiny_config(tiny_checkpoint):
-    """``ModelConfig.tiny`` pointing at the session's tiny checkpoint."""
-    from cluster.config import ModelConfig
+    """``LTX2ModelConfig.tiny`` pointing at the session's tiny checkpoint."""
+    from serving.families.ltx2.config import LTX2ModelConfig
 
-    return ModelConfig.tiny(path=str(tiny_checkpoint))
+    return LTX2ModelConfig.tiny(path=str(tiny_checkpoint))
 
 
 @pytest.fixture(scope="session")

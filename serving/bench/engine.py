@@ -115,10 +115,10 @@ def run(profile: str = "cpu", out_dir: Path = Path("bench-out"), *, threads: int
 
 class _Bench:
     def __init__(self, checkpoint: Path, settings: BenchProfile):
-        from cluster.config import ModelConfig
+        from serving.families.ltx2.config import LTX2ModelConfig
 
         self.settings = settings
-        self.base = ModelConfig(
+        self.base = LTX2ModelConfig(
             path=str(checkpoint),
             device="cpu",
             dtype="float32",
@@ -143,18 +143,18 @@ class _Bench:
         s = self.settings
         return RenderPlan.build(
             width=s.width, height=s.height, fps=s.fps, seconds=s.seconds, seed=seed, num_inference_steps=steps,
-            temporal_compression=8,
+            frame_step=8,
         )
 
     def _requests(self, count: int, steps: int, prefix: str):
-        from serving.families.ltx2_engine import DenoiseRequest
+        from serving.families.ltx2.diffusion import DenoiseRequest
 
         return [DenoiseRequest(f"{prefix}-{i}", self.embeddings, None, self._plan(100 + i, steps)) for i in range(count)]
 
     # ------------------------------------------------------------------ batching
 
     def batching(self) -> dict:
-        from serving.families.ltx2_engine import LTX2Engine
+        from serving.families.ltx2.diffusion import LTX2Engine
 
         steps = self.settings.batching_steps
         engines = {on: LTX2Engine(self._config(steps=steps, batching=on)) for on in (False, True)}
@@ -195,7 +195,7 @@ class _Bench:
     # ------------------------------------------------------------------ recipes
 
     def recipes(self) -> dict:
-        from serving.families.ltx2_engine import LTX2Engine
+        from serving.families.ltx2.diffusion import LTX2Engine
 
         configs = {
             "dev": self._config("dev"),
@@ -232,8 +232,8 @@ class _Bench:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_cost(self) -> dict:
-        from serving.families.engine import StepFinished
-        from serving.families.ltx2_engine import LTX2Engine
+        from serving.engine.core import StepFinished
+        from serving.families.ltx2.diffusion import LTX2Engine
 
         engine = LTX2Engine(self._config())
         engine.add(self._requests(1, self.settings.dev_steps, "ckpt")[0])
@@ -259,8 +259,8 @@ class _Bench:
     # ------------------------------------------------------------------ step caches
 
     def step_caches(self) -> dict:
-        from serving.families.ltx2_engine import LTX2Engine
-        from serving.families.ltx2_recipes import MagRatioRecorder
+        from serving.families.ltx2.diffusion import LTX2Engine
+        from serving.families.ltx2.recipes import MagRatioRecorder
 
         steps = self.settings.dev_steps
         request = self._requests(1, steps, "cache")[0]
@@ -317,7 +317,7 @@ def _count_calls(module) -> list[int]:
 
 
 def _drain(engine, requests) -> dict:
-    from serving.families.engine import RequestFailed, RequestFinished
+    from serving.engine.core import RequestFailed, RequestFinished
 
     for request in requests:
         engine.add(request)

@@ -45,8 +45,8 @@ from typing import Callable
 import torch
 
 from serving.bench.gpu_profiles import BenchProfile, get_profile
-from serving.families import ltx2_flops as flops
-from serving.families import ltx2_reference as ref
+from serving.families.ltx2 import flops as flops
+from serving.families.ltx2 import reference as ref
 
 __all__ = ["run", "main", "SECTIONS"]
 

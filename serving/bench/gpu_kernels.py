@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from cluster.config import SpeedConfig
-from serving.families.ltx2_speed import SpeedSettingError, apply_speed, check_speed_settings, warm_up
+from serving.families.ltx2.config import SpeedConfig
+from serving.families.ltx2.speed import SpeedSettingError, apply_speed, check_speed_settings, warm_up
 
 __all__ = ["kernel_variants", "VARIANTS"]
 
@@ -44,7 +44,7 @@ def _variant(bench, shape, settings: dict, cache: str, eager: float) -> dict:
     except SpeedSettingError as error:
         return {"refused": str(error)}
     if speed.compile and bench.device.type != "cuda":
-        return {"skipped": "compiling on the CPU takes a minute here; tests/serving/families/test_ltx2_speed.py covers it"}
+        return {"skipped": "compiling on the CPU takes a minute here; tests/serving/families/ltx2/test_speed.py covers it"}
     bench.models.drop("transformer")
     transformer = bench.models.get("transformer")
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from serving.families import ltx2_reference as ref
+from serving.families.ltx2 import reference as ref
 
 __all__ = ["sequence_parallel_seconds", "WORLD"]
 
@@ -43,14 +43,14 @@ def sequence_parallel_seconds(bench) -> dict:
         "one_device_pass_seconds": round(single, 4),
         "sharded_pass_seconds": round(sharded, 4),
         "speedup": round(single / sharded, 3),
-        "how": "Ulysses sequence parallelism (serving.families.ltx2_parallel), inputs on every rank, median after a warm-up",
+        "how": "Ulysses sequence parallelism (serving.families.ltx2.parallel), inputs on every rank, median after a warm-up",
     }
 
 
 def _rank(rank: int, port: int, profile, repeats: int, out: str) -> None:
     import torch.distributed as dist
 
-    from serving.families.ltx2_parallel import SequenceParallelTransformer
+    from serving.families.ltx2.parallel import SequenceParallelTransformer
 
     cuda = profile.device == "cuda"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from serving.families import ltx2_reference as ref
+from serving.families.ltx2 import reference as ref
 
 __all__ = ["bare_pipeline_seconds"]
 

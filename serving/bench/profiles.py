@@ -41,7 +41,7 @@ class BenchProfile:
         """The ``TransformerWidths`` of the checkpoint this profile builds (imported late: it pulls in torch)."""
         if self.transformer is None:
             return None
-        from serving.families.ltx2_tiny import TransformerWidths
+        from serving.families.ltx2.tiny import TransformerWidths
 
         return TransformerWidths(**self.transformer)
 
@@ -96,7 +96,7 @@ def prepare_checkpoint(profile: BenchProfile, model: str | None, cache_dir: Path
     import json
     from dataclasses import asdict
 
-    from serving.families.ltx2_tiny import _TINY_VERSION, ensure_tiny_ltx2
+    from serving.families.ltx2.tiny import _TINY_VERSION, ensure_tiny_ltx2
 
     key = hashlib.sha1(json.dumps([_TINY_VERSION, asdict(profile.widths)]).encode()).hexdigest()[:8]
     return str(ensure_tiny_ltx2(cache_dir / f"ltx2-{profile.name}-{key}", profile.widths))

@@ -134,13 +134,10 @@ def served_vs_bare(context: BenchContext) -> SectionResult:
 
 
 def _model_config(context: BenchContext):
-    from cluster.config import ModelConfig
-    from serving.families.ltx2_tiny import is_complete_checkpoint
+    from cluster.config import parse_model_config
 
     overrides = context.profile.model_overrides()
-    if is_complete_checkpoint(context.model_path):
-        return ModelConfig.tiny(path=context.model_path, name="bench", **overrides)
-    return ModelConfig(path=context.model_path, name="bench", **overrides)
+    return parse_model_config({"path": context.model_path, "name": "bench", **overrides})
 
 
 def _level(path: str, concurrency: int, latencies: list[float], jobs: int, wall_s: float) -> LevelResult:
@@ -163,7 +160,7 @@ class _BarePath:
         from diffusers import LTX2ImageToVideoPipeline
         from PIL import Image
 
-        from serving.families.base import resolve_device, resolve_dtype
+        from serving.devices import resolve_device, resolve_dtype
 
         self.context, self.workload, self.config = context, workload, config
         self.device = resolve_device(config.device)
@@ -201,7 +198,7 @@ class _BarePath:
         try:
             plan = RenderPlan.build(
                 width=workload.width, height=workload.height, fps=workload.fps, seconds=workload.seconds, seed=seed,
-                num_inference_steps=workload.steps, temporal_compression=pipeline.vae_temporal_compression_ratio,
+                num_inference_steps=workload.steps, frame_step=pipeline.vae_temporal_compression_ratio,
             )
             with torch.no_grad():
                 video, audio = pipeline(

@@ -1,108 +1,192 @@
-"""The small interface every model family implements.
+"""What a model family declares: its stages, its pipeline, its config, limits, sizing and tiny checkpoint.
 
-A stage deployment only ever talks to these protocols, so it does not know
-which family it runs. Each stage loads only its own components.
+A family is a package under ``serving/families/`` whose ``FAMILY`` is a
+:class:`Family`. Everything generic derives from it: ``build_app`` binds one
+deployment per declared stage, the config checks stage names against it, the
+job runner runs its ``pipeline``, progress marks follow its stages' shares,
+``reelserve plan`` sizes them and ``reelserve generate`` runs the same
+pipeline in one process.
+
+Family code is Ray-free and knows no runner: it never imports
+``serving.stages``, ``serving.jobs`` or ``serving.ingress``; a running job
+reaches it only through :class:`serving.protocol.JobContext`.
+
+Heavy parts (diffusers, transformers) are named by import path
+(``"package.module:attribute"``) and imported on first use, so reading a
+family's declaration (the config, ``reelserve plan``) never loads them.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol
 
-import torch
-from PIL import Image
-
-from cluster.config import ModelConfig
-from serving.protocol import (
-    AudioLatents,
-    DenoisedLatents,
-    EncodedVideo,
-    ImageCondition,
-    PromptEmbeddings,
-    RenderPlan,
-    VideoLatents,
-    Waveform,
-)
+if TYPE_CHECKING:  # the declaration stays importable without torch
+    from serving.engine.core import DiffusionEngine
+    from serving.protocol import RenderPlan
 
 __all__ = [
+    "TINY_MARKER",
     "ModelLimits",
-    "TextEncoder",
-    "ImageConditioner",
-    "Denoiser",
-    "VideoDecoder",
-    "AudioDecoder",
+    "StageKind",
+    "StageSpec",
+    "DiffusionModel",
     "Family",
-    "resolve_device",
-    "resolve_dtype",
+    "LazyCallable",
 ]
+
+StageKind = Literal["model", "diffusion", "muxer"]
+
+# Written last into a finished tiny checkpoint: {"family": ..., "tiny": true, ...}.
+TINY_MARKER = "reelserve_tiny.json"
+
+
+class LazyCallable:
+    """A function or class named ``"package.module:attribute"``, imported when first called."""
+
+    def __init__(self, import_path: str):
+        module, _, attribute = import_path.partition(":")
+        if not module or not attribute:
+            raise ValueError(f"'{import_path}' is not an import path of the form package.module:attribute")
+        self.import_path = import_path
+        self._target: Callable | None = None
+
+    @property
+    def target(self) -> Callable:
+        if self._target is None:
+            module, _, attribute = self.import_path.partition(":")
+            self._target = getattr(importlib.import_module(module), attribute)
+        return self._target
+
+    def __call__(self, *args, **kwargs):
+        return self.target(*args, **kwargs)
+
+    def __reduce__(self):  # travels to Ray replicas as its import path, never as the loaded object
+        return (LazyCallable, (self.import_path,))
+
+    def __repr__(self) -> str:
+        return f"LazyCallable({self.import_path!r})"
 
 
 @dataclass(frozen=True)
 class ModelLimits:
-    """Shape rules of a loaded checkpoint, read from its component configs (no weights)."""
+    """Shape rules of a loaded checkpoint, read from its component configs (no weights).
+
+    A request's frames are ``k * frame_step + frame_offset``; its latent grid is
+    the frame size divided by ``spatial_compression`` and the frame count
+    compressed by ``temporal_compression``.
+    """
 
     size_multiple: int  # width and height must be multiples of this
-    temporal_compression: int  # generated frame counts are k * this + 1
+    temporal_compression: int
     audio_sample_rate: int
     max_prompt_tokens: int
+    spatial_compression: int = 32
+    frame_step: int = 0  # 0: the temporal compression (LTX-2: 8k + 1)
+    frame_offset: int = 1
+
+    @property
+    def frames_step(self) -> int:
+        return self.frame_step or self.temporal_compression
 
 
-class TextEncoder(Protocol):
-    def count_tokens(self, text: str) -> int: ...
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a family's graph, as its deployment and the planner see it.
 
-    def encode(self, prompt: str, negative_prompt: str | None) -> PromptEmbeddings: ...
+    - ``kind``: ``model`` (a component class the generic model stage loads and
+      calls), ``diffusion`` (the family's ``DiffusionModel`` in reelserve's
+      engine) or ``muxer`` (the shared MP4 writer).
+    - ``component``: what a ``model`` stage loads, ``(model config) -> object``.
+    - ``methods``: the methods a pipeline may call, each with the names of the
+      hand-offs it returns, in order (kept under those names for a takeover).
+    - ``gpu``: whether the stage computes on a GPU when one is reserved.
+    - ``progress_share``: its share of a job's run time, for progress marks.
+    """
+
+    name: str
+    kind: StageKind
+    methods: Mapping[str, tuple[str, ...]]
+    component: Callable[[Any], Any] | None = None
+    gpu: bool = True
+    progress_share: float = 1.0
+    summary: str = ""
+
+    def outputs(self, method: str) -> tuple[str, ...]:
+        try:
+            return tuple(self.methods[method])
+        except KeyError:
+            raise ValueError(
+                f"stage {self.name} has no method '{method}'; it has {', '.join(sorted(self.methods))}"
+            ) from None
 
 
-class ImageConditioner(Protocol):
-    def condition(self, image: Image.Image, width: int, height: int) -> ImageCondition: ...
+class DiffusionModel(Protocol):
+    """What a family gives the diffusion stage: its engine, and how a stage call becomes an engine request.
 
+    The stage owns the loop's thread, progress, cancellation and checkpoint
+    storage; this object owns the model's step math (inside ``engine``).
+    """
 
-class Denoiser(Protocol):
-    def denoise(
-        self,
-        embeddings: PromptEmbeddings,
-        condition: ImageCondition | None,
-        plan: RenderPlan,
-        on_step: Callable[[int, int], None] | None = None,
-    ) -> DenoisedLatents: ...
+    engine: "DiffusionEngine"
 
+    def request(self, request_id: str, *payloads: Any) -> Any:
+        """The engine request for one ``denoise`` call (``payloads``: the call's hand-offs read back, and values)."""
 
-class VideoDecoder(Protocol):
-    def decode(self, latents: VideoLatents, plan: RenderPlan) -> EncodedVideo: ...
+    def plan_of(self, request: Any) -> "RenderPlan": ...
 
+    def total_steps(self, request: Any) -> int:
+        """Denoising steps the request runs, every phase of its recipe included."""
 
-class AudioDecoder(Protocol):
-    def decode(self, latents: AudioLatents) -> Waveform: ...
+    def latent_tokens(self, request: Any) -> int:
+        """Latent tokens of the request: the unit of the autoscaler's and admission's cost."""
+
+    def outputs(self, result: Any) -> tuple[Any, ...]:
+        """The engine's output split into the stage's declared hand-offs, in order."""
 
 
 @dataclass(frozen=True)
 class Family:
-    """Constructors for one family's stages; each takes the model config and loads its part."""
+    """Everything one model family declares.
+
+    ``pipeline(ctx, job)`` is the family's short async function over a
+    :class:`~serving.protocol.JobContext`; it returns the muxer's ``StoredVideo``.
+    """
 
     name: str
-    read_limits: Callable[[ModelConfig], ModelLimits]
-    token_counter: Callable[[ModelConfig], Callable[[str], int]]  # tokenizer only, for request validation
-    text_encoder: Callable[[ModelConfig], TextEncoder]
-    image_conditioner: Callable[[ModelConfig], ImageConditioner]
-    denoiser: Callable[[ModelConfig], Denoiser]
-    video_decoder: Callable[[ModelConfig], VideoDecoder]
-    audio_decoder: Callable[[ModelConfig], AudioDecoder]
-    # The denoising loop a diffusion replica runs (step batching, checkpoints): (config) -> engine.
-    diffusion_engine: Callable | None = None
-    # (config, plan) -> (width, height) the photo is encoded at (a recipe may start below the plan's size).
-    condition_size: Callable | None = None
-    # Sizing without weights: (config, stage) -> MemoryEstimate, and (model, w, h, seconds, fps) -> HandoffSizes.
-    stage_memory: Callable | None = None
-    handoff_sizes: Callable | None = None
+    config_class: type
+    stages: tuple[StageSpec, ...]
+    pipeline: Callable[..., Any]
+    read_limits: Callable[[Any], ModelLimits]
+    token_counter: Callable[[Any], Callable[[str], int]]  # (config) -> tokenizer-only counter
+    diffusion_model: Callable[[Any], DiffusionModel]  # (config) -> the diffusion stage's model
+    stage_memory: Callable[[Any, str], Any]  # (ReelserveConfig, stage) -> MemoryEstimate
+    handoff_sizes: Callable[..., Any]  # (model config, width, height, seconds, fps) -> HandoffSizes
+    build_tiny_checkpoint: Callable[[Any], Any]  # (directory) -> path of a tiny random checkpoint
+    ensure_tiny_checkpoint: Callable[[], Any]  # () -> path of the cached tiny checkpoint, built on first use
+    pipeline_classes: tuple[str, ...] = ()  # diffusers class names in a checkpoint's index that mean this family
 
+    def __post_init__(self):
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"family {self.name}: stage names repeat: {names}")
+        diffusion = [stage.name for stage in self.stages if stage.kind == "diffusion"]
+        if diffusion != ["diffusion"]:
+            # One name across families: `stages.diffusion` in every config, and what autoscaling and admission read.
+            raise ValueError(f"family {self.name}: exactly one stage of kind diffusion, named diffusion; got {diffusion}")
 
-def resolve_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(stage.name for stage in self.stages)
 
+    def stage(self, name: str) -> StageSpec:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ValueError(f"family {self.name} has no stage '{name}'; its stages are {', '.join(self.stage_names)}")
 
-def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, setting)
+    @property
+    def diffusion_stage(self) -> StageSpec:
+        return next(stage for stage in self.stages if stage.kind == "diffusion")
+

@@ -20,7 +20,7 @@ from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded
 from serving.families import get_family
 from serving.jobs.artifacts import open_artifacts
 from serving.jobs.events import JobEvents
-from serving.jobs.record import JobRecord, new_job_id
+from serving.jobs.record import PHOTO_INPUT, JobRecord, new_job_id
 from serving.jobs.results import ResultStore
 from serving.jobs.store import open_store
 from serving.protocol import JobStatus
@@ -69,7 +69,7 @@ class VideoService:
         await self._admit_by_capacity()
         record = _new_record(request)
         if request.image is not None:
-            await self._blocking(self.results.save_input, record.id, request.image)
+            await self._blocking(self.results.save_input, record.id, PHOTO_INPUT.name, request.image)
         try:
             created = await self._blocking(self.store.create, record, max_active=jobs.max_active_jobs)
         except BaseException:
@@ -108,13 +108,13 @@ class VideoService:
             whole = record.attempts == 1 and record.resumed_from_step is None  # one uninterrupted denoising
             if record.status == JobStatus.COMPLETED and seconds and whole and record.id not in self._rated:
                 self._rated.add(record.id)
-                load = JobLoad.of(record.width, record.height, record.seconds, record.fps, record.total_steps)
+                load = JobLoad.of(self.model, record.width, record.height, record.seconds, record.fps, record.total_steps)
                 self._step_rate.observe(load.tokens, record.total_steps, seconds)
         if len(self._rated) > 1000:
             self._rated = {r.id for r in recent}
         steps = self.model.num_inference_steps
         return backlog_token_steps(
-            JobLoad.of(r.width, r.height, r.seconds, r.fps, max(r.total_steps, steps), r.step)
+            JobLoad.of(self.model, r.width, r.height, r.seconds, r.fps, max(r.total_steps, steps), r.step)
             for r in self.store.active_records()
         )
 
@@ -210,4 +210,5 @@ def _new_record(request: VideoRequest) -> JobRecord:
         id=new_job_id(), model=request.model, prompt=request.prompt, negative_prompt=request.negative_prompt,
         seconds=plan.seconds, width=plan.width, height=plan.height, fps=plan.fps, seed=plan.seed,
         has_image=request.image is not None, total_steps=plan.num_inference_steps, enhance_prompt=request.enhance_prompt,
+        inputs=[vars(PHOTO_INPUT)] if request.image is not None else [],
     )

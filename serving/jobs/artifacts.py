@@ -22,7 +22,9 @@ from typing import Any, Protocol
 
 from serving.jobs.store import StoreUnavailable
 
-__all__ = ["ArtifactStore", "DirectoryArtifacts", "RedisArtifacts", "open_artifacts"]
+__all__ = ["ArtifactStore", "DirectoryArtifacts", "RedisArtifacts", "open_artifacts", "CHECKPOINT"]
+
+CHECKPOINT = "denoise_checkpoint"  # the name diffusion keeps its resumable state under
 
 logger = logging.getLogger("ray.serve.reelserve.artifacts")
 

@@ -6,9 +6,11 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field, fields
 
-from serving.protocol import JobStatus
+from serving.protocol import InputSpec, JobSpec, JobStatus, RenderPlan
 
-__all__ = ["JobRecord", "new_job_id"]
+__all__ = ["JobRecord", "new_job_id", "job_spec", "PHOTO_INPUT"]
+
+PHOTO_INPUT = InputSpec(name="photo", kind="image", role="first_frame")  # the one photo of an image-to-video job
 
 
 def new_job_id() -> str:
@@ -27,6 +29,7 @@ class JobRecord:
     fps: int
     seed: int
     has_image: bool
+    inputs: list[dict] = field(default_factory=list)  # the stored inputs: name, kind, role (InputSpec fields)
     enhance_prompt: bool = False
     revised_prompt: str | None = None  # the rewriter's version of ``prompt`` (as OpenAI's image API names it)
     rewrite_fallback: str | None = None  # why the original prompt was used although a rewrite was asked for
@@ -68,3 +71,19 @@ class JobRecord:
         values = {k: v for k, v in data.items() if k in known}
         values["status"] = JobStatus(int(values.get("status", 0)))
         return cls(**values)
+
+
+def job_spec(record: JobRecord, num_inference_steps: int, frame_rule: tuple[int, int]) -> JobSpec:
+    """What the record asks a pipeline to generate. ``frame_rule``: the family's (step, offset) of frame counts."""
+    frame_step, frame_offset = frame_rule
+    plan = RenderPlan.build(
+        width=record.width, height=record.height, fps=record.fps, seconds=record.seconds, seed=record.seed,
+        num_inference_steps=num_inference_steps, frame_step=frame_step, frame_offset=frame_offset,
+    )
+    inputs = tuple(InputSpec(**spec) for spec in record.inputs)
+    if record.has_image and not inputs:  # recorded before inputs were listed
+        inputs = (PHOTO_INPUT,)
+    return JobSpec(
+        job_id=record.id, prompt=record.prompt, negative_prompt=record.negative_prompt, plan=plan, inputs=inputs,
+        enhance_prompt=record.enhance_prompt,
+    )

@@ -16,23 +16,13 @@ Redis (cluster mode). Rules both enforce atomically:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 from serving.errors import StoreUnavailable
 from serving.jobs.record import JobRecord
-from serving.protocol import JobStatus
+from serving.protocol import Fence, JobStatus
 
 __all__ = ["Fence", "JobStore", "StoreUnavailable", "ConditionalWrites", "open_store"]
-
-
-@dataclass(frozen=True)
-class Fence:
-    """Who may write about a running job: its owner, in the attempt it claimed."""
-
-    job_id: str
-    owner: str
-    attempt: int
 
 
 class JobStore(Protocol):

@@ -10,10 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GemmaTokenizer
 
-__all__ = ["build_tiny_rewriter", "CHAT_TEMPLATE"]
+__all__ = ["build_tiny_rewriter", "CHAT_TEMPLATE", "TURN_TOKENS", "REWRITER_SUBFOLDER"]
 
-_TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
+# Where a tiny video checkpoint carries its rewriter (not a pipeline component: model_index.json does not list it).
+REWRITER_SUBFOLDER = "prompt_rewriter"
+
+# Special tokens the chat template uses; the vocabulary handed to ``build_tiny_rewriter`` must hold them.
+TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 
 # Gemma's chat format: the system prompt is folded into the first user turn.
 CHAT_TEMPLATE = (
@@ -25,15 +30,18 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_rewriter(directory: str | Path) -> Path:
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GemmaTokenizer
+def build_tiny_rewriter(directory: str | Path, vocabulary: dict[str, int], seed: int = 0) -> Path:
+    """Save the tiny rewriter (model and tokenizer over ``vocabulary``) under ``directory``.
 
-    from serving.families.ltx2_tiny import TINY_SEED, tiny_vocabulary
-
+    The vocabulary comes from the video checkpoint it ships with, so both read prompts alike;
+    it must hold ``<pad>``, ``<bos>``, ``<eos>`` and the ``TURN_TOKENS``.
+    """
+    missing = [token for token in ("<pad>", "<bos>", "<eos>", *TURN_TOKENS) if token not in vocabulary]
+    if missing:
+        raise ValueError(f"the rewriter's vocabulary lacks {missing}")
     directory = Path(directory)
-    vocabulary = tiny_vocabulary(extra_special=_TURN_TOKENS)
     tokenizer = GemmaTokenizer(
-        vocab=vocabulary, merges=[], model_max_length=2048, additional_special_tokens=list(_TURN_TOKENS)
+        vocab=vocabulary, merges=[], model_max_length=2048, additional_special_tokens=list(TURN_TOKENS)
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     config = Gemma3TextConfig(
@@ -50,7 +58,7 @@ def build_tiny_rewriter(directory: str | Path) -> Path:
         bos_token_id=vocabulary["<bos>"],
         eos_token_id=[vocabulary["<eos>"], vocabulary["<end_of_turn>"]],
     )
-    torch.manual_seed(TINY_SEED)
+    torch.manual_seed(seed)
     model = Gemma3ForCausalLM(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

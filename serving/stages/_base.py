@@ -29,7 +29,8 @@ from serving.errors import GenerationFailed, StageOutOfMemory
 from serving.jobs.artifacts import open_artifacts
 from serving.jobs.faults import FaultInjector, InjectedOutOfMemory
 from serving.metrics import StageStats
-from serving.protocol import Handoff, JobTicket
+from serving.jobs.results import ResultStore
+from serving.protocol import Handoff, JobInput, JobTicket
 
 T = TypeVar("T")
 
@@ -167,6 +168,13 @@ class StageRunner:
         if value is None:
             raise GenerationFailed(f"the {handoff.name} of this job is lost (its producer is gone and no copy was kept)")
         return value
+
+    async def read_input(self, results: ResultStore, job_input: JobInput) -> bytes:
+        """One of the job's stored inputs (checked when the job was accepted)."""
+        try:
+            return await asyncio.to_thread(results.load_input, job_input.job_id, job_input.name)
+        except FileNotFoundError:
+            raise GenerationFailed(f"the job's input '{job_input.name}' is no longer stored") from None
 
 
 class LoadTimer:

@@ -1,13 +1,14 @@
-"""Diffusion stage: embeddings (+ photo latents) -> denoised video and audio latents, on an engine that
-owns its loop.
+"""Diffusion stage: the family's denoising, on an engine that owns its loop.
 
-One thread per replica runs the family's diffusion engine: every ``step()``
+Family-free: the family's ``DiffusionModel`` turns a ``denoise`` call's
+payloads into an engine request and the engine's output into the stage's
+declared hand-offs. One thread per replica runs the engine: every ``step()``
 advances all the requests it holds by one denoising step, batched where
 shapes allow. Around it, per request, on the event loop:
 
-- progress after every step, written with the job's fence; a refused write
-  means another attempt owns the job, and this one stops;
-- cancellation within one step (the job's cancel flag, read after each step);
+- progress after every step, written with the job's fence (``FencedWriter``);
+  a refused write means another attempt owns the job, and this one stops;
+- cancellation within one step (the job's cancel flag, read after each write);
 - checkpoints every few steps into the job's artifacts, and one more when the
   call is cancelled (hand-over, redeploy), so a successor resumes at the very
   step this one stopped; a request that finds a checkpoint resumes from it;
@@ -21,24 +22,27 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from cluster.config import FaultConfig, JobsConfig, ModelConfig, latent_tokens
+from typing import Any
+
+from cluster.config import FaultConfig, JobsConfig, ModelConfig
 from cluster.load import DiffusionLoad
 from serving import metrics
-from serving.errors import JobCancelled, StageDead, StageOutOfMemory
+from serving.devices import resolve_device
+from serving.engine.core import CheckpointReady, RequestFailed, RequestFinished, StepFinished
+from serving.errors import GenerationFailed, JobCancelled, StageDead, StageOutOfMemory
 from serving.families import get_family
-from serving.families.base import resolve_device
-from serving.jobs.progress import diffusion_progress
+from serving.jobs.artifacts import CHECKPOINT
+from serving.jobs.progress import ProgressMarks
 from serving.jobs.store import open_store
-from serving.protocol import DenoiseResult, Handoff, JobTicket, RenderPlan
+from serving.jobs.writer import FencedWriter
+from serving.protocol import DenoiseResult, Handoff, JobTicket
 from serving.stages._base import LoadTimer, StageRunner, free_device_memory, is_out_of_memory, placement
 
 __all__ = ["DiffusionStage"]
 
 logger = logging.getLogger("ray.serve.reelserve.diffusion")
-
-CHECKPOINT = "denoise_checkpoint"
 _STOP_WAIT_S = 20.0  # how long a stopping replica waits for its requests' stop checkpoints (about a step)
 
 
@@ -54,18 +58,22 @@ class _Request:
     resumed_from_step: int | None = None
     first_step_at: float | None = None  # perf_counter of its first step: the end of its queue wait
     checkpoint_on_stop: bool = False  # stopped by a hand-over: leave a checkpoint for the successor
-    pending_write: dict = field(default_factory=dict)  # progress not yet in the store (newest wins)
-    writing: bool = False  # a flush of pending_write is under way
+    writer: FencedWriter | None = None  # progress, fenced to the job's attempt
 
 
 class DiffusionStage:
-    def __init__(self, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = ()):
-        with LoadTimer("diffusion", model.name) as load:
-            self._engine = get_family(model.family).diffusion_engine(model)
+    def __init__(self, stage: str, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = ()):
+        family = get_family(model.family)
+        self._spec = family.stage(stage)
+        self._marks = ProgressMarks(family.stages)
+        with LoadTimer(stage, model.name) as load:
+            self._diffusion = family.diffusion_model(model)
+        self._engine = self._diffusion.engine
+        self._name = stage
         self._model = model.name
         self._store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
         self._device = str(resolve_device(model.device))  # what the family computes on
-        self._runner = StageRunner("diffusion", jobs, faults, model.name)
+        self._runner = StageRunner(stage, jobs, faults, model.name)
         self._runner.stats.load_seconds = load.seconds
         # Store writes (progress, cancel checks) and artifact writes (checkpoints) each get their own threads: a
         # slow store never holds up a checkpoint, nor the other way round.
@@ -84,17 +92,17 @@ class DiffusionStage:
 
     # ------------------------------------------------------------------ the call
 
-    async def denoise(
-        self, ticket: JobTicket, embeddings: Handoff, condition: Handoff | None, plan: RenderPlan
-    ) -> DenoiseResult:
+    async def call(self, ticket: JobTicket, method: str, *args: Any) -> DenoiseResult:
+        """Denoise for the job: ``args`` are the family's ``denoise`` inputs (hand-offs and plain values)."""
+        names = self._spec.outputs(method)
         arrived = time.perf_counter()
         self._busy(+1)
         ok, request = False, None
         try:
             await self._runner.faults.on_entry(ticket)
-            request = await self._submit(ticket, embeddings, condition, plan)
+            request = await self._submit(ticket, args)
             try:
-                latents = await request.future
+                output = await request.future
             except asyncio.CancelledError:
                 # The caller went away. A hand-over (shutdown, lost lease) keeps the work for the successor; a
                 # cancel or a deadline does not. The store says which; this call must stop now either way.
@@ -103,14 +111,18 @@ class DiffusionStage:
             ok = True
         finally:
             self._busy(-1)
+            if request is not None and request.writer is not None:
+                await request.writer.stop()
             first_step = request.first_step_at if request is not None else None
             started = first_step if ok and first_step else time.perf_counter()
             self._runner.stats.record(time.perf_counter() - started, ok=ok, queue_wait_s=started - arrived)
-            metrics.stage_request("diffusion", self._model, started - arrived, time.perf_counter() - arrived, ok)
+            metrics.stage_request(self._name, self._model, started - arrived, time.perf_counter() - arrived, ok)
         logger.info("job %s denoised (%d steps)", ticket.job_id, request.total_steps)
-        video = await self._runner.publish(ticket, "video_latents", latents.video)
-        audio = await self._runner.publish(ticket, "audio_latents", latents.audio)
-        return DenoiseResult(video, audio, request.total_steps, request.total_steps, request.resumed_from_step)
+        values = self._diffusion.outputs(output)
+        if len(values) != len(names):
+            raise GenerationFailed(f"{self._name} returned {len(values)} outputs, not {len(names)}")
+        outputs = tuple([await self._runner.publish(ticket, name, value) for name, value in zip(names, values)])
+        return DenoiseResult(outputs, request.total_steps, request.total_steps, request.resumed_from_step)
 
     async def _stop_when_the_caller_left(self, request: _Request) -> None:
         try:
@@ -125,14 +137,11 @@ class DiffusionStage:
     def _busy(self, change: int) -> None:
         stats = self._runner.stats
         stats.in_flight += change
-        metrics.stage_load("diffusion", self._model, stats.in_flight, 0)
+        metrics.stage_load(self._name, self._model, stats.in_flight, 0)
 
-    async def _submit(self, ticket: JobTicket, embeddings: Handoff, condition: Handoff | None, plan: RenderPlan):
-        from serving.families.ltx2_engine import DenoiseRequest
-
+    async def _submit(self, ticket: JobTicket, args: tuple):
         self._ensure_running()
-        prompt = await self._runner.receive(embeddings)
-        photo = None if condition is None else await self._runner.receive(condition)
+        payloads = [await self._runner.receive(arg) if isinstance(arg, Handoff) else arg for arg in args]
         loop = asyncio.get_running_loop()
         for older in [r for r in list(self._requests.values()) if r.ticket.job_id == ticket.job_id]:
             # An older attempt of this job still runs here: it stops first, leaving a checkpoint to resume from.
@@ -141,12 +150,18 @@ class DiffusionStage:
             await asyncio.wait([older.future])
         resume = await loop.run_in_executor(self._artifact_io, self._runner.artifacts.get, ticket.job_id, CHECKPOINT)
         engine_id = f"{ticket.job_id}/{ticket.attempt}"
+        denoise = self._diffusion.request(engine_id, *payloads)
+        plan = self._diffusion.plan_of(denoise)
         request = _Request(
-            ticket, loop.create_future(), self._engine.total_steps(plan), engine_id,
+            ticket, loop.create_future(), self._diffusion.total_steps(denoise), engine_id,
             metrics.resolution_bucket(plan.width, plan.height),
         )
+        request.writer = FencedWriter(
+            self._store, ticket.fence, self._store_io,
+            on_lost=lambda: self._superseded(request), on_cancel_requested=lambda: self._cancelled(request),
+        )
+        request.writer.start()
         self._requests[engine_id] = request
-        denoise = DenoiseRequest(engine_id, prompt, photo, plan)
         try:
             try:
                 self._engine.add(denoise, resume_from=resume)
@@ -159,16 +174,17 @@ class DiffusionStage:
                 self._engine.add(denoise)
         except BaseException:
             self._requests.pop(engine_id, None)
+            await request.writer.stop()
             with self._load_lock:
                 self._load.finished(engine_id, completed=False)
             raise
-        tokens = latent_tokens(plan.width, plan.height, plan.seconds, plan.fps)
+        tokens = self._diffusion.latent_tokens(denoise)
         with self._load_lock:
             self._load.queued(engine_id, tokens, request.total_steps, resume.finished_steps if resume else 0)
         if resume is not None:
             request.resumed_from_step = resume.finished_steps
             logger.info("job %s resumes from step %d", ticket.job_id, resume.finished_steps)
-            self._write(request, resumed_from_step=resume.finished_steps, step=resume.finished_steps)
+            request.writer.note(resumed_from_step=resume.finished_steps, step=resume.finished_steps)
         with self._wake:
             self._wake.notify()
         return request
@@ -224,8 +240,6 @@ class DiffusionStage:
         self._measure(events, time.perf_counter() - started)
 
     def _mark_started(self, events) -> None:
-        from serving.families.engine import StepFinished
-
         with self._load_lock:
             for event in events:
                 engine_id = event.request_id
@@ -235,8 +249,6 @@ class DiffusionStage:
                     self._requests[engine_id].first_step_at = time.perf_counter() - self._step_seconds
 
     def _measure(self, events, seconds: float) -> None:
-        from serving.families.engine import StepFinished
-
         with self._load_lock:  # requests that ended in this step have left the tracker already
             stepped = [e.request_id for e in events if isinstance(e, StepFinished) and e.request_id in self._started]
             if stepped:
@@ -253,8 +265,6 @@ class DiffusionStage:
         self._resolve(engine_id, error=JobCancelled(f"denoising of {engine_id} stopped"))
 
     def _dispatch(self, event) -> None:
-        from serving.families.engine import CheckpointReady, RequestFailed, RequestFinished, StepFinished
-
         engine_id = event.request_id
         request = self._requests.get(engine_id)
         if request is None:
@@ -266,7 +276,7 @@ class DiffusionStage:
             except Exception as error:  # noqa: BLE001 - an injected out-of-memory error, as the step would raise
                 self._engine.abort(engine_id)
                 free_device_memory()
-                self._resolve(engine_id, error=StageOutOfMemory("diffusion") if is_out_of_memory(error) else error)
+                self._resolve(engine_id, error=StageOutOfMemory(self._name) if is_out_of_memory(error) else error)
                 return
             metrics.denoise_step(self._model, request.resolution, self._step_seconds)
             self._loop.call_soon_threadsafe(self._after_step, request, event.finished_steps, event.total_steps)
@@ -276,7 +286,7 @@ class DiffusionStage:
             self._resolve(engine_id, result=event.output)
         elif isinstance(event, (RequestFailed, _EngineFailure)):
             error = event.error
-            self._resolve(engine_id, error=StageOutOfMemory("diffusion") if is_out_of_memory(error) else error)
+            self._resolve(engine_id, error=StageOutOfMemory(self._name) if is_out_of_memory(error) else error)
 
     def _resolve(self, engine_id: str, result=None, error: BaseException | None = None) -> None:
         request = self._requests.pop(engine_id, None)
@@ -299,40 +309,22 @@ class DiffusionStage:
     # ------------------------------------------------------------------ around each step (event loop)
 
     def _after_step(self, request: _Request, finished: int, total: int) -> None:
-        progress = diffusion_progress(finished, total)
-        self._write(request, step=finished, total_steps=total, progress=progress)
+        progress = self._marks.within(self._name, finished, total)
+        request.writer.note(step=finished, total_steps=total, progress=progress)
         metrics.job_progressed(self._model)
 
-    def _write(self, request: _Request, **changes) -> None:
-        """Progress with the job's fence, newest last, one write at a time per request (a slow store coalesces
-        them); a refused write or a cancel flag stops the request."""
-        request.pending_write.update(changes)
-        if not request.writing:
-            request.writing = True
-            self._io.submit(self._flush, request)
+    async def _store_io(self, method, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._io, lambda: method(*args, **kwargs))
 
-    def _flush(self, request: _Request) -> None:
-        ticket = request.ticket
-        while True:
-            changes, request.pending_write = request.pending_write, {}
-            if not changes:
-                request.writing = False
-                if request.pending_write:  # arrived between the check and the flag: keep going
-                    request.writing = True
-                    continue
-                return
-            try:
-                current = self._store.update(ticket.fence, **changes)
-                cancelled = current and self._store.is_cancel_requested(ticket.job_id)
-            except Exception:  # noqa: BLE001 - the store is away: the job keeps going; the next step writes again
-                continue
-            if not current:
-                logger.info("job %s attempt %d is superseded; stopping it", ticket.job_id, ticket.attempt)
-                request.checkpoint_on_stop = True
-                self._stop(request.engine_id)
-            elif cancelled:
-                self._runner.stats.bump("cancelled_total")
-                self._stop(request.engine_id)
+    def _superseded(self, request: _Request) -> None:
+        """A write was refused: another attempt owns the job now. Stop, leaving a checkpoint for it."""
+        logger.info("job %s attempt %d is superseded; stopping it", request.ticket.job_id, request.ticket.attempt)
+        request.checkpoint_on_stop = True
+        self._stop(request.engine_id)
+
+    def _cancelled(self, request: _Request) -> None:
+        self._runner.stats.bump("cancelled_total")
+        self._stop(request.engine_id)
 
     def _save_checkpoint(self, job_id: str, checkpoint) -> None:
         """Keep the checkpoint unless one of a later step is kept already (saves run on several threads)."""

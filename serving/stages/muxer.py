@@ -1,22 +1,18 @@
-"""Muxer stage: the H.264 track + the waveform -> MP4 (AAC added) in the results directory."""
+"""Muxer stage: the H.264 track + the waveform -> MP4 (AAC added) in the results directory.
+
+Family-free: every family hands it an ``EncodedVideo`` and a ``Waveform``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from cluster.config import FaultConfig, JobsConfig
+from serving.errors import GenerationFailed
 from serving.jobs.results import ResultStore
 from serving.media import mux_mp4
-from serving.protocol import EncodedVideo, Handoff, JobTicket, Waveform
+from serving.protocol import EncodedVideo, Handoff, JobTicket, StoredVideo, Waveform
 from serving.stages._base import StageRunner, placement
 
-__all__ = ["MuxerStage", "MuxedVideo"]
-
-
-@dataclass(frozen=True)
-class MuxedVideo:
-    path: str
-    num_bytes: int
+__all__ = ["MuxerStage"]
 
 
 class MuxerStage:
@@ -24,14 +20,16 @@ class MuxerStage:
         self._results = ResultStore(jobs.results_dir)
         self._runner = StageRunner("muxer", jobs, faults, model_name)
 
-    async def mux(self, ticket: JobTicket, video: Handoff, waveform: Handoff) -> MuxedVideo:
+    async def call(self, ticket: JobTicket, method: str, video: Handoff, waveform: Handoff) -> StoredVideo:
+        if method != "mux":
+            raise GenerationFailed(f"the muxer has no method '{method}'; it has mux")
         encoded = await self._runner.receive(video)
         audio = await self._runner.receive(waveform)
         return await self._runner.run(ticket, self._mux, ticket.job_id, encoded, audio)
 
-    def _mux(self, job_id: str, video: EncodedVideo, waveform: Waveform) -> MuxedVideo:
+    def _mux(self, job_id: str, video: EncodedVideo, waveform: Waveform) -> StoredVideo:
         path = mux_mp4(self._results.video_path(job_id), video, waveform)
-        return MuxedVideo(path=str(path), num_bytes=path.stat().st_size)
+        return StoredVideo(path=str(path), num_bytes=path.stat().st_size)
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()

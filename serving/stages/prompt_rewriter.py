@@ -6,11 +6,14 @@ Many requests run at once (vLLM batches them); a rewrite never fails a job.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from cluster.config import ModelConfig, RewriterConfig
 from serving import metrics
+from serving.families import get_family
 from serving.metrics import StageStats
 from serving.prompting.rewriter import PromptRewriter, Rewrite
+from serving.prompting.tiny_rewriter import REWRITER_SUBFOLDER
 from serving.stages._base import LoadTimer
 
 __all__ = ["PromptRewriterStage", "rewriter_model_path"]
@@ -20,12 +23,8 @@ def rewriter_model_path(rewriter: RewriterConfig, model: ModelConfig) -> str:
     """The configured rewriter checkpoint, or the tiny one that ships inside the tiny video checkpoint."""
     if rewriter.model_path is not None:
         return rewriter.model_path
-    from pathlib import Path
-
-    from serving.families.ltx2 import checkpoint_path
-    from serving.families.ltx2_tiny import REWRITER_SUBFOLDER
-
-    folder = Path(checkpoint_path(model)) / REWRITER_SUBFOLDER
+    video_checkpoint = model.path or get_family(model.family).ensure_tiny_checkpoint()
+    folder = Path(video_checkpoint) / REWRITER_SUBFOLDER
     if not folder.is_dir():
         raise ValueError(
             f"rewriter.model_path: unset, and the video checkpoint has no {REWRITER_SUBFOLDER}/ folder; "

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from cluster.admission import AdmissionLimits, JobLoad, StepRate, admit, backlog_token_steps, estimated_queue_wait_s
-from cluster.config import latent_tokens
+from serving.families.ltx2.config import LTX2ModelConfig
 
 RATE = 3.5e-4
-BIG = latent_tokens(1280, 704, 5, 24)  # 14,080 tokens: 148 s at 30 steps
+BIG = LTX2ModelConfig().latent_tokens(1280, 704, 5, 24)  # 14,080 tokens: 148 s at 30 steps
 
 
 def test_the_backlog_counts_only_the_steps_left():
@@ -84,7 +84,7 @@ def test_admission_reads_the_bound_replicas_and_retry_floor_from_the_config():
         scaling={"max_queue_wait_s": 300}, jobs={"retry_after_s": 30},
     )
     rate = StepRate(prior=RATE)
-    job = JobLoad.of(1280, 704, 5, 24, steps=30)
+    job = JobLoad.of(config.model, 1280, 704, 5, 24, steps=30)
     assert job == JobLoad(BIG, 30)
     assert _admit(config, [job] * 4, rate).admitted  # 591 GPU-s over 2 replicas: 296 s
     refused = _admit(config, [job] * 5, rate)  # 370 s

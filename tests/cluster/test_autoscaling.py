@@ -20,13 +20,14 @@ from cluster.autoscaling import (
     follower_replicas_wanted,
     queue_wait_s,
 )
-from cluster.config import ReelserveConfig, latent_tokens
+from cluster.config import ReelserveConfig
+from serving.families.ltx2.config import LTX2ModelConfig
 from cluster.placement import stage_options
 from tests.cluster.scaling_sim import DiffusionDeployment, Job
 
 RATE = 3.5e-4
-BIG = latent_tokens(1280, 704, 5, 24)  # 14,080
-SMALL = latent_tokens(256, 256, 2, 24)  # 448
+BIG = LTX2ModelConfig().latent_tokens(1280, 704, 5, 24)  # 14,080
+SMALL = LTX2ModelConfig().latent_tokens(256, 256, 2, 24)  # 448
 STEPS = 30
 JOB_S = BIG * STEPS * RATE  # 147.8 s
 SCALING = {"target_queue_wait_s": 120, "replica_start_s": 240, "upscale_delay_s": 15, "downscale_delay_s": 600}

@@ -8,16 +8,19 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from cluster.config import (
-    STAGE_NAMES,
     IngressConfig,
     JobsConfig,
-    ModelConfig,
     RayConfig,
     ReelserveConfig,
     StageConfig,
     load_config,
     parse_size,
+    stage_names,
 )
+from cluster.model_config import EngineLoopConfig
+from serving.families import config_classes
+from serving.families.ltx2.config import DiffusionEngineConfig, SpeedConfig
+from serving.families.ltx2.config import LTX2ModelConfig as ModelConfig
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "cluster" / "profiles" / "local-cpu.yaml"
 
@@ -41,7 +44,7 @@ def test_defaults_validate():
     # round trip through a plain dict (what build_app hands to the ingress)
     assert ReelserveConfig.model_validate(config.model_dump()) == config
     assert config.app_name == "reelserve"
-    assert set(config.stages) == set(STAGE_NAMES)
+    assert set(config.stages) == set(stage_names("ltx2"))
     assert all(isinstance(s, StageConfig) for s in config.stages.values())
     assert config.model.uses_tiny_checkpoint and config.model.name == "ltx-2-tiny"
     assert config.jobs.backend == "sqlite"
@@ -59,7 +62,7 @@ def test_embedded_profile_loads_the_tiny_model():
     assert model.default_size == "256x256" and parse_size(model.default_size) == (256, 256)
     assert model.default_seconds == 2.0
     assert config.app_name == "reelserve"
-    assert set(config.stages) == set(STAGE_NAMES)
+    assert set(config.stages) == set(stage_names("ltx2"))
     assert config.stages["diffusion"].max_ongoing_requests == 2
     assert config.stages["diffusion"].max_queued_requests == 16
     assert config.stages["text_encoder"] == StageConfig()  # stages not named get defaults
@@ -231,7 +234,10 @@ def test_range_errors_name_the_field(source, location):
 
 
 @pytest.mark.parametrize(
-    "model", [ModelConfig, StageConfig, IngressConfig, JobsConfig, RayConfig, ReelserveConfig], ids=lambda m: m.__name__
+    "model",
+    [*config_classes(), EngineLoopConfig, DiffusionEngineConfig, SpeedConfig, StageConfig, IngressConfig, JobsConfig,
+     RayConfig, ReelserveConfig],
+    ids=lambda m: m.__name__,
 )
 def test_every_field_is_described(model: type[BaseModel]):
     assert model.model_fields, f"{model.__name__} has no fields"

@@ -113,7 +113,7 @@ def test_the_cli_prints_the_plan_and_exits_2_naming_the_field(tmp_path):
 
 def test_real_size_hand_offs_stay_under_40_mb_per_job():
     """1280x704 x 121 frames with the published LTX-2 19B configs (no checkpoint here: the reference sizes)."""
-    from serving.families.ltx2_sizing import checkpoint_source, handoff_sizes
+    from serving.families.ltx2.sizing import checkpoint_source, handoff_sizes
 
     config = load_config(str(PROFILES / "1x-h100.yaml"))
     assert checkpoint_source(config.model) == "reference"
@@ -131,7 +131,7 @@ def test_the_connectors_really_produce_those_shapes_at_real_size():
     """The real LTX2TextConnectors, built from the published config on the meta device (no weights)."""
     import torch
 
-    from serving.families.ltx2_reference import build_meta
+    from serving.families.ltx2.reference import build_meta
 
     connectors = build_meta("connectors")
     hidden = torch.empty(1, 1024, 3840 * 49, device="meta", dtype=torch.bfloat16)
@@ -144,18 +144,18 @@ def test_the_connectors_really_produce_those_shapes_at_real_size():
 def test_sizes_match_what_the_tiny_stages_produce(tiny_config, tiny_checkpoint, sample_photo):
     """The sizing arithmetic against the stages' real hand-offs (tiny checkpoint, float32 on the CPU)."""
     from serving.families import get_family
-    from serving.families.ltx2_sizing import handoff_sizes, stage_memory
+    from serving.families.ltx2.sizing import handoff_sizes, stage_memory
     from serving.protocol import RenderPlan
 
     family = get_family("ltx2")
     width, height, seconds, fps = 96, 64, 1.0, 24
     sizes = handoff_sizes(tiny_config, width, height, seconds, fps, transformer_dtype_bytes=4)
-    encoder, conditioner = family.text_encoder(tiny_config), family.image_conditioner(tiny_config)
+    encoder, conditioner = family.stage("text_encoder").component(tiny_config), family.stage("image_conditioner").component(tiny_config)
     denoiser, video_decoder, audio_decoder = (
-        family.denoiser(tiny_config), family.video_decoder(tiny_config), family.audio_decoder(tiny_config)
+        family.diffusion_model(tiny_config), family.stage("video_decoder").component(tiny_config), family.stage("audio_decoder").component(tiny_config)
     )
     plan = RenderPlan.build(width=width, height=height, fps=fps, seconds=seconds, seed=1, num_inference_steps=2,
-                            temporal_compression=8)
+                            frame_step=8)
     embeddings = encoder.encode("a cat", tiny_config.negative_prompt)
     condition = conditioner.condition(sample_photo, width, height)
     latents = denoiser.denoise(embeddings, condition, plan)

@@ -9,7 +9,7 @@ import ray
 from pydantic import ValidationError
 from ray.serve import Application
 
-from cluster.config import STAGE_NAMES, load_config
+from cluster.config import load_config, stage_names
 from graphs import build_app
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "cluster" / "profiles" / "local-cpu.yaml"
@@ -19,10 +19,21 @@ def _deployments(app: Application) -> dict:
     """Every deployment of the graph, by name: the ingress and what is bound into it, recursively."""
     deployment = app._bound_deployment
     found = {deployment.name: deployment}
-    for argument in deployment.init_args:
+    for argument in _nested(deployment.init_args):
         if isinstance(argument, Application):
             found.update(_deployments(argument))
     return found
+
+
+def _nested(values):
+    """Every value inside ``values``, through lists, tuples and dicts (the runner gets its stages in a dict)."""
+    for value in values:
+        if isinstance(value, dict):
+            yield from _nested(value.values())
+        elif isinstance(value, (list, tuple)):
+            yield from _nested(value)
+        else:
+            yield value
 
 
 def test_build_app_defaults_without_starting_ray():
@@ -30,7 +41,7 @@ def test_build_app_defaults_without_starting_ray():
     assert isinstance(app, Application)
     assert not ray.is_initialized()
     deployments = _deployments(app)
-    assert set(deployments) == {"ingress", "orchestrator", *STAGE_NAMES}
+    assert set(deployments) == {"ingress", "orchestrator", *stage_names("ltx2")}
     # the ingress holds no stage: only the orchestrator, to wake it
     ingress_args = [a for a in deployments["ingress"].init_args if isinstance(a, Application)]
     assert [a._bound_deployment.name for a in ingress_args] == ["orchestrator"]

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from cluster.config import STAGE_NAMES
+from cluster.config import all_stage_names
 from cluster.observability import DASHBOARD_PATH, build_dashboard, dashboard_queries, render
 from tests.prometheus import OBSERVABILITY, promtool, start_prometheus, substitute_dashboard_variables
 
@@ -43,9 +43,9 @@ def test_the_dashboard_has_a_datasource_variable_a_jobs_row_and_a_row_per_stage(
             current = rows.setdefault(panel["title"], [])
         else:
             current.append(panel["title"])
-    assert list(rows) == ["jobs"] + [f"stage: {stage}" for stage in STAGE_NAMES]
+    assert list(rows) == ["jobs"] + [f"stage: {stage}" for stage in all_stage_names()]
     assert {"throughput", "end-to-end latency", "errors by code", "rejections"} <= set(rows["jobs"])
-    for stage in STAGE_NAMES:
+    for stage in all_stage_names():
         assert rows[f"stage: {stage}"] == ["request latency", "queue wait", "in flight and queued", "replicas", "GPU memory"]
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))

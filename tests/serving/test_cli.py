@@ -86,7 +86,7 @@ def test_generate_text_to_video(tmp_path, cache_home, tiny_checkpoint, probe_mp4
 
 
 def test_generate_without_model_uses_tiny_checkpoint_in_user_cache(tmp_path, tmp_path_factory, probe_mp4):
-    from serving.families.ltx2_tiny import default_tiny_dir, is_complete_checkpoint
+    from serving.families.ltx2.tiny import default_tiny_dir, is_complete_checkpoint
 
     cache = tmp_path_factory.mktemp("fresh-cache")
     out = tmp_path / "default.mp4"

@@ -13,7 +13,7 @@ SHAPE = dict(width=128, height=64, frames=17, text_tokens=16)
 
 
 def _inputs(config, seed: int) -> dict:
-    from serving.families.ltx2_reference import random_transformer_inputs
+    from serving.families.ltx2.reference import random_transformer_inputs
 
     return random_transformer_inputs(
         config, SHAPE["width"], SHAPE["height"], SHAPE["frames"], text_tokens=SHAPE["text_tokens"],

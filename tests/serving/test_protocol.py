@@ -16,7 +16,7 @@ def _plan(seconds: float, fps: int, temporal_compression: int = 8) -> RenderPlan
         seconds=seconds,
         seed=3,
         num_inference_steps=4,
-        temporal_compression=temporal_compression,
+        frame_step=temporal_compression,
     )
 
 
@@ -64,7 +64,7 @@ def test_build_invariants(seconds, fps, temporal_compression):
 
 def test_build_keeps_the_other_fields():
     plan = RenderPlan.build(
-        width=768, height=512, fps=24, seconds=2.5, seed=1234, num_inference_steps=30, temporal_compression=8
+        width=768, height=512, fps=24, seconds=2.5, seed=1234, num_inference_steps=30, frame_step=8
     )
     assert (plan.width, plan.height, plan.fps, plan.seconds, plan.seed, plan.num_inference_steps) == (
         768,

@@ -149,10 +149,10 @@ def _uninterrupted_latents(served, tiny_checkpoint, prompt: str, seed: int) -> n
     config = ReelserveConfig.model_validate(served["config"])
     model = config.stage_model("diffusion")
     family = get_family(model.family)
-    embeddings = family.text_encoder(model).encode(prompt, model.negative_prompt)
+    embeddings = family.stage("text_encoder").component(model).encode(prompt, model.negative_prompt)
     plan = RenderPlan.build(width=64, height=64, fps=24, seconds=1.0, seed=seed,
-                            num_inference_steps=model.num_inference_steps, temporal_compression=8)
-    return family.denoiser(model).denoise(embeddings, None, plan).video.latents.to().numpy()
+                            num_inference_steps=model.num_inference_steps, frame_step=8)
+    return family.diffusion_model(model).denoise(embeddings, None, plan).video.latents.to().numpy()
 
 
 def test_an_orchestrator_replica_killed_mid_job_is_taken_over(stub, job_store, figures):

@@ -23,30 +23,30 @@ def test_creates_its_directories(tmp_path):
 
 def test_save_and_load_input_round_trip(results):
     photo = bytes(range(256)) * 64 + b"\x00\xff"
-    results.save_input("video_abc", photo)
-    assert results.load_input("video_abc") == photo
-    inputs = results.root / "inputs"
-    assert sorted(p.name for p in inputs.iterdir()) == ["video_abc"]  # no partial file left behind
+    results.save_input("video_abc", "photo", photo)
+    assert results.load_input("video_abc", "photo") == photo
+    folder = results.root / "inputs" / "video_abc"
+    assert sorted(p.name for p in folder.iterdir()) == ["photo"]  # no partial file left behind
 
 
 def test_save_input_overwrites(results):
-    results.save_input("video_abc", b"first")
-    results.save_input("video_abc", b"second, longer")
-    assert results.load_input("video_abc") == b"second, longer"
-    results.save_input("video_empty", b"")
-    assert results.load_input("video_empty") == b""
+    results.save_input("video_abc", "photo", b"first")
+    results.save_input("video_abc", "photo", b"second, longer")
+    assert results.load_input("video_abc", "photo") == b"second, longer"
+    results.save_input("video_empty", "photo", b"")
+    assert results.load_input("video_empty", "photo") == b""
 
 
 def test_inputs_are_kept_apart_per_job(results):
-    results.save_input("video_a", b"photo a")
-    results.save_input("video_b", b"photo b")
-    assert results.load_input("video_a") == b"photo a"
-    assert results.load_input("video_b") == b"photo b"
+    results.save_input("video_a", "photo", b"photo a")
+    results.save_input("video_b", "photo", b"photo b")
+    assert results.load_input("video_a", "photo") == b"photo a"
+    assert results.load_input("video_b", "photo") == b"photo b"
 
 
 def test_load_missing_input_raises(results):
     with pytest.raises(FileNotFoundError):
-        results.load_input("video_missing")
+        results.load_input("video_missing", "photo")
 
 
 def test_video_path_is_under_root(results):
@@ -57,18 +57,18 @@ def test_video_path_is_under_root(results):
 
 
 def test_remove_deletes_video_and_input(results):
-    results.save_input("video_abc", b"photo")
+    results.save_input("video_abc", "photo", b"photo")
     results.video_path("video_abc").write_bytes(b"mp4 bytes")
-    results.save_input("video_other", b"other photo")
+    results.save_input("video_other", "photo", b"other photo")
     results.video_path("video_other").write_bytes(b"other mp4")
 
     results.remove("video_abc")
     assert not results.video_path("video_abc").exists()
     assert not (results.root / "inputs" / "video_abc").exists()
     with pytest.raises(FileNotFoundError):
-        results.load_input("video_abc")
+        results.load_input("video_abc", "photo")
     # another job's files are untouched
-    assert results.load_input("video_other") == b"other photo"
+    assert results.load_input("video_other", "photo") == b"other photo"
     assert results.video_path("video_other").read_bytes() == b"other mp4"
 
 
@@ -77,8 +77,14 @@ def test_remove_missing_files_is_fine(results):
     results.video_path("video_only_video").write_bytes(b"mp4")
     results.remove("video_only_video")  # no input
     assert not results.video_path("video_only_video").exists()
-    results.save_input("video_only_input", b"photo")
+    results.save_input("video_only_input", "photo", b"photo")
     results.remove("video_only_input")  # no video
     assert not (results.root / "inputs" / "video_only_input").exists()
     results.remove("video_only_input")  # twice
     assert (results.root / "inputs").is_dir()
+
+
+def test_input_names_are_never_paths(results):
+    for name in ("../x", "a/b", "", "Photo", "x" * 40, "photo\x00"):
+        with pytest.raises(ValueError, match="not an input name"):
+            results.save_input("video_abc", name, b"data")

@@ -12,17 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.config import SpeedConfig, load_config
-from serving.families import ltx2_speed as speed
-from serving.families.ltx2_reference import random_transformer_inputs
+from cluster.config import load_config
+from serving.families.ltx2.config import SpeedConfig
+from serving.families.ltx2 import speed as speed
+from serving.families.ltx2.reference import random_transformer_inputs
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[4]
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def tiny_transformer():
-    from serving.families.ltx2_tiny import tiny_ltx2_components
+    from serving.families.ltx2.tiny import tiny_ltx2_components
 
     return tiny_ltx2_components()["transformer"].eval()
 
@@ -111,10 +112,10 @@ _COMPILE_RUN = textwrap.dedent(
     """
     import json, sys, torch
     from torch._dynamo.utils import counters
-    from cluster.config import SpeedConfig
-    from serving.families import ltx2_speed as speed
-    from serving.families.ltx2_reference import random_transformer_inputs
-    from serving.families.ltx2_tiny import tiny_ltx2_components
+    from serving.families.ltx2.config import SpeedConfig
+    from serving.families.ltx2 import speed as speed
+    from serving.families.ltx2.reference import random_transformer_inputs
+    from serving.families.ltx2.tiny import tiny_ltx2_components
 
     transformer = tiny_ltx2_components()["transformer"].eval()
     config = SpeedConfig(compile=True, compile_cache_dir=sys.argv[1], shape_buckets=["64x64x9"])

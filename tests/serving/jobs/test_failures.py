@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serving.errors import GenerationFailed, StageOutOfMemory
-from serving.jobs.orchestrator import client_safe_error
+from serving.jobs.failures import client_safe_error
 
 
 class OutOfMemoryError(RuntimeError):

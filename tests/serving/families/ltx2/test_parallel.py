@@ -18,7 +18,7 @@ TOLERANCE = 1e-4
 def _tiny_transformer(perturbed_attn: bool = False):
     from diffusers import LTX2VideoTransformer3DModel
 
-    from serving.families.ltx2_tiny import tiny_ltx2_components
+    from serving.families.ltx2.tiny import tiny_ltx2_components
 
     tiny = tiny_ltx2_components()["transformer"]
     if not perturbed_attn:
@@ -31,7 +31,7 @@ def _tiny_transformer(perturbed_attn: bool = False):
 
 def _cases(transformer):
     """(name, kwargs) of each pass compared: text-to-video, a batch, per-token timesteps, guidance passes."""
-    from serving.families.ltx2_reference import random_transformer_inputs
+    from serving.families.ltx2.reference import random_transformer_inputs
 
     base = random_transformer_inputs(
         transformer.config, 128, 64, 17, text_tokens=16, dtype=torch.float32, seed=3, timestep=640.0
@@ -58,7 +58,7 @@ def _cases(transformer):
 
 
 def _rank(rank: int, port: int, out_dir: str) -> None:
-    from serving.families.ltx2_parallel import SequenceParallelTransformer, broadcast_pass_inputs, describe_pass_inputs
+    from serving.families.ltx2.parallel import SequenceParallelTransformer, broadcast_pass_inputs, describe_pass_inputs
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)

@@ -12,20 +12,17 @@ video VAE's encoder in its own stage.
 
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
-from typing import Callable
 
 import numpy as np
 import PIL.Image
 import torch
 
-from cluster.config import ModelConfig
-from serving.families import ltx2_sizing
-from serving.families.base import Family, ModelLimits, resolve_device, resolve_dtype
+from serving.devices import resolve_device, resolve_dtype
+from serving.families.ltx2.checkpoint import checkpoint_path, component_config
+from serving.families.ltx2.config import LTX2ModelConfig
 from serving.protocol import (
     AudioLatents,
-    DenoisedLatents,
     HostTensor,
     ImageCondition,
     PromptEmbeddings,
@@ -36,60 +33,21 @@ from serving.protocol import (
     VideoLatents,
     Waveform,
 )
-from serving.media import encode_video
+from serving.media import encode_video, load_photo
 
-__all__ = ["LTX2_FAMILY", "checkpoint_path"]
-
-
-def checkpoint_path(config: ModelConfig) -> str:
-    """The checkpoint to load: the configured path, or the tiny one (built on first use)."""
-    if config.path is not None:
-        return config.path
-    from serving.families.ltx2_tiny import ensure_tiny_ltx2
-
-    return str(ensure_tiny_ltx2())
-
-
-def _load_component_config(path: str, subfolder: str) -> dict:
-    """A component's ``config.json`` without loading weights."""
-    from diffusers import ConfigMixin
-
-    class _Reader(ConfigMixin):
-        config_name = "config.json"
-
-    return dict(_Reader.load_config(path, subfolder=subfolder))
-
-
-def read_limits(config: ModelConfig) -> ModelLimits:
-    path = checkpoint_path(config)
-    vae = _load_component_config(path, "vae")
-    audio_vae = _load_component_config(path, "audio_vae")
-    vocoder = _load_component_config(path, "vocoder")
-    spatial = vae.get("spatial_compression_ratio") or vae["patch_size"] * 2 ** sum(vae["spatio_temporal_scaling"])
-    temporal = vae.get("temporal_compression_ratio") or vae["patch_size_t"] * 2 ** sum(vae["spatio_temporal_scaling"])
-    del audio_vae  # its sample rate feeds the vocoder; the delivered rate is the vocoder's
-    # The two_stage recipe generates at half width and height first.
-    halves = 2 if config.diffusion.recipe == "two_stage" else 1
-    return ModelLimits(
-        size_multiple=int(spatial) * halves,
-        temporal_compression=int(temporal),
-        audio_sample_rate=int(vocoder["output_sampling_rate"]),
-        max_prompt_tokens=config.max_prompt_tokens,
-    )
-
-
-def token_counter(config: ModelConfig) -> Callable[[str], int]:
-    """Counts prompt tokens the way the text encoder stage will (tokenizer only, no weights)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint_path(config), subfolder="tokenizer")
-    return lambda text: len(tokenizer(text.strip(), add_special_tokens=True)["input_ids"])
+__all__ = [
+    "LTX2TextEncoder",
+    "LTX2ImageConditioner",
+    "LTX2VideoDecoder",
+    "LTX2AudioDecoder",
+    "center_crop_to_aspect",
+]
 
 
 class _Placement:
     """Device and dtype of one stage, from the model config."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: LTX2ModelConfig):
         self.path = checkpoint_path(config)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -125,7 +83,7 @@ class LTX2TextEncoder:
 
     _CACHED_NEGATIVES = 4  # negative prompts are few (usually the configured default)
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: LTX2ModelConfig):
         import transformers
         from diffusers import DiffusionPipeline
         from diffusers.pipelines.ltx2 import LTX2TextConnectors
@@ -200,7 +158,7 @@ def center_crop_to_aspect(image: PIL.Image.Image, width: int, height: int) -> PI
 class LTX2ImageConditioner:
     """Photo -> video-VAE latents of the first frame (crop, H.264 re-compression, resize, encode)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: LTX2ModelConfig):
         from diffusers import AutoencoderKLLTX2Video
         from diffusers.pipelines.ltx2.utils import resolve_default_image_crf
 
@@ -212,13 +170,15 @@ class LTX2ImageConditioner:
         self._pipeline = _partial_pipeline(_pipeline_class(image_to_video=True), vae=self.vae)
         # The re-compression strength the checkpoint was trained with depends on its text
         # encoder generation; the config alone tells which.
-        text_encoder_config = _load_component_config(place.path, "text_encoder")
+        text_encoder_config = component_config(place.path, "text_encoder")
         self._crf = resolve_default_image_crf(_ConfigHolder(text_encoder_config))
 
     @torch.no_grad()
-    def condition(self, image: PIL.Image.Image, width: int, height: int) -> ImageCondition:
+    def condition(self, photo: bytes | PIL.Image.Image, width: int, height: int) -> ImageCondition:
+        """The photo (its file bytes, as the job stored them, or an image) encoded at ``width`` x ``height``."""
         from diffusers.pipelines.ltx2.utils import apply_image_conditioning_crf
 
+        image = load_photo(photo) if isinstance(photo, (bytes, bytearray)) else photo
         image = center_crop_to_aspect(image.convert("RGB"), width, height)
         if self._crf != 0:
             image = PIL.Image.fromarray(apply_image_conditioning_crf(np.array(image), self._crf))
@@ -236,69 +196,13 @@ class _ConfigHolder:
         self.config = type("Config", (), {"model_type": config.get("model_type")})()
 
 
-# --------------------------------------------------------------------------- diffusion
-
-
-class LTX2Denoiser:
-    """Embeddings (+ photo latents) -> denoised video and audio latents, one request at a time.
-
-    A thin wrapper over the diffusion engine (``serving.families.ltx2_engine``),
-    which owns the loop, step batching and checkpoints; this runs one request
-    through it and reports each finished step to ``on_step``.
-    """
-
-    def __init__(self, config: ModelConfig):
-        from serving.families.ltx2_engine import LTX2Engine
-
-        # One request at a time: no checkpoints to hand out.
-        settings = config.diffusion.model_copy(update={"checkpoint_every_steps": 0})
-        self.engine = LTX2Engine(config.model_copy(update={"diffusion": settings}))
-        self._ids = itertools.count()
-
-    @property
-    def transformer(self):
-        return self.engine.model.transformer
-
-    def condition_size(self, plan: RenderPlan) -> tuple[int, int]:
-        """The size the photo must be encoded at for this plan (half of it for the two_stage recipe)."""
-        return self.engine.condition_size(plan)
-
-    def denoise(
-        self,
-        embeddings: PromptEmbeddings,
-        condition: ImageCondition | None,
-        plan: RenderPlan,
-        on_step: Callable[[int, int], None] | None = None,
-    ) -> DenoisedLatents:
-        from serving.families.engine import RequestFailed, RequestFinished, StepFinished
-        from serving.families.ltx2_engine import DenoiseRequest
-
-        request_id = f"denoise-{next(self._ids)}"
-        self.engine.add(DenoiseRequest(request_id, embeddings, condition, plan))
-        while True:
-            for event in self.engine.step():
-                if event.request_id != request_id:
-                    continue
-                if isinstance(event, StepFinished) and on_step is not None:
-                    try:
-                        on_step(event.finished_steps, event.total_steps)
-                    except BaseException:
-                        self.engine.abort(request_id)
-                        self.engine.step()  # applies the abort: frees the request, runs nothing else
-                        raise
-                elif isinstance(event, RequestFinished):
-                    return event.output
-                elif isinstance(event, RequestFailed):
-                    raise event.error
-
-
 # --------------------------------------------------------------------------- decoding
 
 
 class LTX2VideoDecoder:
     """Video latents -> RGB frames (video VAE decoder)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: LTX2ModelConfig):
         from diffusers import AutoencoderKLLTX2Video
 
         place = _Placement(config)
@@ -342,7 +246,7 @@ class LTX2VideoDecoder:
 class LTX2AudioDecoder:
     """Audio latents -> stereo waveform (audio VAE decoder, then vocoder)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: LTX2ModelConfig):
         from diffusers import AutoencoderKLLTX2Audio
         from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 
@@ -366,32 +270,3 @@ class LTX2AudioDecoder:
     def decode(self, latents: AudioLatents) -> Waveform:
         samples = self.decode_tensor(latents)[0].float().cpu().numpy()
         return Waveform(samples=samples, sample_rate=int(self.vocoder.config.output_sampling_rate))
-
-
-def _condition_size(config: ModelConfig, plan: RenderPlan) -> tuple[int, int]:
-    from serving.families.ltx2_recipes import recipe_phases
-
-    first = recipe_phases(config.diffusion, plan.num_inference_steps)[0]
-    return plan.width // first.size_divisor, plan.height // first.size_divisor
-
-
-def _engine(config: ModelConfig):
-    from serving.families.ltx2_engine import LTX2Engine
-
-    return LTX2Engine(config)
-
-
-LTX2_FAMILY = Family(
-    name="ltx2",
-    read_limits=read_limits,
-    token_counter=token_counter,
-    text_encoder=LTX2TextEncoder,
-    image_conditioner=LTX2ImageConditioner,
-    denoiser=LTX2Denoiser,
-    video_decoder=LTX2VideoDecoder,
-    audio_decoder=LTX2AudioDecoder,
-    diffusion_engine=_engine,
-    condition_size=_condition_size,
-    stage_memory=ltx2_sizing.stage_memory,
-    handoff_sizes=ltx2_sizing.handoff_sizes,
-)

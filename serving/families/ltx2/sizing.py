@@ -19,7 +19,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.config import ModelConfig, ReelserveConfig, latent_tokens
+from cluster.config import ReelserveConfig
+from serving.families.ltx2.checkpoint import checkpoint_path
+from serving.families.ltx2.config import LTX2ModelConfig
 
 __all__ = ["MemoryEstimate", "HandoffSizes", "stage_memory", "handoff_sizes", "checkpoint_source"]
 
@@ -88,11 +90,9 @@ class HandoffSizes:
 # --------------------------------------------------------------------------- where the numbers come from
 
 
-def checkpoint_source(model: ModelConfig) -> str:
+def checkpoint_source(model: LTX2ModelConfig) -> str:
     """The local checkpoint folder whose headers are read, or "reference" (the published LTX-2 19B configs)."""
     if model.path is None:
-        from serving.families.ltx2 import checkpoint_path
-
         return checkpoint_path(model)
     folder = Path(model.path).expanduser()
     return str(folder) if (folder / "model_index.json").is_file() else "reference"
@@ -100,7 +100,7 @@ def checkpoint_source(model: ModelConfig) -> str:
 
 def _component_config(source: str, component: str) -> dict:
     if source == "reference":
-        from serving.families.ltx2_reference import component_config
+        from serving.families.ltx2.reference import component_config
 
         config = component_config(component)
     else:
@@ -126,7 +126,7 @@ def _header_elements(source: str, component: str, prefix: str | None) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _reference_elements(component: str, prefix: str | None) -> int:
-    from serving.families.ltx2_reference import build_meta
+    from serving.families.ltx2.reference import build_meta
 
     model = build_meta(component)
     if prefix is not None:
@@ -147,7 +147,7 @@ def _weights(source: str, stage: str, element_bytes: int) -> int:
 # --------------------------------------------------------------------------- activations
 
 
-def _largest_frame(model: ModelConfig) -> tuple[int, int, int]:
+def _largest_frame(model: LTX2ModelConfig) -> tuple[int, int, int]:
     """(width, height, generated frames) of the largest request: the budget at the longest clip the caps allow."""
     fps = model.max_fps
     output_frames = max(1, round(model.max_seconds * fps))
@@ -159,7 +159,7 @@ def _largest_frame(model: ModelConfig) -> tuple[int, int, int]:
 
 
 def _activations(
-    stage: str, model: ModelConfig, source: str, element_bytes: int, concurrent: int = 1
+    stage: str, model: LTX2ModelConfig, source: str, element_bytes: int, concurrent: int = 1
 ) -> tuple[int, str]:
     tokens = model.max_latent_tokens
     if stage == "diffusion":
@@ -219,7 +219,7 @@ def stage_memory(config: ReelserveConfig, stage: str) -> MemoryEstimate:
 
 
 def handoff_sizes(
-    model: ModelConfig, width: int, height: int, seconds: float, fps: int, transformer_dtype_bytes: int = 2
+    model: LTX2ModelConfig, width: int, height: int, seconds: float, fps: int, transformer_dtype_bytes: int = 2
 ) -> HandoffSizes:
     """Bytes of every hand-off of one job of this size (text connectors' outputs in the transformer's dtype)."""
     source = checkpoint_source(model)
@@ -236,7 +236,7 @@ def handoff_sizes(
     per_prompt = prompt_tokens * (video_width + audio_width) * transformer_dtype_bytes + prompt_tokens * 8
     prompt_embeddings = per_prompt * (2 if guided else 1)
 
-    tokens = latent_tokens(width, height, seconds, fps)
+    tokens = model.latent_tokens(width, height, seconds, fps)
     channels = vae["latent_channels"]
     spatial = vae.get("spatial_compression_ratio") or 32
     image_condition = channels * (height // spatial) * (width // spatial) * 4

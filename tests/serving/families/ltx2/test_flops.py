@@ -7,8 +7,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from serving.families import ltx2_flops as flops
-from serving.families import ltx2_reference as ref
+from serving.families.ltx2 import flops as flops
+from serving.families.ltx2 import reference as ref
 
 SMALL = dict(
     in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,

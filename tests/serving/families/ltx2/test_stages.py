@@ -17,7 +17,7 @@ import torch
 
 from serving.errors import JobCancelled
 from serving.families import get_family
-from serving.families.ltx2 import center_crop_to_aspect
+from serving.families.ltx2.stages import center_crop_to_aspect
 from serving.protocol import RenderPlan
 
 WIDTH, HEIGHT = 96, 64  # non-square, so a width/height swap shows
@@ -39,11 +39,11 @@ def family():
 def stages(family, tiny_config):
     """All five stages of the tiny checkpoint, each loading its own components."""
     return SimpleNamespace(
-        text_encoder=family.text_encoder(tiny_config),
-        image_conditioner=family.image_conditioner(tiny_config),
-        denoiser=family.denoiser(tiny_config),
-        video_decoder=family.video_decoder(tiny_config),
-        audio_decoder=family.audio_decoder(tiny_config),
+        text_encoder=family.stage("text_encoder").component(tiny_config),
+        image_conditioner=family.stage("image_conditioner").component(tiny_config),
+        denoiser=family.diffusion_model(tiny_config),
+        video_decoder=family.stage("video_decoder").component(tiny_config),
+        audio_decoder=family.stage("audio_decoder").component(tiny_config),
     )
 
 
@@ -56,7 +56,7 @@ def plan():
         seconds=SECONDS,
         seed=SEED,
         num_inference_steps=STEPS,
-        temporal_compression=8,
+        frame_step=8,
     )
 
 
@@ -231,7 +231,7 @@ def test_same_seed_same_output_other_seed_differs(stages, tiny_config, plan):
         None,
         RenderPlan.build(
             width=WIDTH, height=HEIGHT, fps=FPS, seconds=SECONDS, seed=SEED + 1, num_inference_steps=STEPS,
-            temporal_compression=8,
+            frame_step=8,
         ),
     )
     assert torch.equal(first.video.latents.to(), again.video.latents.to())
@@ -321,7 +321,7 @@ def _component_classes():
 
 @pytest.fixture(scope="module")
 def fresh_components():
-    from serving.families.ltx2_tiny import tiny_ltx2_components
+    from serving.families.ltx2.tiny import tiny_ltx2_components
 
     return tiny_ltx2_components()
 
@@ -378,7 +378,7 @@ def test_model_index_lists_every_component(fresh_components, tiny_checkpoint):
 
 
 def test_tiny_components_are_deterministic(fresh_components):
-    from serving.families.ltx2_tiny import tiny_ltx2_components
+    from serving.families.ltx2.tiny import tiny_ltx2_components
 
     again = tiny_ltx2_components()
     for name in ("transformer", "vae", "text_encoder"):
@@ -387,7 +387,7 @@ def test_tiny_components_are_deterministic(fresh_components):
 
 
 def test_checkpoint_is_marked_complete(tiny_checkpoint, tmp_path):
-    from serving.families.ltx2_tiny import ensure_tiny_ltx2, is_complete_checkpoint
+    from serving.families.ltx2.tiny import ensure_tiny_ltx2, is_complete_checkpoint
 
     assert is_complete_checkpoint(tiny_checkpoint)
     assert not is_complete_checkpoint(tmp_path)
@@ -421,7 +421,7 @@ class _TransformerCalls:
 
 def _plan_with_steps(steps: int) -> RenderPlan:
     return RenderPlan.build(
-        width=64, height=64, fps=FPS, seconds=9 / FPS, seed=SEED, num_inference_steps=steps, temporal_compression=8
+        width=64, height=64, fps=FPS, seconds=9 / FPS, seed=SEED, num_inference_steps=steps, frame_step=8
     )
 
 
@@ -475,11 +475,11 @@ def test_read_limits(family, tiny_config):
 
 
 def test_denoiser_refuses_stg_blocks_beyond_the_block_count(family, tiny_checkpoint):
-    from cluster.config import ModelConfig
+    from serving.families.ltx2.config import LTX2ModelConfig as ModelConfig
 
     config = ModelConfig.tiny(path=str(tiny_checkpoint), stg_blocks=[1, 2, 28])
     with pytest.raises(ValueError) as caught:
-        family.denoiser(config)
+        family.diffusion_model(config)
     message = str(caught.value)
     assert "model.stg_blocks" in message
     assert "[2, 28]" in message

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES, STAGE_2_DISTILLED_SIGMA_VALUES
 
-from cluster.config import DiffusionEngineConfig, ModelConfig
+from serving.families.ltx2.config import DiffusionEngineConfig, LTX2ModelConfig
 
 __all__ = [
     "Guidance",
@@ -48,7 +48,7 @@ class Guidance:
     stg_blocks: tuple[int, ...] = ()
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> Guidance:
+    def from_config(cls, config: LTX2ModelConfig) -> Guidance:
         # As the pipeline: an audio setting of 0 means "same as video".
         return cls(
             guidance_scale=config.guidance_scale,

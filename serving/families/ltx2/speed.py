@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from cluster.config import SpeedConfig, parse_shape_bucket
+from cluster.sizes import parse_shape_bucket
+from serving.families.ltx2.config import SpeedConfig
 
 __all__ = [
     "SpeedSettingError",
@@ -365,7 +366,7 @@ def warm_up(
     graph. Returns seconds per ``WxHxF/bB/pass`` key and records them on
     ``applied``. Compiled kernels are then saved for the next start.
     """
-    from serving.families.ltx2_reference import random_transformer_inputs
+    from serving.families.ltx2.reference import random_transformer_inputs
 
     device = torch.device(applied.device)
     dtype = getattr(torch, applied.dtype)

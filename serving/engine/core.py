@@ -25,7 +25,7 @@ import gc
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Generic, Hashable, Protocol, Sequence, TypeVar, Union
+from typing import Any, Callable, Generic, Hashable, Protocol, Sequence, TypeVar, Union
 
 import torch
 
@@ -233,6 +233,30 @@ class DiffusionEngine(Generic[RequestT, StateT, CheckpointT]):
         if state is None:
             raise KeyError(f"request_id {request_id!r} is not running")
         return self.model.checkpoint(state)
+
+    def run_alone(self, request: RequestT, on_step: Callable[[int, int], None] | None = None) -> Any:
+        """Run one request to its end on this thread (nothing else queued): its output, or its error raised.
+
+        ``on_step(finished, total)`` follows each step; raising from it (a cancel) stops the request at once and
+        leaves the engine ready for the next one.
+        """
+        request_id = request.request_id  # type: ignore[attr-defined]
+        self.add(request)
+        while True:
+            for event in self.step():
+                if event.request_id != request_id:
+                    continue
+                if isinstance(event, StepFinished) and on_step is not None:
+                    try:
+                        on_step(event.finished_steps, event.total_steps)
+                    except BaseException:
+                        self.abort(request_id)
+                        self.step()  # applies the abort: frees the request, runs nothing else
+                        raise
+                elif isinstance(event, RequestFinished):
+                    return event.output
+                elif isinstance(event, RequestFailed):
+                    raise event.error
 
     def step(self) -> list[EngineEvent]:
         """Advance every active request by one denoising step; return what happened."""

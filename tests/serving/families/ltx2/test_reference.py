@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving.families import ltx2_reference as ref
+from serving.families.ltx2 import reference as ref
 
 # 1280x704 x 121 frames at 24 fps: LTX-2's "720p" five-second clip.
 WIDTH, HEIGHT, FRAMES, FPS = 1280, 704, 121, 24

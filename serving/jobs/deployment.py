@@ -1,73 +1,91 @@
-"""The orchestrator deployment: replicas that pull jobs from the store and drive them through the stages.
+"""The runner deployment (Serve name ``orchestrator``): replicas that pull jobs from the store and run each
+one's family pipeline over the stages.
 
-Thin: the logic is ``serving.jobs.orchestrator.Orchestrator``. On shutdown a
-replica hands its jobs back (leases released, artifacts and checkpoints
-kept), so a redeploy or a scale-down costs a successor's claim, not the work.
+Thin: the durable logic is ``serving.jobs.runner.JobRunner``; the family comes
+from the registry by name and the stage handles arrive by stage name, so this
+knows no model. On shutdown a replica hands its jobs back (leases released,
+artifacts and checkpoints kept), so a redeploy or a scale-down costs a
+successor's claim, not the work.
 """
 
 from __future__ import annotations
+
+import asyncio
+from typing import Any
 
 from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig, RewriterConfig
 from serving.errors import StageDead
 from serving.families import get_family
 from serving.jobs.artifacts import open_artifacts
-from serving.jobs.orchestrator import Orchestrator, StageHandles
+from serving.jobs.context import RunnerServices
+from serving.jobs.events import JobEvents
+from serving.jobs.progress import ProgressMarks
 from serving.jobs.results import ResultStore
+from serving.jobs.runner import JobRunner
 from serving.jobs.store import open_store
+from serving.metrics import StageStats
 
-__all__ = ["OrchestratorDeployment"]
+__all__ = ["JobRunnerDeployment"]
 
 
-class OrchestratorDeployment:
+class JobRunnerDeployment:
     def __init__(
         self, settings: OrchestratorConfig, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig,
-        text_encoder, image_conditioner, diffusion, video_decoder, audio_decoder, muxer, prompt_rewriter=None,
+        stage_handles: dict[str, Any],
     ):
         # Only the config sections it uses: scaling a stage changes none of them, so it never restarts this.
         family = get_family(model.family)
         limits = family.read_limits(model)
         count_tokens = family.token_counter(model)
-        stages = StageHandles(
-            text_encoder, image_conditioner, diffusion, video_decoder, audio_decoder, muxer, prompt_rewriter
-        )
-        self.orchestrator = Orchestrator(
-            store=open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url),
+        store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
+        self._io_pool = JobRunner.io_pool()
+
+        async def io(method, *args, **kwargs):
+            return await asyncio.get_running_loop().run_in_executor(self._io_pool, lambda: method(*args, **kwargs))
+
+        services = RunnerServices(
+            store=store,
+            events=JobEvents(store),
             results=ResultStore(jobs.results_dir),
-            artifacts=open_artifacts(jobs),
-            stages=stages,
-            model=model,
+            io=io,
+            family=family,
+            handles=dict(stage_handles),
+            marks=ProgressMarks(family.stages),
             jobs=jobs,
             rewriter=rewriter,
-            settings=settings,
-            temporal_compression=limits.temporal_compression,
             prompt_fits=lambda text: count_tokens(text) <= limits.max_prompt_tokens,
-            owner=_replica_name(),
-            condition_size=lambda plan: family.condition_size(model, plan),
+            model_name=model.name,
+            stats=StageStats(stage="orchestrator", model=model.name),
+        )
+        self.runner = JobRunner(
+            services, open_artifacts(jobs), model, jobs, settings,
+            frame_rule=(limits.frames_step, limits.frame_offset), owner=_replica_name(),
         )
         self._started = False
 
     def _ensure_started(self) -> None:
         # The job loop needs the replica's event loop, which __init__ may not run on.
         if not self._started:
-            self.orchestrator.start()
+            self.runner.start()
             self._started = True
 
     async def check_health(self) -> None:
         """Healthy while its job loop runs: a store outage is not this replica's fault."""
         self._ensure_started()
-        if not self.orchestrator.healthy:
+        if not self.runner.healthy:
             raise StageDead("the orchestrator's job loop has stopped")
 
     async def wake(self) -> None:
         """A job was accepted: look for it now instead of at the next poll."""
         self._ensure_started()
-        self.orchestrator.wake()
+        self.runner.wake()
 
     def stats(self) -> dict:
-        return self.orchestrator.stats.snapshot()
+        return self.runner.stats.snapshot()
 
     async def __del__(self):
-        await self.orchestrator.stop()
+        await self.runner.stop()
+        self._io_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _replica_name() -> str | None:

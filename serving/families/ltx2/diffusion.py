@@ -1,6 +1,6 @@
 """LTX-2's denoising step for the engine: per-request state, batched guidance passes, checkpoints.
 
-``LTX2Engine(config)`` is the diffusion stage's engine (see ``serving.families.engine``
+``LTX2Engine(config)`` is the diffusion stage's engine (see ``serving.engine.core``
 for the loop, events and failure isolation). This module is the LTX-2 step math,
 built from diffusers' pieces: ``LTX2VideoTransformer3DModel``,
 ``FlowMatchEulerDiscreteScheduler`` (one pair per request), the pipelines'
@@ -28,16 +28,17 @@ import copy
 import itertools
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 import torch
 
-from cluster.config import ModelConfig
-from serving.families.base import resolve_device, resolve_dtype
-from serving.families.engine import DiffusionEngine, StateUntouchedError
-from serving.families.ltx2_latents import Geometry, LatentSpace, read_latent_space
-from serving.families.ltx2_recipes import (
+from serving.families.ltx2.checkpoint import checkpoint_path
+from serving.families.ltx2.config import LTX2ModelConfig
+from serving.devices import resolve_device, resolve_dtype
+from serving.engine.core import DiffusionEngine, StateUntouchedError
+from serving.families.ltx2.latents import Geometry, LatentSpace, read_latent_space
+from serving.families.ltx2.recipes import (
     GUIDANCE_OFF,
     Guidance,
     Phase,
@@ -46,7 +47,7 @@ from serving.families.ltx2_recipes import (
     load_latent_upsampler,
     recipe_phases,
 )
-from serving.families.ltx2_speed import SpeedSettingError, apply_speed, check_speed_settings, warm_up
+from serving.families.ltx2.speed import SpeedSettingError, apply_speed, check_speed_settings, warm_up
 from serving.protocol import (
     AudioLatents,
     DenoisedLatents,
@@ -58,7 +59,7 @@ from serving.protocol import (
     VideoLatents,
 )
 
-__all__ = ["LTX2Engine", "LTX2StepModel", "DenoiseRequest", "DenoiseCheckpoint", "Guidance"]
+__all__ = ["LTX2Engine", "LTX2Diffusion", "LTX2StepModel", "DenoiseRequest", "DenoiseCheckpoint", "Guidance"]
 
 
 @dataclass(frozen=True)
@@ -165,10 +166,8 @@ class _Job:
 class LTX2StepModel:
     """The engine's ``StepModel`` for LTX-2: loads the transformer, scheduler config and latent statistics."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: LTX2ModelConfig):
         from diffusers import FlowMatchEulerDiscreteScheduler, LTX2VideoTransformer3DModel
-
-        from serving.families.ltx2 import checkpoint_path
 
         self.config = config
         self.settings = config.diffusion
@@ -601,9 +600,9 @@ class _CrossModalSwitch:
 
 
 class LTX2Engine(DiffusionEngine[DenoiseRequest, _Job, DenoiseCheckpoint]):
-    """The LTX-2 diffusion engine, configured by ``ModelConfig`` (``model.diffusion`` for the loop)."""
+    """The LTX-2 diffusion engine, configured by ``LTX2ModelConfig`` (``model.diffusion`` for the loop)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: LTX2ModelConfig):
         settings = config.diffusion
         super().__init__(
             LTX2StepModel(config),
@@ -620,3 +619,51 @@ class LTX2Engine(DiffusionEngine[DenoiseRequest, _Job, DenoiseCheckpoint]):
         """The size the photo must be encoded at: the plan's, or half of it for the two_stage recipe."""
         first = recipe_phases(self.model.settings, plan.num_inference_steps)[0]
         return plan.width // first.size_divisor, plan.height // first.size_divisor
+
+
+class LTX2Diffusion:
+    """The diffusion stage's side of LTX-2 (``DiffusionModel``): the engine, and how a ``denoise`` call enters it.
+
+    A call carries the prompt embeddings, the photo's latents (or ``None``) and
+    the plan; its outputs are the video and the audio latents, each for its own
+    decoder.
+    """
+
+    def __init__(self, config: LTX2ModelConfig):
+        self.config = config
+        self.engine = LTX2Engine(config)
+        self._alone = 0  # requests run by ``denoise``
+
+    def request(self, request_id: str, embeddings, condition, plan: RenderPlan) -> DenoiseRequest:
+        return DenoiseRequest(request_id, embeddings, condition, plan)
+
+    def plan_of(self, request: DenoiseRequest) -> RenderPlan:
+        return request.plan
+
+    def total_steps(self, request: DenoiseRequest) -> int:
+        return self.engine.total_steps(request.plan)
+
+    def latent_tokens(self, request: DenoiseRequest) -> int:
+        plan = request.plan
+        return self.config.latent_tokens(plan.width, plan.height, plan.seconds, plan.fps)
+
+    def outputs(self, result: DenoisedLatents) -> tuple[VideoLatents, AudioLatents]:
+        return result.video, result.audio
+
+    def condition_size(self, plan: RenderPlan) -> tuple[int, int]:
+        return self.engine.condition_size(plan)
+
+    @property
+    def transformer(self):
+        return self.engine.model.transformer
+
+    def denoise(
+        self,
+        embeddings: PromptEmbeddings,
+        condition: ImageCondition | None,
+        plan: RenderPlan,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> DenoisedLatents:
+        """One request alone, to its end, on this thread (``reelserve generate``, tests, benchmarks)."""
+        self._alone += 1
+        return self.engine.run_alone(DenoiseRequest(f"alone-{self._alone}", embeddings, condition, plan), on_step)

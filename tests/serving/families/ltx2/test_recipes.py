@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving.families.engine import RequestFinished
-from serving.families.ltx2_engine import DenoiseRequest, LTX2Engine
+from serving.engine.core import RequestFinished
+from serving.families.ltx2.diffusion import DenoiseRequest, LTX2Engine
 from serving.protocol import RenderPlan
 
 PROMPT = "a tabby cat looks around and purrs"
@@ -30,7 +30,7 @@ GUIDANCE_OFF = dict(
 @pytest.fixture(scope="module")
 def plan():
     return RenderPlan.build(
-        width=WIDTH, height=HEIGHT, fps=FPS, seconds=0.5, seed=SEED, num_inference_steps=STEPS, temporal_compression=8
+        width=WIDTH, height=HEIGHT, fps=FPS, seconds=0.5, seed=SEED, num_inference_steps=STEPS, frame_step=8
     )
 
 
@@ -96,7 +96,7 @@ def stages(tiny_config):
     from serving.families import get_family
 
     family = get_family("ltx2")
-    return family.text_encoder(tiny_config), family.image_conditioner(tiny_config)
+    return family.stage("text_encoder").component(tiny_config), family.stage("image_conditioner").component(tiny_config)
 
 
 def _diffusers_reference(recipe, config, pipeline, checkpoint, plan, photo):
@@ -181,7 +181,7 @@ def test_recipe_equals_diffusers(recipe, mode, tiny_config, tiny_checkpoint, pla
 
 
 def test_two_stage_needs_sizes_in_multiples_of_64(tiny_config):
-    from cluster.config import ModelConfig
+    from serving.families.ltx2.config import LTX2ModelConfig as ModelConfig
     from serving.families import get_family
 
     with pytest.raises(ValueError, match="multiple of 64"):
@@ -193,7 +193,7 @@ def test_two_stage_needs_sizes_in_multiples_of_64(tiny_config):
 def test_the_tiny_latent_upsampler_loads_back(tiny_checkpoint):
     from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
 
-    from serving.families.ltx2_tiny import tiny_latent_upsampler
+    from serving.families.ltx2.tiny import tiny_latent_upsampler
 
     loaded = LTX2LatentUpsamplerModel.from_pretrained(str(tiny_checkpoint), subfolder="latent_upsampler")
     built = tiny_latent_upsampler()
@@ -229,10 +229,10 @@ def test_step_caches_skip_work_and_keep_each_request_apart(cache, options, tiny_
     uncached_config = config.model_copy(update={"diffusion": tiny_config.diffusion})
     embeddings = stages[0].encode(PROMPT, config.negative_prompt)
     long_plan = RenderPlan.build(
-        width=WIDTH, height=HEIGHT, fps=FPS, seconds=0.5, seed=SEED, num_inference_steps=8, temporal_compression=8
+        width=WIDTH, height=HEIGHT, fps=FPS, seconds=0.5, seed=SEED, num_inference_steps=8, frame_step=8
     )
     other_plan = RenderPlan.build(
-        width=WIDTH, height=HEIGHT, fps=FPS, seconds=0.5, seed=SEED + 1, num_inference_steps=8, temporal_compression=8
+        width=WIDTH, height=HEIGHT, fps=FPS, seconds=0.5, seed=SEED + 1, num_inference_steps=8, frame_step=8
     )
     uncached = _run(LTX2Engine(uncached_config), DenoiseRequest("a", embeddings, None, long_plan))["a"]
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from serving.families.engine import CheckpointReady, RequestFailed, RequestFinished, StepFinished
-from serving.families.ltx2_engine import DenoiseCheckpoint, DenoiseRequest, LTX2Engine
-from serving.families.ltx2_recipes import Guidance
+from serving.engine.core import CheckpointReady, RequestFailed, RequestFinished, StepFinished
+from serving.families.ltx2.diffusion import DenoiseCheckpoint, DenoiseRequest, LTX2Engine
+from serving.families.ltx2.recipes import Guidance
 from serving.protocol import HostTensor, RenderPlan
 
 WIDTH, HEIGHT, FPS = 96, 64, 24
@@ -25,7 +25,7 @@ TOLERANCE = 1e-4
 
 def _plan(seed: int, steps: int, width: int = WIDTH, height: int = HEIGHT) -> RenderPlan:
     return RenderPlan.build(
-        width=width, height=height, fps=FPS, seconds=0.5, seed=seed, num_inference_steps=steps, temporal_compression=8
+        width=width, height=height, fps=FPS, seconds=0.5, seed=seed, num_inference_steps=steps, frame_step=8
     )
 
 
@@ -33,7 +33,7 @@ def _plan(seed: int, steps: int, width: int = WIDTH, height: int = HEIGHT) -> Re
 def text_encoder(tiny_config):
     from serving.families import get_family
 
-    return get_family("ltx2").text_encoder(tiny_config)
+    return get_family("ltx2").stage("text_encoder").component(tiny_config)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def embeddings(text_encoder, tiny_config):
 def condition(tiny_config, sample_photo):
     from serving.families import get_family
 
-    return get_family("ltx2").image_conditioner(tiny_config).condition(sample_photo.crop((0, 0, 450, 300)), WIDTH, HEIGHT)
+    return get_family("ltx2").stage("image_conditioner").component(tiny_config).condition(sample_photo.crop((0, 0, 450, 300)), WIDTH, HEIGHT)
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +295,7 @@ def test_bad_requests_are_refused_when_added(engine, embeddings, condition, tiny
 def test_the_engine_applies_model_speed_at_start(tiny_config):
     """``model.speed`` reaches the served engine: refused before loading when the device cannot honour it,
     and its shape buckets warmed up at start so no request pays for them."""
-    from serving.families.ltx2_speed import SpeedSettingError
+    from serving.families.ltx2.speed import SpeedSettingError
 
     def with_speed(**speed):
         return tiny_config.model_copy(update={"speed": tiny_config.speed.model_copy(update=speed)})

@@ -19,6 +19,8 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from serving.families.base import TINY_MARKER
+from serving.prompting.tiny_rewriter import REWRITER_SUBFOLDER, TURN_TOKENS, build_tiny_rewriter
 
 __all__ = [
     "REWRITER_SUBFOLDER", "LATENT_UPSAMPLER_SUBFOLDER", "tiny_latent_upsampler", "tiny_vocabulary", "build_tiny_ltx2",
@@ -58,8 +60,6 @@ def build_tiny_ltx2(directory: str | Path, widths: TransformerWidths = Transform
     """Build the tiny LTX-2 set (transformer ``widths``) and save it under ``directory``; return the path."""
     from diffusers import LTX2ImageToVideoPipeline
 
-    from serving.prompting.tiny_rewriter import build_tiny_rewriter
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     LTX2ImageToVideoPipeline(**tiny_ltx2_components(widths)).save_pretrained(directory)
@@ -67,7 +67,7 @@ def build_tiny_ltx2(directory: str | Path, widths: TransformerWidths = Transform
     # subfolder as in the real LTX-2 repository, loaded with ``from_pretrained(path, subfolder=...)``.
     tiny_latent_upsampler().save_pretrained(directory / LATENT_UPSAMPLER_SUBFOLDER)
     # Not a pipeline component (model_index.json does not list it): the prompt rewriter's own model.
-    build_tiny_rewriter(directory / REWRITER_SUBFOLDER)
+    build_tiny_rewriter(directory / REWRITER_SUBFOLDER, tiny_vocabulary(extra_special=TURN_TOKENS), TINY_SEED)
     marker = {"family": "ltx2", "tiny": True, "transformer_widths": asdict(widths)}
     (directory / _COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
     return directory
@@ -216,8 +216,7 @@ def tiny_ltx2_components(widths: TransformerWidths = TransformerWidths()) -> dic
     )
 
 
-_COMPLETE_MARKER = "reelserve_tiny.json"
-REWRITER_SUBFOLDER = "prompt_rewriter"
+_COMPLETE_MARKER = TINY_MARKER
 LATENT_UPSAMPLER_SUBFOLDER = "latent_upsampler"
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from cluster.config import DiffusionEngineConfig, ModelConfig, load_config
+from cluster.config import load_config
+from serving.families.ltx2.config import DiffusionEngineConfig, LTX2ModelConfig as ModelConfig
 
 GUIDANCE_OFF = dict(
     guidance_scale=1, audio_guidance_scale=1, stg_scale=0, audio_stg_scale=0, modality_scale=1, audio_modality_scale=1

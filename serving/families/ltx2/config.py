@@ -1,5 +1,9 @@
-"""The diffusion stage's settings: its denoising loop (``model.diffusion``) and its GPU speed switches
-(``model.speed``)."""
+"""LTX-2's model config: the shared limits plus its guidance knobs, recipes and speed switches.
+
+``model.family: ltx2`` selects it (``cluster.config.ModelConfig`` is the union
+of the families' configs). Cross-field rules are checked when the config is
+built, never at request time.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,12 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from cluster.model_config import EngineLoopConfig, ModelConfigBase
 from cluster.sizes import parse_shape_bucket, parse_size
 
-__all__ = ["DiffusionEngineConfig", "DiffusionSettings", "SpeedConfig", "diffusion_fits_model"]
+__all__ = ["LTX2ModelConfig", "DiffusionEngineConfig", "DiffusionSettings", "SpeedConfig", "LTX2_DEFAULT_NEGATIVE_PROMPT"]
+
+LTX2_DEFAULT_NEGATIVE_PROMPT = "worst quality, inconsistent motion, blurry, jittery, distorted"
 
 # Off values of ModelConfig's guidance settings: recipes that run without guidance require them.
 _GUIDANCE_OFF = {
@@ -22,10 +29,8 @@ _GUIDANCE_OFF = {
 }
 
 
-class DiffusionEngineConfig(BaseModel):
-    """How the diffusion stage runs its denoising loop (``model.diffusion``)."""
-
-    model_config = ConfigDict(extra="forbid")
+class DiffusionEngineConfig(EngineLoopConfig):
+    """How LTX-2's diffusion stage runs its denoising loop (``model.diffusion``): the loop's settings and the recipe."""
 
     recipe: Literal["dev", "distilled", "two_stage"] = Field(
         "dev",
@@ -52,23 +57,6 @@ class DiffusionEngineConfig(BaseModel):
             "Unset: the model checkpoint's own latent_upsampler/ subfolder."
         ),
     )
-    batching: bool = Field(
-        True,
-        description=(
-            "Step-level batching: requests whose latents have the same shape run each transformer pass together; a "
-            "request joins at its first step and leaves after its last. Off: one request per pass."
-        ),
-    )
-    max_batch_tokens: int = Field(
-        65536,
-        ge=1,
-        description=(
-            "Most video+audio tokens one transformer pass carries (rows x tokens per row; every guidance pass of a "
-            "request is a row). A single row always runs; after an out-of-memory error the engine halves it until "
-            "idle. 65536 holds one 1280x704 x 121-frame dev step (3 or 4 rows of 14206 tokens, about 3 GB of "
-            "activations a row in bf16) or ten 768x512 x 121-frame rows."
-        ),
-    )
     step_cache: Literal["none", "first_block", "mag", "taylorseer"] = Field(
         "none",
         description=(
@@ -85,16 +73,6 @@ class DiffusionEngineConfig(BaseModel):
     mag_ratios: list[float] | None = Field(
         None,
         description="mag only: the checkpoint's per-step residual magnitude ratios, from a calibration run.",
-    )
-    checkpoint_every_steps: int = Field(
-        4,
-        ge=0,
-        description=(
-            "Emit a resumable checkpoint of each request every this many finished steps (0: never). The engine's "
-            "part is a copy of the latents to the host (7.3 MB at 1280x704 x 121 frames, about 1 ms on a GPU); with a "
-            "store write of about 40 ms, every 4 steps costs under 1% of a 1.22 s step, and a takeover redoes at "
-            "most 3 steps."
-        ),
     )
 
     @model_validator(mode="after")
@@ -144,7 +122,7 @@ def diffusion_fits_model(value: DiffusionEngineConfig, info: ValidationInfo) -> 
     return value
 
 
-# ModelConfig.diffusion: the engine's section, checked against the rest of the model config.
+# LTX2ModelConfig.diffusion: the engine's section, checked against the rest of the model config.
 DiffusionSettings = Annotated[DiffusionEngineConfig, AfterValidator(diffusion_fits_model)]
 
 
@@ -225,3 +203,95 @@ class SpeedConfig(BaseModel):
         if self.cuda_graphs and not self.compile:
             raise ValueError("cuda_graphs replays compiled blocks: set compile: true as well")
         return self
+
+
+class LTX2ModelConfig(ModelConfigBase):
+    """An LTX-2 checkpoint (diffusers layout) and how it generates."""
+
+    # The video VAE: 32x in space, 8x in time; 8k + 1 frames (the tiny checkpoint keeps the same rules).
+    SPATIAL_COMPRESSION = 32
+    TEMPORAL_COMPRESSION = 8
+    FRAME_STEP = 8
+    FRAME_OFFSET = 1
+
+    family: Literal["ltx2"] = Field("ltx2", description="Model family: LTX-2 (joint audio+video DiT).")
+    num_inference_steps: int = Field(
+        30, ge=2, le=200, description="Denoising steps per video (at least 2: LTX-2's shifted schedule needs two)."
+    )
+    guidance_scale: float = Field(3.0, ge=1.0, description="Classifier-free guidance for video (1 turns it off).")
+    audio_guidance_scale: float = Field(7.0, ge=1.0, description="Classifier-free guidance for audio.")
+    stg_scale: float = Field(1.0, ge=0.0, description="Spatio-temporal guidance for video (0 turns it off).")
+    audio_stg_scale: float = Field(
+        1.0, ge=0.0, description="Spatio-temporal guidance for audio; 0 is allowed only with stg_scale 0 (both off)."
+    )
+    stg_blocks: list[int] = Field(
+        default_factory=lambda: [28],
+        description="Transformer block indices perturbed by spatio-temporal guidance; each must be below the block count.",
+    )
+    modality_scale: float = Field(3.0, ge=1.0, description="Modality-isolation guidance for video (1 turns it off).")
+    audio_modality_scale: float = Field(3.0, ge=1.0, description="Modality-isolation guidance for audio.")
+    guidance_rescale: float = Field(0.7, ge=0.0, le=1.0, description="Guidance rescale factor against over-exposure.")
+    negative_prompt: str = Field(LTX2_DEFAULT_NEGATIVE_PROMPT, description="Negative prompt used when a request gives none.")
+    max_latent_tokens: int = Field(
+        27_280,
+        ge=1,
+        description=(
+            "Per-request budget in latent tokens: latent frames x (height / 32) x (width / 32), with latent frames "
+            "= (generated frames - 1) / 8 + 1. It bounds a request's memory and GPU time together; requests over it "
+            "are refused with the largest size allowed at their length. Default: 1280x704 for 10 s at 24 fps "
+            "(31 x 22 x 40), which fits one 80 GB GPU beside the 19B transformer's weights."
+        ),
+    )
+    vae_tiling: bool = Field(False, description="Decode video in tiles to bound GPU memory on large frames.")
+    seconds_per_token_step: float = Field(
+        3.5e-4,
+        gt=0,
+        description=(
+            "Expected diffusion seconds per latent token per denoising step, all guidance passes included, on the "
+            "diffusion stage's hardware. It sizes drain timeouts and capacity estimates until replicas have measured "
+            "their own. Default: LTX-2 19B on one H100 (1.22 s per pass at 14,080 tokens, 4 passes per step)."
+        ),
+    )
+    diffusion: DiffusionSettings = Field(
+        default_factory=lambda: DiffusionEngineConfig(),
+        description="The diffusion stage's loop: recipe, step batching, step caches, checkpoints.",
+    )
+    speed: SpeedConfig = Field(
+        default_factory=lambda: SpeedConfig(),
+        description="GPU speed switches of the diffusion transformer (all off or CPU-safe by default).",
+    )
+
+    @field_validator("stg_blocks")
+    @classmethod
+    def _blocks_non_negative(cls, value: list[int]) -> list[int]:
+        if any(b < 0 for b in value):
+            raise ValueError("block indices start at 0")
+        return value
+
+    @model_validator(mode="after")
+    def _guidance_settings_agree(self) -> LTX2ModelConfig:
+        if self.audio_stg_scale == 0 and self.stg_scale > 0:
+            # diffusers reads an audio scale of 0 as "unset" and uses the video scale instead.
+            raise ValueError("audio_stg_scale 0 cannot turn audio STG off while stg_scale > 0; set both to 0")
+        if (self.stg_scale > 0 or self.audio_stg_scale > 0) and not self.stg_blocks:
+            raise ValueError("spatio-temporal guidance is on (stg_scale > 0) but stg_blocks is empty")
+        return self
+
+    @classmethod
+    def tiny(cls, **overrides) -> LTX2ModelConfig:
+        """Settings that suit the tiny random checkpoint (2 transformer blocks, short clips)."""
+        settings = dict(
+            name="ltx-2-tiny",
+            num_inference_steps=8,
+            stg_blocks=[1],
+            default_size="256x256",
+            default_seconds=2.0,
+            max_seconds=20.0,
+            max_width=1024,
+            max_height=1024,
+            max_latent_tokens=8192,  # e.g. 512x512 for 10 s at 24 fps (31 x 16 x 16 = 7936)
+            seconds_per_token_step=2e-3,  # measured on a 2-core CPU at small sizes
+            max_prompt_tokens=256,
+        )
+        settings.update(overrides)
+        return cls(**settings)

@@ -1,0 +1,238 @@
+"""The job context a family's pipeline runs over, inside a runner replica: every stage call made durable.
+
+For each ``ctx.call(stage, method, *args)`` this module:
+
+- **skips** a stage an earlier attempt finished (its outputs are kept in the
+  job's artifacts; the hand-offs it returns then read the kept copies);
+- **blames** a failure on its stage (``StageFailure``), retrying the call when
+  only its replica died (diffusion then resumes from its checkpoint);
+- **cancels** the call in flight as soon as the job's cancel flag is set (the
+  store's change events say so at once; a bounded wait covers a lost event);
+- **records** progress when the stage starts, and its time, its kept outputs
+  (``done_stages``) and what its receipt reports (steps, the result) when it ends.
+
+Only small receipts reach this process: the tensors travel between stage
+replicas as Ray objects named in the hand-offs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Mapping
+
+from cluster.config import JobsConfig, RewriterConfig
+from serving import metrics
+from serving.errors import JobCancelled, StoreUnavailable
+from serving.families.base import Family
+from serving.jobs.events import JobEvents
+from serving.jobs.failures import StageFailure, replica_died
+from serving.jobs.progress import ProgressMarks
+from serving.jobs.record import JobRecord
+from serving.jobs.results import ResultStore
+from serving.jobs.store import JobStore
+from serving.jobs.writer import FencedWriter
+from serving.metrics import StageStats
+from serving.protocol import Handoff, JobInput, JobSpec, JobTicket
+
+__all__ = ["RunnerServices", "RunnerJobContext", "StageCall"]
+
+logger = logging.getLogger("ray.serve.reelserve.runner")
+
+CANCEL_CHECK_S = 2.0  # the longest a stage call runs on unnoticed after a cancel (events usually tell at once)
+REWRITER_STAGE = "prompt_rewriter"
+
+
+@dataclass
+class RunnerServices:
+    """What every job of a runner replica shares: the store, the stage handles (by name), the family."""
+
+    store: JobStore
+    events: JobEvents
+    results: ResultStore
+    io: Callable[..., Awaitable[Any]]  # runs a blocking store call off the event loop
+    family: Family
+    handles: Mapping[str, Any]  # stage name -> deployment handle (each has ``call(ticket, method, *args)``)
+    marks: ProgressMarks
+    jobs: JobsConfig
+    rewriter: RewriterConfig
+    prompt_fits: Callable[[str], bool]  # does a rewritten prompt fit the video model's text encoder?
+    model_name: str
+    stats: StageStats
+
+
+class StageCall:
+    """One call a pipeline asked for; awaiting it runs it (``ctx.gather`` runs several side by side)."""
+
+    def __init__(self, context: RunnerJobContext, stage: str, method: str, args: tuple):
+        self.context, self.stage, self.method, self.args = context, stage, method, args
+
+    def __await__(self):
+        return self.context._run(self, advance=True).__await__()
+
+
+class RunnerJobContext:
+    """One attempt of one job, as its pipeline sees it (``serving.protocol.JobContext``)."""
+
+    def __init__(self, services: RunnerServices, record: JobRecord, job: JobSpec, ticket: JobTicket,
+                 writer: FencedWriter):
+        self.services, self.record, self.job, self.ticket, self.writer = services, record, job, ticket, writer
+        self.done: set[str] = set(record.done_stages)
+        self.timings: dict[str, float] = dict(record.stage_seconds)
+        self.denoising = 0  # diffusion calls in flight (a hand-over waits for their stop checkpoint)
+
+    # ------------------------------------------------------------------ the pipeline's side
+
+    def call(self, stage: str, method: str, *args: Any) -> StageCall:
+        self.services.family.stage(stage).outputs(method)  # an unknown stage or method fails here, in the pipeline
+        return StageCall(self, stage, method, args)
+
+    async def gather(self, *calls: StageCall | None, label: str | None = None) -> tuple[Any, ...]:
+        """Calls side by side; the first failure cancels the others. ``label`` names them together in the record."""
+        running = [call for call in calls if call is not None]
+        if label is not None and running:
+            self._advance(label, min(self.services.marks.start(call.stage) for call in running))
+        else:
+            for call in running:
+                self._advance(call.stage, self.services.marks.start(call.stage))
+        tasks = {id(call): asyncio.ensure_future(self._run(call, advance=False)) for call in running}
+        try:
+            await asyncio.gather(*tasks.values())
+        finally:
+            for task in tasks.values():
+                if not task.done():
+                    task.cancel()
+        return tuple(None if call is None else tasks[id(call)].result() for call in calls)
+
+    def job_input(self, name: str) -> JobInput:
+        return JobInput(self.job.job_id, name)
+
+    async def rewritten_prompt(self) -> str:
+        """The rewriter's prompt, or the user's when rewriting is off or falls back (it never fails the job)."""
+        record = self.record
+        if not self.job.enhance_prompt:
+            return self.job.prompt
+        if record.revised_prompt or record.rewrite_fallback:  # decided by an earlier attempt
+            return record.revised_prompt or record.prompt
+        self._advance(REWRITER_STAGE, self.services.marks.start(REWRITER_STAGE))
+        started = time.perf_counter()
+        text, fallback = await self._rewrite()
+        if fallback is not None:
+            self.services.stats.bump(f"rewrite_fallbacks_{fallback}_total")
+            if fallback in ("unavailable", "overlong"):  # the stage itself counts the others
+                metrics.rewrite_fallback(self.services.model_name, fallback)
+            logger.info("job %s: prompt rewrite fell back (%s); using the original prompt", record.id, fallback)
+        self.writer.note(revised_prompt=text, rewrite_fallback=fallback)
+        self._finished(REWRITER_STAGE, started, kept=True)
+        return text or record.prompt
+
+    # ------------------------------------------------------------------ one call
+
+    async def _run(self, call: StageCall, advance: bool) -> Any:
+        spec = self.services.family.stage(call.stage)
+        outputs = spec.outputs(call.method)
+        if outputs and call.stage in self.done:  # finished by an earlier attempt: read its kept outputs
+            kept = tuple(Handoff(self.job.job_id, name, ref=None, nbytes=0) for name in outputs)
+            return kept[0] if len(kept) == 1 else kept
+        if advance:
+            self._advance(call.stage, self.services.marks.start(call.stage))
+        handle = self.services.handles[call.stage]
+        started = time.perf_counter()
+        self.denoising += spec.kind == "diffusion"
+        try:
+            receipt = await self._attempt(call.stage, lambda: handle.call.remote(self.ticket, call.method, *call.args))
+        finally:
+            self.denoising -= spec.kind == "diffusion"
+        self._finished(call.stage, started, kept=bool(getattr(receipt, "kept", True)),
+                       **getattr(receipt, "record_changes", dict)())
+        handoffs = getattr(receipt, "outputs", None)
+        if handoffs is not None:  # several hand-offs (diffusion's video and audio latents)
+            return handoffs[0] if len(handoffs) == 1 else tuple(handoffs)
+        return receipt
+
+    async def _attempt(self, stage: str, make_call: Callable[[], Any]) -> Any:
+        """The call, cancelled with the job; made again when its replica died mid-call."""
+        retries = self.services.jobs.stage_retries
+        for retry in range(retries + 1):
+            await self._raise_if_cancelled()
+            response = make_call()
+            try:
+                return await self._await_unless_cancelled(response)
+            except (asyncio.CancelledError, JobCancelled):
+                response.cancel()
+                raise
+            except Exception as error:  # noqa: BLE001 - every failure is attributed to this stage
+                if replica_died(error) and retry < retries:
+                    logger.warning("job %s: a %s replica died mid-call; calling again (%d of %d)",
+                                   self.job.job_id, stage, retry + 1, retries)
+                    self.services.stats.bump("stage_retries_total")
+                    continue
+                raise StageFailure(stage, error) from None
+        raise AssertionError("unreachable")
+
+    async def _await_unless_cancelled(self, response) -> Any:
+        call = asyncio.ensure_future(_result_of(response))
+        try:
+            while True:
+                watch = asyncio.ensure_future(self.services.events.wait(self.job.job_id, CANCEL_CHECK_S))
+                done, _ = await asyncio.wait({call, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if call in done:
+                    watch.cancel()
+                    return call.result()
+                await self._raise_if_cancelled()
+        finally:
+            if not call.done():
+                call.cancel()
+
+    async def _raise_if_cancelled(self) -> None:
+        try:
+            cancelled = await self.services.io(self.services.store.is_cancel_requested, self.job.job_id)
+        except StoreUnavailable:
+            return  # cannot tell now; the next check will
+        if cancelled:
+            raise JobCancelled(self.job.job_id)
+
+    async def _rewrite(self) -> tuple[str | None, str | None]:
+        """(rewritten text or None, fallback reason or None)."""
+        services, record = self.services, self.record
+        handle = services.handles.get(REWRITER_STAGE)
+        response = None
+        try:
+            if handle is None:  # e.g. a takeover after a redeploy without the rewriter
+                raise LookupError("no prompt_rewriter stage deployed")
+            photo = None
+            firsts = self.job.inputs_with("first_frame")
+            if firsts and services.rewriter.multimodal:
+                photo = await services.io(services.results.load_input, record.id, firsts[0].name)
+            response = handle.rewrite.remote(record.prompt, record.seed, photo)
+            # The stage enforces the timeout itself; this bound covers an unreachable or queued stage.
+            result = await asyncio.wait_for(_result_of(response), timeout=services.rewriter.timeout_s + 5)
+            text, fallback = result.text, result.fallback
+        except Exception:  # noqa: BLE001 - includes asyncio.TimeoutError
+            if response is not None:
+                response.cancel()
+            text, fallback = None, "unavailable"
+        if text is not None and not services.prompt_fits(text):
+            text, fallback = None, "overlong"
+        return text, fallback
+
+    # ------------------------------------------------------------------ what the record learns
+
+    def _advance(self, stage: str, progress: int) -> None:
+        self.writer.note(stage=stage, progress=progress)
+        metrics.job_progressed(self.services.model_name)
+
+    def _finished(self, stage: str, started: float, kept: bool, **changes: Any) -> None:
+        """The stage's output landed: time it (unless an earlier attempt did) and, when it is kept, skip it on a
+        takeover."""
+        if stage not in self.done:
+            self.timings[stage] = round(time.perf_counter() - started, 4)
+            if kept:
+                self.done.add(stage)
+        self.writer.note(done_stages=sorted(self.done), stage_seconds=dict(self.timings), **changes)
+
+
+async def _result_of(response):
+    return await response

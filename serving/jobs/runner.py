@@ -1,0 +1,338 @@
+"""The durable job runner: claims jobs under leases and runs each one's family pipeline to a terminal state.
+
+It knows no model. Durability, in order of what can go wrong:
+
+- **Pull, don't push.** Runner replicas pull queued and orphaned jobs from the
+  store (``claimable``) under leases; adding, removing or redeploying any
+  replica never loses a job. On shutdown a replica hands its jobs back
+  (``release``): the next claim takes them at once.
+- **Fenced.** Every write about a job carries the claim's fence
+  (``FencedWriter``); a write from a replaced owner is refused, and the
+  refusal stops that owner's work.
+- **Nothing redone.** The pipeline runs over a ``RunnerJobContext``: stage
+  outputs are kept until the job ends, so a takeover skips finished stages and
+  diffusion resumes from its last checkpoint.
+- **Truthful.** A failure names its stage; cancel is honoured at every stage
+  boundary and cancels the calls in flight; the deadline counts from the job's
+  first start across attempts; every failure of the runner itself still ends
+  the job.
+- **Store outages.** Writes are queued and sent when the store answers again;
+  the job keeps running meanwhile. Every lease lapses during a long outage, so
+  for one lease after the store answers again a replica claims only jobs nobody
+  owns: the owners renew first, and an outage is not taken for a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig
+from serving import metrics
+from serving.errors import JobCancelled, StoreUnavailable
+from serving.jobs.artifacts import CHECKPOINT, ArtifactStore
+from serving.jobs.context import RunnerJobContext, RunnerServices
+from serving.jobs.failures import LeaseLost, StageFailure, client_safe_error
+from serving.jobs.events import wait_for_event
+from serving.jobs.record import JobRecord, job_spec
+from serving.jobs.writer import FencedWriter
+from serving.protocol import Fence, JobStatus, JobTicket
+
+__all__ = ["JobRunner", "ClaimedJob"]
+
+logger = logging.getLogger("ray.serve.reelserve.runner")
+
+_RETRY_WRITE_S = 1.0  # how often a last write waits for an unreachable store
+_FINISH_GRACE_S = 120.0  # how long a finished job's last write waits for the store
+_HANDOVER_CHECKPOINT_S = 15.0  # how long a hand-over waits for diffusion's stop checkpoint (about a step at real size)
+_SWEEP_EVERY_S = 300.0  # how often kept outputs of ended jobs are looked for (a crash can leave them behind)
+
+
+@dataclass
+class ClaimedJob:
+    """One job this replica runs: its record at claim time, its fence, its writer and its pipeline's context."""
+
+    record: JobRecord
+    fence: Fence
+    writer: FencedWriter
+    context: RunnerJobContext | None = None
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+
+class JobRunner:
+    def __init__(
+        self,
+        services: RunnerServices,
+        artifacts: ArtifactStore,
+        model: ModelConfig,
+        jobs: JobsConfig,
+        settings: OrchestratorConfig,
+        frame_rule: tuple[int, int],
+        owner: str | None = None,
+    ):
+        """``frame_rule``: (step, offset) of the family's generated frame counts, for each job's plan."""
+        self.services = services
+        self.store = services.store
+        self.artifacts = artifacts
+        self.model = model
+        self.jobs = jobs
+        self.settings = settings
+        self.frame_rule = frame_rule
+        self.stats = services.stats
+        self.owner = owner or "orchestrator-" + secrets.token_hex(6)  # what the store records as the job's owner
+        self._running: dict[str, asyncio.Task] = {}
+        self._poller: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._store_failed_at = -math.inf  # monotonic time of the last store call that found the store down
+
+    @staticmethod
+    def io_pool() -> ThreadPoolExecutor:
+        """Store calls block; they get their own threads so a slow store never stalls the event loop."""
+        return ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    def wake(self) -> None:
+        """Look for claimable jobs now (the ingress calls this after accepting one)."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Hand every job back (leases released, artifacts kept) and stop: a successor resumes them at once."""
+        self._stopping = True
+        tasks = list(self._running.values()) + ([self._poller] if self._poller else [])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.services.events.close()
+
+    @property
+    def healthy(self) -> bool:
+        """False when the loop that claims jobs has died (the replica then asks Serve to replace it)."""
+        return self._poller is None or not self._poller.done() or self._stopping
+
+    async def _io(self, method, *args, **kwargs):
+        try:
+            return await self.services.io(method, *args, **kwargs)
+        except StoreUnavailable:
+            self._store_failed_at = time.monotonic()
+            raise
+
+    def _orphan_grace_s(self) -> float:
+        """How long past its lease a job waits before this replica takes it from its owner.
+
+        One more lease normally; while the store is down and for one lease after it answers again, for ever
+        (only unowned jobs are claimed), because every owner's renewals were failing too.
+        """
+        if time.monotonic() - self._store_failed_at < self.jobs.lease_s:
+            return math.inf
+        return self.jobs.lease_s
+
+    async def _poll_forever(self) -> None:
+        settings = self.settings
+        next_sweep = time.monotonic() + _SWEEP_EVERY_S
+        while True:
+            room = settings.max_jobs - len(self._running)
+            waiting = 0
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + _SWEEP_EVERY_S
+                await self._sweep_artifacts()
+            try:
+                claimable = await self._io(self.store.claimable, self._orphan_grace_s(), max(room, 1) + len(self._running))
+                for job_id in claimable:
+                    if job_id in self._running:
+                        continue
+                    if len(self._running) < settings.max_jobs:
+                        self._spawn(job_id)
+                    else:
+                        waiting += 1
+            except Exception as error:  # noqa: BLE001 - the store may be briefly unreachable
+                logger.info("looking for jobs failed: %r", error)
+            # What this replica runs, and what it saw waiting for room (only when it is full).
+            metrics.jobs_active(self.model.name, queued=waiting, in_progress=len(self._running))
+            await wait_for_event(self._wake, settings.poll_interval_s)
+            self._wake.clear()
+
+    async def _sweep_artifacts(self) -> None:
+        """Forget the kept outputs of jobs that ended or no longer exist (left by a crash or a late checkpoint)."""
+        if self.jobs.keep_artifacts:
+            return
+        try:
+            for job_id in await self._io(self.artifacts.job_ids):
+                record = await self._io(self.store.get, job_id)
+                if record is None or record.status.is_terminal:
+                    await self._io(self.artifacts.delete_job, job_id)
+        except Exception as error:  # noqa: BLE001 - the next sweep tries again
+            logger.info("sweeping kept outputs failed: %r", error)
+
+    def _spawn(self, job_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(job_id))
+        self._running[job_id] = task
+        task.add_done_callback(lambda _: self._running.pop(job_id, None))
+
+    # ------------------------------------------------------------------ one job
+
+    async def _run(self, job_id: str) -> None:
+        claim = asyncio.ensure_future(
+            self._io(self.store.claim, job_id, self.owner, self.jobs.lease_s, self._orphan_grace_s())
+        )
+        try:
+            record = await asyncio.shield(claim)  # a claim that lands must be known, even when stopping
+        except asyncio.CancelledError:
+            record = await claim
+            if record is not None:
+                await self._io(self.store.release, Fence(job_id, self.owner, record.attempts))
+            raise
+        except StoreUnavailable:
+            return
+        if record is None:
+            return  # another runner has it
+        fence = Fence(job_id, self.owner, record.attempts)
+        this_task = asyncio.current_task()
+        writer = FencedWriter(self.store, fence, self._io, on_lost=this_task.cancel, lease_s=self.jobs.lease_s)
+        job = ClaimedJob(record=record, fence=fence, writer=writer)
+        writer.start()
+        try:
+            await self._drive(job)
+        except asyncio.CancelledError:
+            if self._stopping and not writer.lost:
+                await asyncio.shield(self._hand_over(job))
+            elif writer.lost:
+                logger.info("job %s: another runner took it over; stopping this attempt", job_id)
+            else:
+                raise
+        except LeaseLost:
+            logger.info("job %s: another runner took it over; stopping this attempt", job_id)
+        finally:
+            await writer.stop()
+            await asyncio.shield(self._remove_if_deleted(job_id))
+
+    async def _drive(self, job: ClaimedJob) -> None:
+        record = job.record
+        if record.cancel_requested:
+            return await self._finish(job, JobStatus.CANCELLED)
+        if record.takeovers >= self.jobs.max_attempts:
+            return await self._fail(
+                job, "retries_exhausted", f"the job was interrupted {record.takeovers} times by failures; giving up"
+            )
+        try:
+            now = await self._io(self.store.now)
+        except StoreUnavailable:
+            return await self._hand_over(job)  # try again when the store answers; nothing has started
+        deadline = record.deadline_at or now + self.jobs.job_timeout_s
+        if record.started_at is None:
+            job.writer.note(status=JobStatus.IN_PROGRESS, started_at=now, deadline_at=deadline)
+            metrics.first_progress(self.model.name, max(0.0, time.time() - record.created_at))
+        if now >= deadline:
+            return await self._fail(job, "deadline_exceeded", self._deadline_message())
+        spec = job_spec(record, self.model.num_inference_steps, self.frame_rule)
+        ticket = JobTicket(record.id, job.fence.owner, job.fence.attempt, record.prompt)
+        job.context = RunnerJobContext(self.services, record, spec, ticket, job.writer)
+        pipeline = self.services.family.pipeline
+        try:
+            video = await asyncio.wait_for(pipeline(job.context, spec, self.model), timeout=deadline - now)
+        except asyncio.TimeoutError:
+            return await self._fail(job, "deadline_exceeded", self._deadline_message())
+        except JobCancelled:
+            return await self._finish(job, JobStatus.CANCELLED)
+        except StageFailure as failure:
+            logger.warning("job %s failed in %s: %r", job.id, failure.stage, failure.error)
+            code, message = client_safe_error(failure.error, failure.stage, _size_text(record))
+            return await self._fail(job, code, message)
+        except (asyncio.CancelledError, LeaseLost):
+            raise
+        except Exception as error:  # noqa: BLE001 - a bug here must end the job, not strand it on its lease
+            logger.exception("job %s: the runner failed", job.id)
+            return await self._fail(job, "internal", f"the orchestrator failed ({type(error).__name__}); retry")
+        # The MP4 exists: its record is written outside the deadline, which no longer matters.
+        await self._finish(job, JobStatus.COMPLETED, progress=100, stage_seconds=dict(job.context.timings),
+                           **video.record_changes())
+
+    def _deadline_message(self) -> str:
+        return f"the job did not finish within {self.jobs.job_timeout_s:g} s of its start (jobs.job_timeout_s)"
+
+    # ------------------------------------------------------------------ the last writes
+
+    async def _finish(self, job: ClaimedJob, status: JobStatus, **changes: Any) -> None:
+        """The job's last write: everything still queued, plus the outcome; it waits out a store outage."""
+        pending = await job.writer.stop()  # a renewal landing after the outcome would be refused and cancel this
+        outcome = {**pending, **changes, "status": status, "stage": status.api_name}
+        outcome["completed_at"] = await self._retrying(self.store.now)
+        if status == JobStatus.COMPLETED:
+            outcome["progress"] = 100
+        written = await self._retrying(self.store.finish, job.fence, **outcome)
+        if not written:
+            raise LeaseLost(job.id)
+        metrics.job_finished(self.model.name, status.api_name, outcome.get("error_code"),
+                             max(0.0, time.time() - job.record.created_at))
+        if not self.jobs.keep_artifacts:
+            with contextlib.suppress(Exception):
+                await self._io(self.artifacts.delete_job, job.id)
+
+    async def _fail(self, job: ClaimedJob, code: str, message: str) -> None:
+        self.stats.bump(f"failures_{code}_total")
+        await self._finish(job, JobStatus.FAILED, error_code=code, error_message=message)
+
+    async def _retrying(self, method, *args, **kwargs):
+        deadline = time.monotonic() + _FINISH_GRACE_S
+        while True:
+            try:
+                return await self._io(method, *args, **kwargs)
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(_RETRY_WRITE_S)
+
+    async def _hand_over(self, job: ClaimedJob) -> None:
+        """On shutdown: queued writes, diffusion's stop checkpoint, then the lease back.
+
+        The lease is released only once the checkpoint of the step the denoising stopped at is kept (or a
+        bound passed): a successor that starts earlier would resume from an older one and redo steps.
+        """
+        pending = await job.writer.stop()
+        with contextlib.suppress(Exception):
+            if pending:
+                await self._io(self.store.update, job.fence, **pending)
+            if job.context is not None and job.context.denoising:
+                await self._await_stop_checkpoint(job)
+            await self._io(self.store.release, job.fence)
+            logger.info("job %s handed over", job.id)
+
+    async def _await_stop_checkpoint(self, job: ClaimedJob) -> None:
+        deadline = time.monotonic() + _HANDOVER_CHECKPOINT_S
+        while time.monotonic() < deadline:
+            record = await self._io(self.store.get, job.id)
+            checkpoint = await self._io(self.artifacts.get, job.id, CHECKPOINT)
+            if record is None or (checkpoint is not None and checkpoint.finished_steps >= record.step):
+                return
+            await asyncio.sleep(0.2)
+        logger.info("job %s: no checkpoint of its last step in %g s; handing it over anyway", job.id,
+                    _HANDOVER_CHECKPOINT_S)
+
+    async def _remove_if_deleted(self, job_id: str) -> None:
+        try:
+            final = await self._io(self.store.get, job_id)
+            if final is not None and final.delete_requested and final.status.is_terminal:
+                await self._io(self.store.delete, job_id)
+                await self._io(self.services.results.remove, job_id)
+                await self._io(self.artifacts.delete_job, job_id)
+        except Exception as error:  # noqa: BLE001 - the ingress deletes terminal jobs itself too
+            logger.info("removing deleted job %s failed: %r", job_id, error)
+
+
+def _size_text(record: JobRecord) -> str:
+    return f"{record.width}x{record.height}, {record.seconds:g} s at {record.fps} fps"
