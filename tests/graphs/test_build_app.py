@@ -53,7 +53,9 @@ def test_build_app_defaults_without_starting_ray():
     scaled = build_app({"stages": {"text_encoder": {"num_replicas": 3}, "muxer": {"num_replicas": 2}}})
     for name in ("ingress", "orchestrator", "text_encoder"):
         before, after = deployments[name].init_args, _deployments(scaled)[name].init_args
-        assert [a for a in before if not isinstance(a, Application)] == [a for a in after if not isinstance(a, Application)]
+        assert [a for a in _nested(before) if not isinstance(a, Application)] == [
+            a for a in _nested(after) if not isinstance(a, Application)
+        ]
 
 
 def test_build_app_refuses_a_config_that_cannot_fit():
