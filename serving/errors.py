@@ -17,6 +17,7 @@ __all__ = [
     "JobCancelled",
     "GenerationFailed",
     "StageOutOfMemory",
+    "InvalidReference",
     "StoreUnavailable",
     "StageDead",
 ]
@@ -69,6 +70,16 @@ class StageOutOfMemory(GenerationFailed):
     def __init__(self, stage: str):
         super().__init__(f"the {stage} stage ran out of memory")
         self.stage = stage
+
+
+class InvalidReference(GenerationFailed):
+    """One of the job's inputs decoded as its type at admission but is corrupt inside (a truncated MP4, broken
+    AAC). ``name`` is the input as the client sent it (e.g. ``references[2]``); the job fails with code
+    ``invalid_reference``, the replica serves on."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"{name}: {message}")
+        self.name = name
 
 
 class StoreUnavailable(ReelserveError):

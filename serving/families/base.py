@@ -166,6 +166,8 @@ class Family:
     build_tiny_checkpoint: Callable[[Any], Any]  # (directory) -> path of a tiny random checkpoint
     ensure_tiny_checkpoint: Callable[[], Any]  # () -> path of the cached tiny checkpoint, built on first use
     pipeline_classes: tuple[str, ...] = ()  # diffusers class names in a checkpoint's index that mean this family
+    # () -> the dataclasses its stages hand on or checkpoint, beyond serving.protocol's (kept without pickle).
+    stored_types: Callable[[], tuple[type, ...]] = tuple
 
     def __post_init__(self):
         names = [stage.name for stage in self.stages]

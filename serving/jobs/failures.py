@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving.errors import ReelserveError, StageOutOfMemory
+from serving.errors import InvalidReference, ReelserveError, StageOutOfMemory
 
 __all__ = ["StageFailure", "LeaseLost", "client_safe_error", "replica_died"]
 
@@ -40,6 +40,8 @@ def client_safe_error(error: BaseException, stage: str, size: str = "") -> tuple
         return "overloaded", f"the {stage} stage was full; retry later"
     if replica_died(error):
         return "stage_unavailable", f"a {stage} replica died while generating this video, also when retried; retry later"
+    if isinstance(cause, InvalidReference):
+        return "invalid_reference", "invalid reference " + cause.client_message.splitlines()[0][:300]
     if isinstance(cause, ReelserveError):
         return "generation_failed", f"the {stage} stage failed: " + cause.client_message.splitlines()[0][:300]
     return "generation_failed", f"the {stage} stage failed ({name})"

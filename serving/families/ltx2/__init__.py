@@ -48,4 +48,5 @@ FAMILY = Family(
     build_tiny_checkpoint=_lazy("tiny:build_tiny_ltx2"),
     ensure_tiny_checkpoint=_lazy("tiny:ensure_tiny_ltx2"),
     pipeline_classes=("LTX2Pipeline", "LTX2ImageToVideoPipeline", "LTX2ConditionPipeline"),
+    stored_types=_lazy("diffusion:stored_types"),
 )

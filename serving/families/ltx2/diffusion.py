@@ -667,3 +667,8 @@ class LTX2Diffusion:
         """One request alone, to its end, on this thread (``reelserve generate``, tests, benchmarks)."""
         self._alone += 1
         return self.engine.run_alone(DenoiseRequest(f"alone-{self._alone}", embeddings, condition, plan), on_step)
+
+
+def stored_types() -> tuple[type, ...]:
+    """What LTX-2 keeps beyond the protocol's hand-offs: its denoising checkpoint (and the guidance inside it)."""
+    return (Guidance, DenoiseCheckpoint)
