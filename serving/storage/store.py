@@ -212,26 +212,28 @@ class Storage:
                 return None
 
     def stream(self, key: str, chunk_size: int = _DOWNLOAD_CHUNK) -> Iterator[bytes] | None:
-        """The object in chunks of about ``chunk_size`` bytes, or ``None`` when there is none.
+        """The object in chunks of at most ``chunk_size`` bytes, or ``None`` when there is none.
 
         The request is made here, so a missing object is known before the first chunk.
         """
         key = parse_key(key).key
+        _check_chunk(chunk_size)
         with self._errors("get", key):
             try:
                 result = obstore.get(self._store, key)
             except FileNotFoundError:
                 return None
-        return self._chunks(result.stream(min_chunk_size=chunk_size), key)
+        return self._chunks(result.stream(min_chunk_size=chunk_size), key, chunk_size)
 
     async def stream_async(self, key: str, chunk_size: int = _DOWNLOAD_CHUNK) -> AsyncIterator[bytes] | None:
         key = parse_key(key).key
+        _check_chunk(chunk_size)
         with self._errors("get", key):
             try:
                 result = await obstore.get_async(self._store, key)
             except FileNotFoundError:
                 return None
-        return self._chunks_async(result.stream(min_chunk_size=chunk_size), key)
+        return self._chunks_async(result.stream(min_chunk_size=chunk_size), key, chunk_size)
 
     def head(self, key: str) -> ObjectInfo | None:
         """Size and modification time, or ``None`` when there is no such object."""
@@ -305,15 +307,17 @@ class Storage:
             return memoryview(data).nbytes
         return -1  # an iterable was consumed by the upload; ``head`` tells its size
 
-    def _chunks(self, stream, key: str) -> Iterator[bytes]:
+    def _chunks(self, stream, key: str, size: int) -> Iterator[bytes]:
+        # obstore's chunk size is a minimum (a memory store hands the whole object over at once): cut to size.
         with self._errors("get", key):
             for chunk in stream:
-                yield bytes(chunk)
+                yield from _pieces(chunk, size)
 
-    async def _chunks_async(self, stream, key: str) -> AsyncIterator[bytes]:
+    async def _chunks_async(self, stream, key: str, size: int) -> AsyncIterator[bytes]:
         with self._errors("get", key):
             async for chunk in stream:
-                yield bytes(chunk)
+                for piece in _pieces(chunk, size):
+                    yield piece
 
     @contextmanager
     def _errors(self, operation: str, key: str):
@@ -402,6 +406,12 @@ def _payload(data: Data):
     return iter(data)
 
 
+def _pieces(chunk, size: int) -> Iterator[bytes]:
+    view = memoryview(chunk)
+    for start in range(0, len(view), size):
+        yield bytes(view[start : start + size])
+
+
 def _info(meta: dict) -> ObjectInfo:
     return ObjectInfo(key=meta["path"], size=int(meta["size"]), modified_at=meta["last_modified"].timestamp())
 
@@ -439,6 +449,11 @@ def _ignore_missing(delete, store, key: str) -> None:
 def _check_range(start: int, length: int) -> None:
     if type(start) is not int or type(length) is not int or start < 0 or length < 1:
         raise ValueError(f"a byte range needs start >= 0 and length >= 1, not {start!r}, {length!r}")
+
+
+def _check_chunk(size: int) -> None:
+    if type(size) is not int or size < 1:
+        raise ValueError(f"chunk size must be a positive int, not {size!r}")
 
 
 def _short(message: str, limit: int = 300) -> str:
