@@ -235,7 +235,7 @@ class Codec:
             _expect(type(node) in (int, float), f"{path}: not a number")
             return float(node)
         if annotation in _SCALARS or annotation is None:
-            _expect(type(node) is (annotation or type(None)), f"{path}: not a {getattr(annotation, '__name__', None)}")
+            _expect(type(node) is (annotation or type(None)), f"{path}: expected {getattr(annotation, '__name__', None)}")
             return node
         if origin in (tuple, list):
             _expect(type(node) is list, f"{path}: not a list")
