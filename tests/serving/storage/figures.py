@@ -109,13 +109,11 @@ def checkpoint_and_job_outputs():
 
 
 def pipeline() -> None:
-    from serving.storage.keys import artifact_key, checkpoint_key
     from serving.storage.store import open_storage
     from tests.s3_server import CREDENTIALS, S3Server
 
     os.environ.update(CREDENTIALS)
     family_codec, checkpoint, outputs = checkpoint_and_job_outputs()
-    job = "video_" + "ab" * 12
     server = S3Server()
     server.start()
     try:
@@ -138,20 +136,28 @@ def pipeline() -> None:
               "| job outputs put (concurrent, async) | job outputs get+decode |")
         print("| --- | --- | --- | --- | --- | --- |")
         for label, storage in stores.items():
-            key = checkpoint_key(job, 1, 4)
-            write = median_s(lambda: storage.put(key, family_codec.encode(checkpoint)))
-            read = median_s(lambda: family_codec.decode(storage.get(key)))
-            keys = {name: artifact_key(job, 1, name) for name in outputs}
-            job_write = median_s(lambda: [storage.put(keys[n], family_codec.encode(v)) for n, v in outputs.items()])
-
-            async def concurrent():
-                await asyncio.gather(*(storage.put_async(keys[n], blob) for n, blob in blobs.items()))
-
-            job_concurrent = median_s(lambda: asyncio.run(concurrent()))
-            job_read = median_s(lambda: [family_codec.decode(storage.get(keys[n])) for n in outputs])
-            print(f"| {label} | {ms(write)} | {ms(read)} | {ms(job_write)} | {ms(job_concurrent)} | {ms(job_read)} |")
+            print(measure_store(label, storage, family_codec, checkpoint, outputs, blobs))
     finally:
         server.stop(keep_data=False)
+
+
+def measure_store(label: str, storage, family_codec, checkpoint, outputs: dict, blobs: dict) -> str:
+    """One table row: the checkpoint and the job's outputs written and read back through ``storage``."""
+    from serving.storage.keys import artifact_key, checkpoint_key
+
+    job = "video_" + "ab" * 12
+    key = checkpoint_key(job, 1, 4)
+    keys = {name: artifact_key(job, 1, name) for name in outputs}
+    write = median_s(lambda: storage.put(key, family_codec.encode(checkpoint)))
+    read = median_s(lambda: family_codec.decode(storage.get(key)))
+    job_write = median_s(lambda: [storage.put(keys[n], family_codec.encode(v)) for n, v in outputs.items()])
+
+    async def concurrent():
+        await asyncio.gather(*(storage.put_async(keys[n], blob) for n, blob in blobs.items()))
+
+    job_concurrent = median_s(lambda: asyncio.run(concurrent()))
+    job_read = median_s(lambda: [family_codec.decode(storage.get(keys[n])) for n in outputs])
+    return f"| {label} | {ms(write)} | {ms(read)} | {ms(job_write)} | {ms(job_concurrent)} | {ms(job_read)} |"
 
 
 # -- part B: the two client libraries on raw bytes ------------------------------------------------------
@@ -182,6 +188,20 @@ def import_time_s(module: str) -> float:
     return statistics.median(runs)
 
 
+def compare_clients(store, fs, bucket: str, blobs: list[bytes]) -> list[float]:
+    """obstore put, s3fs put, obstore get, s3fs get of ``blobs``, in seconds."""
+    import obstore
+
+    keys = [f"bench/{i}" for i in range(len(blobs))]
+    # One PUT per object, as serving.storage puts anything up to 64 MiB (obstore's default: 5 MB parts).
+    return [
+        median_s(lambda: [obstore.put(store, k, b, chunk_size=64 << 20) for k, b in zip(keys, blobs)]),
+        median_s(lambda: [fs.pipe_file(f"{bucket}/{k}", b) for k, b in zip(keys, blobs)]),
+        median_s(lambda: [bytes(obstore.get(store, k).bytes()) for k in keys]),
+        median_s(lambda: [fs.cat_file(f"{bucket}/{k}") for k in keys]),
+    ]
+
+
 def compare(endpoint: str) -> None:
     from datetime import timedelta
 
@@ -202,13 +222,7 @@ def compare(endpoint: str) -> None:
             blobs = [secrets.token_bytes(n) for n in (int(31.5 * MB), int(7.2 * MB), int(2.5 * MB), MB, int(0.45 * MB), int(0.06 * MB))]
         else:
             blobs = [secrets.token_bytes(size)]
-        keys = [f"bench/{i}" for i in range(len(blobs))]
-        # One PUT per object, as serving.storage puts anything up to 64 MiB (obstore's default: 5 MB parts).
-        o_put = median_s(lambda: [obstore.put(store, k, b, chunk_size=64 << 20) for k, b in zip(keys, blobs)])
-        f_put = median_s(lambda: [fs.pipe_file(f"{bucket}/{k}", b) for k, b in zip(keys, blobs)])
-        o_get = median_s(lambda: [bytes(obstore.get(store, k).bytes()) for k in keys])
-        f_get = median_s(lambda: [fs.cat_file(f"{bucket}/{k}") for k in keys])
-        print(f"| {label} | {ms(o_put)} | {ms(f_put)} | {ms(o_get)} | {ms(f_get)} |")
+        print(f"| {label} | " + " | ".join(ms(t) for t in compare_clients(store, fs, bucket, blobs)) + " |")
     signed = obstore.sign(store, "GET", "bench/0", timedelta(minutes=5))
     print(f"\nobstore signs a URL without a request: {signed[:60]}...")
     print("\n| client | import time | packages | installed size |")
