@@ -3,7 +3,7 @@
 ```yaml
 storage:
   results_url: s3://videos/reelserve      # or gs://..., or a local directory (the default)
-  artifacts_url: s3://videos/artifacts    # stage outputs and checkpoints; or a local directory
+  artifacts_url: s3://videos/artifacts    # stage outputs and checkpoints; or redis, or a local directory
   s3_endpoint_url: http://127.0.0.1:9100  # for S3-compatible stores; credentials from the standard AWS variables
   results_ttl_s: 604800
   redirect_downloads: true
@@ -26,14 +26,20 @@ _SCHEMES = ("", "file", "s3", "gs")
 
 
 def _check_url(url: str | None, field: str) -> str | None:
-    if url is None:
-        return None
+    if url is None or (field == "artifacts_url" and url == "redis"):
+        return url
     parsed = urlparse(url)
-    if parsed.scheme not in _SCHEMES:
-        raise ValueError(f"{field} must be a directory, file://, s3://bucket/prefix or gs://bucket/prefix, not {url!r}")
+    schemes = (*_SCHEMES, "redis", "rediss") if field == "artifacts_url" else _SCHEMES
+    if parsed.scheme not in schemes:
+        allowed = "a directory, file://, s3://bucket/prefix or gs://bucket/prefix"
+        if field == "artifacts_url":
+            allowed += ", redis (the job store's) or redis://"
+        raise ValueError(f"{field} must be {allowed}, not {url!r}")
+    if parsed.scheme == "" and not url.startswith(("/", "~")):
+        raise ValueError(f"{field}: a directory must be absolute (every replica resolves it alike), not {url!r}")
     if parsed.scheme in ("s3", "gs") and not parsed.netloc:
         raise ValueError(f"{field} names no bucket: {url!r}")
-    if parsed.query or parsed.fragment or parsed.password:
+    if parsed.query or parsed.fragment or (parsed.password and parsed.scheme not in ("redis", "rediss")):
         raise ValueError(f"{field} must not carry a query, a fragment or credentials: {url!r}")
     return url
 
@@ -54,7 +60,8 @@ class StorageConfig(BaseModel):
         None,
         description=(
             "Where stage outputs and denoising checkpoints are kept per attempt until the job ends: a local "
-            "directory, s3://bucket/prefix or gs://bucket/prefix. Unset: the results store (under artifacts/)."
+            "directory, s3://bucket/prefix, gs://bucket/prefix, redis (the job store's Redis, jobs.redis_url) "
+            "or a redis:// URL. Unset: the results store (under artifacts/)."
         ),
     )
     s3_endpoint_url: str | None = Field(
@@ -131,10 +138,23 @@ class StorageConfig(BaseModel):
             "retry_timeout_s": self.retry_timeout_s,
         }
 
+    def artifacts_store_url(self, default_dir: str, redis_url: str | None) -> str:
+        """The URL to open for stage outputs: ``redis`` is the job store's Redis, unset is the results store."""
+        if self.artifacts_url == "redis":
+            if not redis_url:
+                raise ValueError("storage.artifacts_url redis needs jobs.redis_url")
+            return redis_url
+        return self.artifacts_url or self.results_url or default_dir
+
     def describe(self, default_dir: str) -> list[str]:
-        """What ``reelserve plan`` prints: where each kind of object goes."""
+        """What ``reelserve plan`` prints: where each kind of object goes (never a password)."""
         results = self.results_url or default_dir
         artifacts = self.artifacts_url or f"{results} (under artifacts/)"
+        if artifacts == "redis":
+            artifacts = "the job store's Redis"
+        elif urlparse(artifacts).password:
+            parsed = urlparse(artifacts)
+            artifacts = parsed._replace(netloc=parsed.netloc.rsplit("@", 1)[-1]).geturl()
         endpoint = f" at {self.s3_endpoint_url}" if self.s3_endpoint_url else ""
         downloads = "signed-URL redirects" if self.redirect_downloads and urlparse(results).scheme in ("s3", "gs") else "streamed"
         return [

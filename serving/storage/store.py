@@ -55,7 +55,7 @@ __all__ = ["MAX_SIGNED_URL_TTL_S", "Backend", "ObjectInfo", "Storage", "open_sto
 
 logger = logging.getLogger("ray.serve.reelserve.storage")
 
-Backend = Literal["local", "s3", "gcs", "memory"]
+Backend = Literal["local", "s3", "gcs", "memory", "redis"]
 Data = bytes | bytearray | memoryview | Path | Iterable[bytes | bytearray | memoryview]
 
 MAX_SIGNED_URL_TTL_S = 7 * 24 * 3600  # S3's and GCS's longest presigned URL life
@@ -365,7 +365,7 @@ def open_storage(
     max_retries: int = 3,
 ) -> Storage:
     """The store ``url`` names: a local directory (a path or ``file://``), ``s3://bucket/prefix``,
-    ``gs://bucket/prefix`` or ``memory://``.
+    ``gs://bucket/prefix``, ``redis://host:port/db`` (see ``serving.storage.redis_store``) or ``memory://``.
 
     S3 credentials and region come from the standard AWS environment variables
     (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
@@ -381,6 +381,10 @@ def open_storage(
     scheme = urlparse(url).scheme
     if scheme == "memory":
         return Storage(MemoryStore(), "memory", url)
+    if scheme in ("redis", "rediss"):
+        from serving.storage.redis_store import open_redis_storage
+
+        return open_redis_storage(url, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
     if scheme in ("s3", "gs"):
         client = {
             "connect_timeout": timedelta(seconds=connect_timeout_s),
@@ -404,7 +408,7 @@ def open_storage(
         root = Path(urlparse(url).path if scheme == "file" else url).expanduser().resolve()
         # automatic_cleanup: deleting a job's last file removes its now empty folders too.
         return Storage(LocalStore(root, mkdir=True, automatic_cleanup=True), "local", str(root), local_root=root)
-    raise ValueError(f"storage URL must be a directory, file://, s3://, gs:// or memory://, not {url!r}")
+    raise ValueError(f"storage URL must be a directory, file://, s3://, gs://, redis:// or memory://, not {url!r}")
 
 
 def _payload(data: Data):

@@ -44,6 +44,9 @@ def test_every_field_is_described():
         {"results_url": "ftp://host/dir"},
         {"results_url": "s3://"},
         {"artifacts_url": "memory://"},
+        {"results_url": "redis"},  # videos do not go to Redis
+        {"artifacts_url": "data/artifacts"},  # relative: each replica would resolve it elsewhere
+        {"results_url": "redis://127.0.0.1:6380/0"},
         {"results_url": "s3://key:secret@bucket/prefix"},
         {"results_url": "s3://bucket/prefix?x=1"},
         {"s3_endpoint_url": "http://127.0.0.1:9100"},  # no s3:// store to use it
@@ -64,3 +67,14 @@ def test_the_options_open_a_store(tmp_path):
     config = StorageConfig(results_url=str(tmp_path))
     storage = open_storage(config.results_url, **config.client_options())
     assert storage.backend == "local"
+
+
+def test_stage_outputs_in_the_job_stores_redis():
+    config = StorageConfig(results_url="s3://videos/reelserve", artifacts_url="redis")
+    assert config.artifacts_store_url("/data", "redis://:pw@10.0.0.5:6380/0") == "redis://:pw@10.0.0.5:6380/0"
+    assert config.describe("/data")[1] == "stage outputs and checkpoints: the job store's Redis"
+    with pytest.raises(ValueError, match="jobs.redis_url"):
+        config.artifacts_store_url("/data", None)
+    config = StorageConfig(artifacts_url="redis://:pw@10.0.0.5:6380/1")
+    assert "pw" not in config.describe("/data")[1]
+    assert StorageConfig().artifacts_store_url("/data", None) == "/data"

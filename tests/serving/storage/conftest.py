@@ -47,11 +47,15 @@ def s3_storage(s3_server) -> Storage:
     return open_storage(f"s3://{new_bucket(s3_server)}/reelserve", s3_endpoint_url=s3_server.endpoint_url)
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
+@pytest.fixture(params=["local", "memory", "s3", "redis"])
 def storage(request, tmp_path) -> Storage:
     """Each backend in turn: what every backend must do alike."""
     if request.param == "local":
         return open_storage(str(tmp_path / "store"))
     if request.param == "memory":
         return open_storage("memory://")
+    if request.param == "redis":
+        storage = open_storage(request.getfixturevalue("redis_url"))  # a real redis-server for the module
+        storage._redis.flushdb()
+        return storage
     return request.getfixturevalue("s3_storage")

@@ -181,7 +181,7 @@ def test_a_local_store_ignores_foreign_files(tmp_path):
 
 
 def test_unknown_store_urls_are_refused():
-    for url in ("ftp://host/x", "redis://localhost:6379/0", "http://example.com/bucket"):
+    for url in ("ftp://host/x", "http://example.com/bucket", "unix:///tmp/redis.sock"):
         with pytest.raises(ValueError, match="storage URL"):
             open_storage(url)
 
@@ -269,3 +269,11 @@ def test_gcs_signed_urls_carry_a_valid_v4_signature(tmp_path, monkeypatch):
     scope = query["X-Goog-Credential"].split("/", 1)[1]
     to_sign = "\n".join(["GOOG4-RSA-SHA256", query["X-Goog-Date"], scope, hashlib.sha256(canonical.encode()).hexdigest()])
     public_key.verify(bytes.fromhex(query["X-Goog-Signature"]), to_sign.encode(), padding.PKCS1v15(), hashes.SHA256())
+
+
+def test_a_redis_store_cannot_sign_and_never_shows_its_password(redis_url):
+    storage = open_storage(redis_url.replace("redis://", "redis://:secret-password@"))
+    assert storage.backend == "redis" and not storage.can_sign
+    assert "secret-password" not in storage.describe() and "secret-password" not in repr(storage)
+    with pytest.raises(SigningNotSupported):
+        storage.signed_url(result_key(JOB, 1), 60)

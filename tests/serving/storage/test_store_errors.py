@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -186,3 +187,55 @@ def test_store_answers_map_to_error_kinds(answering_server, aws_environment, sta
         storage.put(result_key(JOB, 1), b"x")
     assert type(raised.value) is expected, raised.value
     assert result_key(JOB, 1) in str(raised.value)
+
+
+# -- Redis ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own (it is paused, filled and stopped)."""
+    import shutil
+
+    from tests.helpers import free_port, wait_for_redis
+
+    port = free_port()
+    process = subprocess.Popen(
+        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_for_redis(process, url)
+    yield process, url
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGCONT)
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_redis_over_its_maxmemory_is_storage_full(own_redis):
+    _, url = own_redis
+    storage = open_storage(url)
+    storage._redis.config_set("maxmemory", "4mb")
+    storage._redis.config_set("maxmemory-policy", "noeviction")
+    storage.put(result_key(JOB, 1), b"x" * 1000)
+    with pytest.raises(StorageFull, match="maxmemory"):
+        for attempt in range(2, 20):
+            storage.put(result_key(JOB, attempt), b"x" * (1 << 20))
+
+
+def test_redis_hung_or_gone_is_storage_unavailable_within_a_bound(own_redis):
+    process, url = own_redis
+    storage = open_storage(url, connect_timeout_s=1.0, read_timeout_s=1.0)
+    storage.put(result_key(JOB, 1), b"kept")
+    os.kill(process.pid, signal.SIGSTOP)
+    error, seconds = _timed(lambda: storage.get(result_key(JOB, 1)))
+    assert isinstance(error, StorageUnavailable) and seconds < BOUND_S
+    os.kill(process.pid, signal.SIGCONT)
+    assert storage.get(result_key(JOB, 1)) == b"kept"
+    process.terminate()
+    process.wait(timeout=10)
+    error, seconds = _timed(lambda: storage.put(result_key(JOB, 2), b"x"))
+    assert isinstance(error, StorageUnavailable) and seconds < BOUND_S
