@@ -31,6 +31,7 @@ from serving.storage.store import (
     _check_range,
     _deletable,
     _pieces,
+    _Upload,
 )
 
 __all__ = ["RedisStorage", "open_redis_storage"]
@@ -166,11 +167,12 @@ def open_redis_storage(url: str, *, connect_timeout_s: float = 5.0, read_timeout
 
 
 def _materialised(data: Data) -> bytes:
-    if isinstance(data, Path):
-        return data.read_bytes()
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data)
-    return b"".join(bytes(chunk) for chunk in data)
+    upload = _Upload(data)
+    if isinstance(upload.body, Path):
+        return upload.body.read_bytes()
+    if upload.whole:
+        return bytes(upload.body)
+    return b"".join(bytes(chunk) for chunk in upload.body)
 
 
 async def _async_iter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:

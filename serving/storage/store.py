@@ -117,22 +117,24 @@ class Storage:
     # -- writes ---------------------------------------------------------------------------------
 
     def put(self, key: str, data: Data) -> int:
-        """Store ``data`` under ``key`` atomically (a reader sees the old object, the new one, or none).
+        """Store ``data`` under ``key`` atomically: a reader sees the old object or the new one, never a part.
 
-        ``data`` is bytes, any byte buffer, a ``Path`` to a local file, or an
-        iterable of buffers (large inputs go up as a multipart upload). Returns
-        the size stored.
+        ``data`` is bytes or any contiguous byte buffer (a numpy array too), a
+        ``Path`` to a local file, or an iterable of buffers (it goes up as a
+        multipart upload in 8 MiB parts). Returns the size stored.
         """
         key = parse_key(key).key
+        upload = _Upload(data)
         with self._errors("put", key):
-            obstore.put(self._store, key, _payload(data), **self._put_options(key, data))
-        return self._size_of(data, key)
+            obstore.put(self._store, key, upload.body, **self._put_options(key, upload))
+        return upload.size
 
     async def put_async(self, key: str, data: Data) -> int:
         key = parse_key(key).key
+        upload = _Upload(data)
         with self._errors("put", key):
-            await obstore.put_async(self._store, key, _payload(data), **self._put_options(key, data))
-        return self._size_of(data, key)
+            await obstore.put_async(self._store, key, upload.body, **self._put_options(key, upload))
+        return upload.size
 
     def delete(self, key: str) -> None:
         """Remove one object; a missing one is not an error."""
@@ -299,20 +301,14 @@ class Storage:
             raise ValueError(f"signed URL lifetime must be 1..{MAX_SIGNED_URL_TTL_S} s, not {expires_s!r}")
         return timedelta(seconds=expires_s)
 
-    def _put_options(self, key: str, data: Data) -> dict:
-        whole = isinstance(data, (bytes, bytearray, memoryview, Path))
-        options = {"chunk_size": _SINGLE_PUT_UP_TO} if whole else {"chunk_size": _STREAMED_PART, "max_concurrency": 4}
+    def _put_options(self, key: str, upload: _Upload) -> dict:
+        if upload.whole:
+            options = {"chunk_size": _SINGLE_PUT_UP_TO}
+        else:
+            options = {"chunk_size": _STREAMED_PART, "max_concurrency": 4}
         if self.backend != "local":  # a file has no content type (obstore refuses attributes there)
             options["attributes"] = {"Content-Type": _CONTENT_TYPES.get(Path(key).suffix, "application/octet-stream")}
         return options
-
-    @staticmethod
-    def _size_of(data: Data, key: str) -> int:
-        if isinstance(data, Path):
-            return data.stat().st_size
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            return memoryview(data).nbytes
-        return -1  # an iterable was consumed by the upload; ``head`` tells its size
 
     def _chunks(self, stream, key: str, size: int) -> Iterator[bytes]:
         # obstore's chunk size is a minimum (a memory store hands the whole object over at once): cut to size.
@@ -411,10 +407,29 @@ def open_storage(
     raise ValueError(f"storage URL must be a directory, file://, s3://, gs://, redis:// or memory://, not {url!r}")
 
 
-def _payload(data: Data):
-    if isinstance(data, (bytes, bytearray, memoryview, Path)):
-        return data
-    return iter(data)
+class _Upload:
+    """What a put sends: a whole buffer or file (one PUT up to 64 MiB), or an iterable (multipart), counted."""
+
+    def __init__(self, data: Data):
+        self.size = 0
+        self.whole = True
+        if isinstance(data, Path):
+            self.body, self.size = data, data.stat().st_size
+            return
+        try:
+            view = memoryview(data)
+        except TypeError:  # not a buffer: an iterable of buffers
+            self.body, self.whole = self._counted(data), False
+            return
+        if not view.c_contiguous:
+            raise ValueError("a put needs a contiguous buffer")
+        self.body = view.cast("B")
+        self.size = self.body.nbytes
+
+    def _counted(self, chunks: Iterable) -> Iterator:
+        for chunk in chunks:
+            self.size += memoryview(chunk).nbytes
+            yield chunk
 
 
 def _pieces(chunk, size: int) -> Iterator[bytes]:

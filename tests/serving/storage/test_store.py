@@ -7,6 +7,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 from serving.storage.errors import SigningNotSupported
@@ -45,8 +46,13 @@ def test_puts_take_buffers_files_and_iterables(storage, tmp_path):
     assert storage.get(result_key(JOB, 1)) == b"from a file"
     storage.put(result_key(JOB, 2), memoryview(b"a view"))
     assert storage.get(result_key(JOB, 2)) == b"a view"
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert storage.put(result_key(OTHER, 1), array) == 48
+    assert storage.get(result_key(OTHER, 1)) == array.tobytes()
+    with pytest.raises(ValueError, match="contiguous"):
+        storage.put(result_key(OTHER, 2), array[:, ::2])
     chunks = [bytes([i]) * (1 << 20) for i in range(7)]  # 7 MiB in pieces: a multipart upload on S3
-    storage.put(result_key(JOB, 3), iter(chunks))
+    assert storage.put(result_key(JOB, 3), iter(chunks)) == 7 << 20
     assert storage.get(result_key(JOB, 3)) == b"".join(chunks)
     assert storage.head(result_key(JOB, 3)).size == 7 << 20
 
