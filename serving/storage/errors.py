@@ -17,15 +17,31 @@ __all__ = ["SigningNotSupported", "StorageError", "StorageFull", "StorageUnavail
 
 
 class StorageError(ReelserveError):
-    """The object store refused an operation (permissions, configuration, a malformed request)."""
+    """The object store refused an operation (permissions, configuration, a malformed request).
+
+    The message names the operation, the key and the backend's answer (paths,
+    bucket names): it is for logs. ``client_message`` says only what happened.
+    """
+
+    @property
+    def client_message(self) -> str:
+        return "storage refused the operation"
 
 
 class StorageUnavailable(StorageError, StoreUnavailable):
     """The object store cannot be reached or answers with server errors (retry later; clients get 503)."""
 
+    @property
+    def client_message(self) -> str:
+        return "storage is unavailable; retry later"
+
 
 class StorageFull(StorageError):
     """No room: the disk is full, a quota is exceeded or an object is too large for the store."""
+
+    @property
+    def client_message(self) -> str:
+        return "storage is full"
 
 
 class SigningNotSupported(StorageError):

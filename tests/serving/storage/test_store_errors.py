@@ -33,6 +33,9 @@ def test_the_error_kinds():
     assert issubclass(StorageUnavailable, StoreUnavailable)  # handled like the job store's outage: 503, retry
     assert not issubclass(StorageFull, StoreUnavailable)  # retrying does not make room: the job fails
     assert issubclass(StorageFull, StorageError) and issubclass(StorageUnavailable, StorageError)
+    # what a client may see names no path, bucket or endpoint
+    assert StorageFull("put 'results/x' on /data/results: os error 28").client_message == "storage is full"
+    assert "127.0.0.1" not in StorageUnavailable("GET http://127.0.0.1:9100/videos/x").client_message
 
 
 def _timed(call):
