@@ -36,7 +36,7 @@ CREDENTIALS = {
 
 @dataclass
 class _Snapshot:
-    objects: dict[str, dict[str, bytes]] = field(default_factory=dict)  # bucket -> key -> body
+    objects: dict[str, dict[str, tuple[bytes, str]]] = field(default_factory=dict)  # bucket -> key -> (body, type)
     lifecycle: dict[str, list] = field(default_factory=dict)  # bucket -> rules
 
 
@@ -150,7 +150,10 @@ class S3Server:
         for bucket in s3.list_buckets()["Buckets"]:
             name = bucket["Name"]
             keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name) for o in page.get("Contents", [])]
-            snapshot.objects[name] = {key: s3.get_object(Bucket=name, Key=key)["Body"].read() for key in keys}
+            snapshot.objects[name] = {}
+            for key in keys:
+                got = s3.get_object(Bucket=name, Key=key)
+                snapshot.objects[name][key] = (got["Body"].read(), got["ContentType"])
             try:
                 snapshot.lifecycle[name] = s3.get_bucket_lifecycle_configuration(Bucket=name)["Rules"]
             except s3.exceptions.ClientError:
@@ -161,7 +164,7 @@ class S3Server:
         s3 = self.client()
         for bucket, objects in snapshot.objects.items():
             s3.create_bucket(Bucket=bucket)
-            for key, body in objects.items():
-                s3.put_object(Bucket=bucket, Key=key, Body=body)
+            for key, (body, content_type) in objects.items():
+                s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
             if bucket in snapshot.lifecycle:
                 s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": snapshot.lifecycle[bucket]})

@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from serving.errors import StoreUnavailable
@@ -79,6 +80,7 @@ def test_a_stopped_server_refuses_at_once_and_keeps_its_objects_across_the_resta
             assert isinstance(error, StorageUnavailable) and seconds < BOUND_S
     assert storage.get(result_key(JOB, 1)) == b"kept"
     assert storage.get(result_key(JOB, 3)) is None
+    assert httpx.get(storage.signed_url(result_key(JOB, 1), 60)).headers["content-type"] == "video/mp4"
 
 
 def test_async_calls_are_bounded_too(s3_server):
