@@ -283,3 +283,12 @@ def test_a_redis_store_cannot_sign_and_never_shows_its_password(redis_url):
     assert "secret-password" not in storage.describe() and "secret-password" not in repr(storage)
     with pytest.raises(SigningNotSupported):
         storage.signed_url(result_key(JOB, 1), 60)
+
+
+def test_an_attempt_prefix_is_not_a_string_prefix(storage):
+    """Attempt 1's prefix does not take in attempts 10..19 (prefixes end at a segment)."""
+    storage.put(result_key(JOB, 1), b"one")
+    storage.put(result_key(JOB, 10), b"ten")
+    assert [info.key for info in storage.list(attempt_prefix("results", JOB, 1))] == [result_key(JOB, 1)]
+    assert storage.delete_prefix(attempt_prefix("results", JOB, 1)) == 1
+    assert storage.get(result_key(JOB, 10)) == b"ten"

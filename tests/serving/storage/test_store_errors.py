@@ -197,9 +197,9 @@ def test_store_answers_map_to_error_kinds(answering_server, aws_environment, sta
 # -- Redis ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def own_redis(tmp_path):
-    """A redis-server of this test's own (it is paused, filled and stopped)."""
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory):
+    """A redis-server for this module's Redis tests (they pause it and fill it; each puts it back)."""
     import shutil
 
     from tests.helpers import free_port, wait_for_redis
@@ -207,40 +207,49 @@ def own_redis(tmp_path):
     port = free_port()
     process = subprocess.Popen(
         [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
-         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+         "--save", "", "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
     wait_for_redis(process, url)
     yield process, url
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGCONT)
-        process.terminate()
-        process.wait(timeout=10)
+    os.kill(process.pid, signal.SIGCONT)
+    process.terminate()
+    process.wait(timeout=10)
 
 
 def test_redis_over_its_maxmemory_is_storage_full(own_redis):
     _, url = own_redis
     storage = open_storage(url)
-    storage._redis.config_set("maxmemory", "4mb")
     storage._redis.config_set("maxmemory-policy", "noeviction")
-    storage.put(result_key(JOB, 1), b"x" * 1000)
-    with pytest.raises(StorageFull, match="maxmemory"):
-        for attempt in range(2, 20):
-            storage.put(result_key(JOB, attempt), b"x" * (1 << 20))
+    storage._redis.config_set("maxmemory", "4mb")
+    try:
+        storage.put(result_key(JOB, 1), b"x" * 1000)
+        with pytest.raises(StorageFull, match="maxmemory"):
+            for attempt in range(2, 20):
+                storage.put(result_key(JOB, attempt), b"x" * (1 << 20))
+    finally:
+        storage._redis.config_set("maxmemory", "0")
+        storage._redis.flushdb()
 
 
-def test_redis_hung_or_gone_is_storage_unavailable_within_a_bound(own_redis):
+def test_redis_hung_is_storage_unavailable_within_a_bound(own_redis):
     process, url = own_redis
     storage = open_storage(url, connect_timeout_s=1.0, read_timeout_s=1.0)
     storage.put(result_key(JOB, 1), b"kept")
     os.kill(process.pid, signal.SIGSTOP)
-    error, seconds = _timed(lambda: storage.get(result_key(JOB, 1)))
+    try:
+        error, seconds = _timed(lambda: storage.get(result_key(JOB, 1)))
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
     assert isinstance(error, StorageUnavailable) and seconds < BOUND_S
-    os.kill(process.pid, signal.SIGCONT)
     assert storage.get(result_key(JOB, 1)) == b"kept"
-    process.terminate()
-    process.wait(timeout=10)
+
+
+def test_redis_gone_is_storage_unavailable_at_once():
+    from tests.helpers import free_port
+
+    storage = open_storage(f"redis://127.0.0.1:{free_port()}/0", connect_timeout_s=1.0, read_timeout_s=1.0)
     error, seconds = _timed(lambda: storage.put(result_key(JOB, 2), b"x"))
     assert isinstance(error, StorageUnavailable) and seconds < BOUND_S
