@@ -8,8 +8,9 @@ so the caller redoes that work. Checkpoints are kept by step: a resume takes
 the newest one that decodes, falling back to the one before when the newest
 is damaged.
 
-These calls block (obstore releases the GIL while it waits; encoding and
-decoding take ~10 ms per 7 MB): the asyncio runner calls them in a thread.
+These calls block (obstore releases the GIL while it waits; encoding a 7.3 MB
+checkpoint takes about 1 ms, a job's 42 MB of outputs about 50 ms): the
+asyncio runner calls them in a thread.
 """
 
 from __future__ import annotations
