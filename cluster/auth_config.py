@@ -127,6 +127,15 @@ class TenantConfig(BaseModel):
             raise ValueError("lists the same hash twice")
         return hashes
 
+    @model_validator(mode="after")
+    def _queueing_needs_a_cap(self) -> TenantConfig:
+        if self.max_queued_jobs == 0 and self.max_concurrent_jobs is None:
+            raise ValueError(
+                f"tenants '{self.name}': max_queued_jobs 0 needs max_concurrent_jobs (without a cap every job "
+                "waits for the cluster, so every create would be refused)"
+            )
+        return self
+
 
 def _check_unique(tenants: list[TenantConfig]) -> None:
     names: set[str] = set()

@@ -58,6 +58,7 @@ def test_a_key_can_have_two_hashes_during_a_rotation_and_hex_is_normalised():
     ([_tenant("a", "k", share=0)], "greater than 0"),
     ([_tenant("a", "k", max_priority="urgent")], "'low', 'normal' or 'high'"),
     ([_tenant("a", "k", quota=3)], "Extra inputs are not permitted"),
+    ([_tenant("a", "k", max_queued_jobs=0)], "max_queued_jobs 0 needs max_concurrent_jobs"),
 ])
 def test_bad_tenants_are_refused_naming_what_is_wrong(tenants, message):
     with pytest.raises(ValidationError, match=message):
