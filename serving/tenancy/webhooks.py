@@ -270,7 +270,8 @@ async def deliver_webhook(
     """POST ``payload`` (the video object, or body bytes) to ``url`` until it is accepted or the bounds run out.
 
     Never raises for a receiver's behaviour (down, slow, erroring, redirecting); only
-    cancellation propagates. ``client`` may be a shared ``httpx.AsyncClient`` (it must
+    cancellation propagates. No attempt starts after ``max_elapsed_s``, so the whole takes
+    at most ``max_elapsed_s + timeout_s``. ``client`` may be a shared ``httpx.AsyncClient`` (it must
     not follow redirects); otherwise one is made for this delivery.
     """
     import httpx
@@ -282,8 +283,7 @@ async def deliver_webhook(
         client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
     try:
         while True:
-            remaining = config.max_elapsed_s - (clock() - started)
-            last = await _attempt(client, url, body, signer, config, message_id, timeout_s=min(config.timeout_s, remaining))
+            last = await _attempt(client, url, body, signer, config, message_id, timeout_s=config.timeout_s)
             attempts += last.sent
             if last.delivered or last.final or attempts >= config.max_attempts:
                 break
