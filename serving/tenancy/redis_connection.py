@@ -13,7 +13,17 @@ from urllib.parse import urlsplit
 from cluster.auth_config import redis_password
 from serving.errors import StoreUnavailable
 
-__all__ = ["connect_redis", "unavailable_on_redis_errors"]
+__all__ = ["connect_redis", "redis_auth_options", "unavailable_on_redis_errors"]
+
+
+def redis_auth_options(url: str) -> dict:
+    """``{"password": ...}`` from ``REELSERVE_REDIS_PASSWORD`` when the URL holds none (else empty).
+
+    For every client of the job store's Redis, whatever its constructor: pass it to
+    ``redis.Redis.from_url`` and ``redis.asyncio.Redis.from_url`` alike.
+    """
+    password = redis_password()
+    return {"password": password} if password is not None and urlsplit(url).password is None else {}
 
 
 def connect_redis(url: str | None, *, field: str = "jobs.redis_url"):
@@ -22,10 +32,8 @@ def connect_redis(url: str | None, *, field: str = "jobs.redis_url"):
 
     if not url:
         raise ValueError(f"{field}: required for the redis backend (e.g. redis://localhost:6380/0)")
-    options = {"decode_responses": True, "socket_timeout": 5, "socket_connect_timeout": 2}
-    if urlsplit(url).password is None and redis_password() is not None:
-        options["password"] = redis_password()
-    return redis.Redis.from_url(url, **options)
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2,
+                                **redis_auth_options(url))
 
 
 def unavailable_on_redis_errors(method):
