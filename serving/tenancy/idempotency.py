@@ -167,9 +167,11 @@ class SQLiteIdempotencyStore:
     """Embedded mode: one row per (tenant, idempotency key), expiring after ``ttl_s``."""
 
     _SCHEMA = (
-        "CREATE TABLE IF NOT EXISTS idempotency_keys (tenant TEXT NOT NULL, key_sha256 TEXT NOT NULL,"
-        " job_id TEXT NOT NULL, fingerprint TEXT NOT NULL, expires_at REAL NOT NULL,"
-        " PRIMARY KEY (tenant, key_sha256))",
+        (
+            "CREATE TABLE IF NOT EXISTS idempotency_keys (tenant TEXT NOT NULL, key_sha256 TEXT NOT NULL,"
+            " job_id TEXT NOT NULL, fingerprint TEXT NOT NULL, expires_at REAL NOT NULL,"
+            " PRIMARY KEY (tenant, key_sha256))"
+        ),
         "CREATE INDEX IF NOT EXISTS idempotency_keys_by_expiry ON idempotency_keys (expires_at)",
     )
 

@@ -64,9 +64,7 @@ def new_signing_secret() -> str:
 
 
 def _secret_bytes(secret: str) -> bytes:
-    body = secret.strip()
-    if body.startswith(SECRET_PREFIX):
-        body = body[len(SECRET_PREFIX):]
+    body = secret.strip().removeprefix(SECRET_PREFIX)
     try:
         key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
     except ValueError:

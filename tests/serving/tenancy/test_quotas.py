@@ -21,7 +21,6 @@ from serving.tenancy.quotas import (
     parse_priority,
 )
 
-
 # ------------------------------------------------------------------ priority
 
 

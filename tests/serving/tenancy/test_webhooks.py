@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import threading
 import time
@@ -14,6 +15,7 @@ import standardwebhooks
 
 from cluster.auth_config import CallbacksConfig
 from serving.errors import InvalidRequest
+from serving.tenancy import webhooks as module
 from serving.tenancy.webhooks import (
     WebhookSigner,
     WebhookVerificationError,
@@ -23,7 +25,6 @@ from serving.tenancy.webhooks import (
     verify_webhook,
     webhook_message_id,
 )
-from serving.tenancy import webhooks as module
 
 SECRET = new_signing_secret()
 VIDEO = {"id": "video_abc", "object": "video", "status": "completed", "progress": 100}
@@ -216,7 +217,7 @@ def test_a_receiver_failing_twice_then_accepting_gets_one_signed_message_three_t
     for call in calls:
         verify_webhook(SECRET, call["headers"], call["body"])
         assert json.loads(call["body"]) == VIDEO and call["headers"]["content-type"] == "application/json"
-    waits = [b["at"] - a["at"] for a, b in zip(calls, calls[1:])]
+    waits = [b["at"] - a["at"] for a, b in itertools.pairwise(calls)]
     assert 0.025 <= waits[0] < 0.5 and 0.05 <= waits[1] < 0.5  # backoff: 50-100 % of 0.05 s, then of 0.1 s
     assert outcome.to_dict()["message_id"] == "msg_video_abc_completed"
 
