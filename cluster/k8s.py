@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -53,7 +54,7 @@ from cluster.auth_config import REDIS_PASSWORD_ENV, WEBHOOK_SECRET_ENV
 from cluster.config import NodeType, ReelserveConfig
 from cluster.local import GRPC_SERVICER
 
-__all__ = ["render", "write", "k8s_args", "DEFAULT_IMAGE", "RenderError", "SECRETS", "API_KEYS_MOUNT"]
+__all__ = ["render", "write", "k8s_args", "DEFAULT_IMAGE", "RenderError", "SECRETS", "API_KEYS_MOUNT", "MAX_REQUEST_BYTES"]
 
 DEFAULT_IMAGE = "reelserve:0.1.0"
 RAY_VERSION = "2.60.0"
@@ -70,6 +71,7 @@ POD_SHARE = 0.9  # of a node's CPUs and memory for its Ray pod
 NODE_IDLE_TIMEOUT_S = 300  # a worker node with nothing on it goes after this (after Serve's own downscale delay)
 _POD_SECURITY = {"fsGroup": 1000}  # the image's user (ray, uid 1000) can write the shared results volume
 CPU_NODE = NodeType(name="cpu", cpus=8, memory_gb=32, min_nodes=1, max_nodes=2)  # when the config names no nodes
+MAX_REQUEST_BYTES = 32 * 1024 * 1024  # = serving.ingress.body_limits.DEFAULT_MAX_BODY_BYTES (cluster/ imports no serving/)
 API_KEYS_MOUNT = "/etc/reelserve/api-keys"  # where the API keys Secret is mounted (auth.key_file lives here)
 # Secrets the manifests read (suffix after the app name -> keys, and whether pods wait for it). Never rendered.
 SECRETS = {
@@ -109,12 +111,14 @@ def k8s_args(raw: dict, config: ReelserveConfig, redis_url: str) -> dict:
 
 
 def render(raw: dict, source: str, image: str = DEFAULT_IMAGE, redis_url: str | None = None, *,
-           gcs_redis_url: str | None = None, api_keys_secret: str | None = None) -> dict[str, str]:
+           gcs_redis_url: str | None = None, api_keys_secret: str | None = None,
+           max_request_bytes: int = MAX_REQUEST_BYTES) -> dict[str, str]:
     """File name -> YAML text for the config ``raw`` (a YAML mapping) read from ``source``.
 
     ``redis_url``: a managed Redis for the jobs (and, unless ``gcs_redis_url`` names
     another, for Ray's GCS state) instead of the two in-cluster ones. ``api_keys_secret``:
     a Secret holding the API key file, mounted read-only at ``API_KEYS_MOUNT`` in every Ray pod.
+    ``max_request_bytes``: the largest gRPC message Serve's proxies accept (and send).
     """
     config = ReelserveConfig.model_validate(copy.deepcopy(raw))
     name = config.app_name
@@ -128,12 +132,13 @@ def render(raw: dict, source: str, image: str = DEFAULT_IMAGE, redis_url: str | 
         gcs_address = f"{name}-gcs-redis:{GCS_REDIS_PORT}"
     if api_keys_secret is not None:
         _check_name(api_keys_secret, "api_keys_secret")
+    pods = _PodSettings(name, image, config, api_keys_secret, max_request_bytes)
     args = k8s_args(raw, config, redis_url)
     header = (
         f"# Written by `reelserve k8s render --config {source}`: change the config and render again.\n"
     )
     files = {
-        "rayservice.yaml": [_rayservice(name, config, args, image, gcs_address, api_keys_secret)],
+        "rayservice.yaml": [_rayservice(pods, args, gcs_address)],
         "storage.yaml": _volumes(name, config),
         "services.yaml": [_metrics_service(name), _ray_network_policy(name, config)],
         "monitoring.yaml": [_pod_monitor(name)],
@@ -159,8 +164,19 @@ def write(files: dict[str, str], out: Path) -> list[Path]:
 # ------------------------------------------------------------------ the RayService
 
 
-def _rayservice(name: str, config: ReelserveConfig, args: dict, image: str, gcs_address: str,
-                api_keys_secret: str | None) -> dict:
+@dataclass(frozen=True)
+class _PodSettings:
+    """What every Ray pod template is made from."""
+
+    name: str
+    image: str
+    config: ReelserveConfig
+    api_keys_secret: str | None
+    max_request_bytes: int
+
+
+def _rayservice(pods: _PodSettings, args: dict, gcs_address: str) -> dict:
+    name, config = pods.name, pods.config
     serve_config = {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": config.ingress.http_port},
@@ -202,16 +218,15 @@ def _rayservice(name: str, config: ReelserveConfig, args: dict, image: str, gcs_
                     "redisAddress": gcs_address,
                     "redisPassword": {"valueFrom": {"secretKeyRef": {"name": f"{name}-redis", "key": "gcs-password"}}},
                 },
-                "headGroupSpec": _head(name, image, config, api_keys_secret),
-                "workerGroupSpecs": [_worker_group(name, node, index, image, config, api_keys_secret)
-                                     for index, node in enumerate(nodes)],
+                "headGroupSpec": _head(pods),
+                "workerGroupSpecs": [_worker_group(pods, node, index) for index, node in enumerate(nodes)],
             },
         },
     }
 
 
-def _head(name: str, image: str, config: ReelserveConfig, api_keys_secret: str | None) -> dict:
-    container = _ray_container(name, "ray-head", image, config, cpus=4, memory_gb=16, gpus=0, api_keys_secret=api_keys_secret)
+def _head(pods: _PodSettings) -> dict:
+    container = _ray_container(pods, "ray-head", cpus=4, memory_gb=16, gpus=0)
     container["ports"] += [{"name": "dashboard", "containerPort": DASHBOARD_PORT}, {"name": "gcs-server", "containerPort": 6379}]
     # The head is healthy when its GCS answers; it runs no replicas (num-cpus 0), only Serve's controller and a proxy.
     container["readinessProbe"] = _probe("/api/gcs_healthz", DASHBOARD_PORT, period_s=5, failures=6)
@@ -223,26 +238,22 @@ def _head(name: str, image: str, config: ReelserveConfig, api_keys_secret: str |
         "serviceType": "ClusterIP",
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
         "template": {
-            "metadata": {"labels": _labels(name, "ray-head")},
-            "spec": {"containers": [container], "volumes": _pod_volumes(name, config, 16, api_keys_secret),
-                     "securityContext": _POD_SECURITY},
+            "metadata": {"labels": _labels(pods.name, "ray-head")},
+            "spec": {"containers": [container], "volumes": _pod_volumes(pods, memory_gb=16), "securityContext": _POD_SECURITY},
         },
     }
 
 
-def _worker_group(name: str, node: NodeType, index: int, image: str, config: ReelserveConfig,
-                  api_keys_secret: str | None) -> dict:
+def _worker_group(pods: _PodSettings, node: NodeType, index: int) -> dict:
     _check_name(node.name, f"nodes[{index}].name")
     cpus = max(1, math.floor(node.cpus * POD_SHARE))
     memory_gb = max(1, math.floor(node.memory_gb * POD_SHARE))
-    container = _ray_container(name, "ray-worker", image, config, cpus=cpus, memory_gb=memory_gb, gpus=node.gpus,
-                               api_keys_secret=api_keys_secret)
+    container = _ray_container(pods, "ray-worker", cpus=cpus, memory_gb=memory_gb, gpus=node.gpus)
     # Ready once Serve's proxy on the node answers (the Serve Service sends traffic only there); alive while the
     # raylet is (a model loading for minutes does not make the pod unhealthy).
-    container["readinessProbe"] = _probe("/-/healthz", config.ingress.http_port, period_s=5, failures=3)
+    container["readinessProbe"] = _probe("/-/healthz", pods.config.ingress.http_port, period_s=5, failures=3)
     container["livenessProbe"] = _probe("/api/local_raylet_healthz", AGENT_PORT, period_s=10, failures=12, delay_s=30)
-    pod: dict = {"containers": [container], "volumes": _pod_volumes(name, config, memory_gb, api_keys_secret),
-                 "securityContext": _POD_SECURITY}
+    pod: dict = {"containers": [container], "volumes": _pod_volumes(pods, memory_gb), "securityContext": _POD_SECURITY}
     start: dict = {}
     if node.gpus:
         products = GPU_PRODUCTS.get(node.accelerator_type)
@@ -263,23 +274,23 @@ def _worker_group(name: str, node: NodeType, index: int, image: str, config: Ree
         "minReplicas": node.min_nodes,
         "maxReplicas": node.max_nodes,
         "rayStartParams": start,
-        "template": {"metadata": {"labels": _labels(name, "ray-worker")}, "spec": pod},
+        "template": {"metadata": {"labels": _labels(pods.name, "ray-worker")}, "spec": pod},
     }
 
 
-def _ray_container(name: str, container_name: str, image: str, config: ReelserveConfig, cpus: float, memory_gb: int,
-                   gpus: int, api_keys_secret: str | None) -> dict:
+def _ray_container(pods: _PodSettings, container_name: str, cpus: float, memory_gb: int, gpus: int) -> dict:
+    name, config = pods.name, pods.config
     limits = {"cpu": _quantity(cpus), "memory": f"{memory_gb}Gi"}
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)
     mounts = [{"name": "results", "mountPath": RESULTS_MOUNT}, {"name": "shm", "mountPath": "/dev/shm"}]
     if _uses_model_volume(config):
         mounts.append({"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True})
-    if api_keys_secret is not None:
+    if pods.api_keys_secret is not None:
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
     return {
         "name": container_name,
-        "image": image,
+        "image": pods.image,
         "resources": {"limits": limits, "requests": dict(limits)},
         "ports": [
             {"name": "serve", "containerPort": config.ingress.http_port},
@@ -288,6 +299,8 @@ def _ray_container(name: str, container_name: str, image: str, config: Reelserve
         ],
         "env": [
             {"name": "HF_HUB_OFFLINE", "value": "1"},  # weights come from the volume, never from a hub at run time
+            # Serve's gRPC proxy reads its message cap from here (default 2 GiB): the same cap as HTTP bodies.
+            {"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "value": str(pods.max_request_bytes)},
             # Secrets reach the app as variables, never through serveConfigV2 (readable by anyone who reads the RayService).
             _secret_env(REDIS_PASSWORD_ENV, f"{name}-redis", "jobs-password"),
             _secret_env(WEBHOOK_SECRET_ENV, f"{name}-webhooks", "signing-secret", optional=True),
@@ -313,7 +326,8 @@ def _probe(path: str, port: int, period_s: int, failures: int, delay_s: int = 10
     }
 
 
-def _pod_volumes(name: str, config: ReelserveConfig, memory_gb: int, api_keys_secret: str | None) -> list[dict]:
+def _pod_volumes(pods: _PodSettings, memory_gb: int) -> list[dict]:
+    name, config = pods.name, pods.config
     # Ray's object store lives in /dev/shm and takes 30 % of the pod's memory by default.
     shm = {"medium": "Memory", "sizeLimit": f"{max(1, math.ceil(memory_gb * 0.3))}Gi"}
     volumes = [
@@ -322,8 +336,8 @@ def _pod_volumes(name: str, config: ReelserveConfig, memory_gb: int, api_keys_se
     ]
     if _uses_model_volume(config):
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": f"{name}-models", "readOnly": True}})
-    if api_keys_secret is not None:
-        volumes.append({"name": "api-keys", "secret": {"secretName": api_keys_secret, "defaultMode": 0o440}})
+    if pods.api_keys_secret is not None:
+        volumes.append({"name": "api-keys", "secret": {"secretName": pods.api_keys_secret, "defaultMode": 0o440}})
     return volumes
 
 

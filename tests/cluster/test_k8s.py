@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from cluster.k8s import GPU_PRODUCTS, RenderError, render
+from serving.ingress.body_limits import DEFAULT_MAX_BODY_BYTES
 from serving.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -287,7 +288,8 @@ def test_secrets_reach_the_pods_by_reference_and_never_through_serve_config(prof
             "secretKeyRef": {"name": "reelserve-redis", "key": "jobs-password"}}
         assert env["REELSERVE_WEBHOOK_SECRET"]["valueFrom"] == {
             "secretKeyRef": {"name": "reelserve-webhooks", "key": "signing-secret", "optional": True}}
-        assert all("value" not in e for name, e in env.items() if name != "HF_HUB_OFFLINE")
+        assert {name for name, e in env.items() if "value" in e} == {"HF_HUB_OFFLINE", "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"}
+        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]["value"] == str(DEFAULT_MAX_BODY_BYTES)  # as the HTTP body cap
     assert not [o for o in _objects(rendered[profile]) if o["kind"] == "Secret"]  # values are never rendered
 
 
