@@ -57,6 +57,8 @@ WEBHOOK_SECRET_ENV = "REELSERVE_WEBHOOK_SECRET"  # whsec_... signing secret(s), 
 _TENANT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # Error messages must never echo what was written: a key_sha256 field may hold a plain key pasted by mistake.
+# Pydantic follows the *outermost* model's setting: a config that contains AuthConfig (ReelserveConfig) must
+# set hide_input_in_errors=True as well.
 _QUIET = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 

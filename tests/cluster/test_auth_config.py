@@ -72,6 +72,24 @@ def test_a_plain_key_pasted_as_a_hash_is_never_echoed():
     assert plain not in str(caught.value) and "never the key" in str(caught.value)
 
 
+def test_a_config_containing_auth_must_hide_inputs_too():
+    from pydantic import BaseModel, ConfigDict
+
+    class Leaky(BaseModel):
+        auth: AuthConfig | None = None
+
+    class Quiet(BaseModel):  # what ReelserveConfig needs: pydantic follows the outermost model's setting
+        model_config = ConfigDict(hide_input_in_errors=True)
+        auth: AuthConfig | None = None
+
+    plain = {"auth": {"tenants": [{"name": "a", "key_sha256": "rs_S3cretS3cret"}]}}
+    with pytest.raises(ValidationError) as leaky:
+        Leaky.model_validate(plain)
+    with pytest.raises(ValidationError) as quiet:
+        Quiet.model_validate(plain)
+    assert "rs_S3cretS3cret" in str(leaky.value) and "rs_S3cretS3cret" not in str(quiet.value)
+
+
 def test_auth_without_tenants_or_file_is_refused():
     with pytest.raises(ValidationError, match="lists no tenants and no key_file; remove `auth:` to run open"):
         AuthConfig.model_validate({})
