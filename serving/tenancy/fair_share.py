@@ -26,7 +26,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import defaultdict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = ["QueuedJob", "TenantState", "RunningJob", "QueueEstimate", "claim_order", "estimate_queue"]
@@ -79,17 +79,19 @@ def estimate_queue(
     *,
     now: float,
     slots: int,
-    service_s: float,
+    service_s: float | Callable[[QueuedJob], float],
     running: Sequence[RunningJob] = (),
 ) -> dict[str, QueueEstimate]:
     """Queue position and estimated start of every queued job, by job id.
 
-    ``slots`` jobs run at once; each takes ``service_s``; ``running`` are the jobs running
-    now with their expected ends (their tenants' running counts come from here, not from
-    ``tenants``). Jobs start in the order the claim rule picks them as slots free up.
+    ``slots`` jobs run at once; each takes ``service_s`` (seconds, or a function of the job,
+    e.g. from its size and steps); ``running`` are the jobs running now with their expected
+    ends (their tenants' running counts come from here, not from ``tenants``). Jobs start in
+    the order the claim rule picks them as slots free up.
     """
     if slots < 1:
         raise ValueError(f"slots: {slots}; at least 1 job must be able to run")
+    duration = service_s if callable(service_s) else (lambda job: service_s)
     counts: dict[str, int] = defaultdict(int)
     ends: list[tuple[float, str]] = []
     for job in running:
@@ -106,7 +108,7 @@ def estimate_queue(
         if job is not None:
             free -= 1
             estimates[job.job_id] = QueueEstimate(len(estimates) + 1, clock)
-            heapq.heappush(ends, (clock + service_s, job.tenant))
+            heapq.heappush(ends, (clock + duration(job), job.tenant))
             continue
         if not ends:  # only capped tenants are left and nothing of theirs runs: they never start
             break

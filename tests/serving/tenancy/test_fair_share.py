@@ -117,6 +117,13 @@ def test_estimates_count_the_running_jobs_ends_and_caps():
     assert (stuck["b1"].estimated_start_at, stuck["a1"].estimated_start_at, stuck["a1"].queue_position) == (0, None, 2)
 
 
+def test_estimates_take_each_jobs_own_service_time():
+    jobs = [QueuedJob("long", "a", created_at=0), QueuedJob("short", "b", created_at=1), QueuedJob("next", "a", created_at=2)]
+    took = {"long": 100, "short": 5, "next": 10}
+    estimates = estimate_queue(jobs, {}, now=0, slots=2, service_s=lambda job: took[job.job_id])
+    assert {job: e.estimated_start_at for job, e in estimates.items()} == {"long": 0, "short": 0, "next": 5}
+
+
 def test_estimates_need_a_slot():
     import pytest
 
