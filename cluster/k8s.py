@@ -9,12 +9,14 @@ For a config (a profile in ``cluster/profiles/``) it writes one folder:
   product affinity and a GPU toleration, Ray's ``accelerator_type`` resource;
   in-tree autoscaling tuned for minutes-long jobs; ``NewCluster`` upgrades;
   GCS fault tolerance on Redis; a Serve Service for HTTP and gRPC.
-- ``redis.yaml``: Redis for the job store and GCS fault tolerance (a
-  Deployment with a persistent volume, and its Service). Not written when a
-  managed Redis is given (``--redis-url``).
+- ``redis.yaml``: two Redis instances, each a Deployment with a persistent
+  volume, its Service and a NetworkPolicy: the job store's (every Ray pod may
+  connect) and Ray's GCS state (only the head may). Not written when a managed
+  Redis is given (``--redis-url``).
 - ``storage.yaml``: the shared results volume (ReadWriteMany) and, for real
   checkpoints, the model volume the pods mount read-only at ``/models``.
-- ``services.yaml``: the metrics Service (port 8080 on every Ray pod).
+- ``services.yaml``: the metrics Service (port 8080 on every Ray pod) and the
+  NetworkPolicy of the Ray pods.
 - ``monitoring.yaml``: a Prometheus Operator ``PodMonitor``.
 - ``kustomization.yaml``: the folder as a kustomize base (image, namespace).
 
@@ -23,6 +25,18 @@ the ingress listens on all interfaces, jobs live in Redis and results on the
 shared volume, and a prompt rewriter left on ``auto`` is off where no node
 has a GPU (the image's vLLM is the CUDA build). The Ray pod of a node asks
 for 90 % of the node's CPUs and memory, leaving room for the kubelet.
+
+Closed by default. Secrets are never rendered (their values are yours to make, once per
+namespace) and never travel in ``serveConfigV2``; the pods read them from the Secrets
+named in ``SECRETS``, and do not start until the required ones exist:
+
+- Ray token authentication (KubeRay ``authOptions``): every call to the GCS, the
+  dashboard and the Jobs API needs the token in ``<name>-ray-token`` (key ``auth_token``).
+- Both Redis instances require a password (``<name>-redis``, keys ``jobs-password`` and
+  ``gcs-password``); the app reads the job store's from ``REELSERVE_REDIS_PASSWORD``.
+- The head's Service is ClusterIP; the dashboard answers only inside the cluster and,
+  by NetworkPolicy, only Ray pods and the KubeRay operator reach it. From elsewhere the
+  Ray pods accept only the API ports (HTTP and gRPC), and Prometheus the metrics port.
 """
 
 from __future__ import annotations
@@ -30,20 +44,24 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import yaml
 
+from cluster.auth_config import REDIS_PASSWORD_ENV, WEBHOOK_SECRET_ENV
 from cluster.config import NodeType, ReelserveConfig
 from cluster.local import GRPC_SERVICER
 
-__all__ = ["render", "write", "k8s_args", "DEFAULT_IMAGE", "RenderError"]
+__all__ = ["render", "write", "k8s_args", "DEFAULT_IMAGE", "RenderError", "SECRETS", "API_KEYS_MOUNT", "MAX_REQUEST_BYTES"]
 
 DEFAULT_IMAGE = "reelserve:0.1.0"
 RAY_VERSION = "2.60.0"
 REDIS_IMAGE = "redis:7.4-alpine"
-REDIS_PORT = 6380
+REDIS_PORT = 6380  # the job store's Redis
+GCS_REDIS_PORT = 6381  # Ray's GCS state, in its own Redis
+GCS_REDIS_STORAGE = "5Gi"
 RESULTS_MOUNT = "/shared/reelserve"
 MODELS_MOUNT = "/models"
 METRICS_PORT = 8080  # Ray's metrics export port on every node
@@ -53,6 +71,14 @@ POD_SHARE = 0.9  # of a node's CPUs and memory for its Ray pod
 NODE_IDLE_TIMEOUT_S = 300  # a worker node with nothing on it goes after this (after Serve's own downscale delay)
 _POD_SECURITY = {"fsGroup": 1000}  # the image's user (ray, uid 1000) can write the shared results volume
 CPU_NODE = NodeType(name="cpu", cpus=8, memory_gb=32, min_nodes=1, max_nodes=2)  # when the config names no nodes
+MAX_REQUEST_BYTES = 32 * 1024 * 1024  # = serving.ingress.body_limits.DEFAULT_MAX_BODY_BYTES (cluster/ imports no serving/)
+API_KEYS_MOUNT = "/etc/reelserve/api-keys"  # where the API keys Secret is mounted (auth.key_file lives here)
+# Secrets the manifests read (suffix after the app name -> keys, and whether pods wait for it). Never rendered.
+SECRETS = {
+    "ray-token": {"keys": ["auth_token"], "required": True},
+    "redis": {"keys": ["jobs-password", "gcs-password"], "required": True},
+    "webhooks": {"keys": ["signing-secret"], "required": False},
+}
 
 # nvidia.com/gpu.product values that NVIDIA GPU Feature Discovery (the GPU Operator) puts on nodes, per Ray
 # accelerator type. Clusters labelled otherwise (e.g. GKE's cloud.google.com/gke-accelerator) patch the affinity.
@@ -84,25 +110,37 @@ def k8s_args(raw: dict, config: ReelserveConfig, redis_url: str) -> dict:
     return args
 
 
-def render(raw: dict, source: str, image: str = DEFAULT_IMAGE, redis_url: str | None = None) -> dict[str, str]:
-    """File name -> YAML text for the config ``raw`` (a YAML mapping) read from ``source``."""
+def render(raw: dict, source: str, image: str = DEFAULT_IMAGE, redis_url: str | None = None, *,
+           gcs_redis_url: str | None = None, api_keys_secret: str | None = None,
+           max_request_bytes: int = MAX_REQUEST_BYTES) -> dict[str, str]:
+    """File name -> YAML text for the config ``raw`` (a YAML mapping) read from ``source``.
+
+    ``redis_url``: a managed Redis for the jobs (and, unless ``gcs_redis_url`` names
+    another, for Ray's GCS state) instead of the two in-cluster ones. ``api_keys_secret``:
+    a Secret holding the API key file, mounted read-only at ``API_KEYS_MOUNT`` in every Ray pod.
+    ``max_request_bytes``: the largest gRPC message Serve's proxies accept (and send).
+    """
     config = ReelserveConfig.model_validate(copy.deepcopy(raw))
     name = config.app_name
     _check_name(name, "app_name")
     managed_redis = redis_url is not None
     if managed_redis:
-        redis_host, redis_port = _redis_address(redis_url)
+        _redis_address(redis_url, "--redis-url")
+        gcs_address = _redis_address(gcs_redis_url or redis_url, "--gcs-redis-url" if gcs_redis_url else "--redis-url")
     else:
-        redis_host, redis_port = f"{name}-redis", REDIS_PORT
-        redis_url = f"redis://{redis_host}:{redis_port}/1"  # db 0 is left to Ray's GCS
+        redis_url = f"redis://{name}-redis:{REDIS_PORT}/1"
+        gcs_address = f"{name}-gcs-redis:{GCS_REDIS_PORT}"
+    if api_keys_secret is not None:
+        _check_name(api_keys_secret, "api_keys_secret")
+    pods = _PodSettings(name, image, config, api_keys_secret, max_request_bytes)
     args = k8s_args(raw, config, redis_url)
     header = (
         f"# Written by `reelserve k8s render --config {source}`: change the config and render again.\n"
     )
     files = {
-        "rayservice.yaml": [_rayservice(name, config, args, image, f"{redis_host}:{redis_port}")],
+        "rayservice.yaml": [_rayservice(pods, args, gcs_address)],
         "storage.yaml": _volumes(name, config),
-        "services.yaml": [_metrics_service(name)],
+        "services.yaml": [_metrics_service(name), _ray_network_policy(name, config)],
         "monitoring.yaml": [_pod_monitor(name)],
     }
     if not managed_redis:
@@ -126,7 +164,19 @@ def write(files: dict[str, str], out: Path) -> list[Path]:
 # ------------------------------------------------------------------ the RayService
 
 
-def _rayservice(name: str, config: ReelserveConfig, args: dict, image: str, redis_address: str) -> dict:
+@dataclass(frozen=True)
+class _PodSettings:
+    """What every Ray pod template is made from."""
+
+    name: str
+    image: str
+    config: ReelserveConfig
+    api_keys_secret: str | None
+    max_request_bytes: int
+
+
+def _rayservice(pods: _PodSettings, args: dict, gcs_address: str) -> dict:
+    name, config = pods.name, pods.config
     serve_config = {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": config.ingress.http_port},
@@ -162,40 +212,48 @@ def _rayservice(name: str, config: ReelserveConfig, args: dict, image: str, redi
                     "idleTimeoutSeconds": NODE_IDLE_TIMEOUT_S,
                     "resources": _resources(0.5, 0.5),
                 },
-                "gcsFaultToleranceOptions": {"redisAddress": redis_address},
-                "headGroupSpec": _head(name, image, config),
-                "workerGroupSpecs": [_worker_group(name, node, index, image, config) for index, node in enumerate(nodes)],
+                # Every GCS, dashboard and Jobs API call needs the token; KubeRay gives it to every Ray container.
+                "authOptions": {"mode": "token", "secretName": f"{name}-ray-token"},
+                "gcsFaultToleranceOptions": {
+                    "redisAddress": gcs_address,
+                    "redisPassword": {"valueFrom": {"secretKeyRef": {"name": f"{name}-redis", "key": "gcs-password"}}},
+                },
+                "headGroupSpec": _head(pods),
+                "workerGroupSpecs": [_worker_group(pods, node, index) for index, node in enumerate(nodes)],
             },
         },
     }
 
 
-def _head(name: str, image: str, config: ReelserveConfig) -> dict:
-    container = _ray_container("ray-head", image, config, cpus=4, memory_gb=16, gpus=0)
+def _head(pods: _PodSettings) -> dict:
+    container = _ray_container(pods, "ray-head", cpus=4, memory_gb=16, gpus=0)
     container["ports"] += [{"name": "dashboard", "containerPort": DASHBOARD_PORT}, {"name": "gcs-server", "containerPort": 6379}]
     # The head is healthy when its GCS answers; it runs no replicas (num-cpus 0), only Serve's controller and a proxy.
     container["readinessProbe"] = _probe("/api/gcs_healthz", DASHBOARD_PORT, period_s=5, failures=6)
     container["livenessProbe"] = _probe("/api/gcs_healthz", DASHBOARD_PORT, period_s=10, failures=12, delay_s=30)
     return {
+        # Inside a pod, all interfaces are the pod's own address on the cluster network (and loopback): the
+        # operator and the probes reach the dashboard there. Nothing outside the cluster does: the head's
+        # Service is ClusterIP, and the NetworkPolicy of the Ray pods admits only Ray pods and the operator.
+        "serviceType": "ClusterIP",
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
         "template": {
-            "metadata": {"labels": _labels(name, "ray-head")},
-            "spec": {"containers": [container], "volumes": _pod_volumes(name, config, memory_gb=16),
-                     "securityContext": _POD_SECURITY},
+            "metadata": {"labels": _labels(pods.name, "ray-head")},
+            "spec": {"containers": [container], "volumes": _pod_volumes(pods, memory_gb=16), "securityContext": _POD_SECURITY},
         },
     }
 
 
-def _worker_group(name: str, node: NodeType, index: int, image: str, config: ReelserveConfig) -> dict:
+def _worker_group(pods: _PodSettings, node: NodeType, index: int) -> dict:
     _check_name(node.name, f"nodes[{index}].name")
     cpus = max(1, math.floor(node.cpus * POD_SHARE))
     memory_gb = max(1, math.floor(node.memory_gb * POD_SHARE))
-    container = _ray_container("ray-worker", image, config, cpus=cpus, memory_gb=memory_gb, gpus=node.gpus)
+    container = _ray_container(pods, "ray-worker", cpus=cpus, memory_gb=memory_gb, gpus=node.gpus)
     # Ready once Serve's proxy on the node answers (the Serve Service sends traffic only there); alive while the
     # raylet is (a model loading for minutes does not make the pod unhealthy).
-    container["readinessProbe"] = _probe("/-/healthz", config.ingress.http_port, period_s=5, failures=3)
+    container["readinessProbe"] = _probe("/-/healthz", pods.config.ingress.http_port, period_s=5, failures=3)
     container["livenessProbe"] = _probe("/api/local_raylet_healthz", AGENT_PORT, period_s=10, failures=12, delay_s=30)
-    pod: dict = {"containers": [container], "volumes": _pod_volumes(name, config, memory_gb), "securityContext": _POD_SECURITY}
+    pod: dict = {"containers": [container], "volumes": _pod_volumes(pods, memory_gb), "securityContext": _POD_SECURITY}
     start: dict = {}
     if node.gpus:
         products = GPU_PRODUCTS.get(node.accelerator_type)
@@ -216,21 +274,23 @@ def _worker_group(name: str, node: NodeType, index: int, image: str, config: Ree
         "minReplicas": node.min_nodes,
         "maxReplicas": node.max_nodes,
         "rayStartParams": start,
-        "template": {"metadata": {"labels": _labels(name, "ray-worker")}, "spec": pod},
+        "template": {"metadata": {"labels": _labels(pods.name, "ray-worker")}, "spec": pod},
     }
 
 
-def _ray_container(container_name: str, image: str, config: ReelserveConfig, cpus: float, memory_gb: int,
-                   gpus: int) -> dict:
+def _ray_container(pods: _PodSettings, container_name: str, cpus: float, memory_gb: int, gpus: int) -> dict:
+    name, config = pods.name, pods.config
     limits = {"cpu": _quantity(cpus), "memory": f"{memory_gb}Gi"}
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)
     mounts = [{"name": "results", "mountPath": RESULTS_MOUNT}, {"name": "shm", "mountPath": "/dev/shm"}]
     if _uses_model_volume(config):
         mounts.append({"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True})
+    if pods.api_keys_secret is not None:
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
     return {
         "name": container_name,
-        "image": image,
+        "image": pods.image,
         "resources": {"limits": limits, "requests": dict(limits)},
         "ports": [
             {"name": "serve", "containerPort": config.ingress.http_port},
@@ -239,9 +299,21 @@ def _ray_container(container_name: str, image: str, config: ReelserveConfig, cpu
         ],
         "env": [
             {"name": "HF_HUB_OFFLINE", "value": "1"},  # weights come from the volume, never from a hub at run time
+            # Serve's gRPC proxy reads its message cap from here (default 2 GiB): the same cap as HTTP bodies.
+            {"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "value": str(pods.max_request_bytes)},
+            # Secrets reach the app as variables, never through serveConfigV2 (readable by anyone who reads the RayService).
+            _secret_env(REDIS_PASSWORD_ENV, f"{name}-redis", "jobs-password"),
+            _secret_env(WEBHOOK_SECRET_ENV, f"{name}-webhooks", "signing-secret", optional=True),
         ],
         "volumeMounts": mounts,
     }
+
+
+def _secret_env(variable: str, secret: str, key: str, optional: bool = False) -> dict:
+    reference = {"name": secret, "key": key}
+    if optional:
+        reference["optional"] = True
+    return {"name": variable, "valueFrom": {"secretKeyRef": reference}}
 
 
 def _probe(path: str, port: int, period_s: int, failures: int, delay_s: int = 10) -> dict:
@@ -254,7 +326,8 @@ def _probe(path: str, port: int, period_s: int, failures: int, delay_s: int = 10
     }
 
 
-def _pod_volumes(name: str, config: ReelserveConfig, memory_gb: int) -> list[dict]:
+def _pod_volumes(pods: _PodSettings, memory_gb: int) -> list[dict]:
+    name, config = pods.name, pods.config
     # Ray's object store lives in /dev/shm and takes 30 % of the pod's memory by default.
     shm = {"medium": "Memory", "sizeLimit": f"{max(1, math.ceil(memory_gb * 0.3))}Gi"}
     volumes = [
@@ -263,6 +336,8 @@ def _pod_volumes(name: str, config: ReelserveConfig, memory_gb: int) -> list[dic
     ]
     if _uses_model_volume(config):
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": f"{name}-models", "readOnly": True}})
+    if pods.api_keys_secret is not None:
+        volumes.append({"name": "api-keys", "secret": {"secretName": pods.api_keys_secret, "defaultMode": 0o440}})
     return volumes
 
 
@@ -296,14 +371,33 @@ def _claim(name: str, role: str, size: str, mode: str, why: str) -> dict:
 
 
 def _redis(name: str) -> list[dict]:
-    labels = _labels(name, "redis")
-    selector = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "redis"}
-    data = _claim(name, "redis-data", "20Gi", "ReadWriteOnce", "Redis' append-only file: jobs and Ray's GCS state.")
-    probe = {"tcpSocket": {"port": REDIS_PORT}, "periodSeconds": 5, "timeoutSeconds": 3}
+    """The job store's Redis and Ray's GCS Redis: apart, each with its password and its NetworkPolicy."""
+    ray_pods = [_pods(name, "ray-head", "ray-worker")]
+    return [
+        *_redis_instance(name, "redis", REDIS_PORT, "20Gi", "jobs-password", ray_pods,
+                         "Redis' append-only file: the job store (every job and its state)."),
+        # The GCS runs on the head only (KubeRay's Redis cleanup Job is built from the head's pod template).
+        *_redis_instance(name, "gcs-redis", GCS_REDIS_PORT, GCS_REDIS_STORAGE, "gcs-password", [_pods(name, "ray-head")],
+                         "Redis' append-only file: Ray's GCS state (fault tolerance of the head)."),
+    ]
+
+
+def _redis_instance(name: str, role: str, port: int, size: str, password_key: str, clients: list[dict],
+                    purpose: str) -> list[dict]:
+    labels = _labels(name, role)
+    selector = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": role}
+    data = _claim(name, f"{role}-data", size, "ReadWriteOnce", purpose)
+    probe = {"tcpSocket": {"port": port}, "periodSeconds": 5, "timeoutSeconds": 3}
+    # The password goes to redis-server as configuration on stdin, so it is in no process's arguments.
+    start = (
+        f'exec redis-server - --port {port} --appendonly yes --save "" <<EOF\n'
+        'requirepass "$REDIS_PASSWORD"\n'
+        "EOF\n"
+    )
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": f"{name}-redis", "labels": labels},
+        "metadata": {"name": f"{name}-{role}", "labels": labels},
         "spec": {
             "replicas": 1,
             "strategy": {"type": "Recreate"},  # one writer on a ReadWriteOnce volume
@@ -314,14 +408,15 @@ def _redis(name: str) -> list[dict]:
                     "containers": [{
                         "name": "redis",
                         "image": REDIS_IMAGE,
-                        "args": ["--port", str(REDIS_PORT), "--appendonly", "yes", "--save", ""],
-                        "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
+                        "command": ["sh", "-c", start],
+                        "env": [_secret_env("REDIS_PASSWORD", f"{name}-redis", password_key)],
+                        "ports": [{"name": "redis", "containerPort": port}],
                         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
                         "readinessProbe": probe,
                         "livenessProbe": {**probe, "initialDelaySeconds": 10, "failureThreshold": 6},
                         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
                     }],
-                    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": f"{name}-redis-data"}}],
+                    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": f"{name}-{role}-data"}}],
                 },
             },
         },
@@ -329,10 +424,55 @@ def _redis(name: str) -> list[dict]:
     service = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": f"{name}-redis", "labels": labels},
-        "spec": {"selector": selector, "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": REDIS_PORT}]},
+        "metadata": {"name": f"{name}-{role}", "labels": labels},
+        "spec": {"type": "ClusterIP", "selector": selector,
+                 "ports": [{"name": "redis", "port": port, "targetPort": port}]},
     }
-    return [data, deployment, service]
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{name}-{role}", "labels": labels},
+        "spec": {
+            "podSelector": {"matchLabels": selector},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": clients, "ports": [{"protocol": "TCP", "port": port}]}],
+        },
+    }
+    return [data, deployment, service, policy]
+
+
+def _pods(name: str, *components: str) -> dict:
+    """A NetworkPolicy peer: this app's pods of the given components (in the policy's namespace)."""
+    return {"podSelector": {
+        "matchLabels": {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": name},
+        "matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "In", "values": list(components)}],
+    }}
+
+
+def _ray_network_policy(name: str, config: ReelserveConfig) -> dict:
+    """Who reaches the Ray pods: anyone the API ports; Ray pods everything; the operator; Prometheus the metrics."""
+    api_ports = [{"protocol": "TCP", "port": config.ingress.http_port}, {"protocol": "TCP", "port": config.ingress.grpc_port}]
+    anywhere = {"namespaceSelector": {}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{name}-ray", "labels": _labels(name, "network-policy")},
+        "spec": {
+            "podSelector": _pods(name, "ray-head", "ray-worker")["podSelector"],
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                # The API (the Serve Service's ports): from any client your Ingress or Gateway lets in; keys guard it.
+                {"ports": api_ports},
+                # Ray among its own pods: GCS, raylets, object transfers, workers, the dashboard and its agents.
+                {"from": [_pods(name, "ray-head", "ray-worker")]},
+                # The KubeRay operator: it deploys the app through the dashboard and checks the pods.
+                {"from": [{**anywhere, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]},
+                # Prometheus (the Prometheus Operator's pods): the metrics port only.
+                {"from": [{**anywhere, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
+                 "ports": [{"protocol": "TCP", "port": METRICS_PORT}]},
+            ],
+        },
+    }
 
 
 def _metrics_service(name: str) -> dict:
@@ -386,11 +526,17 @@ def _quantity(cpus: float) -> str:
     return str(int(cpus)) if float(cpus).is_integer() else f"{int(cpus * 1000)}m"
 
 
-def _redis_address(url: str) -> tuple[str, int]:
+def _redis_address(url: str, flag: str) -> str:
+    """``HOST:PORT`` of a managed Redis URL; a URL holding a password is refused (it would land in serveConfigV2)."""
     parsed = urlparse(url)
     if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
-        raise RenderError(f"--redis-url: '{url}' is not a Redis URL; write redis://HOST:PORT/DB")
-    return parsed.hostname, parsed.port or 6379
+        raise RenderError(f"{flag}: '{url}' is not a Redis URL; write redis://HOST:PORT/DB")
+    if parsed.password is not None or parsed.username is not None:
+        raise RenderError(
+            f"{flag}: the URL holds a user or password, which would be readable in serveConfigV2; write it without, "
+            "and put the password in the Secret <app>-redis (keys jobs-password, gcs-password)"
+        )
+    return f"{parsed.hostname}:{parsed.port or 6379}"
 
 
 def _check_name(value: str, field: str) -> None:

@@ -20,13 +20,14 @@ import pytest
 import yaml
 
 from cluster.k8s import GPU_PRODUCTS, RenderError, render
+from serving.ingress.body_limits import DEFAULT_MAX_BODY_BYTES
 from serving.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILES = sorted(path.stem for path in (REPO / "cluster" / "profiles").glob("*.yaml"))
 CRD = Path(__file__).parent / "kuberay" / "ray.io_rayservices.yaml"
 KUBERNETES_VERSION = "1.32"
-NOT_CORE = {"RayService", "PodMonitor", "Kustomization"}
+NOT_CORE = {"RayService", "PodMonitor", "Kustomization"}  # everything else (NetworkPolicies too) validates as core
 
 
 def _source(profile: str) -> str:
@@ -99,7 +100,7 @@ def test_the_strict_crd_check_catches_a_misplaced_field(rendered, crd_validator)
 @pytest.mark.parametrize("profile", PROFILES)
 def test_core_objects_validate_with_kubernetes_validate(profile, rendered):
     core = [obj for obj in _objects(rendered[profile]) if obj["kind"] not in NOT_CORE]
-    assert {obj["kind"] for obj in core} >= {"PersistentVolumeClaim", "Service"}
+    assert {obj["kind"] for obj in core} >= {"PersistentVolumeClaim", "Service", "NetworkPolicy"}
     for obj in core:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
     with pytest.raises(kubernetes_validate.ValidationError):  # and the check can fail
@@ -175,10 +176,11 @@ def test_cluster_wide_settings(profile, rendered):
     assert cluster["autoscalerOptions"]["idleTimeoutSeconds"] >= 300  # nodes take minutes to start and load
     assert spec["upgradeStrategy"]["type"] == "NewCluster"
     assert {p["port"] for p in spec["serveService"]["spec"]["ports"]} == {8000, 9000}
-    redis = next(o for o in _objects(rendered[profile]) if o["kind"] == "Service" and o["metadata"]["name"].endswith("redis"))
-    assert cluster["gcsFaultToleranceOptions"]["redisAddress"] == f"{redis['metadata']['name']}:{redis['spec']['ports'][0]['port']}"
+    services = {o["metadata"]["name"]: o for o in _objects(rendered[profile]) if o["kind"] == "Service"}
+    jobs_redis, gcs_redis = services["reelserve-redis"], services["reelserve-gcs-redis"]
+    assert cluster["gcsFaultToleranceOptions"]["redisAddress"] == f"reelserve-gcs-redis:{gcs_redis['spec']['ports'][0]['port']}"
     args = yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]
-    assert args["jobs"]["redis_url"].startswith(f"redis://{redis['metadata']['name']}:")
+    assert args["jobs"]["redis_url"] == f"redis://reelserve-redis:{jobs_redis['spec']['ports'][0]['port']}/1"
     claims = {o["metadata"]["name"]: o for o in _objects(rendered[profile]) if o["kind"] == "PersistentVolumeClaim"}
     assert claims["reelserve-results"]["spec"]["accessModes"] == ["ReadWriteMany"]
 
@@ -216,6 +218,148 @@ def test_each_folder_builds_with_kustomize_and_the_image_can_be_replaced(profile
     assert all(o["metadata"]["namespace"] == "video" for o in objects)
     service = next(o for o in objects if o["kind"] == "RayService")
     assert "image: registry.example.com/reelserve:1.2.3" in yaml.safe_dump(service)
+
+
+# ------------------------------------------------------------------ closed by default
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels and In expressions, all the manifests use) against pod labels."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def _admits(policy: dict, labels: dict, port: int, same_namespace: bool = True) -> bool:
+    """Whether an ingress NetworkPolicy lets a pod with ``labels`` connect to ``port`` of the pods it selects."""
+    for rule in policy["spec"]["ingress"]:
+        if "ports" in rule and port not in {p["port"] for p in rule["ports"]}:
+            continue
+        if "from" not in rule:
+            return True
+        for peer in rule["from"]:
+            namespace_ok = same_namespace if "namespaceSelector" not in peer else peer["namespaceSelector"] == {}
+            if namespace_ok and _selects(peer.get("podSelector", {}), labels):
+                return True
+    return False
+
+
+def _pod_labels(files: dict[str, str]) -> dict[str, dict]:
+    cluster = _rayservice(files)["spec"]["rayClusterConfig"]
+    pods = {"head": cluster["headGroupSpec"]["template"]["metadata"]["labels"],
+            "worker": cluster["workerGroupSpecs"][0]["template"]["metadata"]["labels"],
+            "outsider": {"app.kubernetes.io/name": "someone-else"},
+            "operator": {"app.kubernetes.io/name": "kuberay-operator"},
+            "prometheus": {"app.kubernetes.io/name": "prometheus"}}
+    for obj in _objects(files):
+        if obj["kind"] == "Deployment":
+            pods[obj["metadata"]["name"].removeprefix("reelserve-")] = obj["spec"]["template"]["metadata"]["labels"]
+    return pods
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_ray_token_auth_is_on_and_nothing_is_exposed_outside_the_cluster(profile, rendered):
+    cluster = _rayservice(rendered[profile])["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "reelserve-ray-token"}
+    assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert _rayservice(rendered[profile])["spec"]["serveService"]["spec"]["type"] == "ClusterIP"
+    for service in (o for o in _objects(rendered[profile]) if o["kind"] == "Service"):
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_secrets_reach_the_pods_by_reference_and_never_through_serve_config(profile, rendered):
+    service = _rayservice(rendered[profile])
+    serve_config = service["spec"]["serveConfigV2"]
+    assert "password" not in serve_config.lower() and "whsec_" not in serve_config and "secret" not in serve_config.lower()
+    redis_url = yaml.safe_load(serve_config)["applications"][0]["args"]["jobs"]["redis_url"]
+    assert "@" not in redis_url
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["gcsFaultToleranceOptions"]["redisPassword"] == {
+        "valueFrom": {"secretKeyRef": {"name": "reelserve-redis", "key": "gcs-password"}}}
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["REELSERVE_REDIS_PASSWORD"]["valueFrom"] == {
+            "secretKeyRef": {"name": "reelserve-redis", "key": "jobs-password"}}
+        assert env["REELSERVE_WEBHOOK_SECRET"]["valueFrom"] == {
+            "secretKeyRef": {"name": "reelserve-webhooks", "key": "signing-secret", "optional": True}}
+        assert {name for name, e in env.items() if "value" in e} == {"HF_HUB_OFFLINE", "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"}
+        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]["value"] == str(DEFAULT_MAX_BODY_BYTES)  # as the HTTP body cap
+    assert not [o for o in _objects(rendered[profile]) if o["kind"] == "Secret"]  # values are never rendered
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_the_job_stores_redis_and_the_gcs_redis_are_apart_and_both_need_a_password(profile, rendered):
+    deployments = {o["metadata"]["name"]: o for o in _objects(rendered[profile]) if o["kind"] == "Deployment"}
+    assert set(deployments) == {"reelserve-redis", "reelserve-gcs-redis"}
+    claims = {o["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] for o in deployments.values()}
+    assert claims == {"reelserve-redis-data", "reelserve-gcs-redis-data"}
+    for name, key in (("reelserve-redis", "jobs-password"), ("reelserve-gcs-redis", "gcs-password")):
+        container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
+        assert container["env"] == [{"name": "REDIS_PASSWORD",
+                                     "valueFrom": {"secretKeyRef": {"name": "reelserve-redis", "key": key}}}]
+        command = " ".join(container["command"])
+        assert 'requirepass "$REDIS_PASSWORD"' in command and "--appendonly yes" in command
+        assert "args" not in container  # the password is read from stdin, not passed as an argument
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_network_policies_let_only_ray_pods_reach_redis_and_only_the_api_ports_in(profile, rendered):
+    policies = {o["metadata"]["name"]: o for o in _objects(rendered[profile]) if o["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"reelserve-redis", "reelserve-gcs-redis", "reelserve-ray"}
+    pods = _pod_labels(rendered[profile])
+    selected = {name: {pod for pod, labels in pods.items() if _selects(p["spec"]["podSelector"], labels)}
+                for name, p in policies.items()}
+    assert selected == {"reelserve-redis": {"redis"}, "reelserve-gcs-redis": {"gcs-redis"},
+                        "reelserve-ray": {"head", "worker"}}
+
+    jobs, gcs, ray = policies["reelserve-redis"], policies["reelserve-gcs-redis"], policies["reelserve-ray"]
+    assert _admits(jobs, pods["worker"], 6380) and _admits(jobs, pods["head"], 6380)
+    assert not any(_admits(jobs, pods[p], 6380) for p in ("outsider", "operator", "prometheus", "gcs-redis"))
+    assert _admits(gcs, pods["head"], 6381)
+    assert not any(_admits(gcs, pods[p], 6381) for p in ("worker", "outsider", "operator"))
+    for port in (8000, 9000):  # the API: from anywhere, even another namespace
+        assert _admits(ray, pods["outsider"], port, same_namespace=False)
+    for port in (8265, 6379, 10001, 52365, 8080, 12345):  # dashboard, GCS, Ray client, agent, metrics, a worker port
+        assert not _admits(ray, pods["outsider"], port), port
+        assert _admits(ray, pods["worker"], port) and _admits(ray, pods["head"], port)
+    assert _admits(ray, pods["operator"], 8265, same_namespace=False)
+    assert _admits(ray, pods["prometheus"], 8080, same_namespace=False) and not _admits(ray, pods["prometheus"], 8265)
+
+
+def test_a_password_in_a_managed_redis_url_is_refused_and_the_gcs_can_have_its_own():
+    raw = yaml.safe_load((REPO / _source("8x-h100")).read_text())
+    with pytest.raises(RenderError, match="--redis-url: the URL holds a user or password, which would be readable in serveConfigV2"):
+        render(raw, "x.yaml", redis_url="redis://:hunter2@redis.example.com:6380/2")
+    with pytest.raises(RenderError, match="--gcs-redis-url: 'nope' is not a Redis URL"):
+        render(raw, "x.yaml", redis_url="redis://jobs.example.com:6380/2", gcs_redis_url="nope")
+    files = render(raw, "x.yaml", redis_url="rediss://jobs.example.com:6380/2", gcs_redis_url="redis://gcs.example.com:6379")
+    assert "redis.yaml" not in files
+    service = _rayservice(files)
+    assert service["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"] == "gcs.example.com:6379"
+    assert "rediss://jobs.example.com:6380/2" in service["spec"]["serveConfigV2"]
+
+
+def test_the_api_keys_secret_is_mounted_read_only_when_named(crd_validator):
+    raw = yaml.safe_load((REPO / _source("1x-h100")).read_text())
+    files = render(raw, "x.yaml", api_keys_secret="reelserve-api-keys")
+    cluster = _rayservice(files)["spec"]["rayClusterConfig"]
+    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        spec = template["spec"]
+        assert {"name": "api-keys", "secret": {"secretName": "reelserve-api-keys", "defaultMode": 0o440}} in spec["volumes"]
+        assert {"name": "api-keys", "mountPath": "/etc/reelserve/api-keys", "readOnly": True} in \
+            spec["containers"][0]["volumeMounts"]
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "check"}, "spec": spec},
+                                     KUBERNETES_VERSION, strict=True)
+    assert not list(crd_validator.iter_errors(_rayservice(files)))
+    assert "api-keys" not in render(raw, "x.yaml")["rayservice.yaml"]
+    with pytest.raises(RenderError, match="api_keys_secret: 'Keys!' is not a Kubernetes name"):
+        render(raw, "x.yaml", api_keys_secret="Keys!")
 
 
 def test_the_cli_writes_a_folder_and_refuses_bad_input_by_name(tmp_path, capsys):
