@@ -59,7 +59,7 @@ from cluster.load import (
 
 __all__ = [
     "DiffusionReplica",
-    "DiffusionSettings",
+    "DiffusionPolicySettings",
     "FollowerReplica",
     "FollowerSettings",
     "DiffusionBacklogPolicy",
@@ -122,7 +122,7 @@ class FollowerReplica:
 
 
 @dataclass(frozen=True)
-class DiffusionSettings:
+class DiffusionPolicySettings:
     """The diffusion policy's knobs (``policy_kwargs``; built from the config by ``autoscaling_config``)."""
 
     target_queue_wait_s: float
@@ -174,7 +174,7 @@ def diffusion_replicas_wanted(
     handle_queued: float,
     lowest: int,
     highest: int,
-    settings: DiffusionSettings,
+    settings: DiffusionPolicySettings,
 ) -> tuple[int, str]:
     """How many diffusion replicas the backlog needs, and why (a line for logs and tests)."""
     rate = _measured_rate(replicas) or settings.seconds_per_token_step
@@ -322,7 +322,7 @@ class DiffusionBacklogPolicy(_DelayedPolicy):
     """Serve policy for the diffusion deployment (``policy_function: cluster.autoscaling:DiffusionBacklogPolicy``)."""
 
     def __init__(self, **kwargs: Any):
-        self.settings = DiffusionSettings(**kwargs)
+        self.settings = DiffusionPolicySettings(**kwargs)
         self.upscale_delay_s = self.settings.upscale_delay_s
         self.downscale_delay_s = self.settings.downscale_delay_s
 

@@ -8,18 +8,45 @@ UNAVAILABLE, it does not restart the ingress.
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type on routes.
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.admission import AdmissionLimits
 from cluster.config import JobsConfig, ModelConfig, RewriterConfig
-from serving.errors import InvalidRequest
+from serving.errors import InvalidRequest, NotFound
 from serving.ingress.grpc import GrpcVideoMethods
 from serving.ingress.http import OPENAI_FIELD_NAMES, error_response, parse_create_request, video_object
+from serving.ingress.service import VideoService
 
 __all__ = ["VideoIngress", "http_app"]
 
 http_app = FastAPI(title="reelserve", description="OpenAI-compatible Videos API: photo + prompt -> video with audio.")
+
+
+# One place turns every error into the API's error shape: our own errors, unknown routes and methods, bad
+# query parameters, and anything unexpected (a clean 500 that names nothing internal).
+@http_app.exception_handler(Exception)
+async def _any_error(request: Request, error: Exception) -> JSONResponse:
+    return error_response(error)
+
+
+@http_app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    if error.status_code == 404:
+        return error_response(NotFound(f"no route {request.method} {request.url.path}"))
+    if error.status_code == 405:
+        return error_response(InvalidRequest("method", f"{request.method} is not allowed on {request.url.path}"),
+                              status=405)
+    return error_response(InvalidRequest("request", str(error.detail)), status=error.status_code)
+
+
+@http_app.exception_handler(RequestValidationError)
+async def _bad_parameter(request: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0] if error.errors() else {}
+    field = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
+    return error_response(InvalidRequest(field, first.get("msg", "is not valid")))
 
 
 @serve.ingress(http_app)
@@ -30,8 +57,6 @@ class VideoIngress(GrpcVideoMethods):
     ):
         # Only the config sections it uses: scaling a stage (but diffusion, whose capacity admission reads)
         # changes none of them, so it does not restart this.
-        from serving.ingress.service import VideoService
-
         self.model = model
         self.service = VideoService(model, jobs, rewriter, orchestrator, admission)
 
@@ -49,55 +74,37 @@ class VideoIngress(GrpcVideoMethods):
 
     @http_app.post("/v1/videos")
     async def create_video(self, request: Request):
-        try:
-            fields = await parse_create_request(request)
-            record = await self.service.create(field_names=OPENAI_FIELD_NAMES, **fields)
-            return JSONResponse(video_object(record))
-        except Exception as error:  # noqa: BLE001
-            return error_response(error)
+        fields = await parse_create_request(request)
+        record = await self.service.create(field_names=OPENAI_FIELD_NAMES, **fields)
+        return JSONResponse(video_object(record))
 
     @http_app.get("/v1/videos")
     async def list_videos(self, after: str | None = None, limit: str = "20", order: str = "desc"):
-        try:
-            if not limit.strip().isdigit():
-                raise InvalidRequest("limit", f"'{limit}' is not a whole number; allowed: 1 to 100")
-            records, has_more = await self.service.list(after, int(limit), order)
-            data = [video_object(r) for r in records]
-            return JSONResponse({
-                "object": "list", "data": data, "has_more": has_more,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
-            })
-        except Exception as error:  # noqa: BLE001
-            return error_response(error)
+        if not limit.strip().isdigit():
+            raise InvalidRequest("limit", f"'{limit}' is not a whole number; allowed: 1 to 100")
+        records, has_more = await self.service.list(after, int(limit), order)
+        data = [video_object(r) for r in records]
+        return JSONResponse({
+            "object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
+        })
 
     @http_app.get("/v1/videos/{video_id}")
     async def retrieve_video(self, video_id: str):
-        try:
-            return JSONResponse(video_object(await self.service.get(video_id)))
-        except Exception as error:  # noqa: BLE001
-            return error_response(error)
+        return JSONResponse(video_object(await self.service.get(video_id)))
 
     @http_app.get("/v1/videos/{video_id}/content")
     async def video_content(self, video_id: str, variant: str = "video"):
-        try:
-            if variant != "video":
-                raise InvalidRequest("variant", f"'{variant}' is not available; allowed: video")
-            path = await self.service.result_path(video_id)
-            return FileResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")
-        except Exception as error:  # noqa: BLE001
-            return error_response(error)
+        if variant != "video":
+            raise InvalidRequest("variant", f"'{variant}' is not available; allowed: video")
+        path = await self.service.result_path(video_id)
+        return FileResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")
 
     @http_app.post("/v1/videos/{video_id}/cancel")
     async def cancel_video(self, video_id: str):
-        try:
-            return JSONResponse(video_object(await self.service.cancel(video_id)))
-        except Exception as error:  # noqa: BLE001
-            return error_response(error)
+        return JSONResponse(video_object(await self.service.cancel(video_id)))
 
     @http_app.delete("/v1/videos/{video_id}")
     async def delete_video(self, video_id: str):
-        try:
-            await self.service.delete(video_id)
-            return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
-        except Exception as error:  # noqa: BLE001
-            return error_response(error)
+        await self.service.delete(video_id)
+        return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})

@@ -98,8 +98,9 @@ def video_object(record: JobRecord) -> dict[str, Any]:
     }
 
 
-def error_response(error: Exception) -> JSONResponse:
-    """OpenAI-style error body with the matching status code."""
+def error_response(error: Exception, status: int | None = None) -> JSONResponse:
+    """OpenAI-style error body with the matching status code (``status`` overrides it, e.g. 405)."""
+    status_override = status
     headers = {}
     if isinstance(error, InvalidRequest):
         status, kind, param, message = 400, "invalid_request_error", error.field, str(error)
@@ -118,4 +119,4 @@ def error_response(error: Exception) -> JSONResponse:
         logger.error("unexpected error in an HTTP call", exc_info=error)
         status, kind, param, message = 500, "server_error", None, "internal error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status_override or status, headers=headers)

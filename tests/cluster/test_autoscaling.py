@@ -12,7 +12,7 @@ import pytest
 
 from cluster.autoscaling import (
     DiffusionReplica,
-    DiffusionSettings,
+    DiffusionPolicySettings,
     FollowerReplica,
     FollowerSettings,
     apply_delays,
@@ -52,11 +52,11 @@ def _deployment(
     )
 
 
-def _settings(**overrides) -> DiffusionSettings:
+def _settings(**overrides) -> DiffusionPolicySettings:
     values = dict(target_queue_wait_s=120.0, replica_start_s=240.0, seconds_per_token_step=RATE,
                   default_request_token_steps=float(BIG * STEPS), upscale_delay_s=15.0, downscale_delay_s=600.0)
     values.update(overrides)
-    return DiffusionSettings(**values)
+    return DiffusionPolicySettings(**values)
 
 
 # ------------------------------------------------------------------ the math

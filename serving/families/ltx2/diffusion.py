@@ -116,7 +116,7 @@ class _Text:
         self.mask = text.mask.to(device)
 
 
-class _Job:
+class _RequestState:
     """One request's state between steps."""
 
     def __init__(self, request: DenoiseRequest, phases: tuple[Phase, ...], guidance: Guidance, generator, prompt, negative):
@@ -266,7 +266,7 @@ class LTX2StepModel:
     # ------------------------------------------------------------------ state
 
     @torch.no_grad()
-    def start(self, request: DenoiseRequest, resume_from: DenoiseCheckpoint | None) -> _Job:
+    def start(self, request: DenoiseRequest, resume_from: DenoiseCheckpoint | None) -> _RequestState:
         plan = request.plan
         phases = recipe_phases(self.settings, plan.num_inference_steps)
         guidance = resume_from.guidance if resume_from is not None else (request.guidance or self.default_guidance)
@@ -275,21 +275,21 @@ class LTX2StepModel:
         negative = None
         if request.embeddings.negative is not None and guidance.classifier_free:
             negative = _Text(request.embeddings.negative, self.device, self.dtype)
-        job = _Job(request, phases, guidance, generator, prompt, negative)
+        job = _RequestState(request, phases, guidance, generator, prompt, negative)
         if resume_from is None:
             self._enter_first_phase(job)
         else:
             self._restore(job, resume_from)
         return job
 
-    def _enter_first_phase(self, job: _Job) -> None:
+    def _enter_first_phase(self, job: _RequestState) -> None:
         self._set_geometry(job, 0)
         photo = job.request.condition.latents.to(self.device, torch.float32) if job.conditioned else None
         start = self.latents.noise(job.geometry, photo, job.generator)
         job.video, job.audio, job.condition_mask = start.video, start.audio, start.condition_mask
         self._set_schedule(job, begin=0)
 
-    def _enter_next_phase(self, job: _Job) -> None:
+    def _enter_next_phase(self, job: _RequestState) -> None:
         before = job.geometry
         self.release(job)  # the finished phase's cache context
         self._set_geometry(job, job.phase_index + 1)
@@ -299,7 +299,7 @@ class LTX2StepModel:
         job.video, job.audio, job.condition_mask = start.video, start.audio, start.condition_mask
         self._set_schedule(job, begin=0)
 
-    def _restore(self, job: _Job, checkpoint: DenoiseCheckpoint) -> None:
+    def _restore(self, job: _RequestState, checkpoint: DenoiseCheckpoint) -> None:
         self._set_geometry(job, checkpoint.phase_index)
         job.video = checkpoint.video_latents.to(self.device, torch.float32)
         job.audio = checkpoint.audio_latents.to(self.device, torch.float32)
@@ -316,7 +316,7 @@ class LTX2StepModel:
     def _phase_size(self, plan: RenderPlan, phase: Phase) -> tuple[int, int]:
         return plan.width // phase.size_divisor, plan.height // phase.size_divisor
 
-    def _set_geometry(self, job: _Job, phase_index: int) -> None:
+    def _set_geometry(self, job: _RequestState, phase_index: int) -> None:
         plan = job.request.plan
         job.phase_index, job.step_index = phase_index, 0
         width, height = self._phase_size(plan, job.phase)
@@ -328,7 +328,7 @@ class LTX2StepModel:
         job.audio_coords = self.transformer.audio_rope.prepare_audio_coords(1, geometry.audio_frames, self.device)
         job.rows = self._rows(job.active_guidance)
 
-    def _set_schedule(self, job: _Job, begin: int) -> None:
+    def _set_schedule(self, job: _RequestState, begin: int) -> None:
         """The phase's video and audio schedulers (the pipeline keeps a copy for audio), positioned at ``begin``."""
         from diffusers.pipelines.ltx2.pipeline_ltx2 import calculate_shift
 
@@ -368,31 +368,31 @@ class LTX2StepModel:
 
     # ------------------------------------------------------------------ the engine's questions
 
-    def request_id(self, job: _Job) -> str:
+    def request_id(self, job: _RequestState) -> str:
         return job.request.request_id
 
-    def bucket(self, job: _Job) -> Hashable:
+    def bucket(self, job: _RequestState) -> Hashable:
         g = job.geometry
         text = tuple(job.prompt.video.shape[1:]) + tuple(job.prompt.audio.shape[1:])
         return (g.latent_frames, g.latent_height, g.latent_width, g.audio_frames, text, job.conditioned)
 
-    def cost(self, job: _Job) -> int:
+    def cost(self, job: _RequestState) -> int:
         return len(job.rows) * job.geometry.tokens
 
-    def progress(self, job: _Job) -> tuple[int, int]:
+    def progress(self, job: _RequestState) -> tuple[int, int]:
         return job.finished_steps, job.total_steps
 
-    def done(self, job: _Job) -> bool:
+    def done(self, job: _RequestState) -> bool:
         return job.phase_index == len(job.phases) - 1 and job.step_index == job.phase.steps
 
     @torch.no_grad()
-    def finish(self, job: _Job) -> DenoisedLatents:
+    def finish(self, job: _RequestState) -> DenoisedLatents:
         video, audio = self.latents.denormalised(job.video, job.audio, job.geometry)
         return DenoisedLatents(
             video=VideoLatents(HostTensor.of(video.float())), audio=AudioLatents(HostTensor.of(audio.float()))
         )
 
-    def checkpoint(self, job: _Job) -> DenoiseCheckpoint:
+    def checkpoint(self, job: _RequestState) -> DenoiseCheckpoint:
         plan = job.request.plan
         return DenoiseCheckpoint(
             request_id=job.request.request_id,
@@ -413,14 +413,14 @@ class LTX2StepModel:
             guidance=job.guidance,
         )
 
-    def release(self, job: _Job) -> None:
+    def release(self, job: _RequestState) -> None:
         if self.step_cache:
             drop_step_cache_state(self.transformer, job.cache_context)
 
     # ------------------------------------------------------------------ one step
 
     @torch.no_grad()
-    def advance(self, jobs: Sequence[_Job], token_budget: int) -> None:
+    def advance(self, jobs: Sequence[_RequestState], token_budget: int) -> None:
         rows = [(job, kind) for job in jobs for kind in job.rows]
         try:
             predictions = {}
@@ -509,7 +509,7 @@ class LTX2StepModel:
         self.rows_run += len(chunk)
         return video.float(), audio.float()
 
-    def _take_step(self, job: _Job, predictions: dict) -> None:
+    def _take_step(self, job: _RequestState, predictions: dict) -> None:
         """Combine the rows' predictions as the pipeline does (in x0 space), then one Euler step."""
         from diffusers.pipelines.ltx2.pipeline_ltx2 import rescale_noise_cfg
 
@@ -599,7 +599,7 @@ class _CrossModalSwitch:
         return output * self._keep
 
 
-class LTX2Engine(DiffusionEngine[DenoiseRequest, _Job, DenoiseCheckpoint]):
+class LTX2Engine(DiffusionEngine[DenoiseRequest, _RequestState, DenoiseCheckpoint]):
     """The LTX-2 diffusion engine, configured by ``LTX2ModelConfig`` (``model.diffusion`` for the loop)."""
 
     def __init__(self, config: LTX2ModelConfig):
