@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
+from serving.tenancy.redis_connection import redis_auth_options
 from serving.jobs.store import StoreUnavailable
 
 __all__ = ["ArtifactStore", "DirectoryArtifacts", "RedisArtifacts", "open_artifacts", "CHECKPOINT"]
@@ -105,7 +106,7 @@ class RedisArtifacts:
     def __init__(self, url: str):
         import redis
 
-        self._redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=2)
+        self._redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=2, **redis_auth_options(url))
 
     def _key(self, job_id: str) -> str:
         return self._PREFIX + job_id
