@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from typing import Any
+
+from ray import serve
 
 from cluster.config import FaultConfig, JobsConfig, ModelConfig
 from cluster.load import DiffusionLoad
@@ -43,6 +46,9 @@ from serving.stages._base import LoadTimer, StageRunner, free_device_memory, is_
 __all__ = ["DiffusionStage"]
 
 logger = logging.getLogger("ray.serve.reelserve.diffusion")
+
+HEARTBEAT_TTL_S = 15.0  # three health-check periods: a replica whose checks stopped no longer counts as capacity
+_STORE_CALL_S = 3.0  # a health check never waits longer than this for the store
 _STOP_WAIT_S = 20.0  # how long a stopping replica waits for its requests' stop checkpoints (about a step)
 
 
@@ -89,6 +95,8 @@ class DiffusionStage:
         self._wake = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._replica = _replica_id()
+        self._latent_tokens = model.latent_tokens
 
     # ------------------------------------------------------------------ the call
 
@@ -348,10 +356,30 @@ class DiffusionStage:
         with self._load_lock:
             return self._load.report()
 
+    async def ready(self) -> bool:
+        """Answers once this replica is up (its constructor loaded the model): the runner claims jobs only then."""
+        return True
+
     async def check_health(self) -> None:
-        """Dead only when the denoising thread died (every request would wait forever)."""
+        """Dead only when the denoising thread died (every request would wait forever). Alive, it tells the store it
+        is up (its slots count as diffusion's capacity) and reads the store's queue for the autoscaler."""
         if not self._engine_alive:
             raise StageDead("the diffusion engine's thread has stopped")
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.run_in_executor(self._io, self._beat), timeout=_STORE_CALL_S)
+        except Exception as error:  # noqa: BLE001 - a store outage is not this replica's death
+            logger.info("heartbeat to the job store failed: %r", error)
+
+    def _beat(self) -> None:
+        with self._load_lock:
+            rate = self._load.seconds_per_token_step
+        self._store.heartbeat(self._name, self._replica, {"seconds_per_token_step": rate}, HEARTBEAT_TTL_S)
+        queued = [r for r in self._store.active_records() if r.attempts == 0 and not r.status.is_terminal]
+        token_steps = sum(self._latent_tokens(r.width, r.height, r.seconds, r.fps) * max(r.total_steps, 1)
+                          for r in queued)
+        with self._load_lock:
+            self._load.store_queue(len(queued), token_steps)
 
     async def __del__(self):
         # Serve calls this once the replica's calls drained or its drain time (sized for the longest job) is
@@ -368,3 +396,11 @@ class DiffusionStage:
 class _EngineFailure:
     request_id: str
     error: BaseException
+
+
+def _replica_id() -> str:
+    """This replica's id in Serve, or a random one outside Serve (tests that build the stage directly)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not in a replica
+        return "diffusion-" + secrets.token_hex(4)

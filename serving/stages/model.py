@@ -52,6 +52,10 @@ class ModelStage:
             return await self._runner.read_input(self._results, arg)
         return arg
 
+    async def ready(self) -> bool:
+        """Answers once this replica is up (its constructor loaded the model): the runner claims jobs only then."""
+        return True
+
     def stats(self) -> dict:
         return self._runner.stats.snapshot()
 

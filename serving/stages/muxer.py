@@ -31,6 +31,10 @@ class MuxerStage:
         path = mux_mp4(self._results.video_path(job_id), video, waveform)
         return StoredVideo(path=str(path), num_bytes=path.stat().st_size)
 
+    async def ready(self) -> bool:
+        """Answers once this replica is up (its constructor loaded the model): the runner claims jobs only then."""
+        return True
+
     def stats(self) -> dict:
         return self._runner.stats.snapshot()
 

@@ -58,6 +58,7 @@ class FakeStage:
         self.fail_with: list[BaseException] = []  # raised by the next calls, one each
         self.calls = 0
         self.call = self  # handle.call.remote(...)
+        self.ready = _Ready()  # handle.ready.remote(): the replica is up
 
     def remote(self, ticket, method, *args):
         self.calls += 1
@@ -76,6 +77,14 @@ class FakeStage:
         return handoffs[0]
 
 
+class _Ready:
+    def remote(self):
+        async def answer():
+            return True
+
+        return FakeResponse(answer())
+
+
 class Harness:
     def __init__(self, tmp_path, **jobs):
         family = get_family("ltx2")
@@ -86,6 +95,7 @@ class Harness:
         }
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.store = SQLiteJobStore(str(tmp_path / "jobs.sqlite3"))
+        self.store.heartbeat("diffusion", "replica-1", {"seconds_per_token_step": 0.001}, ttl_s=3600)
         self.jobs = JobsConfig(results_dir=str(tmp_path / "results"), lease_s=2, **jobs)
         pool = ThreadPoolExecutor(max_workers=4)
 
@@ -96,7 +106,7 @@ class Harness:
             store=self.store, events=JobEvents(self.store), results=ResultStore(self.jobs.results_dir), io=io,
             family=family, handles=self.stages, marks=ProgressMarks(family.stages), jobs=self.jobs,
             rewriter=RewriterConfig(enabled=False), prompt_fits=lambda text: True, model_name=MODEL.name,
-            stats=StageStats(stage="orchestrator", model=MODEL.name),
+            stats=StageStats(stage="orchestrator", model=MODEL.name), diffusion_slots=4,
         )
         self.runner = JobRunner(self.services, _NoArtifacts(), MODEL, self.jobs,
                                 OrchestratorConfig(poll_interval_s=0.05), frame_rule=(8, 1), owner="runner-a")
