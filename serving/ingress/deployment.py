@@ -19,7 +19,7 @@ from cluster.config import IngressConfig, JobsConfig, ModelConfig, RewriterConfi
 from serving.errors import InvalidRequest, NotFound
 from serving.ingress.body_limits import BodySizeLimit
 from serving.ingress.grpc import GrpcVideoMethods
-from serving.ingress.http import OPENAI_FIELD_NAMES, error_response, parse_create_request
+from serving.ingress.http import CREATE_BODY_SCHEMA, OPENAI_FIELD_NAMES, error_response, parse_create_request
 from serving.ingress.service import VideoService
 from serving.tenancy.auth import Tenant
 from serving.views import video_object
@@ -87,7 +87,7 @@ class VideoIngress(GrpcVideoMethods):
     async def healthz(self) -> dict:
         return {"status": "ok"}  # open, and says nothing about jobs
 
-    @http_app.post("/v1/videos")
+    @http_app.post("/v1/videos", openapi_extra={"requestBody": CREATE_BODY_SCHEMA})
     async def create_video(self, request: Request):
         tenant = self._tenant(request)
         fields = await parse_create_request(request)

@@ -16,7 +16,7 @@ from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded, Store
 from serving.tenancy.errors import IdempotencyConflict, QuotaExceeded, Unauthenticated
 from serving.media import MAX_PHOTO_BYTES
 
-__all__ = ["parse_create_request", "error_response", "OPENAI_FIELD_NAMES"]
+__all__ = ["parse_create_request", "error_response", "OPENAI_FIELD_NAMES", "CREATE_BODY_SCHEMA"]
 
 logger = logging.getLogger("ray.serve.reelserve.http")
 
@@ -26,6 +26,35 @@ OPENAI_FIELD_NAMES = {"image": "input_reference"}
 _CREATE_FIELDS = (
     "prompt", "model", "seconds", "size", "seed", "fps", "negative_prompt", "enhance_prompt", "priority", "callback_url",
 )
+
+
+_TEXT = {"type": "string"}
+_NUMBER_OR_TEXT = {"anyOf": [{"type": "number"}, {"type": "string"}]}
+# The create body as the OpenAPI document describes it (the route parses it itself: JSON or multipart).
+CREATE_BODY_SCHEMA = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": {
+            "type": "object",
+            "required": ["prompt"],
+            "properties": {
+                "prompt": _TEXT, "model": _TEXT, "seconds": _NUMBER_OR_TEXT, "size": _TEXT,
+                "seed": {"anyOf": [{"type": "integer"}, {"type": "string"}]}, "fps": _NUMBER_OR_TEXT,
+                "negative_prompt": _TEXT, "enhance_prompt": {"anyOf": [{"type": "boolean"}, {"type": "string"}]},
+                "priority": {"type": "string", "enum": ["low", "normal", "high"]}, "callback_url": _TEXT,
+            },
+        }},
+        "multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["prompt"],
+            "properties": {
+                "prompt": _TEXT, "model": _TEXT, "seconds": _TEXT, "size": _TEXT, "seed": _TEXT, "fps": _TEXT,
+                "negative_prompt": _TEXT, "enhance_prompt": _TEXT, "priority": _TEXT, "callback_url": _TEXT,
+                "input_reference": {"type": "string", "format": "binary"},
+            },
+        }},
+    },
+}
 
 
 async def parse_create_request(request: Request) -> dict[str, Any]:

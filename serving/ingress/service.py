@@ -109,11 +109,11 @@ class VideoService:
         except BaseException as error:
             await self._blocking(self.results.remove, record.id)  # no job, no photo left behind
             if isinstance(error, Overloaded):
-                metrics.admission_refused(self.model.name, getattr(error, "code", "overloaded"))
+                metrics.admission_refused(self.model.name, getattr(error, "code", "overloaded"), ticket.tenant.name)
             raise
         if not created:
             await self._blocking(self.results.remove, record.id)
-            metrics.admission_refused(self.model.name, "max_active_jobs")
+            metrics.admission_refused(self.model.name, "max_active_jobs", ticket.tenant.name)
             raise Overloaded(
                 f"the server is at its limit of {jobs.max_active_jobs} active jobs; retry later",
                 retry_after_s=jobs.retry_after_s,

@@ -198,7 +198,8 @@ class JobRunner:
             record = await self._io(self.store.expire, job_id)
             if record is not None:
                 logger.info("job %s expired after %g s in the queue", job_id, record.max_queue_wait_s)
-                metrics.job_finished(self.model.name, "expired", "queue_timeout", max(0.0, time.time() - record.created_at))
+                metrics.job_finished(self.model.name, "expired", "queue_timeout",
+                                     max(0.0, time.time() - record.created_at), record.tenant)
                 self.webhooks.deliver_pending([job_id])
 
     async def _claim_what_can_run(self, snapshot: QueueSnapshot) -> int:
@@ -355,7 +356,7 @@ class JobRunner:
         if not written:
             raise LeaseLost(job.id)
         metrics.job_finished(self.model.name, status.api_name, outcome.get("error_code"),
-                             max(0.0, time.time() - job.record.created_at))
+                             max(0.0, time.time() - job.record.created_at), job.record.tenant)
         if job.record.callback_url:
             self.webhooks.deliver_pending([job.id])
         if not self.jobs.keep_artifacts:

@@ -49,6 +49,7 @@ logger = logging.getLogger("ray.serve.reelserve.diffusion")
 
 HEARTBEAT_TTL_S = 15.0  # three health-check periods: a replica whose checks stopped no longer counts as capacity
 _STORE_CALL_S = 3.0  # a health check never waits longer than this for the store
+_STORE_QUEUE_FRESH_S = 2.0  # the autoscaling report reads the store's queue at most this often
 _STOP_WAIT_S = 20.0  # how long a stopping replica waits for its requests' stop checkpoints (about a step)
 
 
@@ -97,6 +98,11 @@ class DiffusionStage:
         self._thread: threading.Thread | None = None
         self._replica = _replica_id()
         self._latent_tokens = model.latent_tokens
+        self._store_read_at = -1e9  # when the store's queue was last read for the autoscaler
+        try:  # loaded: count as capacity at once (health checks keep it up after this)
+            self._beat()
+        except Exception as error:  # noqa: BLE001 - the store may be away; the first health check tries again
+            logger.info("first heartbeat to the job store failed: %r", error)
 
     # ------------------------------------------------------------------ the call
 
@@ -353,6 +359,14 @@ class DiffusionStage:
         return placement(self._device)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
+        # Jobs waiting in the store for a slot are load the policy must see: read them at most every 2 s.
+        if time.monotonic() - self._store_read_at > _STORE_QUEUE_FRESH_S:
+            self._store_read_at = time.monotonic()
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._io, self._read_store_queue),
+                                       timeout=_STORE_CALL_S)
+            except Exception as error:  # noqa: BLE001 - the last reading stands
+                logger.info("reading the job store's queue failed: %r", error)
         with self._load_lock:
             return self._load.report()
 
@@ -375,6 +389,8 @@ class DiffusionStage:
         with self._load_lock:
             rate = self._load.seconds_per_token_step
         self._store.heartbeat(self._name, self._replica, {"seconds_per_token_step": rate}, HEARTBEAT_TTL_S)
+
+    def _read_store_queue(self) -> None:
         queued = [r for r in self._store.active_records() if r.attempts == 0 and not r.status.is_terminal]
         token_steps = sum(self._latent_tokens(r.width, r.height, r.seconds, r.fps) * max(r.total_steps, 1)
                           for r in queued)

@@ -14,7 +14,10 @@ import httpx
 import pytest
 
 from serving.proto import video_pb2
-from tests.serving.conftest import SLOW, STEPS, stage_stats, wait_terminal, wait_until
+from tests.serving.conftest import SLOW, STEPS, bearer, stage_stats, wait_terminal, wait_until
+
+# Every call of these tests is the tenant "tests"'s (the session app requires API keys).
+_http = httpx.Client(headers=bearer(), timeout=60)
 
 SMALL = dict(seconds=1.0, size="64x64")
 
@@ -31,7 +34,7 @@ def test_grpc_job_streams_progress_to_100_and_downloads_an_mp4(stub, photos, pro
     assert created.id.startswith("video_") and created.status == video_pb2.QUEUED
     assert (created.size, created.seconds, created.seed) == ("64x64", 1.0, 3)
 
-    events = [e.video for e in stub.WatchVideo(video_pb2.WatchVideoRequest(id=created.id))]
+    events = [e.video for e in stub.WatchVideo(video_pb2.WatchVideoRequest(id=created.id)) if not e.heartbeat]
     progress = [e.progress for e in events]
     assert all(b > a for a, b in zip(progress, progress[1:])), progress
     assert progress[-1] == 100 and events[-1].status == video_pb2.COMPLETED
@@ -77,7 +80,7 @@ def test_openai_sdk_creates_retrieves_lists_and_downloads(openai_client, photos,
 
 
 def test_http_json_create_accepts_numeric_seconds(served):
-    response = httpx.post(served["http"] + "/v1/videos", json={"prompt": "waves", "seconds": 1, "size": "64x64"})
+    response = _http.post(served["http"] + "/v1/videos", json={"prompt": "waves", "seconds": 1, "size": "64x64"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["seconds"] == "1" and body["status"] == "queued"
@@ -96,7 +99,7 @@ def test_list_pages_with_after_and_order(served, openai_client):
 def _wait_terminal_http(served, job_id: str, timeout_s: float = 180) -> dict:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        body = httpx.get(f"{served['http']}/v1/videos/{job_id}").json()
+        body = _http.get(f"{served['http']}/v1/videos/{job_id}").json()
         if body["status"] in ("completed", "failed"):
             return body
         time.sleep(0.3)
@@ -105,8 +108,8 @@ def _wait_terminal_http(served, job_id: str, timeout_s: float = 180) -> dict:
 
 def test_rewritten_prompt_shows_through_both_ingresses_and_repeats_for_a_seed(served, stub):
     fields = {"prompt": "a cat", "seconds": "1", "size": "64x64", "seed": "5", "enhance_prompt": "true"}
-    first = httpx.post(served["http"] + "/v1/videos", data=fields).json()
-    second = httpx.post(served["http"] + "/v1/videos", data=fields).json()
+    first = _http.post(served["http"] + "/v1/videos", data=fields).json()
+    second = _http.post(served["http"] + "/v1/videos", data=fields).json()
     assert first["enhance_prompt"] is True
     first, second = _wait_terminal_http(served, first["id"]), _wait_terminal_http(served, second["id"])
     assert first["status"] == second["status"] == "completed"
@@ -131,11 +134,11 @@ def test_rewriting_off_keeps_the_prompt_and_grpc_can_ask_for_it(served, stub):
     assert not plain.enhance_prompt and plain.revised_prompt == ""
     assert "prompt_rewriter" not in plain.stage_seconds
     assert asked.enhance_prompt and asked.revised_prompt and asked.prompt == "a dog"
-    assert httpx.get(f"{served['http']}/v1/videos/{asked.id}").json()["revised_prompt"] == asked.revised_prompt
+    assert _http.get(f"{served['http']}/v1/videos/{asked.id}").json()["revised_prompt"] == asked.revised_prompt
 
 
 def test_enhance_prompt_must_be_a_boolean(served):
-    response = httpx.post(served["http"] + "/v1/videos", json={"prompt": "a cat", "enhance_prompt": "maybe"})
+    response = _http.post(served["http"] + "/v1/videos", json={"prompt": "a cat", "enhance_prompt": "maybe"})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "enhance_prompt"
 
@@ -166,10 +169,10 @@ def test_cancel_stops_the_denoising_loop_within_a_step(served, stub):
 def test_http_delete_cancels_a_running_job_and_removes_it(served, stub):
     created = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt=f"rain on a window {SLOW}", **SMALL))
     wait_until(lambda: stub.GetVideo(video_pb2.GetVideoRequest(id=created.id)).step >= 1, what="a first step")
-    response = httpx.delete(f"{served['http']}/v1/videos/{created.id}")
+    response = _http.delete(f"{served['http']}/v1/videos/{created.id}")
     assert response.status_code == 200
     assert response.json() == {"id": created.id, "object": "video.deleted", "deleted": True}
-    assert httpx.get(f"{served['http']}/v1/videos/{created.id}").status_code == 404
+    assert _http.get(f"{served['http']}/v1/videos/{created.id}").status_code == 404
 
     from serving.jobs.redis_store import RedisJobStore
 
@@ -185,7 +188,7 @@ def test_http_delete_cancels_a_running_job_and_removes_it(served, stub):
 
 def test_a_burst_beyond_capacity_is_refused_with_retry_after_and_nothing_is_lost(served, openai_client, stub):
     def create(i):
-        return httpx.post(
+        return _http.post(
             served["http"] + "/v1/videos", json={"prompt": f"burst {i}", "seconds": 1, "size": "64x64"}, timeout=60
         )
 
@@ -251,7 +254,7 @@ def test_bad_input_over_http_is_a_400_naming_the_field(served, photos, name):
             files = {"input_reference": ("photo.bin", value, "application/octet-stream")}
         else:
             form[key] = value
-    response = httpx.post(served["http"] + "/v1/videos", data=form, files=files)
+    response = _http.post(served["http"] + "/v1/videos", data=form, files=files)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     expected_field = "input_reference" if field == "image" else field
@@ -280,9 +283,9 @@ def test_bad_input_over_grpc_is_invalid_argument_naming_the_field(stub, photos, 
 
 def test_unknown_ids_and_unfinished_downloads(served, stub):
     base = served["http"] + "/v1/videos"
-    assert httpx.get(base + "/video_nope").status_code == 404
-    assert httpx.get(base + "/video_nope/content").status_code == 404
-    assert httpx.delete(base + "/video_nope").status_code == 404
+    assert _http.get(base + "/video_nope").status_code == 404
+    assert _http.get(base + "/video_nope/content").status_code == 404
+    assert _http.delete(base + "/video_nope").status_code == 404
     for call, request in [
         (stub.GetVideo, video_pb2.GetVideoRequest(id="video_nope")),
         (stub.CancelVideo, video_pb2.CancelVideoRequest(id="video_nope")),
@@ -295,16 +298,16 @@ def test_unknown_ids_and_unfinished_downloads(served, stub):
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
     created = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt="not done yet", **SMALL))
-    response = httpx.get(f"{base}/{created.id}/content")
+    response = _http.get(f"{base}/{created.id}/content")
     assert response.status_code == 409 and "completed" in response.json()["error"]["message"]
     with pytest.raises(grpc.RpcError) as raised:
         list(stub.DownloadVideo(video_pb2.DownloadVideoRequest(id=created.id)))
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert _wait_terminal_grpc(stub, created.id).status == video_pb2.COMPLETED, "the server kept serving"
 
-    assert httpx.get(base, params={"limit": "0"}).status_code == 400
-    assert httpx.get(base, params={"order": "sideways"}).status_code == 400
-    assert httpx.get(base, params={"after": "video_nope"}).status_code == 404
+    assert _http.get(base, params={"limit": "0"}).status_code == 400
+    assert _http.get(base, params={"order": "sideways"}).status_code == 400
+    assert _http.get(base, params={"after": "video_nope"}).status_code == 404
 
 
 # ---------------------------------------------------------------------------- durability (keep last)
@@ -360,7 +363,7 @@ def _get_or_none(stub, job_id: str):
     ],
 )
 def test_malformed_json_fields_are_a_400_naming_the_field(served, body, field):
-    response = httpx.post(served["http"] + "/v1/videos", json=body)
+    response = _http.post(served["http"] + "/v1/videos", json=body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == field
 
@@ -376,7 +379,7 @@ def test_no_request_shape_reaches_a_5xx(served):
               {"a": {"b": []}}, "\x00\ud7ff", "NaN", "-0"]
     fields = ["prompt", "seconds", "size", "seed", "fps", "negative_prompt", "model", "enhance_prompt", "input_reference"]
     answers = []
-    with httpx.Client(timeout=30) as client:
+    with httpx.Client(timeout=30, headers=bearer()) as client:
         for _ in range(60):
             body = {rng.choice(fields): rng.choice(values) for _ in range(rng.randint(0, 4))}
             text = json.dumps(body, allow_nan=True)

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from cluster.auth_config import CallbacksConfig, TenantConfig
 from cluster.config import JobsConfig, OrchestratorConfig, RewriterConfig
 from serving.errors import StageOutOfMemory
 from serving.families import get_family
@@ -86,7 +87,7 @@ class _Ready:
 
 
 class Harness:
-    def __init__(self, tmp_path, **jobs):
+    def __init__(self, tmp_path, slots: int = 4, tenants=None, callbacks=None, signer=None, live_diffusion=True, **jobs):
         family = get_family("ltx2")
         self.log: list = []
         self.stages = {
@@ -95,7 +96,8 @@ class Harness:
         }
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.store = SQLiteJobStore(str(tmp_path / "jobs.sqlite3"))
-        self.store.heartbeat("diffusion", "replica-1", {"seconds_per_token_step": 0.001}, ttl_s=3600)
+        if live_diffusion:
+            self.store.heartbeat("diffusion", "replica-1", {"seconds_per_token_step": 0.001}, ttl_s=3600)
         self.jobs = JobsConfig(results_dir=str(tmp_path / "results"), lease_s=2, **jobs)
         pool = ThreadPoolExecutor(max_workers=4)
 
@@ -106,7 +108,8 @@ class Harness:
             store=self.store, events=JobEvents(self.store), results=ResultStore(self.jobs.results_dir), io=io,
             family=family, handles=self.stages, marks=ProgressMarks(family.stages), jobs=self.jobs,
             rewriter=RewriterConfig(enabled=False), prompt_fits=lambda text: True, model_name=MODEL.name,
-            stats=StageStats(stage="orchestrator", model=MODEL.name), diffusion_slots=4,
+            stats=StageStats(stage="orchestrator", model=MODEL.name), diffusion_slots=slots,
+            tenants=tenants or {}, callbacks=callbacks or CallbacksConfig(), signer=signer,
         )
         self.runner = JobRunner(self.services, _NoArtifacts(), MODEL, self.jobs,
                                 OrchestratorConfig(poll_interval_s=0.05), frame_rule=(8, 1), owner="runner-a")
@@ -254,3 +257,100 @@ def test_a_rewrite_asked_for_without_a_rewriter_falls_back_to_the_prompt(harness
     assert (final.revised_prompt, final.rewrite_fallback) == (None, "unavailable")
     encode_args = next(args for name, _, args in harness.log if name == "text_encoder")
     assert encode_args[0] == "a cat"
+
+
+def test_queued_jobs_start_in_fair_share_only_into_free_slots(tmp_path):
+    """Tenant a submits 8 jobs, then tenant b 1; with 2 diffusion slots b's job starts before a's third."""
+    previous = set_exporter(RecordingExporter())
+    try:
+        tenants = {name: TenantConfig(name=name, key_sha256="0" * 63 + str(i)) for i, name in enumerate("ab")}
+        harness = Harness(tmp_path, slots=2, tenants=tenants)
+        harness.stages["diffusion"].delay_s = 0.3
+        a_jobs = [harness.submit(tenant="a", created_at=1000.0 + i) for i in range(8)]
+        b_job = harness.submit(tenant="b", created_at=2000.0)
+
+        async def scenario():
+            harness.runner.start()
+            try:
+                peak = 0
+                while not all(harness.store.get(j.id).status.is_terminal for j in a_jobs + [b_job]):
+                    running = sum(harness.store.get(j.id).attempts > 0 and not harness.store.get(j.id).status.is_terminal
+                                  for j in a_jobs + [b_job])
+                    peak = max(peak, running)
+                    await asyncio.sleep(0.02)
+                return peak
+            finally:
+                await harness.runner.stop()
+
+        peak = asyncio.run(scenario())
+        starts = sorted((harness.store.get(j.id).started_at, j.tenant, j.id) for j in a_jobs + [b_job])
+        order = [tenant for _, tenant, _ in starts]
+        assert order.index("b") < 3, order  # b's job is among the first three to start
+        assert peak <= 2  # never more jobs running than diffusion has slots
+    finally:
+        set_exporter(previous)
+
+
+def test_nothing_starts_without_a_live_diffusion_replica_and_a_queued_job_expires(tmp_path):
+    previous = set_exporter(RecordingExporter())
+    try:
+        harness = Harness(tmp_path, live_diffusion=False)
+        record = harness.submit(max_queue_wait_s=0.5)
+        final = asyncio.run(harness.run_until_terminal(record.id))
+        assert (final.status, final.error_code, final.attempts) == (JobStatus.EXPIRED, "queue_timeout", 0)
+        assert harness.log == []
+    finally:
+        set_exporter(previous)
+
+
+def test_a_callback_is_delivered_signed_after_two_refusals(tmp_path):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from serving.tenancy.webhooks import WebhookSigner, new_signing_secret, verify_webhook
+
+    received = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["content-length"]))
+            received.append((dict(self.headers), body))
+            self.send_response(503 if len(received) <= 2 else 204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/hooks/"
+    secret = new_signing_secret()
+    callbacks = CallbacksConfig(allowed_url_prefixes=[url], refuse_private_addresses=False, backoff_base_s=0.05,
+                                backoff_cap_s=0.1)
+    previous = set_exporter(RecordingExporter())
+    try:
+        harness = Harness(tmp_path, callbacks=callbacks, signer=WebhookSigner([secret]))
+        record = harness.submit(callback_url=url + "job")
+
+        async def scenario():
+            harness.runner.start()
+            try:
+                for _ in range(200):
+                    final = harness.store.get(record.id)
+                    if final.webhook and final.webhook.get("done"):
+                        return final
+                    await asyncio.sleep(0.05)
+                raise AssertionError(f"no delivery recorded: {harness.store.get(record.id).webhook}")
+            finally:
+                await harness.runner.stop()
+
+        final = asyncio.run(scenario())
+    finally:
+        set_exporter(previous)
+        server.shutdown()
+    assert final.webhook["delivered"] is True and final.webhook["attempts"] == 3
+    headers, body = received[-1]
+    verify_webhook(secret, {k.lower(): v for k, v in headers.items()}, body)
+    assert json.loads(body)["id"] == record.id and json.loads(body)["status"] == "completed"
+    assert len({h["webhook-id"] for h, _ in received}) == 1  # one message, retried
