@@ -79,7 +79,7 @@ def served_config(tiny_checkpoint, redis: DurableRedis, results, http_port: int,
             "max_width": 1024, "max_height": 1024, "diffusion": {"checkpoint_every_steps": 2},
         },
         "jobs": {
-            "backend": "redis", "redis_url": redis.url, "results_dir": str(results), "max_active_jobs": 6,
+            "backend": "redis", "redis_url": redis.url, "results_dir": str(results), "max_active_jobs": 10,
             "lease_s": 3, "retry_after_s": 2, "job_timeout_s": 60, "keep_artifacts": True,
         },
         "orchestrator": {"num_replicas": 2, "poll_interval_s": 0.3},
