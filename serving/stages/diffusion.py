@@ -42,6 +42,7 @@ from serving.jobs.store import open_store
 from serving.jobs.writer import FencedWriter
 from serving.protocol import DenoiseResult, Handoff, JobTicket
 from serving.stages._base import LoadTimer, StageRunner, free_device_memory, is_out_of_memory, placement
+from serving.stages.ledger import LedgerEntry
 
 __all__ = ["DiffusionStage"]
 
@@ -62,6 +63,7 @@ class _Request:
     total_steps: int
     engine_id: str  # "<job id>/<attempt>": attempts of one job never share an engine request
     resolution: str  # metrics bucket of the request's size
+    entry: LedgerEntry  # the request in the stage's ledger: started at its first step
     resumed_from_step: int | None = None
     first_step_at: float | None = None  # perf_counter of its first step: the end of its queue wait
     checkpoint_on_stop: bool = False  # stopped by a hand-over: leave a checkpoint for the successor
@@ -80,7 +82,7 @@ class DiffusionStage:
         self._model = model.name
         self._store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
         self._device = str(resolve_device(model.device))  # what the family computes on
-        self._runner = StageRunner(stage, jobs, faults, model.name)
+        self._runner = StageRunner(stage, jobs, faults, model.name, load=None)  # its load: DiffusionLoad, per step
         self._runner.stats.load_seconds = load.seconds
         # Store writes (progress, cancel checks) and artifact writes (checkpoints) each get their own threads: a
         # slow store never holds up a checkpoint, nor the other way round.
@@ -109,12 +111,11 @@ class DiffusionStage:
     async def call(self, ticket: JobTicket, method: str, *args: Any) -> DenoiseResult:
         """Denoise for the job: ``args`` are the family's ``denoise`` inputs (hand-offs and plain values)."""
         names = self._spec.outputs(method)
-        arrived = time.perf_counter()
-        self._busy(+1)
+        entry = self._runner.ledger.arrived()  # waiting until its first denoising step
         ok, request = False, None
         try:
             await self._runner.faults.on_entry(ticket)
-            request = await self._submit(ticket, args)
+            request = await self._submit(ticket, args, entry)
             try:
                 output = await request.future
             except asyncio.CancelledError:
@@ -124,13 +125,9 @@ class DiffusionStage:
                 raise
             ok = True
         finally:
-            self._busy(-1)
             if request is not None and request.writer is not None:
                 await request.writer.stop()
-            first_step = request.first_step_at if request is not None else None
-            started = first_step if ok and first_step else time.perf_counter()
-            self._runner.stats.record(time.perf_counter() - started, ok=ok, queue_wait_s=started - arrived)
-            metrics.stage_request(self._name, self._model, started - arrived, time.perf_counter() - arrived, ok)
+            self._runner.ledger.left(entry, ok)
         logger.info("job %s denoised (%d steps)", ticket.job_id, request.total_steps)
         values = self._diffusion.outputs(output)
         if len(values) != len(names):
@@ -148,12 +145,7 @@ class DiffusionStage:
             request.checkpoint_on_stop = True
         self._stop(request.engine_id)
 
-    def _busy(self, change: int) -> None:
-        stats = self._runner.stats
-        stats.in_flight += change
-        metrics.stage_load(self._name, self._model, stats.in_flight, 0)
-
-    async def _submit(self, ticket: JobTicket, args: tuple):
+    async def _submit(self, ticket: JobTicket, args: tuple, entry: LedgerEntry):
         self._ensure_running()
         payloads = [await self._runner.receive(arg) if isinstance(arg, Handoff) else arg for arg in args]
         loop = asyncio.get_running_loop()
@@ -168,7 +160,7 @@ class DiffusionStage:
         plan = self._diffusion.plan_of(denoise)
         request = _Request(
             ticket, loop.create_future(), self._diffusion.total_steps(denoise), engine_id,
-            metrics.resolution_bucket(plan.width, plan.height),
+            metrics.resolution_bucket(plan.width, plan.height), entry,
         )
         request.writer = FencedWriter(
             self._store, ticket.fence, self._store_io,
@@ -323,6 +315,9 @@ class DiffusionStage:
     # ------------------------------------------------------------------ around each step (event loop)
 
     def _after_step(self, request: _Request, finished: int, total: int) -> None:
+        if request.entry.started is None:  # its first step: the end of its wait for the engine
+            self._runner.ledger.started(request.entry)
+            request.entry.started = request.first_step_at or request.entry.started
         progress = self._marks.within(self._name, finished, total)
         request.writer.note(step=finished, total_steps=total, progress=progress)
         metrics.job_progressed(self._model)
