@@ -29,7 +29,7 @@ from serving.jobs.artifacts import open_artifacts
 from serving.jobs.events import JobEvents
 from serving.jobs.record import PHOTO_INPUT, JobRecord, new_job_id
 from serving.jobs.results import ResultStore
-from serving.jobs.store import open_store
+from serving.jobs.backends import open_store
 from serving.protocol import JobStatus
 from serving.requests import VideoRequest, validate_request
 from serving.tenancy.auth import Tenant

@@ -25,7 +25,7 @@ from serving.jobs.events import JobEvents
 from serving.jobs.progress import ProgressMarks
 from serving.jobs.results import ResultStore
 from serving.jobs.runner import JobRunner
-from serving.jobs.store import open_store
+from serving.jobs.backends import open_store
 from serving.metrics import StageStats
 from serving.tenancy.webhooks import WebhookSigner
 

@@ -26,7 +26,7 @@ from serving.tenancy.fair_share import QueuedJob
 
 __all__ = [
     "Fence", "JobStore", "StoreUnavailable", "ConditionalWrites", "QueueSnapshot", "TenantLoad", "TenantCheck",
-    "open_store",
+    "snapshot_of",
 ]
 
 # Called inside create's transaction with the tenant's (queued, running) counts; raises to refuse the job.
@@ -265,15 +265,3 @@ def _monotonic(record: JobRecord, changes: dict) -> dict:
     if "progress" in changes:
         changes = {**changes, "progress": max(record.progress, int(changes["progress"]))}
     return changes
-
-
-def open_store(backend: str, *, sqlite_path: str | None = None, redis_url: str | None = None) -> JobStore:
-    if backend == "sqlite":
-        from serving.jobs.sqlite_store import SQLiteJobStore
-
-        return SQLiteJobStore(sqlite_path)
-    if backend == "redis":
-        from serving.jobs.redis_store import RedisJobStore
-
-        return RedisJobStore(redis_url)
-    raise ValueError(f"jobs.backend: unknown job store '{backend}'; allowed: sqlite, redis")

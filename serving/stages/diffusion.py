@@ -38,7 +38,7 @@ from serving.errors import GenerationFailed, JobCancelled, StageDead, StageOutOf
 from serving.families import get_family
 from serving.jobs.artifacts import CHECKPOINT
 from serving.jobs.progress import ProgressMarks
-from serving.jobs.store import open_store
+from serving.jobs.backends import open_store
 from serving.jobs.writer import FencedWriter
 from serving.protocol import DenoiseResult, Handoff, JobTicket
 from serving.stages._base import LoadTimer, StageRunner, free_device_memory, is_out_of_memory, placement

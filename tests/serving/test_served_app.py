@@ -16,6 +16,8 @@ import pytest
 from serving.proto import video_pb2
 from tests.serving.conftest import SLOW, STEPS, bearer, stage_stats, wait_terminal, wait_until
 
+pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
+
 # Every call of these tests is the tenant "tests"'s (the session app requires API keys).
 _http = httpx.Client(headers=bearer(), timeout=60)
 

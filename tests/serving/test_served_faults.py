@@ -22,6 +22,8 @@ from tests.serving.conftest import (
     APP, LONG, SLOW, SLOWER, STEPS, bearer, deploy, diffusion_autoscaling, wait_terminal, wait_until,
 )
 
+pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
+
 # Every call of these tests is the tenant "tests"'s (the session app requires API keys).
 _http = httpx.Client(headers=bearer(), timeout=60)
 

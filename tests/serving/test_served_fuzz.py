@@ -19,6 +19,8 @@ from serving.ingress.deployment import http_app
 from serving.proto import video_pb2
 from tests.serving.conftest import bearer, grpc_stub
 
+pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
+
 schema = schemathesis.openapi.from_dict(http_app.openapi())
 _FUZZ = settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 

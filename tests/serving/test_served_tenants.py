@@ -25,6 +25,8 @@ from tests.serving.conftest import (
     CALLBACK_PREFIX_PORT, KEYS, SLOW, WEBHOOK_SECRET, bearer, grpc_stub, wait_terminal, wait_until,
 )
 
+pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
+
 SMALL = {"seconds": 1, "size": "64x64"}
 
 
