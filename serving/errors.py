@@ -12,6 +12,7 @@ __all__ = [
     "ReelserveError",
     "InvalidRequest",
     "NotFound",
+    "Expired",
     "NotReady",
     "Overloaded",
     "JobCancelled",
@@ -42,6 +43,10 @@ class InvalidRequest(ReelserveError):
 
 class NotFound(ReelserveError):
     """No such job."""
+
+
+class Expired(NotFound):
+    """The job's video was kept its time (``storage.results_ttl_s``) and is gone (HTTP 410, gRPC NOT_FOUND)."""
 
 
 class NotReady(ReelserveError):

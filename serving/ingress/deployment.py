@@ -9,12 +9,12 @@ UNAVAILABLE, it does not restart the ingress.
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type on routes.
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.admission import AdmissionLimits
-from cluster.config import JobsConfig, ModelConfig, RewriterConfig
+from cluster.config import JobsConfig, ModelConfig, RewriterConfig, StorageConfig
 from serving.errors import InvalidRequest, NotFound
 from serving.ingress.grpc import GrpcVideoMethods
 from serving.ingress.http import OPENAI_FIELD_NAMES, error_response, parse_create_request, video_object
@@ -53,12 +53,12 @@ async def _bad_parameter(request: Request, error: RequestValidationError) -> JSO
 class VideoIngress(GrpcVideoMethods):
     def __init__(
         self, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig, orchestrator=None,
-        admission: AdmissionLimits | None = None,
+        admission: AdmissionLimits | None = None, storage: StorageConfig | None = None,
     ):
         # Only the config sections it uses: scaling a stage (but diffusion, whose capacity admission reads)
         # changes none of them, so it does not restart this.
         self.model = model
-        self.service = VideoService(model, jobs, rewriter, orchestrator, admission)
+        self.service = VideoService(model, jobs, rewriter, orchestrator, admission, storage)
 
     async def check_health(self) -> None:
         return None  # alive while the process answers; the store's health is not ours
@@ -97,8 +97,11 @@ class VideoIngress(GrpcVideoMethods):
     async def video_content(self, video_id: str, variant: str = "video"):
         if variant != "video":
             raise InvalidRequest("variant", f"'{variant}' is not available; allowed: video")
-        path = await self.service.result_path(video_id)
-        return FileResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")
+        video = await self.service.content(video_id, sign=True)
+        if video.url is not None:  # an object store: the client fetches it from there, not through Ray
+            return RedirectResponse(video.url, status_code=307, headers={"Cache-Control": "no-store"})
+        headers = {"Content-Length": str(video.size), "Content-Disposition": f'attachment; filename="{video_id}.mp4"'}
+        return StreamingResponse(self.service.downloads.chunks(video), media_type="video/mp4", headers=headers)
 
     @http_app.post("/v1/videos/{video_id}/cancel")
     async def cancel_video(self, video_id: str):

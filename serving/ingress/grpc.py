@@ -11,6 +11,7 @@ import logging
 import grpc
 
 from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded, StoreUnavailable
+from serving.storage.errors import StorageFull, StorageUnavailable
 from serving.jobs.record import JobRecord
 from serving.proto import video_pb2
 
@@ -30,6 +31,7 @@ def to_proto(record: JobRecord) -> video_pb2.Video:
         completed_at=record.completed_at or 0.0, result_bytes=record.result_bytes,
         enhance_prompt=record.enhance_prompt, revised_prompt=record.revised_prompt or "",
         prompt_rewrite_fallback=record.rewrite_fallback or "", attempts=record.attempts,
+        expires_at=record.expires_at or 0.0,
     )
     if record.resumed_from_step is not None:
         video.resumed_from_step = record.resumed_from_step
@@ -49,8 +51,12 @@ def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, str(error)
     if isinstance(error, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error} (retry after {error.retry_after_s} s)"
+    if isinstance(error, StorageUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, "storage is unreachable right now; retry shortly"
     if isinstance(error, StoreUnavailable):
         return grpc.StatusCode.UNAVAILABLE, "the job store is unreachable right now; retry shortly"
+    if isinstance(error, StorageFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "storage is full; retry later"
     logger.exception("unexpected error in a gRPC call")
     return grpc.StatusCode.INTERNAL, "internal error"
 
@@ -88,7 +94,10 @@ class GrpcVideoMethods:
 
     async def GetVideo(self, request: video_pb2.GetVideoRequest, grpc_context=None) -> video_pb2.Video:
         try:
-            return to_proto(await self.service.get(request.id))
+            record = await self.service.get(request.id)
+            video = to_proto(record)
+            video.download_url = await self.service.download_url(record)
+            return video
         except Exception as error:  # noqa: BLE001
             _set_error(grpc_context, error)
             return video_pb2.Video()

@@ -12,10 +12,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded, StoreUnavailable
+from serving.errors import Expired, InvalidRequest, NotFound, NotReady, Overloaded, StoreUnavailable
 from serving.jobs.record import JobRecord
 from serving.media import MAX_PHOTO_BYTES
 from serving.protocol import JobStatus
+from serving.storage.errors import StorageFull, StorageUnavailable
 
 __all__ = ["parse_create_request", "video_object", "error_response", "OPENAI_FIELD_NAMES"]
 
@@ -76,7 +77,7 @@ def video_object(record: JobRecord) -> dict[str, Any]:
         "progress": record.progress,
         "created_at": int(record.created_at),
         "completed_at": int(record.completed_at) if record.completed_at else None,
-        "expires_at": None,
+        "expires_at": int(record.expires_at) if record.expires_at else None,
         "model": record.model,
         "prompt": record.prompt,
         "seconds": f"{record.seconds:g}",
@@ -102,8 +103,11 @@ def error_response(error: Exception, status: int | None = None) -> JSONResponse:
     """OpenAI-style error body with the matching status code (``status`` overrides it, e.g. 405)."""
     status_override = status
     headers = {}
+    code = None
     if isinstance(error, InvalidRequest):
         status, kind, param, message = 400, "invalid_request_error", error.field, str(error)
+    elif isinstance(error, Expired):
+        status, kind, param, message, code = 410, "invalid_request_error", None, str(error), "expired"
     elif isinstance(error, NotFound):
         status, kind, param, message = 404, "not_found_error", None, str(error)
     elif isinstance(error, NotReady):
@@ -114,9 +118,13 @@ def error_response(error: Exception, status: int | None = None) -> JSONResponse:
     elif isinstance(error, StoreUnavailable):
         status, kind, param = 503, "service_unavailable", None
         message = "the job store is unreachable right now; retry shortly"
+        if isinstance(error, StorageUnavailable):
+            message = "storage is unreachable right now; retry shortly"
         headers["Retry-After"] = "5"
+    elif isinstance(error, StorageFull):
+        status, kind, param, message = 507, "server_error", None, "storage is full; retry later"
     else:
         logger.error("unexpected error in an HTTP call", exc_info=error)
         status, kind, param, message = 500, "server_error", None, "internal error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status_override or status, headers=headers)

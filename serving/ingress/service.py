@@ -9,35 +9,37 @@ runs in worker threads, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import AsyncIterator
 
 from cluster.admission import AdmissionLimits, JobLoad, StepRate, admit, backlog_token_steps
-from cluster.config import JobsConfig, ModelConfig, RewriterConfig
+from cluster.config import JobsConfig, ModelConfig, RewriterConfig, StorageConfig
 from serving import metrics
-from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded
+from serving.errors import InvalidRequest, NotFound, Overloaded
 from serving.families import get_family
-from serving.jobs.artifacts import open_artifacts
+from serving.ingress.downloads import StoredVideoFile, VideoDownloads
 from serving.jobs.events import JobEvents
+from serving.jobs.job_storage import JobStorage
 from serving.jobs.record import PHOTO_INPUT, JobRecord, new_job_id
-from serving.jobs.results import ResultStore
 from serving.jobs.store import open_store
 from serving.protocol import JobStatus
 from serving.requests import VideoRequest, validate_request
+from serving.storage.keys import check_job_id
 
 __all__ = ["VideoService", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 1024 * 1024  # gRPC clients receive at most 4 MiB per message
 _WATCH_WAIT_S = 5.0  # a watcher re-reads at least this often even if no notification arrives
 _BACKLOG_FRESH_S = 1.0  # admission re-reads the backlog at most this often
+_STORAGE_FRESH_S = 1.0  # a job without a photo checks that storage answers at most this often
 MAX_PAGE = 100
 
 
 class VideoService:
     def __init__(
         self, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig, orchestrator=None,
-        limits: AdmissionLimits | None = None,
+        limits: AdmissionLimits | None = None, storage: StorageConfig | None = None,
     ):
         self.model, self.jobs, self.rewriter = model, jobs, rewriter
         self.admission = limits
@@ -48,8 +50,11 @@ class VideoService:
         self.limits = family.read_limits(model)
         self._count_tokens = family.token_counter(model)
         self.store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
-        self.results = ResultStore(jobs.results_dir)
-        self.artifacts = open_artifacts(jobs)
+        # Fail fast: a client waits about two seconds at most for a 503 when storage is down.
+        self.storage = JobStorage(storage or StorageConfig().with_job_defaults(jobs.results_dir, jobs.artifacts),
+                                  jobs.redis_url, fail_fast=True)
+        self.downloads = VideoDownloads(self.storage, CHUNK_BYTES)
+        self._storage_answered_at = -1e9
         self.events = JobEvents(self.store)
         self._orchestrator = orchestrator  # a deployment handle: woken after each accepted job
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ingress-io")
@@ -69,14 +74,16 @@ class VideoService:
         await self._admit_by_capacity()
         record = _new_record(request)
         if request.image is not None:
-            await self._blocking(self.results.save_input, record.id, PHOTO_INPUT.name, request.image)
+            await self._blocking(self.storage.save_input, record.id, PHOTO_INPUT.name, request.image)
+        else:
+            await self._storage_answers()  # the job's video goes there: no job while it is down
         try:
             created = await self._blocking(self.store.create, record, max_active=jobs.max_active_jobs)
         except BaseException:
-            await self._blocking(self.results.remove, record.id)  # no job, no photo left behind
+            await self._forget_inputs(record)  # no job, no photo left behind
             raise
         if not created:
-            await self._blocking(self.results.remove, record.id)
+            await self._forget_inputs(record)
             metrics.admission_refused(self.model.name, "max_active_jobs")
             raise Overloaded(
                 f"the server is at its limit of {jobs.max_active_jobs} active jobs; retry later",
@@ -85,6 +92,18 @@ class VideoService:
         if self._orchestrator is not None:
             self._orchestrator.wake.remote()  # not awaited: orchestrators also poll
         return record
+
+    async def _storage_answers(self) -> None:
+        """``StorageUnavailable`` (503) when the results store does not answer (asked at most once a second)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._storage_answered_at > _STORAGE_FRESH_S:
+            await self._blocking(self.storage.probe)
+            self._storage_answered_at = now
+
+    async def _forget_inputs(self, record: JobRecord) -> None:
+        if record.has_image:
+            with contextlib.suppress(Exception):  # what is left without a record, the sweeps remove
+                await self._blocking(self.storage.remove_job, record.id)
 
     async def _admit_by_capacity(self) -> None:
         """Refuse a job that would wait longer than scaling.max_queue_wait_s even with diffusion at max replicas."""
@@ -126,7 +145,12 @@ class VideoService:
         )
 
     async def get(self, job_id: str) -> JobRecord:
-        record = await self._blocking(self.store.get, job_id) if isinstance(job_id, str) and job_id else None
+        """The job; ``NotFound`` for an id of no job's shape, before any store is asked."""
+        try:
+            check_job_id(job_id)
+        except ValueError:
+            raise NotFound(f"no video with id {job_id!r}") from None
+        record = await self._blocking(self.store.get, job_id)
         if record is None or record.delete_requested:
             raise NotFound(f"no video with id '{job_id}'")
         return record
@@ -159,17 +183,15 @@ class VideoService:
 
     def _remove(self, job_id: str) -> None:
         self.store.delete(job_id)
-        self.results.remove(job_id)
-        self.artifacts.delete_job(job_id)
+        self.storage.remove_job(job_id)
 
-    async def result_path(self, job_id: str) -> Path:
-        record = await self.get(job_id)
-        if record.status != JobStatus.COMPLETED:
-            raise NotReady(f"video '{job_id}' is {record.status.api_name}; its content is available once completed")
-        path = Path(record.result_path or self.results.video_path(job_id))
-        if not await self._blocking(path.is_file):
-            raise NotFound(f"the content of video '{job_id}' is no longer stored")
-        return path
+    async def content(self, job_id: str, sign: bool) -> StoredVideoFile:
+        """Where the finished MP4 is: a signed URL (``sign`` and an object store that signs) or something to stream."""
+        return await self.downloads.locate(await self.get(job_id), sign=sign)
+
+    async def download_url(self, record: JobRecord) -> str:
+        """A signed URL of the job's MP4 when downloads are redirects and it is completed, else ``""``."""
+        return await self.downloads.signed_url(record)
 
     async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
         """The job each time its progress rises, then once more when it ends (woken by store writes)."""
@@ -195,13 +217,11 @@ class VideoService:
 
     async def read_chunks(self, job_id: str):
         """``(offset, data, total)`` chunks of the finished MP4."""
-        path = await self.result_path(job_id)
-        total = path.stat().st_size
-        with open(path, "rb") as handle:
-            offset = 0
-            while chunk := await self._blocking(handle.read, CHUNK_BYTES):
-                yield offset, chunk, total
-                offset += len(chunk)
+        video = await self.content(job_id, sign=False)
+        offset = 0
+        async for chunk in self.downloads.chunks(video):
+            yield offset, chunk, video.size
+            offset += len(chunk)
 
 
 def _new_record(request: VideoRequest) -> JobRecord:

@@ -31,7 +31,7 @@ from serving.jobs.events import JobEvents
 from serving.jobs.failures import StageFailure, replica_died
 from serving.jobs.progress import ProgressMarks
 from serving.jobs.record import JobRecord
-from serving.jobs.results import ResultStore
+from serving.jobs.job_storage import JobStorage
 from serving.jobs.store import JobStore
 from serving.jobs.writer import FencedWriter
 from serving.metrics import StageStats
@@ -51,7 +51,7 @@ class RunnerServices:
 
     store: JobStore
     events: JobEvents
-    results: ResultStore
+    storage: JobStorage  # the job's inputs and video, its stage outputs and checkpoints
     io: Callable[..., Awaitable[Any]]  # runs a blocking store call off the event loop
     family: Family
     handles: Mapping[str, Any]  # stage name -> deployment handle (each has ``call(ticket, method, *args)``)
@@ -134,7 +134,7 @@ class RunnerJobContext:
         spec = self.services.family.stage(call.stage)
         outputs = spec.outputs(call.method)
         if outputs and call.stage in self.done:  # finished by an earlier attempt: read its kept outputs
-            kept = tuple(Handoff(self.job.job_id, name, ref=None, nbytes=0) for name in outputs)
+            kept = tuple(Handoff(self.job.job_id, name, ref=None, nbytes=0, attempt=self.ticket.attempt) for name in outputs)
             return kept[0] if len(kept) == 1 else kept
         if advance:
             self._advance(call.stage, self.services.marks.start(call.stage))
@@ -205,7 +205,7 @@ class RunnerJobContext:
             photo = None
             firsts = self.job.inputs_with("first_frame")
             if firsts and services.rewriter.multimodal:
-                photo = await services.io(services.results.load_input, record.id, firsts[0].name)
+                photo = await services.io(services.storage.load_input, record.id, firsts[0].name)
             response = handle.rewrite.remote(record.prompt, record.seed, photo)
             # The stage enforces the timeout itself; this bound covers an unreachable or queued stage.
             result = await asyncio.wait_for(_result_of(response), timeout=services.rewriter.timeout_s + 5)

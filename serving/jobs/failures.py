@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from serving.errors import InvalidReference, ReelserveError, StageOutOfMemory
+from serving.storage.errors import StorageError
 
 __all__ = ["StageFailure", "LeaseLost", "client_safe_error", "replica_died"]
 
@@ -40,6 +41,8 @@ def client_safe_error(error: BaseException, stage: str, size: str = "") -> tuple
         return "overloaded", f"the {stage} stage was full; retry later"
     if replica_died(error):
         return "stage_unavailable", f"a {stage} replica died while generating this video, also when retried; retry later"
+    if isinstance(cause, StorageError):  # full, or unreachable for longer than storage.outage_wait_s
+        return "storage_unavailable", f"the {stage} stage could not use storage: {cause.client_message}"
     if isinstance(cause, InvalidReference):
         return "invalid_reference", "invalid reference " + cause.client_message.splitlines()[0][:300]
     if isinstance(cause, ReelserveError):

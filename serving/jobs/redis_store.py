@@ -7,7 +7,8 @@ ids of jobs not yet terminal. Conditional writes are optimistic transactions
 against Redis's own clock (``TIME``), and the write is refused if the record
 changed in between. Numbers keep full precision (read-modify-write in Python).
 Every write publishes the job id on ``EVENTS_CHANNEL``, which is how watchers
-and orchestrators hear of it without polling.
+and orchestrators hear of it without polling. An ended job's record carries a
+TTL: it goes ``RECORD_KEPT_AFTER_EXPIRY_S`` after its ``expires_at``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 
-from serving.jobs.record import JobRecord
+from serving.jobs.record import RECORD_KEPT_AFTER_EXPIRY_S, JobRecord
 from serving.jobs.store import ConditionalWrites, StoreUnavailable
 from serving.protocol import JobStatus
 
@@ -131,6 +132,8 @@ class RedisJobStore(ConditionalWrites):
             pipe.hset(key, mapping=_hash_fields(data))
             if data["status"] >= _TERMINAL:
                 pipe.srem(_ACTIVE, job_id)
+                if data.get("expires_at"):  # an ended job's record goes a day after its video (the sweeps too)
+                    pipe.expireat(key, int(data["expires_at"] + RECORD_KEPT_AFTER_EXPIRY_S) + 1)
             pipe.publish(EVENTS_CHANNEL, job_id)
             outcome["data"] = data
 

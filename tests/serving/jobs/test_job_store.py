@@ -77,8 +77,9 @@ def test_create_get_round_trips_every_field(store):
         completed_at=None,
         error_code=None,
         error_message=None,
-        result_path=None,
+        result_attempt=None,
         result_bytes=0,
+        expires_at=None,
         stage_seconds={"text_encoder": 0.25, "image_conditioner": 1.5},
         cancel_requested=False,
         delete_requested=False,
@@ -103,7 +104,8 @@ def test_create_get_round_trips_every_field(store):
 def test_create_get_round_trips_terminal_record_with_none_and_set_optionals(store):
     failed = make_record(
         status=JobStatus.FAILED, progress=57, stage="failed", completed_at=1500.5, started_at=None,
-        error_code="timeout", error_message="ran too long", result_path="/results/x.mp4", result_bytes=12345,
+        error_code="timeout", error_message="ran too long", result_attempt=2, result_bytes=12345,
+        expires_at=1500.5 + 604800,
         cancel_requested=True, delete_requested=True, owner=None, lease_until=0.0,
     )
     fresh = make_record()  # all defaults: None fields, empty stage_seconds, QUEUED
@@ -114,7 +116,7 @@ def test_create_get_round_trips_terminal_record_with_none_and_set_optionals(stor
     assert got == fresh
     assert got.status is JobStatus.QUEUED
     assert got.started_at is None and got.completed_at is None and got.owner is None
-    assert got.error_code is None and got.error_message is None and got.result_path is None
+    assert got.error_code is None and got.error_message is None and got.result_attempt is None
     assert got.stage_seconds == {}
 
 
@@ -233,7 +235,7 @@ def test_late_update_cannot_resurrect_finished_job(store):
     assert store.update(fence, status=JobStatus.IN_PROGRESS, progress=50, stage="diffusion")
     assert store.finish(
         fence, status=JobStatus.COMPLETED, progress=100, stage="completed", completed_at=1100.0,
-        result_path="/r/x.mp4", result_bytes=999,
+        result_attempt=fence.attempt, result_bytes=999,
     ) is True
     finished = store.get(record.id)
     assert finished.status is JobStatus.COMPLETED and finished.progress == 100

@@ -2,7 +2,8 @@
 
 Every S3 test gets a bucket of its own on the one server, so tests never see
 each other's objects. Credentials reach the client the way they do in
-production: through the standard AWS environment variables.
+production: through the standard AWS environment variables
+(``aws_environment``, in ``tests/serving/conftest.py``).
 """
 
 from __future__ import annotations
@@ -12,18 +13,7 @@ import secrets
 import pytest
 
 from serving.storage.store import Storage, open_storage
-from tests.s3_server import CREDENTIALS, S3Server
-
-
-@pytest.fixture(scope="session")
-def aws_environment():
-    """The standard AWS variables pointing at the test server's credentials, for the session."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in CREDENTIALS.items():
-            patch.setenv(name, value)
-        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
-            patch.delenv(name, raising=False)
-        yield
+from tests.s3_server import S3Server
 
 
 @pytest.fixture(scope="session")

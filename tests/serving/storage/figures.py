@@ -55,8 +55,8 @@ def checkpoint_and_job_outputs():
     import numpy as np
     import torch
 
-    from serving.families.ltx2_engine import DenoiseCheckpoint
-    from serving.families.ltx2_recipes import Guidance
+    from serving.families.ltx2.diffusion import DenoiseCheckpoint
+    from serving.families.ltx2.recipes import Guidance
     from serving.protocol import (
         AudioLatents,
         EncodedVideo,

@@ -61,7 +61,7 @@ def same(a, b) -> bool:
 LATENTS = VideoLatents(latents=host(1, 128, 2, 4, 5))
 AUDIO = AudioLatents(latents=host(1, 8, 12, 16, seed=3))
 EXAMPLES = [
-    RenderPlan.build(width=64, height=64, fps=24, seconds=0.5, seed=7, num_inference_steps=8, temporal_compression=8),
+    RenderPlan.build(width=64, height=64, fps=24, seconds=0.5, seed=7, num_inference_steps=8, frame_step=8),
     text(0),
     PromptEmbeddings(prompt=text(0)),
     PromptEmbeddings(prompt=text(0), negative=text(10)),
@@ -103,8 +103,8 @@ def test_the_file_is_a_plain_safetensors_file(tmp_path):
 
 def test_a_family_checkpoint_registers_and_round_trips():
     """The LTX-2 engine's checkpoint: registered by whoever owns it (here the test), not by the codec."""
-    from serving.families.ltx2_engine import DenoiseCheckpoint
-    from serving.families.ltx2_recipes import Guidance
+    from serving.families.ltx2.diffusion import DenoiseCheckpoint
+    from serving.families.ltx2.recipes import Guidance
 
     family_codec = Codec()
     with pytest.raises(TypeError, match="Guidance must be registered first"):
