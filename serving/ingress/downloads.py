@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from serving.errors import Expired, NotFound, NotReady
@@ -83,7 +83,7 @@ class VideoDownloads:
             await asyncio.to_thread(self.storage.remove_job, record.id)
         except Exception as error:  # noqa: BLE001 - the sweeps remove them
             logger.info("removing the objects of expired job %s failed: %r", record.id, error)
-        when = datetime.fromtimestamp(expires_at(record, self.storage.config.results_ttl_s), tz=timezone.utc)
+        when = datetime.fromtimestamp(expires_at(record, self.storage.config.results_ttl_s), tz=UTC)
         raise Expired(f"video '{record.id}' expired at {when:%Y-%m-%dT%H:%M:%SZ}; its content is no longer kept")
 
     async def chunks(self, video: StoredVideoFile) -> AsyncIterator[bytes]:

@@ -29,9 +29,9 @@ from serving.errors import JobCancelled, StoreUnavailable
 from serving.families.base import Family
 from serving.jobs.events import JobEvents
 from serving.jobs.failures import StageFailure, replica_died
+from serving.jobs.job_storage import JobStorage
 from serving.jobs.progress import ProgressMarks
 from serving.jobs.record import JobRecord
-from serving.jobs.job_storage import JobStorage
 from serving.jobs.store import JobStore
 from serving.jobs.writer import FencedWriter
 from serving.metrics import StageStats

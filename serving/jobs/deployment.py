@@ -13,13 +13,19 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig, RewriterConfig, StorageConfig
+from cluster.config import (
+    JobsConfig,
+    ModelConfig,
+    OrchestratorConfig,
+    RewriterConfig,
+    StorageConfig,
+)
 from serving.errors import StageDead
 from serving.families import get_family
 from serving.jobs.context import RunnerServices
 from serving.jobs.events import JobEvents
-from serving.jobs.progress import ProgressMarks
 from serving.jobs.job_storage import JobStorage
+from serving.jobs.progress import ProgressMarks
 from serving.jobs.runner import JobRunner
 from serving.jobs.store import open_store
 from serving.metrics import StageStats

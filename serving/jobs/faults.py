@@ -18,7 +18,7 @@ from cluster.config import FaultConfig
 from serving.protocol import JobTicket
 from serving.storage.codec import codec
 
-__all__ = ["FaultInjector", "InjectedOutOfMemory", "FaultCount"]
+__all__ = ["FaultCount", "FaultInjector", "InjectedOutOfMemory"]
 
 logger = logging.getLogger("ray.serve.reelserve.faults")
 

@@ -21,7 +21,7 @@ from serving.errors import GenerationFailed, StoreUnavailable
 from serving.jobs.job_storage import patiently
 from serving.jobs.store import open_store
 from serving.media import mux_mp4
-from serving.protocol import EncodedVideo, Handoff, JobTicket, StoredVideo, Waveform
+from serving.protocol import Handoff, JobTicket, StoredVideo
 from serving.stages._base import StageRunner, placement
 
 __all__ = ["MuxerStage", "StaleAttempt"]

@@ -12,6 +12,7 @@ marker run normally.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -35,6 +36,12 @@ FAULTS = [
     {"stage": "video_decoder", "kind": "stall", "prompt_contains": "[stall-decoder]", "stall_s": 30},
     {"stage": "muxer", "kind": "stall", "prompt_contains": "[stall-muxer]", "stall_s": 20},
     {"stage": "diffusion", "kind": "stall", "prompt_contains": "[stall-diffusion]", "stall_s": 120, "times_per_job": 3},
+    # Checkpoints made unreadable while diffusion is down: the replica dies after step 5, and the retried call
+    # waits 4 s on entry (the test spoils the checkpoints then). The first entry waits 4 s too.
+    {"stage": "diffusion", "kind": "kill_replica", "prompt_contains": "[corrupt]", "at_step": 5},
+    {"stage": "diffusion", "kind": "stall", "prompt_contains": "[corrupt]", "stall_s": 4, "times_per_job": 2},
+    # The MP4 goes up 8 s after the job reaches the muxer (the storage outage test stops S3 meanwhile).
+    {"stage": "muxer", "kind": "stall", "prompt_contains": "[mux-later]", "stall_s": 8},
 ]
 
 
@@ -81,6 +88,21 @@ def aws_environment():
         for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
             patch.delenv(name, raising=False)
         yield
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory, aws_environment) -> S3Server:
+    """moto's S3 server as a separate process on a free port (each test makes a bucket of its own)."""
+    server = S3Server(log_path=str(tmp_path_factory.mktemp("moto") / "moto.log"))
+    server.start()
+    yield server
+    server.stop(keep_data=False)
+
+
+def new_bucket(server: S3Server) -> str:
+    name = f"reelserve-{secrets.token_hex(6)}"
+    server.create_bucket(name)
+    return name
 
 
 def served_config(tiny_checkpoint, redis: DurableRedis, s3_endpoint: str, http_port: int, grpc_port: int) -> dict:
@@ -133,7 +155,8 @@ def served(tiny_checkpoint, tmp_path_factory, aws_environment):
 
     redis = DurableRedis(tmp_path_factory.mktemp("redis"))
     redis.start()
-    s3 = S3Server(log_path=str(tmp_path_factory.mktemp("moto-served") / "moto.log"))
+    s3_log = tmp_path_factory.mktemp("moto-served") / "moto.log"
+    s3 = S3Server(log_path=str(s3_log))
     s3.start()
     s3.create_bucket(BUCKET)
     http_port, grpc_port = free_port(), free_port()
@@ -161,6 +184,7 @@ def served(tiny_checkpoint, tmp_path_factory, aws_environment):
             "redis": redis,
             "redis_url": redis.url,
             "s3": s3,
+            "s3_log": s3_log,
             "config": config,
             "overrides": overrides,
         }

@@ -684,3 +684,33 @@ def test_admission_is_atomic_under_concurrent_creates(store):
         thread.join(timeout=30)
     assert len(admitted) == contenders
     assert sum(admitted) == limit == store.count_active()
+
+
+# ---------------------------------------------------------------------------------------------- retention
+
+
+def test_a_record_written_before_per_attempt_results_still_reads():
+    """Old records carry ``result_path`` and no ``result_attempt`` / ``expires_at``: they load, the path is dropped."""
+    old = make_record(status=JobStatus.COMPLETED, completed_at=1100.0).to_dict()
+    del old["result_attempt"], old["expires_at"]
+    old["result_path"] = "/results/video_x.mp4"
+    loaded = JobRecord.from_dict(old)
+    assert loaded.result_attempt is None and loaded.expires_at is None and not hasattr(loaded, "result_path")
+
+
+def test_an_ended_jobs_redis_record_expires_a_day_after_its_video(request, tmp_path):
+    from serving.jobs.record import RECORD_KEPT_AFTER_EXPIRY_S
+
+    store = _open("redis", request, tmp_path)
+    record = make_record()
+    store.create(record)
+    fence = _claim(store, record)
+    assert store.update(fence, stage="diffusion", progress=10)
+    key = f"reelserve:job:{record.id}"
+    assert store._redis.ttl(key) == -1  # a running job's record never expires
+    expires = time.time() + 3600
+    assert store.finish(fence, status=JobStatus.COMPLETED, stage="completed", completed_at=time.time(),
+                        expires_at=expires, result_attempt=fence.attempt)
+    assert 3600 + RECORD_KEPT_AFTER_EXPIRY_S - 5 <= store._redis.ttl(key) <= 3600 + RECORD_KEPT_AFTER_EXPIRY_S + 1
+    assert store.get(record.id).expires_at == expires
+    store.close()
