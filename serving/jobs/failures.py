@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from serving.errors import InvalidReference, ReelserveError, StageOutOfMemory
+from serving.errors import (
+    InvalidReference,
+    KeptOutputLost,
+    ReelserveError,
+    StageOutOfMemory,
+)
 from serving.storage.errors import StorageError
 
-__all__ = ["StageFailure", "LeaseLost", "client_safe_error", "replica_died"]
+__all__ = ["StageFailure", "LeaseLost", "client_safe_error", "kept_output_lost", "replica_died"]
 
 
 class StageFailure(Exception):
@@ -25,6 +30,12 @@ def replica_died(error: BaseException) -> bool:
     """Ray's ways of saying the replica serving a call is gone (the call may be retried elsewhere)."""
     names = {type(error).__name__, type(getattr(error, "cause", None) or error).__name__}
     return bool(names & {"ActorDiedError", "ActorUnavailableError", "RayActorError", "WorkerCrashedError"})
+
+
+def kept_output_lost(error: BaseException) -> str | None:
+    """The name of the kept hand-off a stage could not read (``KeptOutputLost``), else ``None``."""
+    cause = getattr(error, "cause", None) or error
+    return cause.name if isinstance(cause, KeptOutputLost) else None
 
 
 def client_safe_error(error: BaseException, stage: str, size: str = "") -> tuple[str, str]:

@@ -27,7 +27,7 @@ from typing import Any, Callable, TypeVar
 from cluster.config import FaultConfig, JobsConfig, StorageConfig
 from cluster.load import StageLoad
 from serving import metrics
-from serving.errors import GenerationFailed, StageOutOfMemory
+from serving.errors import GenerationFailed, KeptOutputLost, StageOutOfMemory
 from serving.jobs.faults import FaultInjector, InjectedOutOfMemory
 from serving.jobs.job_storage import JobStorage, patiently
 from serving.metrics import StageStats
@@ -170,9 +170,7 @@ class StageRunner:
         value = await self._patiently(self.storage.load_output, handoff.job_id, handoff.attempt, handoff.name,
                                       what=f"job {handoff.job_id}: reading the kept {handoff.name}")
         if value is None:
-            raise GenerationFailed(
-                f"the {handoff.name} of this job is lost (its producer is gone and no readable copy was kept)"
-            )
+            raise KeptOutputLost(handoff.name)
         return value
 
     async def read_input(self, job_input: JobInput) -> bytes:

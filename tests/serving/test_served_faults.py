@@ -168,12 +168,17 @@ def _uninterrupted_latents(served, tiny_checkpoint, prompt: str, seed: int) -> n
     return family.diffusion_model(model).denoise(embeddings, None, plan).video.latents.to().numpy()
 
 
-def test_an_orchestrator_replica_killed_mid_job_is_taken_over(served, stub, job_store, figures):
+def test_an_orchestrator_replica_killed_mid_job_is_taken_over(served, served_storage, stub, job_store, figures):
+    """The successor resumes denoising from the bucket's checkpoints. The kept prompt embeddings it would skip
+    the text encoder with are unreadable by then: it runs the text encoder again instead of failing."""
     created = _create(stub, f"a train crosses a bridge {SLOW}", seed=5)
     watcher = Watcher(stub, created.id)
     wait_until(lambda: job_store.get(created.id).step >= 3, what="three denoising steps")
     dead = _kill_orchestrator_holding(created.id, job_store)
     killed_at = time.time()
+    encoded = stage_stats("text_encoder")["requests_total"]
+    spoiled = f"artifacts/{created.id}/1/prompt_embeddings.safetensors"
+    served_storage.artifacts.put(spoiled, served_storage.artifacts.get(spoiled)[:-100])  # truncated
     wait_until(lambda: (r := job_store.get(created.id)).owner not in (None, dead) and r, timeout_s=30,
                what="another orchestrator taking the job over")
     figures["takeover_delay_s"] = round(time.time() - killed_at, 2)
@@ -192,6 +197,8 @@ def test_an_orchestrator_replica_killed_mid_job_is_taken_over(served, stub, job_
     assert any(key.startswith(f"artifacts/{created.id}/2/") for key in stored["artifacts-store"])
     assert record.result_attempt == 2
     assert {k for k in stored["results-store"] if k.startswith("results/")} == {f"results/{created.id}/2/video.mp4"}
+    assert stage_stats("text_encoder")["requests_total"] == encoded + 1  # redone once, not failed
+    assert f"{spoiled} is unreadable" in _replica_logs("diffusion")
 
 
 def test_a_takeover_after_the_decoders_redoes_neither_decoder_and_leaves_one_mp4(served, stub, job_store, probe_mp4,
