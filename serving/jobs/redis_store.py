@@ -109,8 +109,11 @@ class RedisJobStore(ConditionalWrites):
             start = rank + 1
         stop = start + limit  # one extra to learn whether more exist
         ids = self._redis.zrange(_INDEX, start, stop, desc=descending)
-        records = [r for r in (self.get(i) for i in ids[:limit]) if r is not None]
-        return records, len(ids) > limit
+        found = [(i, self.get(i)) for i in ids[:limit]]
+        gone = [i for i, record in found if record is None]
+        if gone:  # records that expired (their TTL) leave their ids in the index: drop them
+            self._redis.zrem(_INDEX, *gone)
+        return [record for _, record in found if record is not None], len(ids) > limit
 
     @_unavailable_on_connection_errors
     def _modify(self, job_id: str, decide) -> JobRecord | None:

@@ -99,13 +99,14 @@ class Retention:
         than the retention time. Their objects go at expiry, the record a day later."""
         candidates: list[JobRecord] = []
         after = None
-        while len(candidates) < _MAX_RECORDS_PER_SWEEP:
+        for _ in range(_MAX_RECORDS_PER_SWEEP // _RECORD_PAGE):
             page, more = self.store.list(after=after, limit=_RECORD_PAGE, order="asc")
             old = [record for record in page if record.created_at <= now - self.ttl_s]
             candidates += old
-            if not more or not page or len(old) < len(page):
+            if not more or len(old) < len(page):
                 break
-            after = page[-1].id
+            if page:  # an empty page with more after it: ids of records gone (Redis drops them as it lists)
+                after = page[-1].id
         for record in candidates:  # acted on after the listing: deleting records moves the listing's cursor
             if not is_expired(record, self.ttl_s, now):
                 continue

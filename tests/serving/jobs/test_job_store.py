@@ -714,3 +714,15 @@ def test_an_ended_jobs_redis_record_expires_a_day_after_its_video(request, tmp_p
     assert 3600 + RECORD_KEPT_AFTER_EXPIRY_S - 5 <= store._redis.ttl(key) <= 3600 + RECORD_KEPT_AFTER_EXPIRY_S + 1
     assert store.get(record.id).expires_at == expires
     store.close()
+
+
+def test_a_listing_drops_the_ids_of_records_that_expired(request, tmp_path):
+    store = _open("redis", request, tmp_path)
+    records = [make_record(created_at=1000.0 + i) for i in range(3)]
+    for record in records:
+        store.create(record)
+    store._redis.delete(f"reelserve:job:{records[0].id}")  # as its TTL does
+    listed, _ = store.list(after=None, limit=10, order="asc")
+    assert [r.id for r in listed] == [r.id for r in records[1:]]
+    assert store._redis.zrank("reelserve:jobs", records[0].id) is None
+    store.close()
