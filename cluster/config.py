@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from cluster.auth_config import AuthConfig, CallbacksConfig
 from cluster.model_config import EngineLoopConfig, ModelConfigBase
 from cluster.sizes import parse_size
+from cluster.storage_config import StorageConfig
 from serving.families import config_classes, family_names, get_family, is_tiny_checkpoint
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "FaultConfig",
     "ScalingConfig",
     "ReelserveConfig",
+    "StorageConfig",
     "ACCELERATOR_MEMORY_GB",
     "REWRITER_STAGE",
     "stage_names",
@@ -403,6 +405,14 @@ class ReelserveConfig(BaseModel):
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="HTTP and gRPC front door.")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Job store, results and admission limits.")
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig,
+        description=(
+            "Where inputs, MP4s, stage outputs and checkpoints live (a local directory, S3, GCS; stage outputs also "
+            "Redis), how long results are kept and how downloads are served. jobs.results_dir and jobs.artifacts "
+            "are the defaults of results_url and artifacts_url."
+        ),
+    )
     ray: RayConfig = Field(default_factory=RayConfig, description="Local cluster settings for `reelserve up`.")
     rewriter: RewriterConfig = Field(default_factory=RewriterConfig, description="The optional prompt rewriter stage.")
     orchestrator: OrchestratorConfig = Field(
@@ -490,6 +500,13 @@ class ReelserveConfig(BaseModel):
                 f"{', '.join(short)} (replicas x max_ongoing_requests + max_queued_requests) but jobs.max_active_jobs "
                 f"is {self.jobs.max_active_jobs}; raise max_queued_requests or lower max_active_jobs"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _storage_defaults_from_jobs(self) -> ReelserveConfig:
+        self.storage = self.storage.with_job_defaults(self.jobs.results_dir, self.jobs.artifacts)
+        if self.storage.artifacts_url == "redis" and not self.jobs.redis_url:
+            raise ValueError("storage.artifacts_url redis needs jobs.redis_url (the job store's Redis)")
         return self
 
     @model_validator(mode="after")

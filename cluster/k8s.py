@@ -108,7 +108,11 @@ def k8s_args(raw: dict, config: ReelserveConfig, redis_url: str, api_keys_secret
     args.setdefault("ingress", {})["host"] = "0.0.0.0"
     jobs = args.setdefault("jobs", {})
     jobs.pop("sqlite_path", None)
-    jobs.update(backend="redis", redis_url=redis_url, results_dir=RESULTS_MOUNT)
+    jobs.update(backend="redis", redis_url=redis_url)
+    if (args.get("storage") or {}).get("results_url"):  # an object store (or a directory of its own) holds results
+        jobs.pop("results_dir", None)
+    else:
+        jobs["results_dir"] = RESULTS_MOUNT
     if config.rewriter.enabled and not _has_gpus(config) and args.get("rewriter", {}).get("enabled", "auto") == "auto":
         args.setdefault("rewriter", {})["enabled"] = False
     return args

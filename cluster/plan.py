@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from cluster.config import ACCELERATOR_MEMORY_GB, REWRITER_STAGE, NodeType, ReelserveConfig, StageConfig, parse_size
 from cluster.placement import drain_seconds
+from cluster.storage_config import default_results_dir
 
 __all__ = ["Plan", "StagePlan", "Problem", "make_plan", "format_plan"]
 
@@ -60,6 +61,7 @@ class Plan:
     gpus_available: dict[str, int]  # per accelerator type, every node type at max_nodes
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    storage: list[str] = field(default_factory=list)  # where results and stage outputs go (StorageConfig.describe)
 
     @property
     def fits(self) -> bool:
@@ -102,6 +104,7 @@ def make_plan(config: ReelserveConfig, size: str | None = None, seconds: float |
     return Plan(
         stages=stages, handoffs=handoffs.as_dict(), handoff_size=f"{width}x{height}, {seconds:g} s",
         gpus_at_min=at_min, gpus_at_max=at_max, gpus_available=available, problems=problems, warnings=warnings,
+        storage=config.storage.describe(default_results_dir()),
     )
 
 
@@ -281,6 +284,7 @@ def format_plan(plan: Plan) -> str:
     lines.append("  " + ", ".join(f"{k} {_megabytes(v)}" for k, v in plan.handoffs.items()))
     lines.append(f"GPUs at min replicas: {_gpu_text(plan.gpus_at_min)}; at max replicas: {_gpu_text(plan.gpus_at_max)}"
                  + (f"; the nodes offer {_gpu_text(plan.gpus_available)}" if plan.gpus_available else ""))
+    lines += [f"storage: {line}" for line in plan.storage]
     for warning in plan.warnings:
         lines.append(f"warning: {warning}")
     for problem in plan.problems:

@@ -16,13 +16,20 @@ Credentials never appear here: S3 reads ``AWS_ACCESS_KEY_ID`` /
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import urlparse
 
+import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["StorageConfig"]
+__all__ = ["StorageConfig", "default_results_dir"]
 
 _SCHEMES = ("", "file", "s3", "gs")
+
+
+def default_results_dir() -> str:
+    """Where results live when nothing is configured: a directory under the user data directory (one machine)."""
+    return str(Path(platformdirs.user_data_dir("reelserve")) / "results")
 
 
 def _check_url(url: str | None, field: str) -> str | None:
@@ -109,6 +116,14 @@ class StorageConfig(BaseModel):
     sweep_interval_s: float = Field(
         600.0, gt=0, description="How often expired and unwanted objects are swept (stores without lifecycle rules)."
     )
+    outage_wait_s: float = Field(
+        300.0,
+        ge=0,
+        description=(
+            "How long a running job's stage waits out an unreachable store (retrying with backoff) before the "
+            "job fails with storage_unavailable; bounded by jobs.job_timeout_s too."
+        ),
+    )
 
     @field_validator("results_url", "artifacts_url")
     @classmethod
@@ -128,6 +143,23 @@ class StorageConfig(BaseModel):
         if self.s3_endpoint_url and "s3" not in schemes:
             raise ValueError("storage.s3_endpoint_url is set but neither results_url nor artifacts_url is s3://")
         return self
+
+    def with_job_defaults(self, results_dir: str | None, artifacts: str = "results_dir") -> StorageConfig:
+        """This section with the older settings filled in: ``jobs.results_dir`` is the default of
+        ``results_url`` and ``jobs.artifacts: redis`` the default of ``artifacts_url``; set both ways, they must agree."""
+        update: dict = {}
+        if results_dir:
+            if self.results_url is not None and self.results_url != results_dir:
+                raise ValueError(
+                    f"jobs.results_dir ({results_dir!r}) and storage.results_url ({self.results_url!r}) disagree; "
+                    "set only storage.results_url"
+                )
+            update["results_url"] = results_dir
+        if artifacts == "redis":
+            if self.artifacts_url is not None and self.artifacts_url != "redis":
+                raise ValueError("jobs.artifacts redis and storage.artifacts_url disagree; set only storage.artifacts_url")
+            update["artifacts_url"] = "redis"
+        return self.model_copy(update=update) if update else self
 
     def client_options(self) -> dict:
         """Keyword arguments for ``serving.storage.store.open_storage``."""

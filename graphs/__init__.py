@@ -22,7 +22,7 @@ The graph, one deployment per box::
                       v                           v
                 video_decoder (-> H.264)     audio_decoder
                       \\                           /
-                       +--------> muxer <---------+  -> MP4 in the results directory
+                       +--------> muxer <---------+  -> MP4 in the results store (directory, S3, GCS)
 
 Stage outputs travel between stages as Ray objects, named in small hand-off
 receipts; a copy of each waits in the job's artifacts until the job ends, so
@@ -68,11 +68,11 @@ def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
         )
     tenancy = RunnerTenancy(config.auth, config.callbacks, config.stages["diffusion"].max_ongoing_requests)
     runner = serve.deployment(JobRunnerDeployment).options(**orchestrator_options(config)).bind(
-        config.orchestrator, config.model, config.jobs, config.rewriter, handles, tenancy
+        config.orchestrator, config.model, config.jobs, config.rewriter, handles, tenancy, config.storage
     )
     return serve.deployment(VideoIngress).options(**ingress_options(config)).bind(
         config.model, config.jobs, config.rewriter, runner, AdmissionLimits.of(config), config.ingress, config.auth,
-        config.callbacks,
+        config.callbacks, config.storage,
     )
 
 
@@ -81,11 +81,13 @@ def _deployment(cls, name: str, config: ReelserveConfig):
 
 
 def _bind_stage(name: str, kind: str, config: ReelserveConfig):
-    """A stage gets only what it uses: its own model settings (device, dtype), the jobs section, its faults."""
+    """A stage gets only what it uses: its own model settings (device, dtype), the jobs section, its faults, the
+    storage section."""
     jobs, faults = config.jobs, [f for f in config.faults if f.stage == name]
     if kind == "muxer":
-        return _deployment(MuxerStage, name, config).bind(jobs, faults, config.model.name)
-    return _deployment(_STAGE_CLASSES[kind], name, config).bind(name, config.stage_model(name), jobs, faults)
+        return _deployment(MuxerStage, name, config).bind(jobs, faults, config.model.name, config.storage)
+    return _deployment(_STAGE_CLASSES[kind], name, config).bind(name, config.stage_model(name), jobs, faults,
+                                                                config.storage)
 
 
 def _refuse_what_cannot_fit(config: ReelserveConfig) -> None:

@@ -12,10 +12,12 @@ __all__ = [
     "ReelserveError",
     "InvalidRequest",
     "NotFound",
+    "Expired",
     "NotReady",
     "Overloaded",
     "JobCancelled",
     "GenerationFailed",
+    "KeptOutputLost",
     "StageOutOfMemory",
     "InvalidReference",
     "StoreUnavailable",
@@ -44,6 +46,10 @@ class NotFound(ReelserveError):
     """No such job."""
 
 
+class Expired(NotFound):
+    """The job's video was kept its time (``storage.results_ttl_s``) and is gone (HTTP 410, gRPC NOT_FOUND)."""
+
+
 class NotReady(ReelserveError):
     """The job exists but is not in a state that allows the operation."""
 
@@ -62,6 +68,18 @@ class JobCancelled(ReelserveError):
 
 class GenerationFailed(ReelserveError):
     """A stage failed for this request; the job fails, the replica lives on."""
+
+
+class KeptOutputLost(GenerationFailed):
+    """A hand-off's Ray object is gone and its kept copy is missing or unreadable. ``name`` names the output: the
+    runner runs the stage that made it again (a copy kept by an earlier attempt) or the job fails."""
+
+    def __init__(self, name: str):
+        super().__init__(name)  # args = (name,): it survives pickling across Ray
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"the {self.name} of this job is lost (its producer is gone and no readable copy was kept)"
 
 
 class StageOutOfMemory(GenerationFailed):

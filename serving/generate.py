@@ -63,8 +63,8 @@ class LocalGenerator:
             inputs=(PHOTO_INPUT,) if request.image is not None else (),
         )
         context = InProcessContext(self.family, self._components, job, inputs, Path(out_path), on_step, on_stage)
-        video = asyncio.run(self.family.pipeline(context, job, self.config))
-        return Path(video.path)
+        asyncio.run(self.family.pipeline(context, job, self.config))
+        return Path(out_path)
 
 
 class InProcessContext:
@@ -87,7 +87,7 @@ class InProcessContext:
             result = self._denoise(self.components[stage], args)
         else:
             path = mux_mp4(self._out_path, *args)
-            result = StoredVideo(path=str(path), num_bytes=path.stat().st_size)
+            result = StoredVideo(attempt=1, num_bytes=path.stat().st_size)
         if self._on_stage is not None:
             self._on_stage(stage, time.perf_counter() - started)
         return result

@@ -294,7 +294,9 @@ class Handoff:
     ``name`` in the job's artifacts until the job ends, so a takeover (with no
     ``ref``) or a consumer whose producer replica is gone still finds it.
     ``kept`` is false when keeping that copy failed: the job goes on, but the
-    stage is not marked done, so a takeover runs it again.
+    stage is not marked done, so a takeover runs it again. ``attempt`` is the
+    job attempt it belongs to: the kept copy is read from that attempt or an
+    earlier one, never from another.
     """
 
     job_id: str
@@ -302,6 +304,7 @@ class Handoff:
     ref: object | None
     nbytes: int
     kept: bool = True
+    attempt: int = 1
 
 
 @dataclass(frozen=True)
@@ -342,14 +345,18 @@ class DenoiseResult:
 
 @dataclass(frozen=True)
 class StoredVideo:
-    """The finished MP4, written by the muxer where the results live."""
+    """The finished MP4, written by the muxer where the results live, under the attempt that made it.
 
-    path: str
+    It becomes the job's result only through the fenced write that completes the
+    job (``result_attempt``): the store's key derives from the job id and this number.
+    """
+
+    attempt: int
     num_bytes: int
     kept: bool = True
 
     def record_changes(self) -> dict[str, Any]:
-        return {"result_path": self.path, "result_bytes": self.num_bytes}
+        return {"result_attempt": self.attempt, "result_bytes": self.num_bytes}
 
 
 class StepCallback:

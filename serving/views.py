@@ -30,7 +30,7 @@ def video_object(record: JobRecord, queue: dict[str, Any] | None = None) -> dict
         "progress": record.progress,
         "created_at": int(record.created_at),
         "completed_at": int(record.completed_at) if record.completed_at else None,
-        "expires_at": None,
+        "expires_at": int(record.expires_at) if record.expires_at else None,
         "model": record.model,
         "prompt": record.prompt,
         "seconds": f"{record.seconds:g}",

@@ -9,13 +9,13 @@ UNAVAILABLE, it does not restart the ingress.
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type on routes.
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.admission import AdmissionLimits
 from cluster.auth_config import AuthConfig, CallbacksConfig
-from cluster.config import IngressConfig, JobsConfig, ModelConfig, RewriterConfig
+from cluster.config import IngressConfig, JobsConfig, ModelConfig, RewriterConfig, StorageConfig
 from serving.errors import InvalidRequest, NotFound
 from serving.ingress.body_limits import BodySizeLimit
 from serving.ingress.grpc import GrpcVideoMethods
@@ -58,13 +58,13 @@ class VideoIngress(GrpcVideoMethods):
     def __init__(
         self, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig, orchestrator=None,
         admission: AdmissionLimits | None = None, ingress: IngressConfig | None = None, auth: AuthConfig | None = None,
-        callbacks: CallbacksConfig | None = None,
+        callbacks: CallbacksConfig | None = None, storage: StorageConfig | None = None,
     ):
         # Only the config sections it uses: scaling a stage (but diffusion, whose capacity admission reads)
         # changes none of them, so it does not restart this.
         self.model = model
         ingress = ingress or IngressConfig()
-        self.service = VideoService(model, jobs, rewriter, orchestrator, admission, ingress, auth, callbacks)
+        self.service = VideoService(model, jobs, rewriter, orchestrator, admission, ingress, auth, callbacks, storage)
         # Before the first request: bodies over the cap are refused before they are read.
         if not any(middleware.cls is BodySizeLimit for middleware in http_app.user_middleware):
             http_app.add_middleware(BodySizeLimit, max_body_bytes=ingress.max_body_bytes)
@@ -117,8 +117,11 @@ class VideoIngress(GrpcVideoMethods):
         tenant = self._tenant(request)
         if variant != "video":
             raise InvalidRequest("variant", f"'{variant}' is not available; allowed: video")
-        path = await self.service.result_path(video_id, tenant)
-        return FileResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")
+        video = await self.service.content(video_id, tenant, sign=True)
+        if video.url is not None:  # an object store: the client fetches it from there, not through Ray
+            return RedirectResponse(video.url, status_code=307, headers={"Cache-Control": "no-store"})
+        headers = {"Content-Length": str(video.size), "Content-Disposition": f'attachment; filename="{video_id}.mp4"'}
+        return StreamingResponse(self.service.downloads.chunks(video), media_type="video/mp4", headers=headers)
 
     @http_app.post("/v1/videos/{video_id}/cancel")
     async def cancel_video(self, request: Request, video_id: str):

@@ -13,6 +13,7 @@ import grpc
 from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded, StoreUnavailable
 from serving.jobs.record import JobRecord
 from serving.proto import video_pb2
+from serving.storage.errors import StorageFull, StorageUnavailable
 from serving.tenancy.auth import Tenant
 from serving.tenancy.errors import IdempotencyConflict, Unauthenticated
 
@@ -34,7 +35,7 @@ def to_proto(record: JobRecord, queue: dict | None = None) -> video_pb2.Video:
         completed_at=record.completed_at or 0.0, result_bytes=record.result_bytes,
         enhance_prompt=record.enhance_prompt, revised_prompt=record.revised_prompt or "",
         prompt_rewrite_fallback=record.rewrite_fallback or "", attempts=record.attempts,
-        priority=_PRIORITY[max(0, min(record.priority, 2))],
+        priority=_PRIORITY[max(0, min(record.priority, 2))], expires_at=record.expires_at or 0.0,
     )
     if queue.get("queue_position") is not None:
         video.queue_position = queue["queue_position"]
@@ -62,8 +63,12 @@ def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, str(error)
     if isinstance(error, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error} (retry after {error.retry_after_s} s)"
+    if isinstance(error, StorageUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, "storage is unreachable right now; retry shortly"
     if isinstance(error, StoreUnavailable):
         return grpc.StatusCode.UNAVAILABLE, "the job store is unreachable right now; retry shortly"
+    if isinstance(error, StorageFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "storage is full; retry later"
     logger.exception("unexpected error in a gRPC call")
     return grpc.StatusCode.INTERNAL, "internal error"
 
@@ -113,7 +118,10 @@ class GrpcVideoMethods:
 
     async def GetVideo(self, request: video_pb2.GetVideoRequest, grpc_context=None) -> video_pb2.Video:
         try:
-            return await self._proto(await self.service.get(request.id, self._grpc_tenant(grpc_context)))
+            record = await self.service.get(request.id, self._grpc_tenant(grpc_context))
+            video = await self._proto(record)
+            video.download_url = await self.service.download_url(record)
+            return video
         except Exception as error:  # noqa: BLE001
             _set_error(grpc_context, error)
             return video_pb2.Video()

@@ -12,9 +12,10 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded, StoreUnavailable
-from serving.tenancy.errors import IdempotencyConflict, QuotaExceeded, Unauthenticated
+from serving.errors import Expired, InvalidRequest, NotFound, NotReady, Overloaded, StoreUnavailable
 from serving.media import MAX_PHOTO_BYTES
+from serving.storage.errors import StorageFull, StorageUnavailable
+from serving.tenancy.errors import IdempotencyConflict, QuotaExceeded, Unauthenticated
 
 __all__ = ["parse_create_request", "error_response", "OPENAI_FIELD_NAMES", "CREATE_BODY_SCHEMA"]
 
@@ -96,6 +97,8 @@ def error_response(error: Exception, status: int | None = None) -> JSONResponse:
     elif isinstance(error, Unauthenticated):
         answer, kind, param, message = 401, "authentication_error", None, str(error)
         headers["WWW-Authenticate"] = "Bearer"
+    elif isinstance(error, Expired):
+        answer, kind, param, message, code = 410, "invalid_request_error", None, str(error), "expired"
     elif isinstance(error, NotFound):
         answer, kind, param, message = 404, "not_found_error", None, str(error)
     elif isinstance(error, (NotReady, IdempotencyConflict)):
@@ -109,7 +112,11 @@ def error_response(error: Exception, status: int | None = None) -> JSONResponse:
     elif isinstance(error, StoreUnavailable):
         answer, kind, param = 503, "service_unavailable", None
         message = "the job store is unreachable right now; retry shortly"
+        if isinstance(error, StorageUnavailable):
+            message = "storage is unreachable right now; retry shortly"
         headers["Retry-After"] = "5"
+    elif isinstance(error, StorageFull):
+        answer, kind, param, message = 507, "server_error", None, "storage is full; retry later"
     else:
         logger.error("unexpected error in an HTTP call", exc_info=error)
         answer, kind, param, message = 500, "server_error", None, "internal error"

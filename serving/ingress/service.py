@@ -11,27 +11,27 @@ answers exactly as an unknown one (404).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 from cluster.admission import AdmissionLimits
 from cluster.auth_config import CallbacksConfig
-from cluster.config import IngressConfig, JobsConfig, ModelConfig, RewriterConfig
+from cluster.config import IngressConfig, JobsConfig, ModelConfig, RewriterConfig, StorageConfig
 from serving import metrics
-from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded, StoreUnavailable
+from serving.errors import InvalidRequest, NotFound, Overloaded, StoreUnavailable
 from serving.families import get_family
 from serving.ingress.capacity import QueueView
+from serving.ingress.downloads import StoredVideoFile, VideoDownloads
 from serving.ingress.gate import CreateTicket, TenantGate
 from serving.ingress.photo_limits import DecodeBudget, decode_photo
-from serving.jobs.artifacts import open_artifacts
-from serving.jobs.events import JobEvents
-from serving.jobs.record import PHOTO_INPUT, JobRecord, new_job_id
-from serving.jobs.results import ResultStore
 from serving.jobs.backends import open_store
-from serving.protocol import JobStatus
+from serving.jobs.events import JobEvents
+from serving.jobs.job_storage import JobStorage
+from serving.jobs.record import PHOTO_INPUT, JobRecord, new_job_id
 from serving.requests import VideoRequest, validate_request
+from serving.storage.keys import check_job_id
 from serving.tenancy.auth import Tenant
 
 __all__ = ["VideoService", "CHUNK_BYTES", "HEARTBEAT_S"]
@@ -39,6 +39,7 @@ __all__ = ["VideoService", "CHUNK_BYTES", "HEARTBEAT_S"]
 CHUNK_BYTES = 1024 * 1024  # gRPC clients receive at most 4 MiB per message
 HEARTBEAT_S = 10.0  # a watcher hears from a waiting job at least this often (proxies cut idle streams)
 _WATCH_WAIT_S = 5.0  # a watcher re-reads at least this often even if no notification arrives
+_STORAGE_FRESH_S = 1.0  # a job without a photo checks that storage answers at most this often
 MAX_PAGE = 100
 
 
@@ -46,7 +47,7 @@ class VideoService:
     def __init__(
         self, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig, orchestrator=None,
         limits: AdmissionLimits | None = None, ingress: IngressConfig | None = None, auth=None,
-        callbacks: CallbacksConfig | None = None,
+        callbacks: CallbacksConfig | None = None, storage: StorageConfig | None = None,
     ):
         self.model, self.jobs, self.rewriter = model, jobs, rewriter
         self.ingress = ingress or IngressConfig()
@@ -54,8 +55,11 @@ class VideoService:
         self.limits = family.read_limits(model)
         self._count_tokens = family.token_counter(model)
         self.store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
-        self.results = ResultStore(jobs.results_dir)
-        self.artifacts = open_artifacts(jobs)
+        # Fail fast: a client waits about two seconds at most for a 503 when storage is down.
+        self.storage = JobStorage(storage or StorageConfig().with_job_defaults(jobs.results_dir, jobs.artifacts),
+                                  jobs.redis_url, fail_fast=True)
+        self.downloads = VideoDownloads(self.storage, CHUNK_BYTES)
+        self._storage_answered_at = -1e9
         self.events = JobEvents(self.store)
         self.gate = TenantGate(auth, callbacks or CallbacksConfig(), jobs)
         self._orchestrator = orchestrator  # a deployment handle: woken after each accepted job
@@ -100,19 +104,21 @@ class VideoService:
         await self.queue.admit(self.model.name)
         await self.gate.check_rate(ticket.tenant, self._blocking)
         if request.image is not None:
-            await self._blocking(self.results.save_input, record.id, PHOTO_INPUT.name, request.image)
+            await self._blocking(self.storage.save_input, record.id, PHOTO_INPUT.name, request.image)
+        else:
+            await self._storage_answers()  # the job's video goes there: no job while it is down
         service_s = self.model.latent_tokens(record.width, record.height, record.seconds, record.fps) * \
             record.total_steps * (await self.queue.current()).seconds_per_token_step
         try:
             created = await self._blocking(self.store.create, record, max_active=jobs.max_active_jobs,
                                            check_tenant=self.gate.tenant_check(ticket.tenant, service_s))
         except BaseException as error:
-            await self._blocking(self.results.remove, record.id)  # no job, no photo left behind
+            await self._forget_inputs(record)  # no job, no photo left behind
             if isinstance(error, Overloaded):
                 metrics.admission_refused(self.model.name, getattr(error, "code", "overloaded"), ticket.tenant.name)
             raise
         if not created:
-            await self._blocking(self.results.remove, record.id)
+            await self._forget_inputs(record)
             metrics.admission_refused(self.model.name, "max_active_jobs", ticket.tenant.name)
             raise Overloaded(
                 f"the server is at its limit of {jobs.max_active_jobs} active jobs; retry later",
@@ -121,6 +127,18 @@ class VideoService:
         if self._orchestrator is not None:
             self._orchestrator.wake.remote()  # not awaited: runners also poll
         return record
+
+    async def _storage_answers(self) -> None:
+        """``StorageUnavailable`` (503) when the results store does not answer (asked at most once a second)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._storage_answered_at > _STORAGE_FRESH_S:
+            await self._blocking(self.storage.probe)
+            self._storage_answered_at = now
+
+    async def _forget_inputs(self, record: JobRecord) -> None:
+        if record.has_image:
+            with contextlib.suppress(Exception):  # what is left without a record, the sweeps remove
+                await self._blocking(self.storage.remove_job, record.id)
 
     def _validate(self, names: dict[str, str], fields) -> VideoRequest:
         return validate_request(
@@ -133,8 +151,13 @@ class VideoService:
         return await self._blocking(self.store.get, job_id)
 
     async def get(self, job_id: str, tenant: Tenant) -> JobRecord:
-        """The tenant's job; another tenant's answers as an unknown id."""
-        record = await self._blocking(self.store.get, job_id) if isinstance(job_id, str) and job_id else None
+        """The tenant's job; another tenant's, and an id of no job's shape (before any store is asked), answer as
+        an unknown id."""
+        try:
+            check_job_id(job_id)
+        except ValueError:
+            raise NotFound(f"no video with id {job_id!r}") from None
+        record = await self._blocking(self.store.get, job_id)
         if record is None or record.delete_requested or record.tenant != tenant.name:
             raise NotFound(f"no video with id '{job_id}'")
         return record
@@ -176,17 +199,15 @@ class VideoService:
 
     def _remove(self, job_id: str) -> None:
         self.store.delete(job_id)
-        self.results.remove(job_id)
-        self.artifacts.delete_job(job_id)
+        self.storage.remove_job(job_id)
 
-    async def result_path(self, job_id: str, tenant: Tenant) -> Path:
-        record = await self.get(job_id, tenant)
-        if record.status != JobStatus.COMPLETED:
-            raise NotReady(f"video '{job_id}' is {record.status.api_name}; its content is available once completed")
-        path = Path(record.result_path or self.results.video_path(job_id))
-        if not await self._blocking(path.is_file):
-            raise NotFound(f"the content of video '{job_id}' is no longer stored")
-        return path
+    async def content(self, job_id: str, tenant: Tenant, sign: bool) -> StoredVideoFile:
+        """Where the finished MP4 is: a signed URL (``sign`` and an object store that signs) or something to stream."""
+        return await self.downloads.locate(await self.get(job_id, tenant), sign=sign)
+
+    async def download_url(self, record: JobRecord) -> str:
+        """A signed URL of the job's MP4 when downloads are redirects and it is completed, else ``""``."""
+        return await self.downloads.signed_url(record)
 
     async def watch(self, job_id: str, tenant: Tenant) -> AsyncIterator[tuple[JobRecord, bool]]:
         """``(job, heartbeat)`` each time its progress rises, at least every ``HEARTBEAT_S`` while it waits
@@ -213,13 +234,11 @@ class VideoService:
 
     async def read_chunks(self, job_id: str, tenant: Tenant):
         """``(offset, data, total)`` chunks of the finished MP4."""
-        path = await self.result_path(job_id, tenant)
-        total = path.stat().st_size
-        with open(path, "rb") as handle:
-            offset = 0
-            while chunk := await self._blocking(handle.read, CHUNK_BYTES):
-                yield offset, chunk, total
-                offset += len(chunk)
+        video = await self.content(job_id, tenant, sign=False)
+        offset = 0
+        async for chunk in self.downloads.chunks(video):
+            yield offset, chunk, video.size
+            offset += len(chunk)
 
 
 def _new_record(request: VideoRequest, ticket: CreateTicket, max_queue_wait_s: float | None) -> JobRecord:

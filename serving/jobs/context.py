@@ -3,7 +3,8 @@
 For each ``ctx.call(stage, method, *args)`` this module:
 
 - **skips** a stage an earlier attempt finished (its outputs are kept in the
-  job's artifacts; the hand-offs it returns then read the kept copies);
+  job's artifacts; the hand-offs it returns then read the kept copies), and
+  runs it again when a kept copy turns out unreadable;
 - **blames** a failure on its stage (``StageFailure``), retrying the call when
   only its replica died (diffusion then resumes from its checkpoint);
 - **cancels** the call in flight as soon as the job's cancel flag is set (the
@@ -29,10 +30,10 @@ from serving import metrics
 from serving.errors import JobCancelled, StoreUnavailable
 from serving.families.base import Family
 from serving.jobs.events import JobEvents
-from serving.jobs.failures import StageFailure, replica_died
+from serving.jobs.failures import StageFailure, kept_output_lost, replica_died
+from serving.jobs.job_storage import JobStorage
 from serving.jobs.progress import ProgressMarks
 from serving.jobs.record import JobRecord
-from serving.jobs.results import ResultStore
 from serving.jobs.store import JobStore
 from serving.jobs.writer import FencedWriter
 from serving.metrics import StageStats
@@ -52,7 +53,7 @@ class RunnerServices:
 
     store: JobStore
     events: JobEvents
-    results: ResultStore
+    storage: JobStorage  # the job's inputs and video, its stage outputs and checkpoints
     io: Callable[..., Awaitable[Any]]  # runs a blocking store call off the event loop
     family: Family
     handles: Mapping[str, Any]  # stage name -> deployment handle (each has ``call(ticket, method, *args)``)
@@ -87,6 +88,7 @@ class RunnerJobContext:
         self.done: set[str] = set(record.done_stages)
         self.timings: dict[str, float] = dict(record.stage_seconds)
         self.denoising = 0  # diffusion calls in flight (a hand-over waits for their stop checkpoint)
+        self._skipped: dict[str, StageCall] = {}  # output name -> the skipped call whose kept copy stands for it
 
     # ------------------------------------------------------------------ the pipeline's side
 
@@ -139,7 +141,8 @@ class RunnerJobContext:
         spec = self.services.family.stage(call.stage)
         outputs = spec.outputs(call.method)
         if outputs and call.stage in self.done:  # finished by an earlier attempt: read its kept outputs
-            kept = tuple(Handoff(self.job.job_id, name, ref=None, nbytes=0) for name in outputs)
+            self._skipped.update(dict.fromkeys(outputs, call))
+            kept = tuple(Handoff(self.job.job_id, name, ref=None, nbytes=0, attempt=self.ticket.attempt) for name in outputs)
             return kept[0] if len(kept) == 1 else kept
         if advance:
             self._advance(call.stage, self.services.marks.start(call.stage))
@@ -147,7 +150,8 @@ class RunnerJobContext:
         started = time.perf_counter()
         self.denoising += spec.kind == "diffusion"
         try:
-            receipt = await self._attempt(call.stage, lambda: handle.call.remote(self.ticket, call.method, *call.args))
+            receipt = await self._attempt(call.stage, lambda: handle.call.remote(self.ticket, call.method, *call.args),
+                                          call)
         finally:
             self.denoising -= spec.kind == "diffusion"
         self._finished(call.stage, started, kept=bool(getattr(receipt, "kept", True)),
@@ -157,10 +161,11 @@ class RunnerJobContext:
             return handoffs[0] if len(handoffs) == 1 else tuple(handoffs)
         return receipt
 
-    async def _attempt(self, stage: str, make_call: Callable[[], Any]) -> Any:
-        """The call, cancelled with the job; made again when its replica died mid-call."""
-        retries = self.services.jobs.stage_retries
-        for retry in range(retries + 1):
+    async def _attempt(self, stage: str, make_call: Callable[[], Any], call: StageCall | None = None) -> Any:
+        """The call, cancelled with the job; made again when its replica died mid-call, or (with the stage that
+        made it run again) when a kept input of an earlier attempt was unreadable."""
+        retries, retry = self.services.jobs.stage_retries, 0
+        while True:
             await self._raise_if_cancelled()
             response = make_call()
             try:
@@ -169,13 +174,30 @@ class RunnerJobContext:
                 response.cancel()
                 raise
             except Exception as error:  # noqa: BLE001 - every failure is attributed to this stage
+                lost = kept_output_lost(error)
+                if call is not None and lost in self._skipped:
+                    call.args = await self._redo(lost, call.args)
+                    continue
                 if replica_died(error) and retry < retries:
+                    retry += 1
                     logger.warning("job %s: a %s replica died mid-call; calling again (%d of %d)",
-                                   self.job.job_id, stage, retry + 1, retries)
+                                   self.job.job_id, stage, retry, retries)
                     self.services.stats.bump("stage_retries_total")
                     continue
                 raise StageFailure(stage, error) from None
-        raise AssertionError("unreachable")
+
+    async def _redo(self, name: str, args: tuple) -> tuple:
+        """The kept ``name`` of an earlier attempt is unreadable: run the skipped call that made it again, and
+        hand its fresh outputs on instead (``args`` with them in place)."""
+        producer = self._skipped[name]
+        for output in self.services.family.stage(producer.stage).outputs(producer.method):
+            self._skipped.pop(output, None)
+        self.done.discard(producer.stage)
+        logger.warning("job %s: its kept %s is unreadable; running %s again", self.job.job_id, name, producer.stage)
+        self.services.stats.bump("kept_outputs_redone_total")
+        fresh = await self._run(producer, advance=False)
+        made = {h.name: h for h in (fresh if isinstance(fresh, tuple) else (fresh,)) if isinstance(h, Handoff)}
+        return tuple(made.get(arg.name, arg) if isinstance(arg, Handoff) else arg for arg in args)
 
     async def _await_unless_cancelled(self, response) -> Any:
         call = asyncio.ensure_future(_result_of(response))
@@ -210,7 +232,7 @@ class RunnerJobContext:
             photo = None
             firsts = self.job.inputs_with("first_frame")
             if firsts and services.rewriter.multimodal:
-                photo = await services.io(services.results.load_input, record.id, firsts[0].name)
+                photo = await services.io(services.storage.load_input, record.id, firsts[0].name)
             response = handle.rewrite.remote(record.prompt, record.seed, photo)
             # The stage enforces the timeout itself; this bound covers an unreachable or queued stage.
             result = await asyncio.wait_for(_result_of(response), timeout=services.rewriter.timeout_s + 5)

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.auth_config import AuthConfig, CallbacksConfig, TenantConfig, load_tenants
-from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig, RewriterConfig
+from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig, RewriterConfig, StorageConfig
 from serving.errors import StageDead
 from serving.families import get_family
-from serving.jobs.artifacts import open_artifacts
 from serving.jobs.context import RunnerServices
 from serving.jobs.events import JobEvents
+from serving.jobs.job_storage import JobStorage
 from serving.jobs.progress import ProgressMarks
-from serving.jobs.results import ResultStore
 from serving.jobs.runner import JobRunner
 from serving.jobs.backends import open_store
 from serving.metrics import StageStats
@@ -59,7 +58,7 @@ class RunnerTenancy:
 class JobRunnerDeployment:
     def __init__(
         self, settings: OrchestratorConfig, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig,
-        stage_handles: dict[str, Any], tenancy: RunnerTenancy | None = None,
+        stage_handles: dict[str, Any], tenancy: RunnerTenancy | None = None, storage: StorageConfig | None = None,
     ):
         # Only the config sections it uses: scaling a stage changes none of them, so it never restarts this.
         family = get_family(model.family)
@@ -74,7 +73,8 @@ class JobRunnerDeployment:
         services = RunnerServices(
             store=store,
             events=JobEvents(store),
-            results=ResultStore(jobs.results_dir),
+            storage=JobStorage(storage or StorageConfig().with_job_defaults(jobs.results_dir, jobs.artifacts),
+                               jobs.redis_url),
             io=io,
             family=family,
             handles=dict(stage_handles),
@@ -90,7 +90,7 @@ class JobRunnerDeployment:
             signer=tenancy.signer() if tenancy else None,
         )
         self.runner = JobRunner(
-            services, open_artifacts(jobs), model, jobs, settings,
+            services, model, jobs, settings,
             frame_rule=(limits.frames_step, limits.frame_offset), owner=_replica_name(),
         )
         self._started = False

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from serving.errors import InvalidReference, ReelserveError, StageOutOfMemory
+from serving.errors import (
+    InvalidReference,
+    KeptOutputLost,
+    ReelserveError,
+    StageOutOfMemory,
+)
+from serving.storage.errors import StorageError
 
-__all__ = ["StageFailure", "LeaseLost", "client_safe_error", "replica_died"]
+__all__ = ["StageFailure", "LeaseLost", "client_safe_error", "kept_output_lost", "replica_died"]
 
 
 class StageFailure(Exception):
@@ -26,6 +32,12 @@ def replica_died(error: BaseException) -> bool:
     return bool(names & {"ActorDiedError", "ActorUnavailableError", "RayActorError", "WorkerCrashedError"})
 
 
+def kept_output_lost(error: BaseException) -> str | None:
+    """The name of the kept hand-off a stage could not read (``KeptOutputLost``), else ``None``."""
+    cause = getattr(error, "cause", None) or error
+    return cause.name if isinstance(cause, KeptOutputLost) else None
+
+
 def client_safe_error(error: BaseException, stage: str, size: str = "") -> tuple[str, str]:
     """An error code and a one-line message for the client: no tracebacks, paths or addresses.
 
@@ -40,6 +52,8 @@ def client_safe_error(error: BaseException, stage: str, size: str = "") -> tuple
         return "overloaded", f"the {stage} stage was full; retry later"
     if replica_died(error):
         return "stage_unavailable", f"a {stage} replica died while generating this video, also when retried; retry later"
+    if isinstance(cause, StorageError):  # full, or unreachable for longer than storage.outage_wait_s
+        return "storage_unavailable", f"the {stage} stage could not use storage: {cause.client_message}"
     if isinstance(cause, InvalidReference):
         return "invalid_reference", "invalid reference " + cause.client_message.splitlines()[0][:300]
     if isinstance(cause, ReelserveError):

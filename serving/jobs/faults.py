@@ -2,7 +2,8 @@
 stalls, or kills its own replica. Off unless configured; for tests here and chaos runs in staging.
 
 A fault fires at most ``times_per_job`` times per job, counted in the job's artifacts before it
-fires, so a job resumed after a replica was killed is not killed again.
+fires (each attempt keeps the running total), so a job resumed after a replica was killed is not
+killed again.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 from cluster.config import FaultConfig
 from serving.protocol import JobTicket
+from serving.storage.codec import codec
 
-__all__ = ["FaultInjector", "InjectedOutOfMemory"]
+__all__ = ["FaultCount", "FaultInjector", "InjectedOutOfMemory"]
 
 logger = logging.getLogger("ray.serve.reelserve.faults")
 
@@ -24,11 +27,20 @@ class InjectedOutOfMemory(RuntimeError):
     """Stands for the framework's out-of-memory error where torch is not the one raising it."""
 
 
+@codec.register
+@dataclass(frozen=True)
+class FaultCount:
+    """How often a fault fired for a job, over its attempts so far."""
+
+    fired: int
+
+
 class FaultInjector:
-    def __init__(self, stage: str, faults: list[FaultConfig], artifacts):
+    def __init__(self, stage: str, faults: list[FaultConfig], storage):
+        """``storage``: a ``serving.jobs.job_storage.JobStorage``, where the counts are kept."""
         self._stage = stage
         self._faults = [(index, f) for index, f in enumerate(faults) if f.stage == stage]
-        self._artifacts = artifacts
+        self._storage = storage
 
     @property
     def armed(self) -> bool:
@@ -56,11 +68,13 @@ class FaultInjector:
         return [(i, f) for i, f in self._faults if f.prompt_contains in ticket.prompt]
 
     def _take(self, ticket: JobTicket, index: int, fault: FaultConfig) -> bool:
-        name = f"fault-{self._stage}-{index}"
-        fired = self._artifacts.get(ticket.job_id, name) or 0
+        name = f"fault_{self._stage}_{index}"
+        count = self._storage.load_output(ticket.job_id, ticket.attempt, name)
+        fired = count.fired if isinstance(count, FaultCount) else 0
         if fired >= fault.times_per_job:
             return False
-        self._artifacts.put(ticket.job_id, name, fired + 1)  # counted before it strikes: a kill forgets nothing
+        # Counted before it strikes: a kill forgets nothing.
+        self._storage.keep_output(ticket.job_id, ticket.attempt, name, FaultCount(fired + 1))
         return True
 
     def _strike(self, fault: FaultConfig, ticket: JobTicket) -> None:

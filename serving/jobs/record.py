@@ -8,8 +8,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 from serving.protocol import InputSpec, JobSpec, JobStatus, RenderPlan
 
-__all__ = ["JobRecord", "new_job_id", "job_spec", "PHOTO_INPUT"]
+__all__ = ["JobRecord", "new_job_id", "job_spec", "PHOTO_INPUT", "RECORD_KEPT_AFTER_EXPIRY_S"]
 
+# An expired job's record outlives its video by this long, so its routes answer "expired" (410), not "unknown".
+RECORD_KEPT_AFTER_EXPIRY_S = 86400.0
 PHOTO_INPUT = InputSpec(name="photo", kind="image", role="first_frame")  # the one photo of an image-to-video job
 
 
@@ -43,8 +45,9 @@ class JobRecord:
     completed_at: float | None = None
     error_code: str | None = None
     error_message: str | None = None
-    result_path: str | None = None
+    result_attempt: int | None = None  # whose MP4 is the result: named by the fenced write that completed the job
     result_bytes: int = 0
+    expires_at: float | None = None  # when an ended job's video and inputs go (storage.results_ttl_s after its end)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     cancel_requested: bool = False
     delete_requested: bool = False

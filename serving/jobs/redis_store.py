@@ -8,7 +8,8 @@ and running, which quotas and fair share count). Conditional writes are optimist
 against Redis's own clock (``TIME``), and the write is refused if the record
 changed in between. Numbers keep full precision (read-modify-write in Python).
 Every write publishes the job id on ``EVENTS_CHANNEL``, which is how watchers
-and orchestrators hear of it without polling.
+and orchestrators hear of it without polling. An ended job's record carries a
+TTL: it goes ``RECORD_KEPT_AFTER_EXPIRY_S`` after its ``expires_at``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 
 import redis
 
-from serving.jobs.record import JobRecord
+from serving.jobs.record import RECORD_KEPT_AFTER_EXPIRY_S, JobRecord
 from serving.jobs.store import (
     ConditionalWrites, QueueSnapshot, StoreUnavailable, TenantCheck, _webhook_due, snapshot_of,
 )
@@ -128,8 +129,13 @@ class RedisJobStore(ConditionalWrites):
             start = rank + 1
         stop = start + limit  # one extra to learn whether more exist
         ids = self._redis.zrange(index, start, stop, desc=descending)
-        records = [r for r in (self.get(i) for i in ids[:limit]) if r is not None]
-        return records, len(ids) > limit
+        found = [(i, self.get(i)) for i in ids[:limit]]
+        gone = [i for i, record in found if record is None]
+        if gone:  # records that expired (their TTL) leave their ids in the indexes: drop them
+            self._redis.zrem(index, *gone)
+            if index != _INDEX:
+                self._redis.zrem(_INDEX, *gone)
+        return [record for _, record in found if record is not None], len(ids) > limit
 
     @_unavailable_on_connection_errors
     def _modify(self, job_id: str, decide) -> JobRecord | None:
@@ -155,6 +161,8 @@ class RedisJobStore(ConditionalWrites):
                 pipe.srem(_ACTIVE, job_id)
                 pipe.srem(active, job_id)
                 pipe.srem(running, job_id)
+                if data.get("expires_at"):  # an ended job's record goes a day after its video (the sweeps too)
+                    pipe.expireat(key, int(data["expires_at"] + RECORD_KEPT_AFTER_EXPIRY_S) + 1)
             elif record.attempts > 0:
                 pipe.sadd(running, job_id)
             if _webhook_due(record):

@@ -14,8 +14,11 @@ It knows no model. Durability, in order of what can go wrong:
   (``FencedWriter``); a write from a replaced owner is refused, and the
   refusal stops that owner's work.
 - **Nothing redone.** The pipeline runs over a ``RunnerJobContext``: stage
-  outputs are kept until the job ends, so a takeover skips finished stages and
-  diffusion resumes from its last checkpoint.
+  outputs are kept (per attempt) until the job ends, so a takeover skips
+  finished stages and diffusion resumes from its last checkpoint.
+- **One result.** Each attempt's muxer writes its own MP4; the fenced write
+  that completes the job names the attempt whose MP4 is the result
+  (``result_attempt``) and when it expires; any other attempt's is removed.
 - **Truthful.** A failure names its stage; cancel is honoured at every stage
   boundary and cancels the calls in flight; the deadline counts from the job's
   first start across attempts; every failure of the runner itself still ends
@@ -41,11 +44,11 @@ from typing import Any
 from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig
 from serving import metrics
 from serving.errors import JobCancelled, StoreUnavailable
-from serving.jobs.artifacts import CHECKPOINT, ArtifactStore
 from serving.jobs.context import RunnerJobContext, RunnerServices
 from serving.jobs.failures import LeaseLost, StageFailure, client_safe_error
 from serving.jobs.events import wait_for_event
 from serving.jobs.record import JobRecord, job_spec
+from serving.jobs.retention import Retention
 from serving.jobs.store import QueueSnapshot
 from serving.jobs.webhooks import WebhookSender
 from serving.jobs.writer import FencedWriter
@@ -59,7 +62,6 @@ logger = logging.getLogger("ray.serve.reelserve.runner")
 _RETRY_WRITE_S = 1.0  # how often a last write waits for an unreachable store
 _FINISH_GRACE_S = 120.0  # how long a finished job's last write waits for the store
 _HANDOVER_CHECKPOINT_S = 15.0  # how long a hand-over waits for diffusion's stop checkpoint (about a step at real size)
-_SWEEP_EVERY_S = 300.0  # how often kept outputs of ended jobs are looked for (a crash can leave them behind)
 _READY_WAIT_S = 2.0  # how long one readiness check waits for a stage's answer
 _WEBHOOKS_EVERY_S = 5.0  # how often callbacks left undelivered (a crashed runner's) are looked for
 
@@ -82,7 +84,6 @@ class JobRunner:
     def __init__(
         self,
         services: RunnerServices,
-        artifacts: ArtifactStore,
         model: ModelConfig,
         jobs: JobsConfig,
         settings: OrchestratorConfig,
@@ -92,7 +93,8 @@ class JobRunner:
         """``frame_rule``: (step, offset) of the family's generated frame counts, for each job's plan."""
         self.services = services
         self.store = services.store
-        self.artifacts = artifacts
+        self.storage = services.storage
+        self.retention = Retention(services.store, services.storage, jobs)
         self.model = model
         self.jobs = jobs
         self.settings = settings
@@ -157,12 +159,14 @@ class JobRunner:
 
     async def _poll_forever(self) -> None:
         settings = self.settings
-        next_sweep = time.monotonic() + _SWEEP_EVERY_S
+        sweep_every = self.storage.config.sweep_interval_s
+        next_sweep = time.monotonic() + sweep_every
         next_webhooks = time.monotonic()
+        self._rules_task = asyncio.ensure_future(self._install_lifecycle_rules())  # in the background: claims first
         while True:
             if time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + _SWEEP_EVERY_S
-                await self._sweep_artifacts()
+                next_sweep = time.monotonic() + sweep_every
+                await self._sweep()
             waiting = 0
             try:
                 if not self._stages_ready:
@@ -243,17 +247,18 @@ class JobRunner:
             )
         return states
 
-    async def _sweep_artifacts(self) -> None:
-        """Forget the kept outputs of jobs that ended or no longer exist (left by a crash or a late checkpoint)."""
-        if self.jobs.keep_artifacts:
-            return
+    async def _sweep(self) -> None:
+        """Remove what ended, expired, deleted or superseded jobs left (``serving.jobs.retention``)."""
         try:
-            for job_id in await self._io(self.artifacts.job_ids):
-                record = await self._io(self.store.get, job_id)
-                if record is None or record.status.is_terminal:
-                    await self._io(self.artifacts.delete_job, job_id)
+            await self.services.io(self.retention.sweep)
         except Exception as error:  # noqa: BLE001 - the next sweep tries again
-            logger.info("sweeping kept outputs failed: %r", error)
+            logger.info("sweeping stored objects failed: %r", error)
+
+    async def _install_lifecycle_rules(self) -> None:
+        try:
+            await self.services.io(self.retention.install_rules)
+        except Exception as error:  # noqa: BLE001 - the sweeps expire objects without them
+            logger.warning("installing the object store's lifecycle rules failed: %r", error)
 
     def _spawn(self, job_id: str) -> None:
         task = asyncio.get_running_loop().create_task(self._run(job_id))
@@ -297,7 +302,7 @@ class JobRunner:
             logger.info("job %s: another runner took it over; stopping this attempt", job_id)
         finally:
             await writer.stop()
-            await asyncio.shield(self._remove_if_deleted(job_id))
+            await asyncio.shield(self._clean_up(job_id, fence.attempt))
 
     async def _drive(self, job: ClaimedJob) -> None:
         record = job.record
@@ -350,8 +355,10 @@ class JobRunner:
         pending = await job.writer.stop()  # a renewal landing after the outcome would be refused and cancel this
         outcome = {**pending, **changes, "status": status, "stage": status.api_name}
         outcome["completed_at"] = await self._retrying(self.store.now)
+        outcome["expires_at"] = outcome["completed_at"] + self.storage.config.results_ttl_s
         if status == JobStatus.COMPLETED:
             outcome["progress"] = 100
+            outcome["result_attempt"] = job.fence.attempt  # the muxer wrote under this attempt's key
         written = await self._retrying(self.store.finish, job.fence, **outcome)
         if not written:
             raise LeaseLost(job.id)
@@ -359,9 +366,9 @@ class JobRunner:
                              max(0.0, time.time() - job.record.created_at), job.record.tenant)
         if job.record.callback_url:
             self.webhooks.deliver_pending([job.id])
-        if not self.jobs.keep_artifacts:
-            with contextlib.suppress(Exception):
-                await self._io(self.artifacts.delete_job, job.id)
+        accepted = job.fence.attempt if status == JobStatus.COMPLETED else None
+        with contextlib.suppress(Exception):  # what is left, the sweeps remove
+            await self.services.io(self.storage.remove_outputs, job.id, accepted, self.jobs.keep_artifacts)
 
     async def _fail(self, job: ClaimedJob, code: str, message: str) -> None:
         self.stats.bump(f"failures_{code}_total")
@@ -396,22 +403,27 @@ class JobRunner:
         deadline = time.monotonic() + _HANDOVER_CHECKPOINT_S
         while time.monotonic() < deadline:
             record = await self._io(self.store.get, job.id)
-            checkpoint = await self._io(self.artifacts.get, job.id, CHECKPOINT)
-            if record is None or (checkpoint is not None and checkpoint.finished_steps >= record.step):
+            step = await self.services.io(self.storage.newest_checkpoint_step, job.id, job.fence.attempt)
+            if record is None or (step is not None and step >= record.step):
                 return
             await asyncio.sleep(0.2)
         logger.info("job %s: no checkpoint of its last step in %g s; handing it over anyway", job.id,
                     _HANDOVER_CHECKPOINT_S)
 
-    async def _remove_if_deleted(self, job_id: str) -> None:
+    async def _clean_up(self, job_id: str, attempt: int) -> None:
+        """After an attempt: a deleted job goes entirely (its files never come back); a replaced attempt whose MP4
+        is not the result takes it back."""
         try:
             final = await self._io(self.store.get, job_id)
-            if final is not None and final.delete_requested and final.status.is_terminal:
-                await self._io(self.store.delete, job_id)
-                await self._io(self.services.results.remove, job_id)
-                await self._io(self.artifacts.delete_job, job_id)
-        except Exception as error:  # noqa: BLE001 - the ingress deletes terminal jobs itself too
-            logger.info("removing deleted job %s failed: %r", job_id, error)
+            if final is None or (final.delete_requested and final.status.is_terminal):
+                if final is not None:
+                    await self._io(self.store.delete, job_id)
+                await self.services.io(self.storage.remove_job, job_id)
+            elif final.result_attempt != attempt and (final.status.is_terminal or final.attempts != attempt):
+                # Its stage outputs and checkpoints stay: a successor resumes from them (they go when the job ends).
+                await self.services.io(self.storage.remove_result, job_id, attempt)
+        except Exception as error:  # noqa: BLE001 - the ingress deletes terminal jobs itself, and the sweeps
+            logger.info("cleaning up after job %s failed: %r", job_id, error)
 
 
 def _size_text(record: JobRecord) -> str:

@@ -97,7 +97,7 @@ class VideoServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadVideo(self, request, context):
-        """The finished MP4 in chunks of at most 1 MiB.
+        """The finished MP4 in chunks of at most 1 MiB (NOT_FOUND "expired" once storage.results_ttl_s has passed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -9,8 +9,10 @@
 - Out of memory is a per-request failure: the replica frees what it held and
   serves on; the orchestrator reports it as this stage's.
 - Outputs leave as a ``Handoff``: a Ray object put by this replica (read
-  zero-copy on its node) plus a copy kept in the job's artifacts, which a
-  takeover or a consumer whose producer is gone reads instead.
+  zero-copy on its node) plus a copy kept in the artifacts store under the
+  job's attempt (safetensors + JSON), which a takeover or a consumer whose
+  producer is gone reads instead. Reads a stage cannot do without (the job's
+  inputs, a lost hand-off's kept copy) wait out a storage outage.
 - Injected faults (config ``faults``) strike here.
 """
 
@@ -22,14 +24,13 @@ import logging
 import time
 from typing import Any, Callable, TypeVar
 
-from cluster.config import FaultConfig, JobsConfig
+from cluster.config import FaultConfig, JobsConfig, StorageConfig
 from cluster.load import StageLoad
 from serving import metrics
-from serving.errors import GenerationFailed, StageOutOfMemory
-from serving.jobs.artifacts import open_artifacts
+from serving.errors import GenerationFailed, KeptOutputLost, StageOutOfMemory
 from serving.jobs.faults import FaultInjector, InjectedOutOfMemory
+from serving.jobs.job_storage import JobStorage, patiently
 from serving.stages.ledger import StageLedger
-from serving.jobs.results import ResultStore
 from serving.protocol import Handoff, JobInput, JobTicket
 
 T = TypeVar("T")
@@ -73,14 +74,15 @@ def placement(device: str | None) -> dict:
 
 class StageRunner:
     def __init__(self, stage: str, jobs: JobsConfig, faults: list[FaultConfig] = (), model: str = "unknown",
-                 load: StageLoad | None | bool = True):
+                 storage: StorageConfig | None = None, load: StageLoad | None | bool = True):
         """``load``: the autoscaling tracker the ledger feeds (True: a ``StageLoad``; None: the stage keeps its own)."""
         self.stage = stage
         self.ledger = StageLedger(stage, model, StageLoad() if load is True else load or None)
         self.stats = self.ledger.stats
         self.load = self.ledger.load  # what the autoscaling policy reads (record_autoscaling_stats)
-        self.artifacts = open_artifacts(jobs)
-        self.faults = FaultInjector(stage, list(faults), self.artifacts)
+        self.storage = JobStorage(storage or StorageConfig().with_job_defaults(jobs.results_dir, jobs.artifacts),
+                                  jobs.redis_url)
+        self.faults = FaultInjector(stage, list(faults), self.storage)
         self._lock = asyncio.Lock()
 
     async def run(self, ticket: JobTicket, work: Callable[..., T], *args) -> T:
@@ -121,13 +123,13 @@ class StageRunner:
         ref = ray.put(payload)
         kept = True
         try:
-            await asyncio.to_thread(self.artifacts.put, ticket.job_id, name, payload)
+            await asyncio.to_thread(self.storage.keep_output, ticket.job_id, ticket.attempt, name, payload)
         except Exception as error:  # noqa: BLE001 - the job goes on; only a takeover would redo this stage
             kept = False
             logger.warning("job %s: keeping the %s failed (%s); continuing without a copy", ticket.job_id, name, error)
         nbytes = metrics.handoff_nbytes(payload)
         self.ledger.handed(nbytes)
-        return Handoff(job_id=ticket.job_id, name=name, ref=ref, nbytes=nbytes, kept=kept)
+        return Handoff(job_id=ticket.job_id, name=name, ref=ref, nbytes=nbytes, kept=kept, attempt=ticket.attempt)
 
     async def receive(self, handoff: Handoff) -> Any:
         """The payload: from the Ray object, or from the kept copy when there is none or it is gone."""
@@ -139,17 +141,23 @@ class StageRunner:
             except ray.exceptions.RayError as error:
                 logger.info("job %s: the %s object is gone (%s); reading the kept copy",
                             handoff.job_id, handoff.name, type(error).__name__)
-        value = await asyncio.to_thread(self.artifacts.get, handoff.job_id, handoff.name)
+        value = await self._patiently(self.storage.load_output, handoff.job_id, handoff.attempt, handoff.name,
+                                      what=f"job {handoff.job_id}: reading the kept {handoff.name}")
         if value is None:
-            raise GenerationFailed(f"the {handoff.name} of this job is lost (its producer is gone and no copy was kept)")
+            raise KeptOutputLost(handoff.name)
         return value
 
-    async def read_input(self, results: ResultStore, job_input: JobInput) -> bytes:
+    async def read_input(self, job_input: JobInput) -> bytes:
         """One of the job's stored inputs (checked when the job was accepted)."""
-        try:
-            return await asyncio.to_thread(results.load_input, job_input.job_id, job_input.name)
-        except FileNotFoundError:
-            raise GenerationFailed(f"the job's input '{job_input.name}' is no longer stored") from None
+        data = await self._patiently(self.storage.load_input, job_input.job_id, job_input.name,
+                                     what=f"job {job_input.job_id}: reading its input {job_input.name}")
+        if data is None:
+            raise GenerationFailed(f"the job's input '{job_input.name}' is no longer stored")
+        return data
+
+    async def _patiently(self, call, *args, what: str):
+        """A storage call the job cannot do without: tried again through an outage (``storage.outage_wait_s``)."""
+        return await patiently(call, *args, wait_s=self.storage.config.outage_wait_s, what=what)
 
 
 class LoadTimer:

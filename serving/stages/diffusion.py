@@ -9,9 +9,11 @@ shapes allow. Around it, per request, on the event loop:
 - progress after every step, written with the job's fence (``FencedWriter``);
   a refused write means another attempt owns the job, and this one stops;
 - cancellation within one step (the job's cancel flag, read after each write);
-- checkpoints every few steps into the job's artifacts, and one more when the
-  call is cancelled (hand-over, redeploy), so a successor resumes at the very
-  step this one stopped; a request that finds a checkpoint resumes from it;
+- checkpoints every few steps into the artifacts store, under the job's
+  attempt and step, and one more when the call is cancelled (hand-over,
+  redeploy), so a successor resumes at the very step this one stopped; a
+  request resumes from the newest readable checkpoint of its attempt or an
+  earlier one (unreadable bytes are skipped, and logged, never executed);
 - out of memory fails only the requests of that batch; the replica serves on.
 """
 
@@ -29,14 +31,14 @@ from typing import Any
 
 from ray import serve
 
-from cluster.config import FaultConfig, JobsConfig, ModelConfig
+from cluster.config import FaultConfig, JobsConfig, ModelConfig, StorageConfig
 from cluster.load import DiffusionLoad
 from serving import metrics
 from serving.devices import resolve_device
 from serving.engine.core import CheckpointReady, RequestFailed, RequestFinished, StepFinished
 from serving.errors import GenerationFailed, JobCancelled, StageDead, StageOutOfMemory
 from serving.families import get_family
-from serving.jobs.artifacts import CHECKPOINT
+from serving.jobs.job_storage import patiently, register_stored_types
 from serving.jobs.progress import ProgressMarks
 from serving.jobs.backends import open_store
 from serving.jobs.writer import FencedWriter
@@ -71,8 +73,10 @@ class _Request:
 
 
 class DiffusionStage:
-    def __init__(self, stage: str, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = ()):
+    def __init__(self, stage: str, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = (),
+                 storage: StorageConfig | None = None):
         family = get_family(model.family)
+        register_stored_types(family)
         self._spec = family.stage(stage)
         self._marks = ProgressMarks(family.stages)
         with LoadTimer(stage, model.name) as load:
@@ -82,13 +86,13 @@ class DiffusionStage:
         self._model = model.name
         self._store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
         self._device = str(resolve_device(model.device))  # what the family computes on
-        self._runner = StageRunner(stage, jobs, faults, model.name, load=None)  # its load: DiffusionLoad, per step
+        # Its autoscaling load is a DiffusionLoad, fed per denoising step (below), not the ledger's.
+        self._runner = StageRunner(stage, jobs, faults, model.name, storage, load=None)
         self._runner.stats.load_seconds = load.seconds
         # Store writes (progress, cancel checks) and artifact writes (checkpoints) each get their own threads: a
         # slow store never holds up a checkpoint, nor the other way round.
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="diffusion-store")
         self._artifact_io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="diffusion-artifacts")
-        self._checkpoint_lock = threading.Lock()
         self._requests: dict[str, _Request] = {}  # request id -> request
         self._load = DiffusionLoad()  # what the autoscaling policy reads (record_autoscaling_stats)
         self._load_lock = threading.Lock()  # touched by the engine's thread and the event loop
@@ -154,7 +158,10 @@ class DiffusionStage:
             older.checkpoint_on_stop = True
             self._stop(older.engine_id)
             await asyncio.wait([older.future])
-        resume = await loop.run_in_executor(self._artifact_io, self._runner.artifacts.get, ticket.job_id, CHECKPOINT)
+        storage = self._runner.storage
+        kept = await patiently(storage.newest_checkpoint, ticket.job_id, ticket.attempt,
+                               wait_s=storage.config.outage_wait_s, what=f"job {ticket.job_id}: reading its checkpoint")
+        resume = kept.value if kept is not None else None
         engine_id = f"{ticket.job_id}/{ticket.attempt}"
         denoise = self._diffusion.request(engine_id, *payloads)
         plan = self._diffusion.plan_of(denoise)
@@ -264,7 +271,7 @@ class DiffusionStage:
         request = self._requests.get(engine_id)
         if request is not None and request.checkpoint_on_stop and engine_id in self._engine.active_requests:
             try:
-                self._save_checkpoint(request.ticket.job_id, self._engine.checkpoint(engine_id))
+                self._save_checkpoint(request.ticket, self._engine.checkpoint(engine_id))
             except Exception as error:  # noqa: BLE001 - a lost checkpoint costs steps, not the job
                 logger.warning("request %s: checkpoint on stop failed: %r", engine_id, error)
         self._engine.abort(engine_id)
@@ -287,7 +294,7 @@ class DiffusionStage:
             metrics.denoise_step(self._model, request.resolution, self._step_seconds)
             self._loop.call_soon_threadsafe(self._after_step, request, event.finished_steps, event.total_steps)
         elif isinstance(event, CheckpointReady):
-            self._artifact_io.submit(self._save_checkpoint, request.ticket.job_id, event.checkpoint)
+            self._artifact_io.submit(self._save_checkpoint, request.ticket, event.checkpoint)
         elif isinstance(event, RequestFinished):
             self._resolve(engine_id, result=event.output)
         elif isinstance(event, (RequestFailed, _EngineFailure)):
@@ -335,17 +342,13 @@ class DiffusionStage:
         self._runner.stats.bump("cancelled_total")
         self._stop(request.engine_id)
 
-    def _save_checkpoint(self, job_id: str, checkpoint) -> None:
-        """Keep the checkpoint unless one of a later step is kept already (saves run on several threads)."""
+    def _save_checkpoint(self, ticket: JobTicket, checkpoint) -> None:
+        """Keep the checkpoint under the job's attempt and its step (a resume takes the newest readable one)."""
         try:
-            with self._checkpoint_lock:
-                kept = self._runner.artifacts.get(job_id, CHECKPOINT)
-                if kept is not None and kept.finished_steps > checkpoint.finished_steps:
-                    return
-                self._runner.artifacts.put(job_id, CHECKPOINT, checkpoint)
+            self._runner.storage.keep_checkpoint(ticket.job_id, ticket.attempt, checkpoint.finished_steps, checkpoint)
             self._runner.stats.bump("checkpoints_total")
         except Exception as error:  # noqa: BLE001 - a lost checkpoint costs steps on a takeover, not the job
-            logger.warning("job %s: saving a checkpoint failed: %r", job_id, error)
+            logger.warning("job %s: saving a checkpoint failed: %r", ticket.job_id, error)
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()

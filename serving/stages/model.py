@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.config import FaultConfig, JobsConfig, ModelConfig
+from cluster.config import FaultConfig, JobsConfig, ModelConfig, StorageConfig
 from serving.devices import resolve_device
 from serving.errors import GenerationFailed
 from serving.families import get_family
-from serving.jobs.results import ResultStore
+from serving.jobs.job_storage import register_stored_types
 from serving.protocol import Handoff, JobInput, JobTicket
 from serving.stages._base import LoadTimer, StageRunner, placement
 
@@ -23,15 +23,17 @@ __all__ = ["ModelStage"]
 
 
 class ModelStage:
-    def __init__(self, stage: str, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = ()):
-        self._spec = get_family(model.family).stage(stage)
+    def __init__(self, stage: str, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = (),
+                 storage: StorageConfig | None = None):
+        family = get_family(model.family)
+        self._spec = family.stage(stage)
         if self._spec.kind != "model" or self._spec.component is None:
             raise ValueError(f"stage {stage} of the {model.family} family is not a model stage")
         with LoadTimer(stage, model.name) as load:
             self._component = self._spec.component(model)
         self._device = str(resolve_device(model.device))  # what the family computes on
-        self._results = ResultStore(jobs.results_dir)
-        self._runner = StageRunner(stage, jobs, faults, model.name)
+        register_stored_types(family)
+        self._runner = StageRunner(stage, jobs, faults, model.name, storage)
         self._runner.stats.load_seconds = load.seconds
 
     async def call(self, ticket: JobTicket, method: str, *args: Any) -> Handoff | tuple[Handoff, ...]:
@@ -49,7 +51,7 @@ class ModelStage:
         if isinstance(arg, Handoff):
             return await self._runner.receive(arg)
         if isinstance(arg, JobInput):  # the job's own input: read here, never carried through the runner
-            return await self._runner.read_input(self._results, arg)
+            return await self._runner.read_input(arg)
         return arg
 
     async def ready(self) -> bool:

@@ -2,7 +2,8 @@
 
 - ``install_expiration_rules`` puts one S3 lifecycle rule per area (expire
   after N days, by prefix) and one that aborts incomplete multipart uploads,
-  keeping any rule of the bucket that is not ours. S3 counts whole days and
+  keeping any rule of the bucket that is not ours, and ours for other
+  prefixes (another store in the same bucket). S3 counts whole days and
   runs about once a day, so the rule is the backstop; what the API serves is
   decided by the record's ``expires_at``, and the sweeps below remove objects
   on the minute.
@@ -85,9 +86,10 @@ def install_expiration_rules(storage: Storage, ttl_by_area: Mapping[Area, float]
     bucket = urlparse(storage.url).netloc
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     client = botocore.session.get_session().create_client("s3", endpoint_url=storage.endpoint_url, region_name=region)
+    # One rule per prefix, named after it: stores in one bucket under different prefixes keep each other's rules.
     ours = [
         {
-            "ID": f"{RULE_ID_PREFIX}{area}",
+            "ID": f"{RULE_ID_PREFIX}{area}@{prefix}",
             "Filter": {"Prefix": prefix},
             "Status": "Enabled",
             "Expiration": {"Days": _days(ttl_by_area[area])},
@@ -102,7 +104,11 @@ def install_expiration_rules(storage: Storage, ttl_by_area: Mapping[Area, float]
             if error.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
                 raise
             current = []
-        kept = [rule for rule in current if not str(rule.get("ID", "")).startswith(RULE_ID_PREFIX)]
+        replaced = {rule["Filter"]["Prefix"] for rule in ours}
+        kept = [
+            rule for rule in current
+            if not str(rule.get("ID", "")).startswith(RULE_ID_PREFIX) or _rule_prefix(rule) not in replaced
+        ]
         client.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": kept + ours})
     except botocore.exceptions.ClientError as error:
         raise StorageError(f"installing lifecycle rules on s3://{bucket} was refused: {error}") from None
@@ -112,6 +118,10 @@ def install_expiration_rules(storage: Storage, ttl_by_area: Mapping[Area, float]
         client.close()
     logger.info("lifecycle rules on s3://%s: %s", bucket, {rule["ID"]: rule["Expiration"] for rule in ours})
     return True
+
+
+def _rule_prefix(rule: dict) -> str | None:
+    return (rule.get("Filter") or {}).get("Prefix", rule.get("Prefix"))
 
 
 def gcs_lifecycle_document(storage: Storage, ttl_by_area: Mapping[Area, float]) -> dict:

@@ -78,3 +78,28 @@ def test_stage_outputs_in_the_job_stores_redis():
     config = StorageConfig(artifacts_url="redis://:pw@10.0.0.5:6380/1")
     assert "pw" not in config.describe("/data")[1]
     assert StorageConfig().artifacts_store_url("/data", None) == "/data"
+
+
+def test_the_older_job_settings_are_the_storage_defaults():
+    from cluster.config import ReelserveConfig
+
+    config = ReelserveConfig.model_validate(
+        {"jobs": {"backend": "redis", "redis_url": "redis://r:6380/1", "results_dir": "/shared/reelserve",
+                  "artifacts": "redis"}}
+    )
+    assert (config.storage.results_url, config.storage.artifacts_url) == ("/shared/reelserve", "redis")
+    assert ReelserveConfig.model_validate(config.model_dump()).storage == config.storage  # validates again alike
+    with pytest.raises(ValidationError, match="disagree"):
+        ReelserveConfig.model_validate({"jobs": {"results_dir": "/a"}, "storage": {"results_url": "s3://b/p"}})
+    with pytest.raises(ValidationError, match="jobs.redis_url"):
+        ReelserveConfig.model_validate({"storage": {"artifacts_url": "redis"}})
+
+
+def test_plan_prints_where_things_are_stored():
+    from cluster.config import ReelserveConfig
+    from cluster.plan import format_plan, make_plan
+
+    config = ReelserveConfig.model_validate({"storage": yaml.safe_load(ISSUE_YAML)["storage"]})
+    printed = format_plan(make_plan(config))
+    assert "storage: results: s3://videos/reelserve at http://127.0.0.1:9100, kept 604800 s, downloads signed-URL redirects" in printed
+    assert "storage: stage outputs and checkpoints: s3://videos/artifacts" in printed

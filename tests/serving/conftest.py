@@ -2,7 +2,9 @@
 
 One cluster for the session (starting one costs about a minute on 2 cores).
 Jobs use the Redis job store on a real ``redis-server`` with an append-only
-file, so it can be stopped and restarted without losing jobs. Injected faults
+file, so it can be stopped and restarted without losing jobs. Inputs, MP4s,
+stage outputs and checkpoints live in a real S3 API server process (moto's),
+under two prefixes of one bucket: every served test also runs against S3. Injected faults
 (``faults`` in the config) are keyed by markers in the prompt; jobs without a
 marker run normally.
 """
@@ -10,6 +12,7 @@ marker run normally.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -19,6 +22,7 @@ import hashlib
 import pytest
 
 from tests.helpers import free_port, wait_for_redis
+from tests.s3_server import CREDENTIALS, S3Server
 
 APP = "reelserve"
 # API keys of the session cluster's tenants (their SHA-256 is what the config holds). Every served test calls as
@@ -40,6 +44,12 @@ FAULTS = [
     {"stage": "video_decoder", "kind": "stall", "prompt_contains": "[stall-decoder]", "stall_s": 30},
     {"stage": "muxer", "kind": "stall", "prompt_contains": "[stall-muxer]", "stall_s": 20},
     {"stage": "diffusion", "kind": "stall", "prompt_contains": "[stall-diffusion]", "stall_s": 120, "times_per_job": 3},
+    # Checkpoints made unreadable while diffusion is down: the replica dies after step 5, and the retried call
+    # waits 4 s on entry (the test spoils the checkpoints then). The first entry waits 4 s too.
+    {"stage": "diffusion", "kind": "kill_replica", "prompt_contains": "[corrupt]", "at_step": 5},
+    {"stage": "diffusion", "kind": "stall", "prompt_contains": "[corrupt]", "stall_s": 4, "times_per_job": 2},
+    # The MP4 goes up 8 s after the job reaches the muxer (the storage outage test stops S3 meanwhile).
+    {"stage": "muxer", "kind": "stall", "prompt_contains": "[mux-later]", "stall_s": 8},
 ]
 
 
@@ -71,7 +81,39 @@ class DurableRedis:
                 self.process.wait(timeout=10)
 
 
-def served_config(tiny_checkpoint, redis: DurableRedis, results, http_port: int, grpc_port: int) -> dict:
+BUCKET = "reelserve-served"
+RESULTS_URL = f"s3://{BUCKET}/results-store"
+ARTIFACTS_URL = f"s3://{BUCKET}/artifacts-store"
+
+
+@pytest.fixture(scope="session")
+def aws_environment():
+    """The standard AWS variables pointing at the test servers' credentials, for the session (Ray workers
+    started afterwards inherit them)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in CREDENTIALS.items():
+            patch.setenv(name, value)
+        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
+            patch.delenv(name, raising=False)
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory, aws_environment) -> S3Server:
+    """moto's S3 server as a separate process on a free port (each test makes a bucket of its own)."""
+    server = S3Server(log_path=str(tmp_path_factory.mktemp("moto") / "moto.log"))
+    server.start()
+    yield server
+    server.stop(keep_data=False)
+
+
+def new_bucket(server: S3Server) -> str:
+    name = f"reelserve-{secrets.token_hex(6)}"
+    server.create_bucket(name)
+    return name
+
+
+def served_config(tiny_checkpoint, redis: DurableRedis, s3_endpoint: str, http_port: int, grpc_port: int) -> dict:
     return {
         "model": {
             "path": str(tiny_checkpoint), "name": "ltx-2-tiny", "num_inference_steps": STEPS,
@@ -79,9 +121,13 @@ def served_config(tiny_checkpoint, redis: DurableRedis, results, http_port: int,
             "max_width": 1024, "max_height": 1024, "diffusion": {"checkpoint_every_steps": 2},
         },
         "jobs": {
-            "backend": "redis", "redis_url": redis.url, "results_dir": str(results), "max_active_jobs": 10,
+            "backend": "redis", "redis_url": redis.url, "max_active_jobs": 10,
             "lease_s": 3, "retry_after_s": 2, "job_timeout_s": 60, "keep_artifacts": True,
         },
+        # Short retries inside one call (the outage test stops the server for 10 s): the stages' own retries
+        # (storage.outage_wait_s) carry a job through.
+        "storage": {"results_url": RESULTS_URL, "artifacts_url": ARTIFACTS_URL, "s3_endpoint_url": s3_endpoint,
+                    "connect_timeout_s": 2, "retry_timeout_s": 3},
         "orchestrator": {"num_replicas": 2, "poll_interval_s": 0.3},
         # Autoscaled 1..2 by reelserve's policy; the deployment overrides hold it at 2 until a test changes the
         # bounds. One job per replica: two jobs land on two replicas (the scale-down test needs that).
@@ -120,7 +166,7 @@ def bearer(tenant: str = "tests") -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def served(tiny_checkpoint, tmp_path_factory):
+def served(tiny_checkpoint, tmp_path_factory, aws_environment):
     """Ray + Serve with HTTP and gRPC, the app deployed from ``build_app``; yields its addresses and config.
 
     Ray's token auth settings come from ``tests/conftest.py``; ``address="local"`` keeps the tests on a
@@ -133,9 +179,12 @@ def served(tiny_checkpoint, tmp_path_factory):
 
     redis = DurableRedis(tmp_path_factory.mktemp("redis"))
     redis.start()
+    s3_log = tmp_path_factory.mktemp("moto-served") / "moto.log"
+    s3 = S3Server(log_path=str(s3_log))
+    s3.start()
+    s3.create_bucket(BUCKET)
     http_port, grpc_port = free_port(), free_port()
-    results = tmp_path_factory.mktemp("results")
-    config = served_config(tiny_checkpoint, redis, results, http_port, grpc_port)
+    config = served_config(tiny_checkpoint, redis, s3.endpoint_url, http_port, grpc_port)
     # Replicas and handles report their load every second instead of every ten: autoscaling reacts in seconds.
     pushes = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
               "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
@@ -161,7 +210,8 @@ def served(tiny_checkpoint, tmp_path_factory):
             "grpc": f"127.0.0.1:{grpc_port}",
             "redis": redis,
             "redis_url": redis.url,
-            "results": results,
+            "s3": s3,
+            "s3_log": s3_log,
             "config": config,
             "overrides": overrides,
         }
@@ -169,6 +219,7 @@ def served(tiny_checkpoint, tmp_path_factory):
         serve.shutdown()
         ray.shutdown()
         redis.stop()
+        s3.stop(keep_data=False)
         for name, value in saved.items():
             os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
 
@@ -328,3 +379,27 @@ def stage_stats(stage: str) -> dict:
     from ray import serve
 
     return serve.get_deployment_handle(stage, APP).stats.remote().result()
+
+
+@pytest.fixture(scope="session")
+def served_storage(served):
+    """The served app's two stores, as its replicas open them (for looking at what they wrote)."""
+    from cluster.config import ReelserveConfig
+    from serving.families import get_family
+    from serving.jobs.job_storage import JobStorage, register_stored_types
+
+    config = ReelserveConfig.model_validate(served["config"])
+    register_stored_types(get_family(config.model.family))
+    return JobStorage(config.storage, config.jobs.redis_url)
+
+
+def bucket_keys(served, job_id: str) -> dict[str, set[str]]:
+    """Every object key of the job in the served bucket, by store prefix ("results-store", "artifacts-store")."""
+    s3 = served["s3"].client()
+    found: dict[str, set[str]] = {"results-store": set(), "artifacts-store": set()}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for item in page.get("Contents", []):
+            store, _, key = item["Key"].partition("/")
+            if f"/{job_id}/" in f"/{key}":
+                found.setdefault(store, set()).add(key)
+    return found

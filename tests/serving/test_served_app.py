@@ -1,7 +1,8 @@
 """The real app on a local Ray cluster: gRPC and the official openai SDK against it.
 
 The cluster is the session's (``tests/serving/conftest.py``): Redis job store,
-two orchestrator replicas, two diffusion replicas, a real vLLM rewriter.
+two orchestrator replicas, two diffusion replicas, a real vLLM rewriter, and
+every input, MP4, stage output and checkpoint in a real S3 API server.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from serving.proto import video_pb2
-from tests.serving.conftest import SLOW, STEPS, bearer, stage_stats, wait_terminal, wait_until
+from tests.serving.conftest import SLOW, STEPS, bearer, bucket_keys, stage_stats, wait_terminal, wait_until
 
 pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
 
@@ -31,7 +32,7 @@ def _wait_terminal_grpc(stub, job_id: str, timeout_s: float = 180) -> video_pb2.
 # ---------------------------------------------------------------------------- jobs that complete
 
 
-def test_grpc_job_streams_progress_to_100_and_downloads_an_mp4(stub, photos, probe_mp4, tmp_path):
+def test_grpc_job_streams_progress_to_100_and_downloads_an_mp4(served, stub, photos, probe_mp4, tmp_path):
     created = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt="a cat blinks", image=photos.jpeg, seed=3, **SMALL))
     assert created.id.startswith("video_") and created.status == video_pb2.QUEUED
     assert (created.size, created.seconds, created.seed) == ("64x64", 1.0, 3)
@@ -56,8 +57,18 @@ def test_grpc_job_streams_progress_to_100_and_downloads_an_mp4(stub, photos, pro
     assert abs(info["video_duration"] - 1.0) <= 1 / 24 + 1e-6
     assert abs(info["audio_duration"] - 1.0) <= 1 / 24 + 1e-6
 
+    # The MP4 is an object of the bucket, under the attempt the record accepted; GetVideo signs a URL to it.
+    stored = bucket_keys(served, created.id)
+    assert stored["results-store"] == {f"inputs/{created.id}/photo", f"results/{created.id}/1/video.mp4"}
+    assert any(key.endswith("/video_latents.safetensors") for key in stored["artifacts-store"])
+    video = stub.GetVideo(video_pb2.GetVideoRequest(id=created.id))
+    assert video.download_url.startswith(served["s3"].endpoint_url + "/") and "X-Amz-Signature=" in video.download_url
+    assert _http.get(video.download_url).content == data
+    ttl = served["config"].get("storage", {}).get("results_ttl_s", 604800)
+    assert video.expires_at == pytest.approx(video.completed_at + ttl)
 
-def test_openai_sdk_creates_retrieves_lists_and_downloads(openai_client, photos, probe_mp4, tmp_path):
+
+def test_openai_sdk_creates_retrieves_lists_and_downloads(served, openai_client, photos, probe_mp4, tmp_path):
     video = openai_client.videos.create(
         prompt="a cat purrs", seconds="1", size="64x64", input_reference=("cat.jpg", photos.jpeg, "image/jpeg")
     )
@@ -70,12 +81,19 @@ def test_openai_sdk_creates_retrieves_lists_and_downloads(openai_client, photos,
     assert video.status == "completed", video.error
     assert video.progress == 100 and video.completed_at >= video.created_at
 
-    content = openai_client.videos.download_content(video.id)
+    content = openai_client.videos.download_content(video.id)  # the SDK follows the redirect to the bucket
     path = tmp_path / "sdk.mp4"
     path.write_bytes(content.content)
     info = probe_mp4(path)
     assert (info["video_streams"], info["audio_streams"]) == (1, 1)
     assert (info["width"], info["height"]) == (64, 64)
+    assert video.expires_at and video.expires_at >= video.completed_at + 3600
+
+    redirect = _http.get(f"{served['http']}/v1/videos/{video.id}/content")
+    assert redirect.status_code == 307, redirect.text  # the bytes never pass through Ray
+    location = redirect.headers["location"]
+    assert location.startswith(f"{served['s3'].endpoint_url}/reelserve-served/results-store/results/{video.id}/1/")
+    assert _http.get(location).content == content.content
 
     listed = [v.id for v in openai_client.videos.list(limit=100)]
     assert video.id in listed
@@ -149,8 +167,6 @@ def test_enhance_prompt_must_be_a_boolean(served):
 
 
 def test_cancel_stops_the_denoising_loop_within_a_step(served, stub):
-    from serving.jobs.artifacts import DirectoryArtifacts
-
     created = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt=f"a long take of a city street {SLOW}", **SMALL))
     wait_until(lambda: stub.GetVideo(video_pb2.GetVideoRequest(id=created.id)).step >= 2, what="two steps")
 
@@ -159,8 +175,10 @@ def test_cancel_stops_the_denoising_loop_within_a_step(served, stub):
     assert final.status == video_pb2.CANCELLED
     assert final.step < STEPS, "the loop ran to the end despite the cancel"
     time.sleep(1.5)
-    kept = DirectoryArtifacts(served["results"] / "artifacts").names(created.id)
-    assert "video_latents" not in kept, "denoising went on to the end after the cancel"
+    kept = bucket_keys(served, created.id)["artifacts-store"]
+    assert kept and not any(key.endswith("/video_latents.safetensors") for key in kept), (
+        "denoising went on to the end after the cancel"
+    )
     assert stub.GetVideo(video_pb2.GetVideoRequest(id=created.id)).step == final.step
 
     with pytest.raises(grpc.RpcError) as raised:
@@ -310,6 +328,106 @@ def test_unknown_ids_and_unfinished_downloads(served, stub):
     assert _http.get(base, params={"limit": "0"}).status_code == 400
     assert _http.get(base, params={"order": "sideways"}).status_code == 400
     assert _http.get(base, params={"after": "video_nope"}).status_code == 404
+
+
+# ---------------------------------------------------------------------------- storage: expiry, ids, records
+
+
+def _forge(served, job_id: str, **fields) -> None:
+    """Write fields into the job's record in Redis by hand, as someone with access to it could."""
+    import json
+
+    import redis
+
+    client = redis.Redis.from_url(served["redis_url"])
+    key = f"reelserve:job:{job_id}"
+    data = json.loads(client.hget(key, "data"))
+    data.update(fields)
+    client.hset(key, "data", json.dumps(data))
+    client.close()
+
+
+def test_a_job_past_its_ttl_answers_410_and_its_objects_are_gone(served, stub, photos):
+    import redis
+
+    created = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt="an hourglass", image=photos.jpeg, **SMALL))
+    assert _wait_terminal_grpc(stub, created.id).status == video_pb2.COMPLETED
+    stored = bucket_keys(served, created.id)
+    assert stored["results-store"] and stored["artifacts-store"]
+    ttl = redis.Redis.from_url(served["redis_url"]).ttl(f"reelserve:job:{created.id}")
+    assert 604800 < ttl <= 604800 + 86400 + 1, ttl  # the ended job's record goes a day after its video
+
+    _forge(served, created.id, expires_at=time.time() - 1)  # as if results_ttl_s had passed
+    response = _http.get(f"{served['http']}/v1/videos/{created.id}/content")
+    assert response.status_code == 410, response.text
+    assert response.json()["error"]["code"] == "expired" and "expired" in response.json()["error"]["message"]
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stub.DownloadVideo(video_pb2.DownloadVideoRequest(id=created.id)))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND and "expired" in raised.value.details()
+    assert bucket_keys(served, created.id) == {"results-store": set(), "artifacts-store": set()}
+    assert stub.GetVideo(video_pb2.GetVideoRequest(id=created.id)).download_url == ""
+    assert _http.get(f"{served['http']}/v1/videos/{created.id}").json()["expires_at"] < time.time()
+
+
+# "/", "..", NUL, and look-alikes of a real id (its shape with a path or a NUL inside): "zzbad" marks them.
+BAD_IDS = ["video_zzbad/../video_0", "..", "zzbad..", "video_zzbad\x00", "video_zzbad%00", "../../etc/zzbad",
+           "video_" + "0" * 12 + "/../zzbad" + "0" * 3, "video_" + "0" * 23 + "\x00zzbad"]
+
+
+def test_a_job_id_of_no_job_shape_is_a_404_on_every_route_and_never_reaches_storage(served, stub):
+    from urllib.parse import quote
+
+    log = served["s3_log"]
+    before = log.read_text(errors="ignore")
+    base = served["http"] + "/v1/videos"
+    for job_id in BAD_IDS:
+        path = f"{base}/{quote(job_id, safe='')}"
+        for method, url in [("GET", path), ("GET", path + "/content"), ("POST", path + "/cancel"), ("DELETE", path)]:
+            response = httpx.request(method, url)
+            assert response.status_code == 404, (method, job_id, response.text)
+        assert _http.get(base, params={"after": job_id}).status_code == 404
+        for call, request in [
+            (stub.GetVideo, video_pb2.GetVideoRequest(id=job_id)),
+            (stub.CancelVideo, video_pb2.CancelVideoRequest(id=job_id)),
+        ]:
+            with pytest.raises(grpc.RpcError) as raised:
+                call(request)
+            assert raised.value.code() == grpc.StatusCode.NOT_FOUND, job_id
+        for stream, request in [
+            (stub.WatchVideo, video_pb2.WatchVideoRequest(id=job_id)),
+            (stub.DownloadVideo, video_pb2.DownloadVideoRequest(id=job_id)),
+        ]:
+            with pytest.raises(grpc.RpcError) as raised:
+                list(stream(request))
+            assert raised.value.code() == grpc.StatusCode.NOT_FOUND, job_id
+    assert "zzbad" not in log.read_text(errors="ignore")[len(before):]  # the S3 server never heard of them
+
+
+def test_a_path_or_key_forged_into_a_record_is_refused(served, stub, job_store, tmp_path):
+    from serving.jobs.record import JobRecord, new_job_id
+    from serving.protocol import JobStatus
+
+    secret = tmp_path / "service-account-token"
+    secret.write_text("TOP-SECRET-TOKEN")
+    record = JobRecord(id=new_job_id(), model="ltx-2-tiny", prompt="forged", negative_prompt="", seconds=1.0,
+                       width=64, height=64, fps=24, seed=1, has_image=False, status=JobStatus.COMPLETED,
+                       completed_at=time.time(), result_bytes=16)
+    assert job_store.create(record)
+    content = f"{served['http']}/v1/videos/{record.id}/content"
+    for forged in ({"result_path": str(secret)},  # the old trusted path
+                   {"result_path": str(secret), "result_attempt": f"1/../../../{secret}"},
+                   {"result_attempt": "../../inputs/video_x/photo"}, {"result_attempt": -1}):
+        _forge(served, record.id, **forged)
+        response = _http.get(content, follow_redirects=True)
+        assert response.status_code == 404 and "TOP-SECRET" not in response.text, (forged, response.text)
+        with pytest.raises(grpc.RpcError) as raised:
+            list(stub.DownloadVideo(video_pb2.DownloadVideoRequest(id=record.id)))
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    # An attempt number is all a record can name: the key is this job's, and no such attempt wrote one.
+    _forge(served, record.id, result_attempt=7)
+    followed = _http.get(content, follow_redirects=True)
+    assert followed.status_code == 404 and "TOP-SECRET" not in followed.text
+    assert f"/results-store/results/{record.id}/7/video.mp4" in str(followed.url)
 
 
 # ---------------------------------------------------------------------------- durability (keep last)

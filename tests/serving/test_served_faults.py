@@ -19,7 +19,8 @@ import pytest
 
 from serving.proto import video_pb2
 from tests.serving.conftest import (
-    APP, LONG, SLOW, SLOWER, STEPS, bearer, deploy, diffusion_autoscaling, wait_terminal, wait_until,
+    APP, LONG, SLOW, SLOWER, STEPS, bearer, bucket_keys, deploy, diffusion_autoscaling, stage_stats, wait_terminal,
+    wait_until,
 )
 
 pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
@@ -128,10 +129,10 @@ def test_cancel_during_decode_ends_cancelled(stub):
 # ---------------------------------------------------------------------------- work is resumed, never redone
 
 
-def test_a_diffusion_replica_killed_mid_denoise_resumes_from_its_checkpoint(served, stub, tiny_checkpoint, figures):
-    """The replica dies after step 7; the retried call resumes at the last checkpoint and the output is the same."""
-    from serving.jobs.artifacts import DirectoryArtifacts
-
+def test_a_diffusion_replica_killed_mid_denoise_resumes_from_its_checkpoint(served, served_storage, stub,
+                                                                             tiny_checkpoint, figures):
+    """The replica dies after step 7; the retried call resumes at the last checkpoint (in the bucket) and the output
+    is the same."""
     prompt = "a heron takes off from a lake [kill-diffusion]"
     created = _create(stub, prompt, seed=11)
     watcher = Watcher(stub, created.id)
@@ -144,7 +145,10 @@ def test_a_diffusion_replica_killed_mid_denoise_resumes_from_its_checkpoint(serv
     watcher._thread.join(10)
     watcher.assert_never_went_back()
 
-    kept = DirectoryArtifacts(served["results"] / "artifacts").get(created.id, "video_latents")
+    kept_keys = bucket_keys(served, created.id)["artifacts-store"]
+    assert any(key.startswith(f"artifacts/{created.id}/1/checkpoint-") for key in kept_keys)
+    assert f"results/{created.id}/1/video.mp4" in bucket_keys(served, created.id)["results-store"]
+    kept = served_storage.load_output(created.id, 1, "video_latents")
     expected = _uninterrupted_latents(served, tiny_checkpoint, prompt, seed=11)
     assert float(np.abs(kept.latents.to().numpy() - expected).max()) <= 1e-4
 
@@ -164,12 +168,17 @@ def _uninterrupted_latents(served, tiny_checkpoint, prompt: str, seed: int) -> n
     return family.diffusion_model(model).denoise(embeddings, None, plan).video.latents.to().numpy()
 
 
-def test_an_orchestrator_replica_killed_mid_job_is_taken_over(stub, job_store, figures):
+def test_an_orchestrator_replica_killed_mid_job_is_taken_over(served, served_storage, stub, job_store, figures):
+    """The successor resumes denoising from the bucket's checkpoints. The kept prompt embeddings it would skip
+    the text encoder with are unreadable by then: it runs the text encoder again instead of failing."""
     created = _create(stub, f"a train crosses a bridge {SLOW}", seed=5)
     watcher = Watcher(stub, created.id)
     wait_until(lambda: job_store.get(created.id).step >= 3, what="three denoising steps")
     dead = _kill_orchestrator_holding(created.id, job_store)
     killed_at = time.time()
+    encoded = stage_stats("text_encoder")["requests_total"]
+    spoiled = f"artifacts/{created.id}/1/prompt_embeddings.safetensors"
+    served_storage.artifacts.put(spoiled, served_storage.artifacts.get(spoiled)[:-100])  # truncated
     wait_until(lambda: (r := job_store.get(created.id)).owner not in (None, dead) and r, timeout_s=30,
                what="another orchestrator taking the job over")
     figures["takeover_delay_s"] = round(time.time() - killed_at, 2)
@@ -182,20 +191,40 @@ def test_an_orchestrator_replica_killed_mid_job_is_taken_over(stub, job_store, f
     assert "text_encoder" in record.done_stages
     watcher._thread.join(10)
     watcher.assert_never_went_back()
+    # In the bucket: the first attempt's checkpoints the second resumed from, and only the second's MP4.
+    stored = bucket_keys(served, created.id)
+    assert any(key.startswith(f"artifacts/{created.id}/1/checkpoint-") for key in stored["artifacts-store"])
+    assert any(key.startswith(f"artifacts/{created.id}/2/") for key in stored["artifacts-store"])
+    assert record.result_attempt == 2
+    assert {k for k in stored["results-store"] if k.startswith("results/")} == {f"results/{created.id}/2/video.mp4"}
+    assert stage_stats("text_encoder")["requests_total"] == encoded + 1  # redone once, not failed
+    assert f"{spoiled} is unreadable" in _replica_logs("diffusion")
 
 
-def test_a_takeover_after_the_decoders_redoes_neither_decoder(stub, job_store):
-    from tests.serving.conftest import stage_stats
-
+def test_a_takeover_after_the_decoders_redoes_neither_decoder_and_leaves_one_mp4(served, stub, job_store, probe_mp4,
+                                                                                  tmp_path):
+    """Two overlapping attempts: the first owner dies while its muxer call stalls; the call runs on after the
+    second attempt completed. Exactly one MP4 is left, the accepted attempt's."""
     created = _create(stub, "a windmill turning [stall-muxer]", seed=12)
     wait_until(lambda: job_store.get(created.id).stage == "muxer", timeout_s=60, what="the job reaching the muxer")
     decoded = stage_stats("video_decoder")["requests_total"]
+    refused = stage_stats("muxer")["extra"].get("stale_results_refused_total", 0)
     _kill_orchestrator_holding(created.id, job_store)
     final = wait_terminal(stub, created.id, timeout_s=90)
     record = job_store.get(created.id)
     assert final.status == video_pb2.COMPLETED, final.error.message
     assert record.takeovers == 1 and {"video_decoder", "audio_decoder", "diffusion"} <= set(record.done_stages)
     assert stage_stats("video_decoder")["requests_total"] == decoded  # the successor read the kept H.264
+
+    # The first attempt's muxer call wakes 20 s after it began, after the second attempt completed.
+    wait_until(lambda: stage_stats("muxer")["extra"].get("stale_results_refused_total", 0) > refused, timeout_s=40,
+               interval_s=0.5, what="the replaced attempt's muxer call ending")
+    assert record.result_attempt == 2
+    results = {k for k in bucket_keys(served, created.id)["results-store"] if k.startswith("results/")}
+    assert results == {f"results/{created.id}/2/video.mp4"}
+    path = tmp_path / "one.mp4"
+    path.write_bytes(_http.get(f"{served['http']}/v1/videos/{created.id}/content", follow_redirects=True).content)
+    assert probe_mp4(path)["video_streams"] == 1
 
 
 def test_the_deadline_counts_from_the_first_start_across_attempts(served, stub, job_store):
@@ -247,6 +276,92 @@ def test_redis_stopped_for_20_s_mid_job_and_restarted(served, stub, job_store):
     assert _http.post(served["http"] + "/v1/videos", json={"prompt": "after", "size": "64x64"}).status_code == 200
     watcher._thread.join(30)
     assert watcher.events[-1].status == video_pb2.COMPLETED  # the stream rode out the outage
+    watcher.assert_never_went_back()
+
+
+# ---------------------------------------------------------------------------- storage faults
+
+
+class _Exploit:
+    """Pickled, it runs a shell command when unpickled: stored bytes must never be."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _replica_logs(stage: str) -> str:
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return "".join(f.read_text(errors="ignore") for f in logs.glob(f"replica_*_{stage}_*.log"))
+
+
+def test_unreadable_checkpoints_are_redone_never_executed(served_storage, stub, tmp_path):
+    """The diffusion replica dies after step 5; while the retried call waits, its checkpoints become a truncated
+    file and a pickle. The job completes: denoising starts over, and the log names each unreadable checkpoint."""
+    import pickle
+
+    created = _create(stub, f"a lantern in the fog [corrupt] {SLOW}", seed=13)
+    watcher = Watcher(stub, created.id)
+    wait_until(lambda: served_storage.newest_checkpoint_step(created.id, 1) == 4, timeout_s=60, interval_s=0.1,
+               what="the checkpoint of step 4")
+    time.sleep(1.0)  # the replica died after step 5; the retried call waits 4 s before it reads a checkpoint
+    keys = sorted(info.key for info in served_storage.artifacts.list(f"artifacts/{created.id}/1/")
+                  if "/checkpoint-" in info.key)
+    assert len(keys) == 2, keys
+    marker = tmp_path / "unpickled"
+    truncated = served_storage.artifacts.get(keys[0])[:1000]
+    served_storage.artifacts.put(keys[0], truncated)
+    served_storage.artifacts.put(keys[1], pickle.dumps(_Exploit(marker)))
+
+    final = wait_terminal(stub, created.id, timeout_s=120)
+    assert final.status == video_pb2.COMPLETED, final.error.message
+    assert not final.HasField("resumed_from_step")  # nothing readable to resume from: the steps were redone
+    assert not marker.exists(), "stored bytes were unpickled"
+    logs = _replica_logs("diffusion")
+    for key in keys:
+        assert f"{key} is unreadable" in logs, key
+    watcher._thread.join(10)
+    watcher.assert_never_went_back()
+
+
+def test_s3_stopped_for_10_s_mid_job(served, stub, job_store, photos):
+    """The muxer's put meets the outage and waits it out; submissions in between get 503 / UNAVAILABLE."""
+    s3, base = served["s3"], served["http"] + "/v1/videos"
+    created = _create(stub, "a paper boat on a stream [mux-later]", seed=10)
+    watcher = Watcher(stub, created.id)
+    wait_until(lambda: job_store.get(created.id).stage == "muxer", timeout_s=60, what="the job reaching the muxer")
+    s3.stop()  # its objects come back with it; the muxer's put comes within its 10 s down
+    stopped = time.time()
+    try:
+        refusals, codes = [], []
+        while time.time() - stopped < 6:
+            refusals.append(_http.post(base, json={"prompt": "in between", "size": "64x64"}, timeout=30))
+            refusals.append(_http.post(base, data={"prompt": "with a photo", "size": "64x64"}, timeout=30,
+                                       files={"input_reference": ("p.jpg", photos.jpeg, "image/jpeg")}))
+            with pytest.raises(grpc.RpcError) as raised:
+                _create(stub, "in between too")
+            codes.append(raised.value.code())
+        assert all(r.status_code == 503 for r in refusals), [r.text for r in refusals]
+        assert all("storage" in r.json()["error"]["message"] and r.headers["retry-after"] for r in refusals)
+        assert set(codes) == {grpc.StatusCode.UNAVAILABLE}
+        time.sleep(max(0.0, 10 - (time.time() - stopped)))
+    finally:
+        s3.start()
+
+    final = wait_terminal(stub, created.id, timeout_s=120)
+    assert final.status == video_pb2.COMPLETED, final.error.message
+    record = job_store.get(created.id)
+    assert (record.attempts, record.takeovers) == (1, 0)
+    assert f"results/{created.id}/1/video.mp4" in bucket_keys(served, created.id)["results-store"]
+    assert f"job {created.id}: storing its MP4: storage is unreachable" in _replica_logs("muxer")  # it retried
+    assert _http.post(base, json={"prompt": "after", "size": "64x64"}).status_code == 200
+    watcher._thread.join(30)
     watcher.assert_never_went_back()
 
 

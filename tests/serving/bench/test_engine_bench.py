@@ -19,7 +19,7 @@ def test_the_engine_benchmark_reports_every_section(tmp_path):
     assert rows[(4, True)]["transformer_passes"] < rows[(4, False)]["transformer_passes"]  # batched
     assert set(results["recipes"]["rows"]) == {"dev", "distilled", "two_stage", "two_stage (distilled first stage)"}
     assert results["recipes"]["rows"]["distilled"]["transformer_rows"] == 8  # one row a step, 8 steps
-    assert results["checkpoint"]["pickled_bytes"] > 0
+    assert results["checkpoint"]["stored_bytes"] > 0
     assert "none" in results["step_caches"]["rows"] and len(results["step_caches"]["rows"]) == 5
     table = (tmp_path / "engine.md").read_text()
     assert "| 4 | on |" in table and "| distilled |" in table and "taylorseer" in table

@@ -77,8 +77,9 @@ def test_create_get_round_trips_every_field(store):
         completed_at=None,
         error_code=None,
         error_message=None,
-        result_path=None,
+        result_attempt=None,
         result_bytes=0,
+        expires_at=None,
         stage_seconds={"text_encoder": 0.25, "image_conditioner": 1.5},
         cancel_requested=False,
         delete_requested=False,
@@ -103,7 +104,8 @@ def test_create_get_round_trips_every_field(store):
 def test_create_get_round_trips_terminal_record_with_none_and_set_optionals(store):
     failed = make_record(
         status=JobStatus.FAILED, progress=57, stage="failed", completed_at=1500.5, started_at=None,
-        error_code="timeout", error_message="ran too long", result_path="/results/x.mp4", result_bytes=12345,
+        error_code="timeout", error_message="ran too long", result_attempt=2, result_bytes=12345,
+        expires_at=1500.5 + 604800,
         cancel_requested=True, delete_requested=True, owner=None, lease_until=0.0,
     )
     fresh = make_record()  # all defaults: None fields, empty stage_seconds, QUEUED
@@ -114,7 +116,7 @@ def test_create_get_round_trips_terminal_record_with_none_and_set_optionals(stor
     assert got == fresh
     assert got.status is JobStatus.QUEUED
     assert got.started_at is None and got.completed_at is None and got.owner is None
-    assert got.error_code is None and got.error_message is None and got.result_path is None
+    assert got.error_code is None and got.error_message is None and got.result_attempt is None
     assert got.stage_seconds == {}
 
 
@@ -233,7 +235,7 @@ def test_late_update_cannot_resurrect_finished_job(store):
     assert store.update(fence, status=JobStatus.IN_PROGRESS, progress=50, stage="diffusion")
     assert store.finish(
         fence, status=JobStatus.COMPLETED, progress=100, stage="completed", completed_at=1100.0,
-        result_path="/r/x.mp4", result_bytes=999,
+        result_attempt=fence.attempt, result_bytes=999,
     ) is True
     finished = store.get(record.id)
     assert finished.status is JobStatus.COMPLETED and finished.progress == 100
@@ -705,7 +707,7 @@ def test_the_tenant_check_sees_its_tenants_counts_inside_create_and_can_refuse(s
     with pytest.raises(QuotaExceeded):
         store.create(make_record(tenant="a"), check_tenant=at_most_one_queued)
     assert seen == [(0, 0), (0, 1), (1, 1)]
-    assert [r.id for r in store.list(after=None, limit=10, order="asc", tenant="a")[0]] == [first.id, second.id]
+    assert {r.id for r in store.list(after=None, limit=10, order="asc", tenant="a")[0]} == {first.id, second.id}
 
 
 def test_the_queue_snapshot_has_queued_orphaned_running_and_expired_jobs(store):
@@ -753,3 +755,45 @@ def test_a_callback_is_leased_to_one_deliverer_and_recorded_once(store):
     assert store.webhooks_pending() == []
     assert store.get(record.id).webhook["attempts"] == 3
     assert store.lease_webhook(record.id, "runner-b", lease_s=30) is None  # delivered: never again
+
+
+# ---------------------------------------------------------------------------------------------- retention
+
+
+def test_a_record_written_before_per_attempt_results_still_reads():
+    """Old records carry ``result_path`` and no ``result_attempt`` / ``expires_at``: they load, the path is dropped."""
+    old = make_record(status=JobStatus.COMPLETED, completed_at=1100.0).to_dict()
+    del old["result_attempt"], old["expires_at"]
+    old["result_path"] = "/results/video_x.mp4"
+    loaded = JobRecord.from_dict(old)
+    assert loaded.result_attempt is None and loaded.expires_at is None and not hasattr(loaded, "result_path")
+
+
+def test_an_ended_jobs_redis_record_expires_a_day_after_its_video(request, tmp_path):
+    from serving.jobs.record import RECORD_KEPT_AFTER_EXPIRY_S
+
+    store = _open("redis", request, tmp_path)
+    record = make_record()
+    store.create(record)
+    fence = _claim(store, record)
+    assert store.update(fence, stage="diffusion", progress=10)
+    key = f"reelserve:job:{record.id}"
+    assert store._redis.ttl(key) == -1  # a running job's record never expires
+    expires = time.time() + 3600
+    assert store.finish(fence, status=JobStatus.COMPLETED, stage="completed", completed_at=time.time(),
+                        expires_at=expires, result_attempt=fence.attempt)
+    assert 3600 + RECORD_KEPT_AFTER_EXPIRY_S - 5 <= store._redis.ttl(key) <= 3600 + RECORD_KEPT_AFTER_EXPIRY_S + 1
+    assert store.get(record.id).expires_at == expires
+    store.close()
+
+
+def test_a_listing_drops_the_ids_of_records_that_expired(request, tmp_path):
+    store = _open("redis", request, tmp_path)
+    records = [make_record(created_at=1000.0 + i) for i in range(3)]
+    for record in records:
+        store.create(record)
+    store._redis.delete(f"reelserve:job:{records[0].id}")  # as its TTL does
+    listed, _ = store.list(after=None, limit=10, order="asc")
+    assert [r.id for r in listed] == [r.id for r in records[1:]]
+    assert store._redis.zrank("reelserve:jobs", records[0].id) is None
+    store.close()

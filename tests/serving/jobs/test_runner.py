@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from cluster.auth_config import CallbacksConfig, TenantConfig
-from cluster.config import JobsConfig, OrchestratorConfig, RewriterConfig
+from cluster.config import JobsConfig, OrchestratorConfig, RewriterConfig, StorageConfig
 from serving.errors import StageOutOfMemory
 from serving.families import get_family
 from serving.families.ltx2.config import LTX2ModelConfig
@@ -23,7 +23,7 @@ from serving.jobs.context import RunnerServices
 from serving.jobs.events import JobEvents
 from serving.jobs.progress import ProgressMarks
 from serving.jobs.record import PHOTO_INPUT, JobRecord, new_job_id
-from serving.jobs.results import ResultStore
+from serving.jobs.job_storage import JobStorage
 from serving.jobs.runner import JobRunner
 from serving.jobs.sqlite_store import SQLiteJobStore
 from serving.metrics import RecordingExporter, StageStats, set_exporter
@@ -74,7 +74,7 @@ class FakeStage:
         if self.name == "diffusion":
             return DenoiseResult(handoffs, finished_steps=8, total_steps=8)
         if self.name == "muxer":
-            return StoredVideo(path=f"/results/{ticket.job_id}.mp4", num_bytes=1234)
+            return StoredVideo(attempt=ticket.attempt, num_bytes=1234)
         return handoffs[0]
 
 
@@ -98,21 +98,21 @@ class Harness:
         self.store = SQLiteJobStore(str(tmp_path / "jobs.sqlite3"))
         if live_diffusion:
             self.store.heartbeat("diffusion", "replica-1", {"seconds_per_token_step": 0.001}, ttl_s=3600)
-        self.jobs = JobsConfig(results_dir=str(tmp_path / "results"), lease_s=2, **jobs)
+        self.jobs = JobsConfig(lease_s=2, **jobs)
         pool = ThreadPoolExecutor(max_workers=4)
 
         async def io(method, *args, **kwargs):
             return await asyncio.get_running_loop().run_in_executor(pool, lambda: method(*args, **kwargs))
 
         self.services = RunnerServices(
-            store=self.store, events=JobEvents(self.store), results=ResultStore(self.jobs.results_dir), io=io,
+            store=self.store, events=JobEvents(self.store), storage=JobStorage(StorageConfig(results_url=str(tmp_path / 'results'))), io=io,
             family=family, handles=self.stages, marks=ProgressMarks(family.stages), jobs=self.jobs,
             rewriter=RewriterConfig(enabled=False), prompt_fits=lambda text: True, model_name=MODEL.name,
             stats=StageStats(stage="orchestrator", model=MODEL.name), diffusion_slots=slots,
             tenants=tenants or {}, callbacks=callbacks or CallbacksConfig(), signer=signer,
         )
-        self.runner = JobRunner(self.services, _NoArtifacts(), MODEL, self.jobs,
-                                OrchestratorConfig(poll_interval_s=0.05), frame_rule=(8, 1), owner="runner-a")
+        self.runner = JobRunner(self.services, MODEL, self.jobs, OrchestratorConfig(poll_interval_s=0.05),
+                                frame_rule=(8, 1), owner="runner-a")
 
     def submit(self, **fields) -> JobRecord:
         values = dict(id=new_job_id(), model=MODEL.name, prompt="a cat", negative_prompt="", seconds=1.0, width=64,
@@ -138,16 +138,6 @@ class Harness:
         return [name for name, _, _ in self.log]
 
 
-class _NoArtifacts:
-    def delete_job(self, job_id): ...
-
-    def job_ids(self):
-        return []
-
-    def get(self, job_id, name):
-        return None
-
-
 @pytest.fixture
 def harness(tmp_path):
     previous = set_exporter(RecordingExporter())
@@ -171,8 +161,7 @@ def test_an_image_to_video_job_runs_the_pipeline_in_order_and_records_everything
     assert final.done_stages == ["audio_decoder", "diffusion", "image_conditioner", "muxer", "text_encoder",
                                  "video_decoder"]
     assert set(final.stage_seconds) == set(final.done_stages)
-    assert (final.result_path, final.result_bytes, final.step, final.total_steps) == (
-        f"/results/{record.id}.mp4", 1234, 8, 8)
+    assert (final.result_attempt, final.result_bytes, final.step, final.total_steps) == (1, 1234, 8, 8)
 
 
 def test_a_takeover_skips_the_stages_an_earlier_attempt_finished(harness):

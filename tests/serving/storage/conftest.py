@@ -2,43 +2,16 @@
 
 Every S3 test gets a bucket of its own on the one server, so tests never see
 each other's objects. Credentials reach the client the way they do in
-production: through the standard AWS environment variables.
+production: through the standard AWS environment variables
+(``aws_environment`` and ``s3_server`` live in ``tests/serving/conftest.py``).
 """
 
 from __future__ import annotations
 
-import secrets
-
 import pytest
 
 from serving.storage.store import Storage, open_storage
-from tests.s3_server import CREDENTIALS, S3Server
-
-
-@pytest.fixture(scope="session")
-def aws_environment():
-    """The standard AWS variables pointing at the test server's credentials, for the session."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in CREDENTIALS.items():
-            patch.setenv(name, value)
-        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
-            patch.delenv(name, raising=False)
-        yield
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory, aws_environment) -> S3Server:
-    """moto's S3 server as a separate process on a free port."""
-    server = S3Server(log_path=str(tmp_path_factory.mktemp("moto") / "moto.log"))
-    server.start()
-    yield server
-    server.stop(keep_data=False)
-
-
-def new_bucket(server: S3Server) -> str:
-    name = f"reelserve-{secrets.token_hex(6)}"
-    server.create_bucket(name)
-    return name
+from tests.serving.conftest import new_bucket
 
 
 @pytest.fixture

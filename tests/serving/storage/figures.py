@@ -7,6 +7,11 @@ client and the server's request handling, not a network.
 
     python -m tests.serving.storage.figures pipeline
         codec + obstore (this project's code), local disk and the S3 server
+    python -m tests.serving.storage.figures served
+        what the served stages do (serving.jobs.job_storage): a checkpoint taken
+        from the tiny LTX-2 model's engine, its arrays at the real sizes, kept and
+        read back per attempt and step (put, listing, pruning), local vs S3; and
+        the bytes a job leaves in each store
     python tests/serving/storage/figures.py compare ENDPOINT_URL
         obstore vs s3fs on raw bytes against a running S3 server, plus each
         client's import time and installed size with its dependencies (run it
@@ -160,6 +165,77 @@ def measure_store(label: str, storage, family_codec, checkpoint, outputs: dict, 
     return f"| {label} | {ms(write)} | {ms(read)} | {ms(job_write)} | {ms(job_concurrent)} | {ms(job_read)} |"
 
 
+def served() -> None:
+    import dataclasses
+    import json
+
+    import torch
+
+    from cluster.storage_config import StorageConfig
+    from serving.families import get_family
+    from serving.families.ltx2.config import LTX2ModelConfig
+    from serving.families.ltx2.tiny import ensure_tiny_ltx2
+    from serving.jobs.job_storage import JobStorage, register_stored_types
+    from serving.jobs.record import JobRecord
+    from serving.protocol import HostTensor, RenderPlan
+    from tests.s3_server import CREDENTIALS, S3Server
+
+    os.environ.update(CREDENTIALS)
+    config = LTX2ModelConfig.tiny(path=str(ensure_tiny_ltx2()))
+    family = get_family("ltx2")
+    register_stored_types(family)
+    embeddings = family.stage("text_encoder").component(config).encode("a cat blinks", config.negative_prompt)
+    diffusion = family.diffusion_model(config)
+    plan = RenderPlan.build(width=64, height=64, fps=24, seconds=1.0, seed=0,
+                            num_inference_steps=config.num_inference_steps, frame_step=8)
+    diffusion.engine.add(diffusion.request("figures", embeddings, None, plan))
+    diffusion.engine.step()
+    diffusion.engine.step()
+    tiny = diffusion.engine.checkpoint("figures")
+
+    def host(*shape):
+        return HostTensor.of(torch.randn(*shape))
+
+    # The tiny model's checkpoint, its arrays at 1280x704 x 121 (DESIGN.md 4b): packed video latents
+    # [1, 16*22*40, 128] fp32 and about 5 s of audio latents.
+    checkpoint = dataclasses.replace(tiny, video_latents=host(1, 16 * 22 * 40, 128), audio_latents=host(1, 126, 128),
+                                     width=1280, height=704, generated_frames=121)
+    _, _, outputs = checkpoint_and_job_outputs()
+    server = S3Server()
+    server.start()
+    try:
+        server.create_bucket("figures")
+        stores = {
+            "local disk": StorageConfig(results_url=tempfile.mkdtemp(prefix="reelserve-figures-")),
+            "S3 server (moto)": StorageConfig(results_url="s3://figures/results", artifacts_url="s3://figures/outputs",
+                                              s3_endpoint_url=server.endpoint_url),
+        }
+        job = "video_" + "cd" * 12
+        print(f"checkpoint of the tiny model at 1280x704 x 121: {len(codec_of(checkpoint)) / MB:.2f} MB")
+        print("| store | keep a checkpoint (encode, put, list, drop the third newest) | resume: newest readable "
+              "checkpoint (list, get, decode) | keep a job's six stage outputs |")
+        print("| --- | --- | --- | --- |")
+        for label, storage_config in stores.items():
+            storage = JobStorage(storage_config)
+            steps = iter(range(2, 2 * (RUNS + 2), 2))
+            keep = median_s(lambda: storage.keep_checkpoint(job, 1, next(steps), checkpoint))
+            resume = median_s(lambda: storage.newest_checkpoint(job, 1))
+            outputs_s = median_s(lambda: [storage.keep_output(job, 1, n, v) for n, v in outputs.items()])
+            print(f"| {label} | {ms(keep)} | {ms(resume)} | {ms(outputs_s)} |")
+            storage.remove_job(job)
+        record = JobRecord(id=job, model="ltx-2", prompt="x" * 200, negative_prompt="", seconds=5.0, width=1280,
+                           height=704, fps=24, seed=0, has_image=True)
+        print(f"job record: {len(json.dumps(record.to_dict()))} bytes of JSON (200-character prompt)")
+    finally:
+        server.stop(keep_data=False)
+
+
+def codec_of(value) -> bytes:
+    from serving.storage.codec import codec
+
+    return codec.encode(value)
+
+
 # -- part B: the two client libraries on raw bytes ------------------------------------------------------
 
 
@@ -237,6 +313,8 @@ def compare(endpoint: str) -> None:
 def main() -> None:
     if sys.argv[1:2] == ["pipeline"]:
         pipeline()
+    elif sys.argv[1:2] == ["served"]:
+        served()
     elif sys.argv[1:2] == ["compare"] and len(sys.argv) == 3:
         compare(sys.argv[2])
     else:

@@ -35,12 +35,19 @@ def test_s3_expiration_rules_are_installed_and_visible(s3_storage, s3_server):
     assert install_expiration_rules(s3_storage, {"results": WEEK_S, "inputs": WEEK_S, "artifacts": 3600})
     assert install_expiration_rules(s3_storage, {"results": 2 * WEEK_S, "inputs": WEEK_S, "artifacts": 3600})  # again
 
+    # A second store in the same bucket, under another prefix (stage outputs apart from results).
+    other = open_storage(f"s3://{bucket}/outputs", s3_endpoint_url=s3_server.endpoint_url)
+    assert install_expiration_rules(other, {"artifacts": 3600})
+
     rules = {rule["ID"]: rule for rule in s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]}
-    assert set(rules) == {"logs", "reelserve-results", "reelserve-inputs", "reelserve-artifacts"}
-    assert rules["reelserve-results"]["Filter"]["Prefix"] == "reelserve/results/"
-    assert rules["reelserve-results"]["Expiration"]["Days"] == 14
-    assert rules["reelserve-artifacts"]["Expiration"]["Days"] == 1  # rounded up to S3's whole days
-    assert rules["reelserve-inputs"]["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] == 1
+    results, inputs = "reelserve-results@reelserve/results/", "reelserve-inputs@reelserve/inputs/"
+    artifacts, others = "reelserve-artifacts@reelserve/artifacts/", "reelserve-artifacts@outputs/artifacts/"
+    assert set(rules) == {"logs", results, inputs, artifacts, others}
+    assert rules[results]["Filter"]["Prefix"] == "reelserve/results/"
+    assert rules[results]["Expiration"]["Days"] == 14
+    assert rules[artifacts]["Expiration"]["Days"] == 1  # rounded up to S3's whole days
+    assert rules[others]["Filter"]["Prefix"] == "outputs/artifacts/"
+    assert rules[inputs]["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] == 1
     assert rules["logs"]["Expiration"]["Days"] == 30
 
 
