@@ -223,6 +223,13 @@ class RedisJobStore(ConditionalWrites):
         return [json.loads(info) for info in infos if info is not None]
 
     @_unavailable_on_connection_errors
+    def forget_replica(self, stage: str, replica: str) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.zrem(_REPLICAS + stage, replica)
+        pipe.hdel(_REPLICAS + stage + ":info", replica)
+        pipe.execute()
+
+    @_unavailable_on_connection_errors
     def webhooks_pending(self, limit: int = 100) -> list[str]:
         return sorted(self._redis.smembers(_WEBHOOKS))[:limit]
 

@@ -170,6 +170,10 @@ class SQLiteJobStore(ConditionalWrites):
         rows = self._read("SELECT info FROM replicas WHERE stage = ? AND expires_at > ?", (stage, self.now()))
         return [json.loads(row[0]) for row in rows]
 
+    def forget_replica(self, stage: str, replica: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM replicas WHERE stage = ? AND replica = ?", (stage, replica))
+
     def webhooks_pending(self, limit: int = 100) -> list[str]:
         return [row[0] for row in self._read("SELECT id FROM jobs WHERE webhook_due = 1 ORDER BY id LIMIT ?", (limit,))]
 

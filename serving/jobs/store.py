@@ -82,6 +82,9 @@ class JobStore(Protocol):
     def live_replicas(self, stage: str) -> list[dict]:
         """The ``info`` of every replica of ``stage`` whose heartbeat has not lapsed."""
 
+    def forget_replica(self, stage: str, replica: str) -> None:
+        """A replica that stops says so: it no longer counts as capacity (no wait for its heartbeat to lapse)."""
+
     def webhooks_pending(self, limit: int = 100) -> list[str]:
         """Ended jobs whose callback still has to be delivered."""
 

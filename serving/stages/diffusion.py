@@ -398,6 +398,11 @@ class DiffusionStage:
     async def __del__(self):
         # Serve calls this once the replica's calls drained or its drain time (sized for the longest job) is
         # nearly over. Whatever still runs stops at its next step with a checkpoint, so a successor resumes there.
+        try:  # no longer capacity: runners stop counting its slots at once
+            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                self._io, self._store.forget_replica, self._name, self._replica), timeout=_STORE_CALL_S)
+        except Exception as error:  # noqa: BLE001 - its heartbeat lapses on its own
+            logger.info("leaving the job store's replica list failed: %r", error)
         requests = list(self._requests.values())
         for request in requests:
             request.checkpoint_on_stop = True

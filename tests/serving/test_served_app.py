@@ -383,7 +383,7 @@ def test_a_job_id_of_no_job_shape_is_a_404_on_every_route_and_never_reaches_stor
     for job_id in BAD_IDS:
         path = f"{base}/{quote(job_id, safe='')}"
         for method, url in [("GET", path), ("GET", path + "/content"), ("POST", path + "/cancel"), ("DELETE", path)]:
-            response = httpx.request(method, url)
+            response = _http.request(method, url)
             assert response.status_code == 404, (method, job_id, response.text)
         assert _http.get(base, params={"after": job_id}).status_code == 404
         for call, request in [
@@ -411,7 +411,7 @@ def test_a_path_or_key_forged_into_a_record_is_refused(served, stub, job_store, 
     secret.write_text("TOP-SECRET-TOKEN")
     record = JobRecord(id=new_job_id(), model="ltx-2-tiny", prompt="forged", negative_prompt="", seconds=1.0,
                        width=64, height=64, fps=24, seed=1, has_image=False, status=JobStatus.COMPLETED,
-                       completed_at=time.time(), result_bytes=16)
+                       completed_at=time.time(), result_bytes=16, tenant="tests")
     assert job_store.create(record)
     content = f"{served['http']}/v1/videos/{record.id}/content"
     for forged in ({"result_path": str(secret)},  # the old trusted path

@@ -108,8 +108,11 @@ def test_every_route_needs_a_key_and_another_tenants_job_is_not_found(clients):
 def test_fair_share_the_store_side_queue_and_heartbeats(clients, job_store, figures):
     """team-a submits 8 jobs, then team-b 1: b's job starts before a's third. Meanwhile the waiting jobs stay
     queued in the store, each with its own queue position, and a waiting job's stream hears a heartbeat."""
+    import concurrent.futures
+
     http, stubs = clients
-    a_ids = [_create(http["team-a"], f"a fox runs {i} {SLOW}")["id"] for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:  # a's 8 jobs at once, then b's
+        a_ids = [job["id"] for job in pool.map(lambda i: _create(http["team-a"], f"a fox runs {i} {SLOW}"), range(8))]
     b_id = _create(http["team-b"], f"a heron stands {SLOW}")["id"]
 
     heartbeats = []
@@ -133,14 +136,20 @@ def test_fair_share_the_store_side_queue_and_heartbeats(clients, job_store, figu
     assert all(v.estimated_start_at > 0 for v in waiting)
     assert all(job_store.get(v.id).attempts == 0 for v in waiting)  # nobody claimed them
 
-    for job_id in a_ids + [b_id]:
-        wait_terminal(stubs["team-a" if job_id != b_id else "team-b"], job_id, timeout_s=240)
-    starts = sorted((job_store.get(i).started_at, "b" if i == b_id else "a") for i in a_ids + [b_id])
+    def started(job_id: str) -> bool:
+        return job_store.get(job_id).started_at is not None
+
+    wait_until(lambda: started(b_id) and sum(map(started, a_ids)) >= 3, timeout_s=240,
+               what="b's job and three of a's starting")
+    starts = sorted((job_store.get(i).started_at, "b" if i == b_id else "a") for i in a_ids + [b_id] if started(i))
     order = [tenant for _, tenant in starts]
     figures["fair_share_start_order"] = "".join(order)
     assert order.index("b") < 3, order
     watcher.join(30)
     assert heartbeats, "a job that waited over 10 s heard no heartbeat"
+    _cancel_all(http["team-a"], a_ids)
+    for job_id in a_ids + [b_id]:
+        wait_terminal(stubs["team-a" if job_id != b_id else "team-b"], job_id, timeout_s=120)
 
 
 # ---------------------------------------------------------------------------------------------- quotas
@@ -324,3 +333,45 @@ def _read_http_message(sock: socket.socket) -> bytes:
             break
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+def test_a_burst_of_40_photo_uploads_stays_within_the_decode_budget(served, clients, figures):
+    """40 uploads of a 12-megapixel photo at once: decodes wait for room in the ingress's memory budget
+    (ingress.decode_memory_mb), so the replica's memory grows by about the budget, not 40 decodes."""
+    import concurrent.futures
+
+    import psutil
+
+    http, _ = clients
+    ingress = next(p for p in psutil.process_iter(["cmdline"])
+                   if "ServeReplica:reelserve:ingress" in " ".join(p.info["cmdline"] or []))
+    photo = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (90, 120, 150)).save(photo, format="JPEG", quality=80)
+    data = photo.getvalue()
+    baseline = ingress.memory_info().rss
+    peak = baseline
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, ingress.memory_info().rss)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+
+    def upload(i: int):
+        return http["tests"].post("/v1/videos", data={"prompt": f"a burst photo {i}", **SMALL},
+                                  files={"input_reference": ("p.jpg", data, "image/jpeg")})
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=40) as pool:
+        responses = list(pool.map(upload, range(40)))
+    done.set()
+    sampler.join(5)
+    growth_mb = (peak - baseline) / 1e6
+    figures["ingress_peak_growth_mb_40_uploads_12mp"] = round(growth_mb)
+    assert all(r.status_code in (200, 429) for r in responses), [r.text for r in responses if r.status_code >= 300][:2]
+    budget_mb = served["config"]["ingress"].get("decode_memory_mb", 1024) * 1.048576
+    assert growth_mb < budget_mb + 400, f"the ingress grew {growth_mb:.0f} MB for a {budget_mb:.0f} MB budget"
+    _cancel_all(http["tests"], [r.json()["id"] for r in responses if r.status_code == 200])

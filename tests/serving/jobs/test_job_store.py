@@ -797,3 +797,10 @@ def test_a_listing_drops_the_ids_of_records_that_expired(request, tmp_path):
     assert [r.id for r in listed] == [r.id for r in records[1:]]
     assert store._redis.zrank("reelserve:jobs", records[0].id) is None
     store.close()
+
+
+def test_a_replica_that_stops_is_forgotten_at_once(store):
+    store.heartbeat("diffusion", "r1", {"seconds_per_token_step": 0.5}, ttl_s=30)
+    store.heartbeat("diffusion", "r2", {"seconds_per_token_step": 0.25}, ttl_s=30)
+    store.forget_replica("diffusion", "r1")
+    assert store.live_replicas("diffusion") == [{"seconds_per_token_step": 0.25}]
