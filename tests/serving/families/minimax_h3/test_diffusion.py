@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.engine.core import DiffusionEngine, RequestFinished
+from serving.engine.core import DiffusionEngine, RequestFailed, RequestFinished
 from serving.families.minimax_h3.config import MiniMaxH3ModelConfig
 from serving.families.minimax_h3.diffusion import (
     DenoiseCheckpoint,
@@ -91,11 +91,9 @@ def test_a_checkpoint_of_another_layout_is_refused(diffusion, encode):
     engine.abort("a")
     engine.step()
     longer, _ = encode(PROMPT + " softly", plan(4))
-    failed = []
     engine.add(DenoiseRequest("b", longer, None, plan(4)), checkpoint)
-    for event in engine.step():
-        failed.append(event)
-    assert "another packed layout" in str(failed[0].error)
+    (failed,) = engine.step()
+    assert isinstance(failed, RequestFailed) and "another packed layout" in str(failed.error)
     with pytest.raises(ValueError, match="seed is 4, the request's is 5"):
         engine.add(DenoiseRequest("c", text, None, plan(5)), checkpoint)
 
