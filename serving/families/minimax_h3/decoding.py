@@ -234,5 +234,6 @@ def _waveform(container, stream, name: str, seconds: float, sample_rate: int) ->
 
 
 def _reason(error: BaseException) -> str:
-    text = str(error).split(":")[0].strip() if isinstance(error, av.FFmpegError) else str(error)
-    return text or type(error).__name__
+    """What went wrong, in the decoder's words, without file names or codes."""
+    text = getattr(error, "strerror", None) if isinstance(error, av.FFmpegError) else str(error)
+    return (text or type(error).__name__).lower()
