@@ -59,6 +59,7 @@ __all__ = [
     "MiniMaxH3Diffusion",
     "MiniMaxH3Engine",
     "MiniMaxH3StepModel",
+    "layout_references",
     "stored_types",
 ]
 
@@ -156,7 +157,9 @@ _NO_FRAMES = np.zeros((1, 1, 1, 3), dtype=np.uint8)
 _NO_AUDIO = torch.zeros(2, 0)
 
 
-def _layout_references(references: ReferenceConditioning) -> list:
+def layout_references(references: ReferenceConditioning) -> list:
+    """What the ref2va layout block reads of each reference (its modality, whether it brings audio), as diffusers'
+    reference types holding no media."""
     placeholders = []
     for kind, has_audio in zip(references.kinds, references.has_audio):
         if kind == "image":
@@ -242,7 +245,7 @@ class MiniMaxH3StepModel:
         if references.workflow == "fl2va":
             inputs["keyframe_anchors"] = references.keyframe_anchors
         else:
-            inputs["normalized_references"] = _layout_references(references)
+            inputs["normalized_references"] = layout_references(references)
             inputs["audio_condition_latents"] = [t.to("cpu") for t in references.audio_rows]
         return inputs
 

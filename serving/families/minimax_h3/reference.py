@@ -40,14 +40,19 @@ from diffusers import (
 )
 from diffusers.modular_pipelines.minimax_h3.before_denoise import (
     MiniMaxH3PrepareLayoutStep,
+    MiniMaxH3Ref2VAPrepareLayoutStep,
     MiniMaxH3SetTimestepsStep,
 )
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from serving.families.minimax_h3.config import FPS, latent_frame_count
+from serving.families.minimax_h3.diffusion import layout_references
+from serving.families.minimax_h3.handoffs import ReferenceConditioning
 
 __all__ = [
     "COMPONENT_NAMES",
+    "REFERENCE_IMAGES",
+    "REFERENCE_VIDEO_FRAMES",
     "SCHEDULER_SHIFTS",
     "build_component",
     "build_meta",
@@ -209,33 +214,43 @@ def component_elements(name: str, part: str | None = None) -> int:
     return sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
 
 
+# The references of the ref2va pass the benchmark times: three 16:9 images at the reference short edge (2048
+# pixels: 128 x 228 latents each) and a 2 s video snapped down to 39 frames (12 latent frames) with its soundtrack.
+REFERENCE_IMAGES = 3
+REFERENCE_VIDEO_FRAMES = 39
+
+
 def random_transformer_inputs(width: int, height: int, seconds: float, text_tokens: int, batch: int = 1,
-                              step: int = 0, num_inference_steps: int = 50, device: torch.device | str = "cpu",
+                              step: int = 0, num_inference_steps: int = 50, references: bool = False,
+                              reference_short_edge: int = 2048, device: torch.device | str = "cpu",
                               dtype: torch.dtype = torch.bfloat16, generator: torch.Generator | None = None) -> dict:
-    """One t2va transformer pass's inputs at a real size: the packed layout built by diffusers' own layout block,
-    the row-timestep plan of ``step``, random rows (``batch`` requests of that one layout)."""
+    """One transformer pass's inputs at a real size: the packed layout built by diffusers' own layout block (t2va,
+    or ref2va with ``references``: images at ``reference_short_edge``), the row-timestep plan of ``step``, random
+    rows (``batch`` requests of that one layout)."""
     output_frames = max(1, round(seconds * FPS))
     generated = -(-max(output_frames - 5, 0) // 17) * 17 + 5
     latent_frames = latent_frame_count(generated)
     audio_latents = round(generated / FPS * 40)
     tags = torch.ones(text_tokens, dtype=torch.long)
-    position_ids, token_tags, video_indices, audio_indices, text_indices, _, _ = (
-        MiniMaxH3PrepareLayoutStep.build_packed_sequence(
+    if references:
+        layout = _ref2va_layout(tags, latent_frames, height // 16, width // 16, audio_latents, reference_short_edge)
+    else:
+        layout = MiniMaxH3PrepareLayoutStep.build_packed_sequence(
             tags, latent_frames, height // 16, width // 16, audio_latents, (1, 2, 2), 2, audio_tag=2, video_tag=0,
         )
-    )
+    position_ids, token_tags, video_indices, audio_indices, text_indices, condition_video, condition_audio = layout
     timesteps = _timesteps(num_inference_steps)
     timestep, timestep_indices = MiniMaxH3SetTimestepsStep.build_row_timesteps(
-        video_indices, audio_indices, 0, 0, text_tokens, float(timesteps[step]), float(timesteps[step]), 1.0, 1.0,
+        video_indices, audio_indices, condition_video, condition_audio, text_tokens, float(timesteps[step]),
+        float(timesteps[step]), max(float(timesteps[step]), 0.999), 1.0,
     )
-    rows = latent_frames * (height // 32) * (width // 32)
 
     def noise(*shape, kind=torch.float32):
         return torch.randn(*shape, generator=generator).to(device=device, dtype=kind)
 
     return {
-        "hidden_states": noise(batch, rows, 24 * 4),
-        "audio_hidden_states": noise(batch, 2 * audio_latents, 32),
+        "hidden_states": noise(batch, video_indices.numel(), 24 * 4),
+        "audio_hidden_states": noise(batch, audio_indices.numel(), 32),
         "encoder_hidden_states": noise(batch, text_tokens, 5120, kind=dtype),
         "timestep": timestep.to(device),
         "timestep_indices": timestep_indices.to(device),
@@ -246,6 +261,22 @@ def random_transformer_inputs(width: int, height: int, seconds: float, text_toke
         "text_indices": text_indices.to(device),
         "return_dict": False,
     }
+
+
+def _ref2va_layout(tags: torch.Tensor, latent_frames: int, latent_height: int, latent_width: int, audio_latents: int,
+                   reference_short_edge: int):
+    # A 16:9 image at the reference short edge, in latents (16 pixels each) rounded to whole 2x2 patches.
+    image = torch.zeros(1, 24, 1, reference_short_edge // 32 * 2, round(reference_short_edge * 16 / 9 / 32) * 2)
+    video = torch.zeros(1, 24, latent_frame_count(REFERENCE_VIDEO_FRAMES), latent_height, latent_width)
+    soundtrack = torch.zeros(2 * round(REFERENCE_VIDEO_FRAMES / FPS * 40), 32)
+    kinds = ("image",) * REFERENCE_IMAGES + ("video",)
+    placeholders = layout_references(
+        ReferenceConditioning("ref2va", kinds, (False,) * REFERENCE_IMAGES + (True,), (), (), ())
+    )
+    return MiniMaxH3Ref2VAPrepareLayoutStep.build_ref2va_packed_sequence(
+        tags, placeholders, [image] * REFERENCE_IMAGES + [video], [soundtrack], latent_frames, latent_height,
+        latent_width, audio_latents, (1, 2, 2), 2, 2, 0,
+    )
 
 
 def _timesteps(num_inference_steps: int) -> torch.Tensor:

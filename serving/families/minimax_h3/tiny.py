@@ -32,10 +32,12 @@ blocks hard-code them:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import platformdirs
@@ -65,6 +67,8 @@ __all__ = [
     "TINY_CANVAS",
     "TINY_SEED",
     "VISION_TOKENS",
+    "TransformerWidths",
+    "build_key",
     "build_tiny_minimax_h3",
     "default_tiny_dir",
     "ensure_tiny_minimax_h3",
@@ -80,18 +84,44 @@ _TEXT_LAYERS = 51  # the blocks read hidden_states[50]
 _VERSION = "v1"  # bump when the tiny configs change, so stale caches are rebuilt
 
 
-def build_tiny_minimax_h3(directory: str | Path) -> Path:
-    """Build the tiny H3 checkpoint into ``directory`` (the marker last); return the path."""
+@dataclass(frozen=True)
+class TransformerWidths:
+    """Widths of both transformer partitions; the defaults are the tiny checkpoint's.
+
+    Wider settings keep every other component and give each denoising step real work (the engine benchmark keeps
+    the released model's 50 blocks and its proportions: attention 4/3 as wide as the residual stream, the SwiGLU
+    8/3). ``attention_head_dim`` must be at least 6 x ``rope_freq_dim``.
+    """
+
+    num_layers: int = 2
+    num_refiner_layers: int = 1
+    num_attention_heads: int = 2
+    attention_head_dim: int = 12
+    hidden_size: int = 32
+    ffn_dim: int = 64
+    rope_freq_dim: int = 2
+    freq_dim: int = 32
+    time_embed_hidden_dim: int = 32
+    time_embed_dim: int = 16
+
+
+def build_tiny_minimax_h3(directory: str | Path, widths: TransformerWidths = TransformerWidths(),
+                          canvas: dict | None = None) -> Path:
+    """Build the tiny H3 checkpoint into ``directory`` (the marker last); return the path. ``canvas`` overrides the
+    pipeline's canvas configs (``TINY_CANVAS``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     pipeline = MiniMaxH3Blocks().init_pipeline()
-    pipeline.update_components(**tiny_minimax_h3_components(), **TINY_CANVAS)
+    pipeline.update_components(**tiny_minimax_h3_components(widths), **{**TINY_CANVAS, **(canvas or {})})
     pipeline.save_pretrained(str(directory))
-    (directory / TINY_MARKER).write_text(json.dumps({"family": "minimax_h3", "tiny": True}) + "\n")
+    marker = {"family": "minimax_h3", "tiny": True}
+    if widths != TransformerWidths() or canvas:
+        marker.update(transformer_widths=asdict(widths), canvas=canvas or {})
+    (directory / TINY_MARKER).write_text(json.dumps(marker) + "\n")
     return directory
 
 
-def tiny_minimax_h3_components() -> dict:
+def tiny_minimax_h3_components(widths: TransformerWidths = TransformerWidths()) -> dict:
     """The tiny components in memory, keyed by their ``modular_model_index.json`` names (deterministic)."""
     tokenizer = _tokenizer()
     torch.manual_seed(TINY_SEED)
@@ -99,11 +129,8 @@ def tiny_minimax_h3_components() -> dict:
 
     def transformer(seed: int):
         torch.manual_seed(seed)
-        return MiniMaxH3Transformer3DModel(
-            num_attention_heads=2, attention_head_dim=12, hidden_size=32, num_layers=2, num_refiner_layers=1,
-            ffn_dim=64, in_channels=24, audio_in_channels=32, text_dim=_TEXT_HIDDEN, freq_dim=32,
-            time_embed_hidden_dim=32, time_embed_dim=16, rope_freq_dim=2,
-        )
+        return MiniMaxH3Transformer3DModel(**asdict(widths), in_channels=24, audio_in_channels=32,
+                                           text_dim=_TEXT_HIDDEN)
 
     torch.manual_seed(TINY_SEED)
     vae = AutoencoderKLMiniMaxH3(
@@ -179,7 +206,14 @@ def default_tiny_dir() -> Path:
     return Path(platformdirs.user_cache_dir("reelserve")) / f"tiny-minimax-h3-{_VERSION}"
 
 
-def ensure_tiny_minimax_h3(directory: str | Path | None = None) -> Path:
+def build_key(widths: TransformerWidths, canvas: dict | None = None) -> str:
+    """A short name for a build's settings (cache folders of wider builds)."""
+    settings = json.dumps([_VERSION, asdict(widths), canvas or {}], sort_keys=True)
+    return hashlib.sha1(settings.encode()).hexdigest()[:8]
+
+
+def ensure_tiny_minimax_h3(directory: str | Path | None = None, widths: TransformerWidths = TransformerWidths(),
+                           canvas: dict | None = None) -> Path:
     """A complete tiny checkpoint, built first when missing.
 
     Safe when several processes (replicas) ask at once: each builds into its own
@@ -191,7 +225,7 @@ def ensure_tiny_minimax_h3(directory: str | Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        build_tiny_minimax_h3(scratch)
+        build_tiny_minimax_h3(scratch, widths, canvas)
         if target.exists() and not is_complete_checkpoint(target):
             shutil.rmtree(target, ignore_errors=True)  # left over from an interrupted build
         try:
