@@ -103,23 +103,24 @@ PROFILES = {
 
 # MiniMax-H3: the tiny profile keeps the structure (packed layout, both references, the decoders) at CPU widths.
 _H3_TINY = {
-    "transformer": dict(num_attention_heads=2, attention_head_dim=96, hidden_size=64, num_layers=2,
-                        num_refiner_layers=1, ffn_dim=128, text_dim=5120, freq_dim=32, time_embed_hidden_dim=64,
-                        time_embed_dim=32),
+    "transformer": {"num_attention_heads": 2, "attention_head_dim": 96, "hidden_size": 64, "num_layers": 2,
+                    "num_refiner_layers": 1, "ffn_dim": 128, "text_dim": 5120, "freq_dim": 32,
+                    "time_embed_hidden_dim": 64, "time_embed_dim": 32},
     "text_encoder": {
-        "text_config": dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096,
-                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                             "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
-        "vision_config": dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                              num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        "text_config": {"vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                        "max_position_embeddings": 4096,
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                            "mrope_interleaved": True}},
+        "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                          "out_hidden_size": 32, "num_position_embeddings": 16, "deepstack_visual_indexes": [0]},
     },
-    "vae": dict(block_out_channels=(8, 8, 8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, decoder_num_layers=1,
-                decoder_num_attention_heads=2, decoder_attention_head_dim=8, decoder_num_register_tokens=1,
-                decoder_ffn_mult=2),
-    "audio_vae": dict(encoder_dim=4, latent_dim=64, num_attention_heads=2, decoder_dim=16, decoder_rates=(5, 5, 4, 8),
-                      decoder_kernel_sizes=(10, 10, 8, 16), resblock_kernel_sizes=(3,),
-                      resblock_dilation_sizes=((1, 3),)),
+    "vae": {"block_out_channels": (8, 8, 8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4,
+            "decoder_num_layers": 1, "decoder_num_attention_heads": 2, "decoder_attention_head_dim": 8,
+            "decoder_num_register_tokens": 1, "decoder_ffn_mult": 2},
+    "audio_vae": {"encoder_dim": 4, "latent_dim": 64, "num_attention_heads": 2, "decoder_dim": 16,
+                  "decoder_rates": (5, 5, 4, 8), "decoder_kernel_sizes": (10, 10, 8, 16), "resblock_kernel_sizes": (3,),
+                  "resblock_dilation_sizes": ((1, 3),)},
 }
 
 PROFILES.update({

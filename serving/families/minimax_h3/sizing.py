@@ -46,9 +46,11 @@ _TORCH_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # whatever the stage's dtype (the classes' _keep_in_fp32_modules).
 _STAGE_COMPONENTS: dict[str, list[tuple[str, str | None, bool]]] = {
     "text_encoder": [("text_encoder", None, False)],
-    "reference_encoder": [("vae", "encoder", True), ("vae", "quant_conv", True), ("audio_vae", None, True)],
+    "reference_encoder": [("vae", "encoder", True), ("vae", "quant_conv", True), ("audio_vae", "encoder", True),
+                          ("audio_vae", "pre_block", True), ("audio_vae", "mean_proj", True),
+                          ("audio_vae", "logs_proj", True)],
     "video_decoder": [("vae", "decoder", False), ("vae", "post_quant_conv", False)],
-    "audio_decoder": [("audio_vae", None, True)],
+    "audio_decoder": [("audio_vae", "decoder", True), ("audio_vae", "dec_in_proj", True)],
 }
 _REFERENCE_IMAGE_SHORT_EDGE = 2048  # the released checkpoint's reference_image_short_edge (its index's config)
 _VIDEO_PROCESSOR_PIXELS = 768 * 32 * 32  # Qwen3-VL's video processor caps a video's total pixels

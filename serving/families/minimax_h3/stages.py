@@ -109,9 +109,12 @@ class MiniMaxH3ReferenceEncoder:
         workflows = [w for w in config.workflows if w != "t2va"]  # text-only requests encode nothing here
         self.blocks = StagePipelines(self._place.path, "reference_encoder", workflows, self._place.device,
                                      self._place.dtype)
-        vae = self.blocks.components.get("vae")
+        # This stage only encodes: the decoders (the video VAE's 36-layer ViT above all) are dropped.
+        vae, audio_vae = self.blocks.components.get("vae"), self.blocks.components.get("audio_vae")
         if vae is not None:
-            vae.decoder = None  # this stage only encodes: the 36-layer ViT decoder never loads onto the device
+            vae.decoder = vae.post_quant_conv = None
+        if audio_vae is not None:
+            audio_vae.decoder = audio_vae.dec_in_proj = None
 
     def encode(self, plan: RenderPlan, specs: Sequence[InputSpec], *media: bytes) -> ReferenceConditioning:
         decoded = self._place.decode(plan, specs, media)
@@ -150,7 +153,8 @@ class MiniMaxH3VideoDecoder:
     def __init__(self, config: MiniMaxH3ModelConfig):
         place = _Placement(config)
         self.blocks = StagePipelines(place.path, "video_decoder", _DECODE_WORKFLOW, place.device, place.dtype)
-        self.blocks.components["vae"].encoder = None  # this stage only decodes
+        vae = self.blocks.components["vae"]
+        vae.encoder = vae.quant_conv = None  # this stage only decodes
         self._device = place.device
 
     def decode_unit_frames(self, latents: VideoLatents) -> torch.Tensor:
@@ -176,6 +180,8 @@ class MiniMaxH3AudioDecoder:
     def __init__(self, config: MiniMaxH3ModelConfig):
         place = _Placement(config)
         self.blocks = StagePipelines(place.path, "audio_decoder", _DECODE_WORKFLOW, place.device, place.dtype)
+        audio_vae = self.blocks.components["audio_vae"]
+        audio_vae.encoder = audio_vae.pre_block = audio_vae.mean_proj = audio_vae.logs_proj = None  # decodes only
         self._device = place.device
 
     def decode(self, latents: AudioLatents) -> Waveform:
