@@ -541,9 +541,9 @@ def _with_tiny_defaults(value):
     value = {"family": "ltx2", **value}
     if value["family"] not in family_names():
         raise ValueError(f"model.family: unknown family '{value['family']}'; known: {', '.join(family_names())}")
-    if not value.get("path"):
-        return get_family(value["family"]).config_class.tiny(**value)
-    return value
+    config_class = get_family(value["family"]).config_class
+    # Built here rather than through the union: errors then name model.<field>, not model.<family>.<field>.
+    return config_class.tiny(**value) if not value.get("path") else config_class(**value)
 
 
 def parse_model_config(value: dict) -> ModelConfig:

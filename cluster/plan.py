@@ -276,7 +276,8 @@ def format_plan(plan: Plan) -> str:
         if s.note:
             lines.append(f"  {s.name}: {s.weights_gb:.2f} GB weights + {s.activations_gb:.2f} GB activations ({s.note})")
     lines.append("")
-    encoder_to_decoders = sum(plan.handoffs[k] for k in ("prompt_embeddings", "image_condition", "video_latents", "audio_latents"))
+    # Everything but what reaches the muxer (the compressed video track and the waveform) carries tensors.
+    encoder_to_decoders = sum(v for k, v in plan.handoffs.items() if k not in ("encoded_video", "waveform"))
     lines.append(
         f"hand-offs per job at {plan.handoff_size}: {_megabytes(encoder_to_decoders)} from the text encoder to the "
         f"decoders, {_megabytes(sum(plan.handoffs.values()))} in all"

@@ -64,6 +64,8 @@ def run(
 ) -> dict:
     """Run the chosen sections (all by default) and write ``gpu-bench.json`` and ``gpu-bench.md``; return the report."""
     settings = get_profile(profile)
+    if settings.family != "ltx2":
+        raise ValueError(f"--profile: {profile} is a {settings.family} profile; run it with serving.bench.gpu_h3")
     chosen = list(_DEFAULT_SECTIONS if not sections else sections)
     unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown:

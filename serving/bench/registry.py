@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 # Modules that define sections, in report order; those not present are skipped.
-SECTION_MODULES = ("serving.bench.served", "serving.bench.engine", "serving.bench.gpu")
+SECTION_MODULES = ("serving.bench.served", "serving.bench.engine", "serving.bench.engine_h3", "serving.bench.gpu")
 
 
 @dataclass

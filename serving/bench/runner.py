@@ -108,9 +108,12 @@ def run_bench(args: argparse.Namespace, command: str, before_work=lambda: None) 
 
 
 def _run_real_dims(args: argparse.Namespace, command: str) -> dict:
-    """The real-dims benchmark (``serving.bench.gpu``) as ``reelserve bench --profile ltx2-19b-random``."""
-    from serving.bench import gpu
+    """The real-dims benchmark as ``reelserve bench --profile ltx2-19b-random`` (``serving.bench.gpu``) or
+    ``--profile minimax-h3-random`` (``serving.bench.gpu_h3``)."""
+    from serving.bench import gpu, gpu_h3
 
+    if GPU_PROFILES[args.profile].family == "minimax_h3":
+        return _run_h3_real_dims(args, command, gpu_h3)
     if args.model is not None:
         raise BenchError(f"--model: the {args.profile} profile builds its own random weights; leave --model out")
     unknown = [s for s in args.section or () if s not in gpu.SECTIONS]
@@ -130,6 +133,29 @@ def _run_real_dims(args: argparse.Namespace, command: str) -> dict:
     blocks = [_block(result, args.profile, machine_info(), command, wall_s)]
     if not args.no_benchmarks:
         update_benchmarks_file(Path(args.benchmarks), blocks)
+    print(markdown)
+    return report
+
+
+def _run_h3_real_dims(args: argparse.Namespace, command: str, gpu_h3) -> dict:
+    if args.model is not None:
+        raise BenchError(f"--model: the {args.profile} profile builds its own random weights; leave --model out")
+    unknown = [s for s in args.section or () if s not in gpu_h3.SECTIONS]
+    if unknown:
+        raise BenchError(f"--section: {unknown[0]} is not a section of {args.profile}; sections: {', '.join(gpu_h3.SECTIONS)}")
+    chosen = None if not args.section else ["machine", *(s for s in args.section if s != "machine")]
+    out_dir = Path(args.out)
+    started = time.perf_counter()
+    try:
+        report = gpu_h3.run(args.profile, out_dir, sections=chosen, command=command)
+    except (ValueError, RuntimeError) as error:
+        raise BenchError(f"--profile: {error}") from None
+    markdown = (out_dir / "gpu-bench-h3.md").read_text()
+    result = SectionResult(name="gpu_h3", title="GPU speed at real MiniMax-H3 dims, random weights", data=report,
+                           markdown=markdown)
+    if not args.no_benchmarks:
+        update_benchmarks_file(Path(args.benchmarks), [_block(result, args.profile, machine_info(), command,
+                                                              round(time.perf_counter() - started, 1))])
     print(markdown)
     return report
 

@@ -21,6 +21,7 @@ __all__ = [
 # family name -> its package
 _PACKAGES = {
     "ltx2": "serving.families.ltx2",
+    "minimax_h3": "serving.families.minimax_h3",
 }
 
 

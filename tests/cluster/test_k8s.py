@@ -68,7 +68,7 @@ def _rayservice(files: dict[str, str]) -> dict:
 
 
 def test_every_shipped_profile_has_manifests():
-    assert PROFILES == ["1x-h100", "8x-h100", "local-cpu", "mixed-l4-h100"]
+    assert PROFILES == ["1x-h100", "8x-h100", "8x-h100-h3", "h200-h3", "local-cpu", "local-cpu-h3", "mixed-l4-h100"]
 
 
 @pytest.mark.parametrize("profile", PROFILES)
