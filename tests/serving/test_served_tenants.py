@@ -129,7 +129,7 @@ def test_fair_share_the_store_side_queue_and_heartbeats(clients, job_store, figu
     watcher.start()
     time.sleep(1.0)
     queued = [stubs["team-a"].GetVideo(video_pb2.GetVideoRequest(id=i)) for i in a_ids]
-    waiting = [v for v in queued if v.status == video_pb2.QUEUED]
+    waiting = sorted((v for v in queued if v.status == video_pb2.QUEUED), key=lambda v: (v.created_at, v.id))
     assert len(waiting) >= 4  # two slots: most of the burst waits in the store, not in a stage's queue
     positions = [v.queue_position for v in waiting]
     assert positions == sorted(positions) and len(set(positions)) == len(positions) and positions[0] >= 1
