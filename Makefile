@@ -7,7 +7,7 @@ OUT    := out
 
 DEMO_PROMPT := A tabby cat looks around, blinks and purrs softly; warm afternoon light, gentle room tone.
 
-.PHONY: demo test install clean redis prometheus kubectl proto dashboard image
+.PHONY: demo test check lint install clean redis prometheus kubectl proto dashboard image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,16 @@ kubectl:
 
 test: $(STAMP) redis prometheus kubectl
 	$(BIN)/python -m pytest -q
+
+# The fast tier: everything that starts no Ray cluster (under 3 minutes on 2 cores).
+check: $(STAMP) redis prometheus kubectl
+	$(BIN)/python -m pytest -q -m "not cluster"
+
+# Style, types and the layering (import contracts; no import circles).
+lint: $(STAMP)
+	$(BIN)/ruff check serving graphs cluster tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Regenerate the Grafana dashboard JSON after editing cluster/observability.py.
 dashboard: $(STAMP)

@@ -56,17 +56,19 @@ class AdmissionLimits:
     max_queue_wait_s: float | None
     diffusion_replicas: int  # diffusion's most replicas: the capacity the estimate assumes
     retry_after_s: int
-    seconds_per_token_step: float  # the prior, until finished jobs are measured
+    seconds_per_token_step: float  # the prior, until diffusion replicas have measured theirs
+    diffusion_slots: int = 1  # jobs one diffusion replica runs at once (max_ongoing_requests)
 
     @classmethod
     def of(cls, config) -> AdmissionLimits:
         diffusion = config.stages["diffusion"]
         replicas = diffusion.num_replicas if diffusion.num_replicas is not None else diffusion.max_replicas
         return cls(
-            max_queue_wait_s=config.scaling.max_queue_wait_s,
+            max_queue_wait_s=config.jobs.max_queue_wait_s,
             diffusion_replicas=replicas,
             retry_after_s=config.jobs.retry_after_s,
             seconds_per_token_step=config.model.seconds_per_token_step,
+            diffusion_slots=diffusion.max_ongoing_requests,
         )
 
 

@@ -46,6 +46,8 @@ from typing import Any
 
 from cluster.sizes import parse_size
 from cluster.load import (
+    STORE_QUEUED_REQUESTS,
+    STORE_QUEUED_TOKEN_STEPS,
     ARRIVALS_PER_S,
     IN_FLIGHT,
     MEAN_REQUEST_TOKEN_STEPS,
@@ -87,6 +89,8 @@ class DiffusionReplica:
     queued_requests: int = 0
     seconds_per_token_step: float = 0.0  # 0: not measured yet
     mean_request_token_steps: float = 0.0  # 0: no arrivals in the window
+    store_queued_requests: int = 0  # jobs waiting in the job store for a slot, as this replica last read them
+    store_queued_token_steps: float = 0.0
 
     @property
     def busy(self) -> bool:
@@ -101,6 +105,8 @@ class DiffusionReplica:
             queued_requests=round(report.get(QUEUED_REQUESTS, 0.0)),
             seconds_per_token_step=report.get(SECONDS_PER_TOKEN_STEP, 0.0),
             mean_request_token_steps=report.get(MEAN_REQUEST_TOKEN_STEPS, 0.0),
+            store_queued_requests=round(report.get(STORE_QUEUED_REQUESTS, 0.0)),
+            store_queued_token_steps=report.get(STORE_QUEUED_TOKEN_STEPS, 0.0),
         )
 
 
@@ -185,6 +191,12 @@ def diffusion_replicas_wanted(
         for _ in range(replica.queued_requests):
             queued.append(replica.queued_token_steps / replica.queued_requests * rate)
     queued += [request_size * rate] * max(round(handle_queued), 0)
+    # Jobs waiting in the job store for a slot: every replica reads the same store, so the newest-looking (largest)
+    # report counts once.
+    store = max(replicas, key=lambda r: r.store_queued_requests, default=None)
+    if store is not None and store.store_queued_requests > 0:
+        each = store.store_queued_token_steps / store.store_queued_requests * rate
+        queued += [each] * store.store_queued_requests
 
     def wait_with(count: int) -> float:
         # Fewer replicas: the busiest stay (the pessimistic case). More: the new ones start after replica_start_s.

@@ -10,6 +10,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from cluster.auth_config import AuthConfig, CallbacksConfig
 from cluster.model_config import EngineLoopConfig, ModelConfigBase
 from cluster.sizes import parse_size
 from cluster.storage_config import StorageConfig
@@ -189,6 +190,21 @@ class IngressConfig(BaseModel):
     num_replicas: int = Field(1, ge=1, description="Ingress replicas (stateless: any number, any time).")
     num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per ingress replica.")
     max_ongoing_requests: int = Field(256, ge=1, description="Concurrent API calls one ingress replica serves.")
+    max_body_bytes: int = Field(
+        32 * 1024**2, ge=1024,
+        description="Largest HTTP request body (413 before it is read) and gRPC message (the proxy's receive limit).",
+    )
+    max_photo_bytes: int = Field(25 * 1024**2, ge=1024, description="Largest photo file a request may carry.")
+    max_photo_pixels: int = Field(
+        50_000_000, ge=64, description="Most pixels a photo may have (checked on its header, before any decode)."
+    )
+    decode_memory_mb: int = Field(
+        1024, ge=16,
+        description=(
+            "Memory the ingress may spend decoding photos at once (about 12 bytes a pixel); decodes beyond it wait, "
+            "so a burst of uploads cannot exhaust the replica."
+        ),
+    )
 
     @model_validator(mode="after")
     def _ports_differ(self) -> IngressConfig:
@@ -213,7 +229,23 @@ class JobsConfig(BaseModel):
     )
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with a refusal.")
     job_timeout_s: float = Field(
-        1800.0, gt=0, description="A job taking longer than this from its start (stage queues included) fails as a timeout."
+        1800.0, gt=0,
+        description=(
+            "A job running longer than this from its start fails as deadline_exceeded. Jobs start only when "
+            "diffusion has room, so this is running time; time spent queued is bounded by max_queue_wait_s."
+        ),
+    )
+    max_queue_wait_s: float | None = Field(
+        1800.0,
+        gt=0,
+        description=(
+            "How long a job may wait queued (in the job store, before it starts). Admission refuses a job whose "
+            "estimated wait with diffusion at max_replicas exceeds it (HTTP 429 / RESOURCE_EXHAUSTED, Retry-After "
+            "from the estimate); a job still queued after it ends expired (code queue_timeout). null: no bound."
+        ),
+    )
+    idempotency_ttl_s: float = Field(
+        86400.0, gt=0, description="How long an Idempotency-Key keeps returning the job it created (24 h)."
     )
     lease_s: float = Field(
         10.0, gt=0, description="An orchestrator owns a job for this long between renewals; after it, another takes over."
@@ -358,7 +390,8 @@ class RayConfig(BaseModel):
 class ReelserveConfig(BaseModel):
     """Everything a deployment needs; `graphs.build_app` validates a dict against it."""
 
-    model_config = ConfigDict(extra="forbid")
+    # A plain API key pasted where its hash belongs must never be echoed in an error.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     app_name: str = Field("reelserve", description="Serve application name.")
     model: AnyModelConfig = Field(  # type: ignore[valid-type]
@@ -390,6 +423,16 @@ class ReelserveConfig(BaseModel):
         description="The cluster's machine types, for `reelserve plan` and the Kubernetes worker groups (empty: one local machine).",
     )
     faults: list[FaultConfig] = Field(default_factory=list, description="Injected faults (testing and chaos runs only).")
+    auth: AuthConfig | None = Field(
+        None,
+        description=(
+            "API keys and tenants (their shares, quotas and priorities). Unset: the API runs open, every job the "
+            "tenant default's (reelserve up says so)."
+        ),
+    )
+    callbacks: CallbacksConfig = Field(
+        default_factory=CallbacksConfig, description="Webhooks: where a job's callback_url may point, and delivery."
+    )
     scaling: ScalingConfig = Field(default_factory=lambda: ScalingConfig(), description="How autoscaled stages scale, and admission by expected queue wait.")
 
     @property
@@ -526,9 +569,16 @@ def load_config(source: str | dict | None = None) -> ReelserveConfig:
 
 
 class ScalingConfig(BaseModel):
-    """How autoscaled stages scale (``cluster.autoscaling``) and when the ingress refuses by expected wait."""
+    """How autoscaled stages scale (``cluster.autoscaling``)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, value):
+        if isinstance(value, dict) and "max_queue_wait_s" in value:
+            raise ValueError("scaling.max_queue_wait_s moved to jobs.max_queue_wait_s (admission and queue expiry)")
+        return value
 
     enabled: bool = Field(
         True,
@@ -578,12 +628,4 @@ class ScalingConfig(BaseModel):
     )
     follower_wait_s: float = Field(
         30.0, gt=0, description="Encoders, decoders and the muxer scale so the requests they hold clear within this."
-    )
-    max_queue_wait_s: float | None = Field(
-        1800.0,
-        gt=0,
-        description=(
-            "Admission: a new job is refused (HTTP 429 / RESOURCE_EXHAUSTED, Retry-After from the estimate) when its "
-            "estimated queue wait with diffusion at max_replicas exceeds this. null: only jobs.max_active_jobs bounds."
-        ),
     )

@@ -73,6 +73,7 @@ _POD_SECURITY = {"fsGroup": 1000}  # the image's user (ray, uid 1000) can write 
 CPU_NODE = NodeType(name="cpu", cpus=8, memory_gb=32, min_nodes=1, max_nodes=2)  # when the config names no nodes
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # = serving.ingress.body_limits.DEFAULT_MAX_BODY_BYTES (cluster/ imports no serving/)
 API_KEYS_MOUNT = "/etc/reelserve/api-keys"  # where the API keys Secret is mounted (auth.key_file lives here)
+API_KEYS_FILE = "tenants.yaml"  # the Secret's key holding the tenants (the key file's format: cluster.auth_config)
 # Secrets the manifests read (suffix after the app name -> keys, and whether pods wait for it). Never rendered.
 SECRETS = {
     "ray-token": {"keys": ["auth_token"], "required": True},
@@ -98,9 +99,12 @@ class RenderError(ValueError):
     """A config that cannot become manifests; the message names the field."""
 
 
-def k8s_args(raw: dict, config: ReelserveConfig, redis_url: str) -> dict:
-    """The app's ``args``: the config as written, with what the cluster fixes for it."""
+def k8s_args(raw: dict, config: ReelserveConfig, redis_url: str, api_keys_secret: str | None = None) -> dict:
+    """The app's ``args``: the config as written, with what the cluster fixes for it (and, with an API key
+    Secret, the key file it mounts)."""
     args = copy.deepcopy(raw)
+    if api_keys_secret is not None:
+        args.setdefault("auth", {})["key_file"] = f"{API_KEYS_MOUNT}/{API_KEYS_FILE}"
     args.setdefault("ingress", {})["host"] = "0.0.0.0"
     jobs = args.setdefault("jobs", {})
     jobs.pop("sqlite_path", None)
@@ -116,15 +120,17 @@ def k8s_args(raw: dict, config: ReelserveConfig, redis_url: str) -> dict:
 
 def render(raw: dict, source: str, image: str = DEFAULT_IMAGE, redis_url: str | None = None, *,
            gcs_redis_url: str | None = None, api_keys_secret: str | None = None,
-           max_request_bytes: int = MAX_REQUEST_BYTES) -> dict[str, str]:
+           max_request_bytes: int | None = None) -> dict[str, str]:
     """File name -> YAML text for the config ``raw`` (a YAML mapping) read from ``source``.
 
     ``redis_url``: a managed Redis for the jobs (and, unless ``gcs_redis_url`` names
     another, for Ray's GCS state) instead of the two in-cluster ones. ``api_keys_secret``:
     a Secret holding the API key file, mounted read-only at ``API_KEYS_MOUNT`` in every Ray pod.
-    ``max_request_bytes``: the largest gRPC message Serve's proxies accept (and send).
+    ``max_request_bytes``: the largest gRPC message Serve's proxies accept (and send); unset: the config's
+    ``ingress.max_body_bytes``, the HTTP body's cap.
     """
     config = ReelserveConfig.model_validate(copy.deepcopy(raw))
+    max_request_bytes = max_request_bytes or config.ingress.max_body_bytes
     name = config.app_name
     _check_name(name, "app_name")
     managed_redis = redis_url is not None
@@ -137,7 +143,7 @@ def render(raw: dict, source: str, image: str = DEFAULT_IMAGE, redis_url: str | 
     if api_keys_secret is not None:
         _check_name(api_keys_secret, "api_keys_secret")
     pods = _PodSettings(name, image, config, api_keys_secret, max_request_bytes)
-    args = k8s_args(raw, config, redis_url)
+    args = k8s_args(raw, config, redis_url, api_keys_secret)
     header = (
         f"# Written by `reelserve k8s render --config {source}`: change the config and render again.\n"
     )

@@ -33,6 +33,8 @@ __all__ = [
     "COMPLETIONS_PER_S",
     "SERVICE_SECONDS",
     "IN_FLIGHT",
+    "STORE_QUEUED_REQUESTS",
+    "STORE_QUEUED_TOKEN_STEPS",
 ]
 
 # Keys of the reported dicts (what ``record_autoscaling_stats`` returns). Serve keeps its own request counts in
@@ -47,6 +49,10 @@ ARRIVALS_PER_S = "reelserve_arrivals_per_s"
 COMPLETIONS_PER_S = "reelserve_completions_per_s"
 SERVICE_SECONDS = "reelserve_service_seconds"  # measured busy seconds per request; 0 until the first one
 IN_FLIGHT = "reelserve_in_flight"  # requests running or waiting on this replica
+# Jobs queued in the job store (not yet claimed: they wait there for a diffusion slot), as one replica last read
+# them. Every diffusion replica reports the same store, so the policy takes the largest report, not the sum.
+STORE_QUEUED_REQUESTS = "reelserve_store_queued_requests"
+STORE_QUEUED_TOKEN_STEPS = "reelserve_store_queued_token_steps"
 
 Clock = Callable[[], float]
 
@@ -119,6 +125,7 @@ class DiffusionLoad:
             raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
         self._clock = clock
         self._requests: dict[str, _DiffusionRequest] = {}
+        self._store_queue = (0, 0)  # (jobs, token-steps) queued in the job store, as last read
         self._step_rate = _Smoothed(smoothing)
         self._arrivals = _EventRate(rate_window_s)
         self._completions = _EventRate(rate_window_s)
@@ -147,6 +154,10 @@ class DiffusionLoad:
         if tokens > 0 and seconds > 0:
             self._step_rate.add(seconds / tokens)
 
+    def store_queue(self, jobs: int, token_steps: int) -> None:
+        """What waits in the job store for a diffusion slot (read every few seconds by the replica)."""
+        self._store_queue = (max(jobs, 0), max(token_steps, 0))
+
     def finished(self, request_id: str, completed: bool = True) -> None:
         """The request left the replica; ``completed`` is False for a failure or a cancel (not a completion)."""
         self._requests.pop(request_id, None)
@@ -173,6 +184,8 @@ class DiffusionLoad:
             ARRIVALS_PER_S: self._arrivals.per_second(now),
             COMPLETIONS_PER_S: self._completions.per_second(now),
             IN_FLIGHT: float(len(self._requests)),
+            STORE_QUEUED_REQUESTS: float(self._store_queue[0]),
+            STORE_QUEUED_TOKEN_STEPS: float(self._store_queue[1]),
         }
 
 

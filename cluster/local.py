@@ -54,17 +54,21 @@ class ClusterState:
     gcs_port: int | None = None  # the head `up` started: `down` stops only its processes
 
 
-def ray_environment() -> dict[str, str]:
-    """Token-auth settings for every Ray process of ours; creates the token once."""
+def ray_environment(config: ReelserveConfig | None = None) -> dict[str, str]:
+    """Token-auth settings for every Ray process of ours (the token made once), and the gRPC proxy's receive limit
+    (Serve's default is 2 GiB: the same cap as the HTTP body's)."""
     token = state_dir() / "ray_auth_token"
     if not token.exists():
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    environment = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    if config is not None:
+        environment["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(config.ingress.max_body_bytes)
+    return environment
 
 
-def _apply_ray_environment() -> None:
-    os.environ.update(ray_environment())
+def _apply_ray_environment(config: ReelserveConfig | None = None) -> None:
+    os.environ.update(ray_environment(config))
     if "ray" in sys.modules:  # already imported: make it re-read the auth settings
         from ray._raylet import Config
 
@@ -73,7 +77,7 @@ def _apply_ray_environment() -> None:
 
 def serve_app(config: ReelserveConfig, address: str | None) -> None:
     """Connect to (or start) Ray, start Serve with HTTP and gRPC, and deploy the app without blocking."""
-    _apply_ray_environment()  # before Ray reads its config
+    _apply_ray_environment(config)  # before Ray reads its config
     import ray
     from ray import serve
 
@@ -129,7 +133,7 @@ def start_detached(config: ReelserveConfig) -> ClusterState:
             command.append(f"--num-cpus={config.ray.num_cpus}")
         if config.ray.num_gpus is not None:
             command.append(f"--num-gpus={config.ray.num_gpus}")
-        started = subprocess.run(command, env={**os.environ, **ray_environment()}, capture_output=True, text=True)
+        started = subprocess.run(command, env={**os.environ, **ray_environment(config)}, capture_output=True, text=True)
         if started.returncode != 0:
             reason = (started.stderr.strip().splitlines() or ["no output"])[-1]
             raise ClusterError(f"`ray start --head` failed: {reason}")

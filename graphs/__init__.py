@@ -40,7 +40,7 @@ from cluster.config import REWRITER_STAGE, ReelserveConfig
 from cluster.placement import ingress_options, orchestrator_options, stage_options
 from serving.families import get_family
 from serving.ingress.deployment import VideoIngress
-from serving.jobs.deployment import JobRunnerDeployment
+from serving.jobs.deployment import JobRunnerDeployment, RunnerTenancy
 from serving.stages.diffusion import DiffusionStage
 from serving.stages.model import ModelStage
 from serving.stages.muxer import MuxerStage
@@ -66,11 +66,13 @@ def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
         handles[REWRITER_STAGE] = _deployment(PromptRewriterStage, REWRITER_STAGE, config).bind(
             config.rewriter, config.model
         )
+    tenancy = RunnerTenancy(config.auth, config.callbacks, config.stages["diffusion"].max_ongoing_requests)
     runner = serve.deployment(JobRunnerDeployment).options(**orchestrator_options(config)).bind(
-        config.orchestrator, config.model, config.jobs, config.rewriter, handles, config.storage
+        config.orchestrator, config.model, config.jobs, config.rewriter, handles, tenancy, config.storage
     )
     return serve.deployment(VideoIngress).options(**ingress_options(config)).bind(
-        config.model, config.jobs, config.rewriter, runner, AdmissionLimits.of(config), config.storage
+        config.model, config.jobs, config.rewriter, runner, AdmissionLimits.of(config), config.ingress, config.auth,
+        config.callbacks, config.storage,
     )
 
 

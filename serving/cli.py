@@ -103,7 +103,18 @@ def _build_parser() -> argparse.ArgumentParser:
     render.add_argument("--out", help="folder to write (default: k8s/<config name>)")
     render.add_argument("--image", help="container image of the Ray pods (default: reelserve:<version>)")
     render.add_argument("--redis-url", help="a managed Redis (redis://HOST:PORT/DB) instead of the in-cluster one")
+    render.add_argument("--gcs-redis-url", help="a managed Redis for Ray's GCS state, apart from the jobs' one")
+    render.add_argument(
+        "--api-keys-secret",
+        help="a Secret whose tenants.yaml holds the tenants and their key hashes; mounted in every Ray pod as auth.key_file",
+    )
     render.set_defaults(handler=_k8s_render)
+
+    keys = commands.add_parser("keys", help="API keys for tenants")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    new_key = keys_commands.add_parser("new", help="make an API key; prints it once, and the hash the config holds")
+    new_key.add_argument("--tenant", default="my-team", help="the tenant's name, for the config snippet printed")
+    new_key.set_defaults(handler=_new_key)
 
     from serving.loadtest.runner import add_arguments as add_loadtest_arguments
 
@@ -268,6 +279,9 @@ def _up(args: argparse.Namespace) -> int:
     if local.read_state() is not None:
         raise UsageError("a cluster started by `reelserve up --detach` is running; run `reelserve down` first")
     print("starting the cluster and deploying (first start loads every stage; this takes a minute)...", file=sys.stderr)
+    if config.auth is None:
+        print("note: no `auth:` in the config: the API is open (no keys; every job is the tenant default's)",
+              file=sys.stderr)
     if args.detach:
         state = local.start_detached(config)
         metrics = f"  metrics {state.metrics_url}" if state.metrics_url else ""
@@ -332,6 +346,16 @@ def _plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits else EXIT_BAD_INPUT
 
 
+def _new_key(args: argparse.Namespace) -> int:
+    from serving.tenancy.auth import new_api_key
+
+    key, digest = new_api_key()
+    print(f"API key (give it to the tenant; it is not stored anywhere): {key}")
+    print("config (auth.tenants, or the key file):")
+    print(f"  - name: {args.tenant}\n    key_sha256: {digest}")
+    return 0
+
+
 def _k8s_render(args: argparse.Namespace) -> int:
     import yaml
 
@@ -340,7 +364,8 @@ def _k8s_render(args: argparse.Namespace) -> int:
     _load_cluster_config(args.config)  # names the field of a config that does not validate
     raw = yaml.safe_load(Path(args.config).read_text()) or {}
     try:
-        files = render(raw, args.config, image=args.image or DEFAULT_IMAGE, redis_url=args.redis_url)
+        files = render(raw, args.config, image=args.image or DEFAULT_IMAGE, redis_url=args.redis_url,
+                       gcs_redis_url=args.gcs_redis_url, api_keys_secret=args.api_keys_secret)
     except RenderError as error:
         raise UsageError(str(error)) from None
     out = Path(args.out) if args.out else Path("k8s") / Path(args.config).stem

@@ -21,7 +21,7 @@ __all__ = ["load_photo", "encode_video", "mux_mp4", "write_mp4", "fit_audio", "M
 
 MAX_PHOTO_BYTES = 25 * 1024 * 1024
 MAX_PHOTO_PIXELS = 50_000_000  # ~8K x 6K; larger headers are refused before decoding
-_ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+_ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
 def load_photo(data: bytes, field: str = "image") -> Image.Image:

@@ -22,16 +22,16 @@ Which metric is recorded where:
 | reelserve_gpu_memory_peak_bytes | gauge | stage, model | gpu_memory | StageRunner.run, where CUDA is present |
 | reelserve_denoise_steps_total | counter | model | denoise_step | diffusion stage, after every step |
 | reelserve_denoise_step_seconds | histogram | model, resolution | denoise_step | diffusion stage, after every step |
-| reelserve_jobs_total | counter | model, status, code | job_finished | orchestrator, when a job ends |
+| reelserve_jobs_total | counter | model, status, code, tenant | job_finished | orchestrator, when a job ends |
 | reelserve_job_duration_seconds | histogram | model, status | job_finished | orchestrator, when a job ends |
 | reelserve_job_first_progress_seconds | histogram | model | first_progress | orchestrator, when a job first starts |
 | reelserve_job_progress_updates_total | counter | model | job_progressed | orchestrator (each stage) and diffusion stage (each step) |
 | reelserve_jobs_active | gauge | model, status | jobs_active | orchestrator: jobs it runs, and those it saw waiting for room |
-| reelserve_admissions_refused_total | counter | model, code | admission_refused | ingress, on each refusal |
+| reelserve_admissions_refused_total | counter | model, code, tenant | admission_refused | ingress, on each refusal |
 | reelserve_prompt_rewrite_fallbacks_total | counter | model, code | rewrite_fallback | prompt_rewriter stage; orchestrator (unavailable, overlong) |
 
-Labels are only ``stage`` and ``model``, plus ``status``/``code`` for outcomes and ``resolution`` for
-step time; nothing carries a job id. Histograms share buckets from 10 ms to 30 min.
+Labels are only ``stage`` and ``model``, plus ``status``/``code`` for outcomes, ``tenant`` (a configured
+tenant's name) for job outcomes and refusals, and ``resolution`` for step time; nothing carries a job id. Histograms share buckets from 10 ms to 30 min.
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     MetricSpec(
         "reelserve_jobs_total", "counter",
-        "Jobs that ended, by terminal status and error code (code none when completed).",
-        ("model", "status", "code"),
+        "Jobs that ended, by terminal status and error code (code none when completed), per tenant.",
+        ("model", "status", "code", "tenant"),
     ),
     MetricSpec(
         "reelserve_job_duration_seconds", "histogram",
@@ -159,7 +159,7 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     MetricSpec(
         "reelserve_admissions_refused_total", "counter",
-        "Requests refused by backpressure, by reason (code).", ("model", "code"),
+        "Requests refused by backpressure or a tenant's quota, by reason (code), per tenant.", ("model", "code", "tenant"),
     ),
     MetricSpec(
         "reelserve_prompt_rewrite_fallbacks_total", "counter",
@@ -424,10 +424,12 @@ def denoise_step(model: str, resolution: str, seconds: float) -> None:
     )
 
 
-def job_finished(model: str, status: str, code: str | None, seconds: float) -> None:
-    """A job ended (``status`` completed/failed/cancelled; ``code`` its error code, None when completed)."""
+def job_finished(model: str, status: str, code: str | None, seconds: float, tenant: str = "default") -> None:
+    """A job ended (``status`` completed/failed/cancelled/expired; ``code`` its error code, None when completed).
+
+    ``tenant`` is a configured tenant's name (or default): the label's values are bounded by the config."""
     _export(
-        Measurement("reelserve_jobs_total", {"model": model, "status": status, "code": code or "none"}, 1),
+        Measurement("reelserve_jobs_total", {"model": model, "status": status, "code": code or "none", "tenant": tenant}, 1),
         Measurement("reelserve_job_duration_seconds", {"model": model, "status": status}, seconds),
     )
 
@@ -450,9 +452,9 @@ def jobs_active(model: str, queued: int, in_progress: int) -> None:
     )
 
 
-def admission_refused(model: str, reason: str) -> None:
-    """A request was refused by backpressure (e.g. reason max_active_jobs, stage_full)."""
-    _export(Measurement("reelserve_admissions_refused_total", {"model": model, "code": reason}, 1))
+def admission_refused(model: str, reason: str, tenant: str = "default") -> None:
+    """A request was refused by backpressure or a quota (e.g. reason max_active_jobs, queue_wait, tenant_rate)."""
+    _export(Measurement("reelserve_admissions_refused_total", {"model": model, "code": reason, "tenant": tenant}, 1))
 
 
 def rewrite_fallback(model: str, reason: str) -> None:

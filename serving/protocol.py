@@ -378,6 +378,7 @@ class JobStatus(enum.IntEnum):
     COMPLETED = 2
     FAILED = 3
     CANCELLED = 4
+    EXPIRED = 5  # still queued after jobs.max_queue_wait_s (or the request's execution_expires_after)
 
     @property
     def is_terminal(self) -> bool:

@@ -57,11 +57,13 @@ def validate_request(
     rewriter_available: bool = False,
     count_tokens: Callable[[str], int] | None = None,
     field_names: dict[str, str] | None = None,
+    photo_checked: bool = False,
 ) -> VideoRequest:
     """Check every field; raise ``InvalidRequest`` for the first bad one.
 
     ``field_names`` maps our names to the caller's (e.g. ``image`` ->
     ``input_reference`` for the OpenAI API) so messages name what the client sent.
+    ``photo_checked``: the caller decoded the photo already (the ingress, within its memory budget).
     """
     names = {"prompt": "prompt", "seconds": "seconds", "size": "size", "fps": "fps", "seed": "seed",
              "negative_prompt": "negative_prompt", "image": "image", "model": "model",
@@ -77,7 +79,7 @@ def validate_request(
     _check_budget(width, height, duration, frame_rate, config, limits, names["size"])
     seed_value = _check_seed(seed, names["seed"])
     enhance = _check_enhance(enhance_prompt, enhance_default, rewriter_available, names["enhance_prompt"])
-    if image is not None:
+    if image is not None and not photo_checked:
         load_photo(image, field=names["image"])  # refuse unreadable photos before a job exists
 
     plan = RenderPlan.build(

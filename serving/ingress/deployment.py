@@ -14,11 +14,15 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.admission import AdmissionLimits
-from cluster.config import JobsConfig, ModelConfig, RewriterConfig, StorageConfig
+from cluster.auth_config import AuthConfig, CallbacksConfig
+from cluster.config import IngressConfig, JobsConfig, ModelConfig, RewriterConfig, StorageConfig
 from serving.errors import InvalidRequest, NotFound
+from serving.ingress.body_limits import BodySizeLimit
 from serving.ingress.grpc import GrpcVideoMethods
-from serving.ingress.http import OPENAI_FIELD_NAMES, error_response, parse_create_request, video_object
+from serving.ingress.http import CREATE_BODY_SCHEMA, OPENAI_FIELD_NAMES, error_response, parse_create_request
 from serving.ingress.service import VideoService
+from serving.tenancy.auth import Tenant
+from serving.views import video_object
 
 __all__ = ["VideoIngress", "http_app"]
 
@@ -53,12 +57,17 @@ async def _bad_parameter(request: Request, error: RequestValidationError) -> JSO
 class VideoIngress(GrpcVideoMethods):
     def __init__(
         self, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig, orchestrator=None,
-        admission: AdmissionLimits | None = None, storage: StorageConfig | None = None,
+        admission: AdmissionLimits | None = None, ingress: IngressConfig | None = None, auth: AuthConfig | None = None,
+        callbacks: CallbacksConfig | None = None, storage: StorageConfig | None = None,
     ):
         # Only the config sections it uses: scaling a stage (but diffusion, whose capacity admission reads)
         # changes none of them, so it does not restart this.
         self.model = model
-        self.service = VideoService(model, jobs, rewriter, orchestrator, admission, storage)
+        ingress = ingress or IngressConfig()
+        self.service = VideoService(model, jobs, rewriter, orchestrator, admission, ingress, auth, callbacks, storage)
+        # Before the first request: bodies over the cap are refused before they are read.
+        if not any(middleware.cls is BodySizeLimit for middleware in http_app.user_middleware):
+            http_app.add_middleware(BodySizeLimit, max_body_bytes=ingress.max_body_bytes)
 
     async def check_health(self) -> None:
         return None  # alive while the process answers; the store's health is not ours
@@ -66,48 +75,59 @@ class VideoIngress(GrpcVideoMethods):
     async def __del__(self):
         await self.service.close()
 
+    def _tenant(self, request: Request) -> Tenant:
+        return self.service.gate.authenticate(request.headers.get("authorization"))
+
+    async def _video(self, record) -> JSONResponse:
+        return JSONResponse(video_object(record, await self.service.queue_of(record)))
+
     # ------------------------------------------------------------------ HTTP
 
     @http_app.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.model.name}
+        return {"status": "ok"}  # open, and says nothing about jobs
 
-    @http_app.post("/v1/videos")
+    @http_app.post("/v1/videos", openapi_extra={"requestBody": CREATE_BODY_SCHEMA})
     async def create_video(self, request: Request):
+        tenant = self._tenant(request)
         fields = await parse_create_request(request)
-        record = await self.service.create(field_names=OPENAI_FIELD_NAMES, **fields)
-        return JSONResponse(video_object(record))
+        record = await self.service.create(
+            tenant, field_names=OPENAI_FIELD_NAMES, idempotency_key=request.headers.get("idempotency-key"), **fields
+        )
+        return await self._video(record)
 
     @http_app.get("/v1/videos")
-    async def list_videos(self, after: str | None = None, limit: str = "20", order: str = "desc"):
+    async def list_videos(self, request: Request, after: str | None = None, limit: str = "20", order: str = "desc"):
+        tenant = self._tenant(request)
         if not limit.strip().isdigit():
             raise InvalidRequest("limit", f"'{limit}' is not a whole number; allowed: 1 to 100")
-        records, has_more = await self.service.list(after, int(limit), order)
-        data = [video_object(r) for r in records]
+        records, has_more = await self.service.list(tenant, after, int(limit), order)
+        data = [video_object(r, await self.service.queue_of(r)) for r in records]
         return JSONResponse({
             "object": "list", "data": data, "has_more": has_more,
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
         })
 
     @http_app.get("/v1/videos/{video_id}")
-    async def retrieve_video(self, video_id: str):
-        return JSONResponse(video_object(await self.service.get(video_id)))
+    async def retrieve_video(self, request: Request, video_id: str):
+        return await self._video(await self.service.get(video_id, self._tenant(request)))
 
     @http_app.get("/v1/videos/{video_id}/content")
-    async def video_content(self, video_id: str, variant: str = "video"):
+    async def video_content(self, request: Request, video_id: str, variant: str = "video"):
+        tenant = self._tenant(request)
         if variant != "video":
             raise InvalidRequest("variant", f"'{variant}' is not available; allowed: video")
-        video = await self.service.content(video_id, sign=True)
+        video = await self.service.content(video_id, tenant, sign=True)
         if video.url is not None:  # an object store: the client fetches it from there, not through Ray
             return RedirectResponse(video.url, status_code=307, headers={"Cache-Control": "no-store"})
         headers = {"Content-Length": str(video.size), "Content-Disposition": f'attachment; filename="{video_id}.mp4"'}
         return StreamingResponse(self.service.downloads.chunks(video), media_type="video/mp4", headers=headers)
 
     @http_app.post("/v1/videos/{video_id}/cancel")
-    async def cancel_video(self, video_id: str):
-        return JSONResponse(video_object(await self.service.cancel(video_id)))
+    async def cancel_video(self, request: Request, video_id: str):
+        return await self._video(await self.service.cancel(video_id, self._tenant(request)))
 
     @http_app.delete("/v1/videos/{video_id}")
-    async def delete_video(self, video_id: str):
-        await self.service.delete(video_id)
+    async def delete_video(self, request: Request, video_id: str):
+        await self.service.delete(video_id, self._tenant(request))
         return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})

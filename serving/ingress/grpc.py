@@ -14,16 +14,20 @@ from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded, Store
 from serving.storage.errors import StorageFull, StorageUnavailable
 from serving.jobs.record import JobRecord
 from serving.proto import video_pb2
+from serving.tenancy.auth import Tenant
+from serving.tenancy.errors import IdempotencyConflict, Unauthenticated
 
 __all__ = ["GrpcVideoMethods", "to_proto"]
 
 logger = logging.getLogger("ray.serve.reelserve.grpc")
 
 _STATUS = {0: video_pb2.QUEUED, 1: video_pb2.IN_PROGRESS, 2: video_pb2.COMPLETED, 3: video_pb2.FAILED,
-           4: video_pb2.CANCELLED}
+           4: video_pb2.CANCELLED, 5: video_pb2.EXPIRED}
+_PRIORITY = ("low", "normal", "high")
 
 
-def to_proto(record: JobRecord) -> video_pb2.Video:
+def to_proto(record: JobRecord, queue: dict | None = None) -> video_pb2.Video:
+    queue = queue or {}
     video = video_pb2.Video(
         id=record.id, status=_STATUS[int(record.status)], progress=record.progress, stage=record.stage,
         step=record.step, total_steps=record.total_steps, model=record.model, prompt=record.prompt,
@@ -32,7 +36,12 @@ def to_proto(record: JobRecord) -> video_pb2.Video:
         enhance_prompt=record.enhance_prompt, revised_prompt=record.revised_prompt or "",
         prompt_rewrite_fallback=record.rewrite_fallback or "", attempts=record.attempts,
         expires_at=record.expires_at or 0.0,
+        priority=_PRIORITY[max(0, min(record.priority, 2))],
     )
+    if queue.get("queue_position") is not None:
+        video.queue_position = queue["queue_position"]
+    if queue.get("estimated_start_at") is not None:
+        video.estimated_start_at = queue["estimated_start_at"]
     if record.resumed_from_step is not None:
         video.resumed_from_step = record.resumed_from_step
     if record.error_code:
@@ -45,6 +54,10 @@ def to_proto(record: JobRecord) -> video_pb2.Video:
 def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(error)
+    if isinstance(error, IdempotencyConflict):
+        return grpc.StatusCode.ALREADY_EXISTS, str(error)
     if isinstance(error, NotFound):
         return grpc.StatusCode.NOT_FOUND, str(error)
     if isinstance(error, NotReady):
@@ -74,9 +87,18 @@ def _set_error(grpc_context, error: Exception) -> None:
 class GrpcVideoMethods:
     """Mixed into the ingress deployment; expects ``self.service`` (a ``VideoService``)."""
 
+    def _grpc_tenant(self, grpc_context) -> Tenant:
+        metadata = grpc_context.invocation_metadata() if grpc_context is not None else None
+        return self.service.gate.authenticate_grpc(metadata)
+
+    async def _proto(self, record: JobRecord) -> video_pb2.Video:
+        return to_proto(record, await self.service.queue_of(record))
+
     async def CreateVideo(self, request: video_pb2.CreateVideoRequest, grpc_context=None) -> video_pb2.Video:
         try:
+            tenant = self._grpc_tenant(grpc_context)
             record = await self.service.create(
+                tenant,
                 prompt=request.prompt,
                 image=request.image or None,
                 seconds=request.seconds or None,
@@ -86,16 +108,19 @@ class GrpcVideoMethods:
                 negative_prompt=request.negative_prompt if request.HasField("negative_prompt") else None,
                 model=request.model or None,
                 enhance_prompt=request.enhance_prompt if request.HasField("enhance_prompt") else None,
+                priority=request.priority or None,
+                callback_url=request.callback_url or None,
+                idempotency_key=request.idempotency_key or None,
             )
-            return to_proto(record)
+            return await self._proto(record)
         except Exception as error:  # noqa: BLE001
             _set_error(grpc_context, error)
             return video_pb2.Video()
 
     async def GetVideo(self, request: video_pb2.GetVideoRequest, grpc_context=None) -> video_pb2.Video:
         try:
-            record = await self.service.get(request.id)
-            video = to_proto(record)
+            record = await self.service.get(request.id, self._grpc_tenant(grpc_context))
+            video = await self._proto(record)
             video.download_url = await self.service.download_url(record)
             return video
         except Exception as error:  # noqa: BLE001
@@ -104,30 +129,33 @@ class GrpcVideoMethods:
 
     async def CancelVideo(self, request: video_pb2.CancelVideoRequest, grpc_context=None) -> video_pb2.Video:
         try:
-            return to_proto(await self.service.cancel(request.id))
+            return await self._proto(await self.service.cancel(request.id, self._grpc_tenant(grpc_context)))
         except Exception as error:  # noqa: BLE001
             _set_error(grpc_context, error)
             return video_pb2.Video()
 
     async def ListVideos(self, request: video_pb2.ListVideosRequest, grpc_context=None) -> video_pb2.ListVideosResponse:
         try:
-            records, has_more = await self.service.list(request.after or None, request.limit or 20, request.order or "desc")
-            return video_pb2.ListVideosResponse(videos=[to_proto(r) for r in records], has_more=has_more)
+            tenant = self._grpc_tenant(grpc_context)
+            records, has_more = await self.service.list(
+                tenant, request.after or None, request.limit or 20, request.order or "desc"
+            )
+            return video_pb2.ListVideosResponse(videos=[await self._proto(r) for r in records], has_more=has_more)
         except Exception as error:  # noqa: BLE001
             _set_error(grpc_context, error)
             return video_pb2.ListVideosResponse()
 
     async def WatchVideo(self, request: video_pb2.WatchVideoRequest, grpc_context=None):
         try:
-            async for record in self.service.watch(request.id):
-                yield video_pb2.VideoEvent(video=to_proto(record))
+            async for record, heartbeat in self.service.watch(request.id, self._grpc_tenant(grpc_context)):
+                yield video_pb2.VideoEvent(video=await self._proto(record), heartbeat=heartbeat)
         except Exception as error:  # noqa: BLE001
             _set_error(grpc_context, error)
             raise _Fail() from None  # a stream must raise after setting the code, or the client sees OK
 
     async def DownloadVideo(self, request: video_pb2.DownloadVideoRequest, grpc_context=None):
         try:
-            async for offset, data, total in self.service.read_chunks(request.id):
+            async for offset, data, total in self.service.read_chunks(request.id, self._grpc_tenant(grpc_context)):
                 yield video_pb2.VideoChunk(data=data, offset=offset, total_bytes=total)
         except Exception as error:  # noqa: BLE001
             _set_error(grpc_context, error)

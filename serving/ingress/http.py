@@ -13,19 +13,49 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from serving.errors import Expired, InvalidRequest, NotFound, NotReady, Overloaded, StoreUnavailable
-from serving.jobs.record import JobRecord
 from serving.media import MAX_PHOTO_BYTES
-from serving.protocol import JobStatus
 from serving.storage.errors import StorageFull, StorageUnavailable
+from serving.tenancy.errors import IdempotencyConflict, QuotaExceeded, Unauthenticated
 
-__all__ = ["parse_create_request", "video_object", "error_response", "OPENAI_FIELD_NAMES"]
+__all__ = ["parse_create_request", "error_response", "OPENAI_FIELD_NAMES", "CREATE_BODY_SCHEMA"]
 
 logger = logging.getLogger("ray.serve.reelserve.http")
 
 # What the OpenAI API calls our fields, so error messages name what the client sent.
 OPENAI_FIELD_NAMES = {"image": "input_reference"}
 
-_CREATE_FIELDS = ("prompt", "model", "seconds", "size", "seed", "fps", "negative_prompt", "enhance_prompt")
+_CREATE_FIELDS = (
+    "prompt", "model", "seconds", "size", "seed", "fps", "negative_prompt", "enhance_prompt", "priority", "callback_url",
+)
+
+
+_TEXT = {"type": "string"}
+_NUMBER_OR_TEXT = {"anyOf": [{"type": "number"}, {"type": "string"}]}
+# The create body as the OpenAPI document describes it (the route parses it itself: JSON or multipart).
+CREATE_BODY_SCHEMA = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": {
+            "type": "object",
+            "required": ["prompt"],
+            "properties": {
+                "prompt": _TEXT, "model": _TEXT, "seconds": _NUMBER_OR_TEXT, "size": _TEXT,
+                "seed": {"anyOf": [{"type": "integer"}, {"type": "string"}]}, "fps": _NUMBER_OR_TEXT,
+                "negative_prompt": _TEXT, "enhance_prompt": {"anyOf": [{"type": "boolean"}, {"type": "string"}]},
+                "priority": {"type": "string", "enum": ["low", "normal", "high"]}, "callback_url": _TEXT,
+            },
+        }},
+        "multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["prompt"],
+            "properties": {
+                "prompt": _TEXT, "model": _TEXT, "seconds": _TEXT, "size": _TEXT, "seed": _TEXT, "fps": _TEXT,
+                "negative_prompt": _TEXT, "enhance_prompt": _TEXT, "priority": _TEXT, "callback_url": _TEXT,
+                "input_reference": {"type": "string", "format": "binary"},
+            },
+        }},
+    },
+}
 
 
 async def parse_create_request(request: Request) -> dict[str, Any]:
@@ -59,72 +89,36 @@ async def parse_create_request(request: Request) -> dict[str, Any]:
     return {name: body[name] for name in _CREATE_FIELDS if name in body}
 
 
-def _api_status(status: JobStatus) -> str:
-    # The OpenAI shape has no "cancelled"; a cancelled job reads as failed with code "cancelled".
-    return "failed" if status == JobStatus.CANCELLED else status.api_name
-
-
-def video_object(record: JobRecord) -> dict[str, Any]:
-    error = None
-    if record.status == JobStatus.CANCELLED:
-        error = {"code": "cancelled", "message": "the job was cancelled"}
-    elif record.error_code:
-        error = {"code": record.error_code, "message": record.error_message or ""}
-    return {
-        "id": record.id,
-        "object": "video",
-        "status": _api_status(record.status),
-        "progress": record.progress,
-        "created_at": int(record.created_at),
-        "completed_at": int(record.completed_at) if record.completed_at else None,
-        "expires_at": int(record.expires_at) if record.expires_at else None,
-        "model": record.model,
-        "prompt": record.prompt,
-        "seconds": f"{record.seconds:g}",
-        "size": record.size,
-        "error": error,
-        "remixed_from_video_id": None,
-        # Extensions beyond the OpenAI shape:
-        "stage": record.stage,
-        "step": record.step,
-        "total_steps": record.total_steps,
-        "fps": record.fps,
-        "seed": record.seed,
-        "stage_seconds": record.stage_seconds,
-        "enhance_prompt": record.enhance_prompt,
-        "revised_prompt": record.revised_prompt,
-        "prompt_rewrite_fallback": record.rewrite_fallback,
-        "resumed_from_step": record.resumed_from_step,
-        "attempts": record.attempts,
-    }
-
-
 def error_response(error: Exception, status: int | None = None) -> JSONResponse:
     """OpenAI-style error body with the matching status code (``status`` overrides it, e.g. 405)."""
-    status_override = status
-    headers = {}
-    code = None
+    headers, code = {}, None
     if isinstance(error, InvalidRequest):
-        status, kind, param, message = 400, "invalid_request_error", error.field, str(error)
+        answer, kind, param, message = 400, "invalid_request_error", error.field, str(error)
+    elif isinstance(error, Unauthenticated):
+        answer, kind, param, message = 401, "authentication_error", None, str(error)
+        headers["WWW-Authenticate"] = "Bearer"
     elif isinstance(error, Expired):
-        status, kind, param, message, code = 410, "invalid_request_error", None, str(error), "expired"
+        answer, kind, param, message, code = 410, "invalid_request_error", None, str(error), "expired"
     elif isinstance(error, NotFound):
-        status, kind, param, message = 404, "not_found_error", None, str(error)
-    elif isinstance(error, NotReady):
-        status, kind, param, message = 409, "invalid_request_error", None, str(error)
+        answer, kind, param, message = 404, "not_found_error", None, str(error)
+    elif isinstance(error, (NotReady, IdempotencyConflict)):
+        answer, kind, param, message = 409, "invalid_request_error", None, str(error)
+        if isinstance(error, IdempotencyConflict):
+            kind, param = "conflict_error", "Idempotency-Key"
     elif isinstance(error, Overloaded):
-        status, kind, param, message = 429, "rate_limit_error", None, str(error)
+        answer, kind, param, message = 429, "rate_limit_error", None, str(error)
         headers["Retry-After"] = str(error.retry_after_s)
+        code = error.code if isinstance(error, QuotaExceeded) else None
     elif isinstance(error, StoreUnavailable):
-        status, kind, param = 503, "service_unavailable", None
+        answer, kind, param = 503, "service_unavailable", None
         message = "the job store is unreachable right now; retry shortly"
         if isinstance(error, StorageUnavailable):
             message = "storage is unreachable right now; retry shortly"
         headers["Retry-After"] = "5"
     elif isinstance(error, StorageFull):
-        status, kind, param, message = 507, "server_error", None, "storage is full; retry later"
+        answer, kind, param, message = 507, "server_error", None, "storage is full; retry later"
     else:
         logger.error("unexpected error in an HTTP call", exc_info=error)
-        status, kind, param, message = 500, "server_error", None, "internal error"
+        answer, kind, param, message = 500, "server_error", None, "internal error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status_override or status, headers=headers)
+    return JSONResponse(body, status_code=status or answer, headers=headers)

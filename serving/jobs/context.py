@@ -21,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
 
+from cluster.auth_config import CallbacksConfig
 from cluster.config import JobsConfig, RewriterConfig
 from serving import metrics
 from serving.errors import JobCancelled, StoreUnavailable
@@ -62,6 +63,10 @@ class RunnerServices:
     prompt_fits: Callable[[str], bool]  # does a rewritten prompt fit the video model's text encoder?
     model_name: str
     stats: StageStats
+    tenants: Mapping[str, Any] = field(default_factory=dict)  # tenant name -> its config (share, max_concurrent_jobs)
+    diffusion_slots: int = 1  # jobs one diffusion replica runs at once (its max_ongoing_requests)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    signer: Any = None  # WebhookSigner, when a signing secret is configured
 
 
 class StageCall:

@@ -11,15 +11,12 @@ successor's claim, not the work.
 from __future__ import annotations
 
 import asyncio
+import logging
+from dataclasses import dataclass
 from typing import Any
 
-from cluster.config import (
-    JobsConfig,
-    ModelConfig,
-    OrchestratorConfig,
-    RewriterConfig,
-    StorageConfig,
-)
+from cluster.auth_config import AuthConfig, CallbacksConfig, TenantConfig, load_tenants
+from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig, RewriterConfig, StorageConfig
 from serving.errors import StageDead
 from serving.families import get_family
 from serving.jobs.context import RunnerServices
@@ -27,16 +24,41 @@ from serving.jobs.events import JobEvents
 from serving.jobs.job_storage import JobStorage
 from serving.jobs.progress import ProgressMarks
 from serving.jobs.runner import JobRunner
-from serving.jobs.store import open_store
+from serving.jobs.backends import open_store
 from serving.metrics import StageStats
+from serving.tenancy.webhooks import WebhookSigner
 
-__all__ = ["JobRunnerDeployment"]
+__all__ = ["JobRunnerDeployment", "RunnerTenancy"]
+
+logger = logging.getLogger("ray.serve.reelserve.runner")
+
+
+@dataclass(frozen=True)
+class RunnerTenancy:
+    """What the runner needs of tenancy and capacity: shares and caps for fair share, diffusion's slots per
+    replica, how callbacks are delivered."""
+
+    auth: AuthConfig | None
+    callbacks: CallbacksConfig
+    diffusion_slots: int
+
+    def tenants(self) -> dict[str, TenantConfig]:
+        return {tenant.name: tenant for tenant in load_tenants(self.auth)} if self.auth else {}
+
+    def signer(self) -> WebhookSigner | None:
+        if not self.callbacks.allowed_url_prefixes:
+            return None  # callbacks are refused at admission: nothing to sign
+        try:
+            return WebhookSigner.from_env(self.callbacks)
+        except ValueError as error:
+            logger.error("callbacks cannot be signed: %s; they will be recorded as undelivered", error)
+            return None
 
 
 class JobRunnerDeployment:
     def __init__(
         self, settings: OrchestratorConfig, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig,
-        stage_handles: dict[str, Any], storage: StorageConfig | None = None,
+        stage_handles: dict[str, Any], tenancy: RunnerTenancy | None = None, storage: StorageConfig | None = None,
     ):
         # Only the config sections it uses: scaling a stage changes none of them, so it never restarts this.
         family = get_family(model.family)
@@ -62,6 +84,10 @@ class JobRunnerDeployment:
             prompt_fits=lambda text: count_tokens(text) <= limits.max_prompt_tokens,
             model_name=model.name,
             stats=StageStats(stage="orchestrator", model=model.name),
+            tenants=tenancy.tenants() if tenancy else {},
+            diffusion_slots=tenancy.diffusion_slots if tenancy else 1,
+            callbacks=tenancy.callbacks if tenancy else CallbacksConfig(),
+            signer=tenancy.signer() if tenancy else None,
         )
         self.runner = JobRunner(
             services, model, jobs, settings,

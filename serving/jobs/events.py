@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 
+from serving.tenancy.redis_connection import redis_auth_options
 from serving.jobs.store import JobStore
 
 __all__ = ["JobEvents", "wait_for_event"]
@@ -96,7 +97,9 @@ class JobEvents:
         from serving.jobs.redis_store import EVENTS_CHANNEL
 
         while True:
-            client = aioredis.Redis.from_url(self._store.url, decode_responses=True, socket_connect_timeout=2)
+            client = aioredis.Redis.from_url(
+                self._store.url, decode_responses=True, socket_connect_timeout=2, **redis_auth_options(self._store.url)
+            )
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(EVENTS_CHANNEL)

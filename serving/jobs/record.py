@@ -58,6 +58,11 @@ class JobRecord:
     deadline_at: float | None = None  # first start + jobs.job_timeout_s: attempts share one deadline
     done_stages: list[str] = field(default_factory=list)  # stages whose outputs are kept for a takeover
     resumed_from_step: int | None = None  # denoising step a takeover resumed from (no finished step redone)
+    tenant: str = "default"  # who owns the job (the API key's tenant; "default" when the server runs open)
+    priority: int = 1  # within its tenant: 0 low, 1 normal, 2 high
+    max_queue_wait_s: float | None = None  # the job expires if still queued this long after it was created
+    callback_url: str | None = None  # where its terminal state is POSTed (signed), if anywhere
+    webhook: dict | None = None  # delivery state of that POST: delivered, attempts, last_status, owner, lease_until
 
     @property
     def size(self) -> str:

@@ -1,8 +1,9 @@
 """Redis job store: cluster mode (every node reaches the same Redis).
 
 One hash per job holds the JSON record (plus a few fields copied out for
-cheap checks); a sorted set orders jobs by creation time and a set holds the
-ids of jobs not yet terminal. Conditional writes are optimistic transactions
+cheap checks); a sorted set orders jobs by creation time (one per tenant too)
+and sets hold the ids of jobs not yet terminal (all, and per tenant: active
+and running, which quotas and fair share count). Conditional writes are optimistic transactions
 (WATCH / MULTI): the record is read, the fence checked and the write queued
 against Redis's own clock (``TIME``), and the write is refused if the record
 changed in between. Numbers keep full precision (read-modify-write in Python).
@@ -16,9 +17,14 @@ from __future__ import annotations
 import functools
 import json
 
+import redis
+
 from serving.jobs.record import RECORD_KEPT_AFTER_EXPIRY_S, JobRecord
-from serving.jobs.store import ConditionalWrites, StoreUnavailable
+from serving.jobs.store import (
+    ConditionalWrites, QueueSnapshot, StoreUnavailable, TenantCheck, _webhook_due, snapshot_of,
+)
 from serving.protocol import JobStatus
+from serving.tenancy.redis_connection import redis_auth_options
 
 __all__ = ["RedisJobStore", "EVENTS_CHANNEL"]
 
@@ -26,7 +32,15 @@ _PREFIX = "reelserve:job:"
 _INDEX = "reelserve:jobs"
 _ACTIVE = "reelserve:active"  # ids of jobs not yet terminal
 EVENTS_CHANNEL = "reelserve:events"  # a job id per write
+_WEBHOOKS = "reelserve:webhooks"  # ids of ended jobs whose callback is still to be delivered
+_REPLICAS = "reelserve:replicas:"  # + stage: replica -> heartbeat expiry (ZSET), and its info (HASH, ":info")
 _TERMINAL = int(JobStatus.COMPLETED)
+
+
+def _tenant_keys(tenant: str) -> tuple[str, str, str]:
+    """(jobs by creation time, active ids, running ids) of one tenant (names are checked in the config)."""
+    base = f"reelserve:tenant:{tenant}:"
+    return base + "jobs", base + "active", base + "running"
 
 
 def _hash_fields(data: dict) -> dict:
@@ -44,8 +58,6 @@ def _unavailable_on_connection_errors(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        import redis
-
         try:
             return method(self, *args, **kwargs)
         except redis.RedisError as error:  # unreachable, read-only after a failover, out of memory...
@@ -56,13 +68,14 @@ def _unavailable_on_connection_errors(method):
 
 class RedisJobStore(ConditionalWrites):
     def __init__(self, url: str | None):
-        import redis
-
         if not url:
             raise ValueError("jobs.redis_url: required for the redis job store (e.g. redis://localhost:6380/0)")
         self.url = url
-        # Fail fast when Redis is down: callers retry on their own schedule.
-        self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)
+        # Fail fast when Redis is down: callers retry on their own schedule. The password, if any, comes from the
+        # environment (a Kubernetes Secret), never from the config.
+        self._redis = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2, **redis_auth_options(url)
+        )
 
     @_unavailable_on_connection_errors
     def now(self) -> float:
@@ -70,27 +83,33 @@ class RedisJobStore(ConditionalWrites):
         return seconds + micros / 1e6
 
     @_unavailable_on_connection_errors
-    def create(self, record: JobRecord, max_active: int | None = None) -> bool:
+    def create(self, record: JobRecord, max_active: int | None = None, check_tenant: TenantCheck | None = None) -> bool:
         key = _PREFIX + record.id
         data = record.to_dict()
+        jobs, active, running = _tenant_keys(record.tenant)
         outcome = {"created": False}
 
         def insert(pipe):
-            # Watching the active set makes "count, then add" one step even with many ingress replicas.
+            # Watching the active sets makes "count, then add" one step even with many ingress replicas.
             outcome["created"] = False
             if pipe.exists(key):
                 raise ValueError(f"job {record.id} already exists")
             if max_active is not None and pipe.scard(_ACTIVE) >= max_active:
                 return
+            if check_tenant is not None:
+                tenant_running = pipe.scard(running)
+                check_tenant(pipe.scard(active) - tenant_running, tenant_running)
             pipe.multi()
             pipe.hset(key, mapping=_hash_fields(data))
             pipe.zadd(_INDEX, {record.id: record.created_at})
+            pipe.zadd(jobs, {record.id: record.created_at})
             if not record.status.is_terminal:
                 pipe.sadd(_ACTIVE, record.id)
+                pipe.sadd(active, record.id)
             pipe.publish(EVENTS_CHANNEL, record.id)
             outcome["created"] = True
 
-        self._redis.transaction(insert, key, _ACTIVE)
+        self._redis.transaction(insert, key, _ACTIVE, active, running)
         return outcome["created"]
 
     @_unavailable_on_connection_errors
@@ -99,20 +118,21 @@ class RedisJobStore(ConditionalWrites):
         return None if raw is None else JobRecord.from_dict(json.loads(raw))
 
     @_unavailable_on_connection_errors
-    def list(self, *, after: str | None, limit: int, order: str) -> tuple[list[JobRecord], bool]:
+    def list(self, *, after: str | None, limit: int, order: str, tenant: str | None = None) -> tuple[list[JobRecord], bool]:
         descending = order == "desc"
+        index = _INDEX if tenant is None else _tenant_keys(tenant)[0]
         start = 0
         if after is not None:
-            rank = self._redis.zrevrank(_INDEX, after) if descending else self._redis.zrank(_INDEX, after)
+            rank = self._redis.zrevrank(index, after) if descending else self._redis.zrank(index, after)
             if rank is None:
                 return [], False
             start = rank + 1
         stop = start + limit  # one extra to learn whether more exist
-        ids = self._redis.zrange(_INDEX, start, stop, desc=descending)
+        ids = self._redis.zrange(index, start, stop, desc=descending)
         found = [(i, self.get(i)) for i in ids[:limit]]
         gone = [i for i, record in found if record is None]
         if gone:  # records that expired (their TTL) leave their ids in the index: drop them
-            self._redis.zrem(_INDEX, *gone)
+            self._redis.zrem(index, *gone)
         return [record for _, record in found if record is not None], len(ids) > limit
 
     @_unavailable_on_connection_errors
@@ -131,12 +151,22 @@ class RedisJobStore(ConditionalWrites):
             if changes is None:
                 return
             data.update({k: int(v) if isinstance(v, JobStatus) else v for k, v in changes.items()})
+            record = JobRecord.from_dict(data)
+            _, active, running = _tenant_keys(record.tenant)
             pipe.multi()
             pipe.hset(key, mapping=_hash_fields(data))
-            if data["status"] >= _TERMINAL:
+            if record.status.is_terminal:
                 pipe.srem(_ACTIVE, job_id)
+                pipe.srem(active, job_id)
+                pipe.srem(running, job_id)
                 if data.get("expires_at"):  # an ended job's record goes a day after its video (the sweeps too)
                     pipe.expireat(key, int(data["expires_at"] + RECORD_KEPT_AFTER_EXPIRY_S) + 1)
+            elif record.attempts > 0:
+                pipe.sadd(running, job_id)
+            if _webhook_due(record):
+                pipe.sadd(_WEBHOOKS, job_id)
+            else:
+                pipe.srem(_WEBHOOKS, job_id)
             pipe.publish(EVENTS_CHANNEL, job_id)
             outcome["data"] = data
 
@@ -150,13 +180,49 @@ class RedisJobStore(ConditionalWrites):
 
     @_unavailable_on_connection_errors
     def delete(self, job_id: str) -> bool:
+        record = self.get(job_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(_PREFIX + job_id)
         pipe.zrem(_INDEX, job_id)
         pipe.srem(_ACTIVE, job_id)
+        pipe.srem(_WEBHOOKS, job_id)
+        if record is not None:
+            jobs, active, running = _tenant_keys(record.tenant)
+            pipe.zrem(jobs, job_id)
+            pipe.srem(active, job_id)
+            pipe.srem(running, job_id)
         pipe.publish(EVENTS_CHANNEL, job_id)
         removed = pipe.execute()[0]
         return bool(removed)
+
+    @_unavailable_on_connection_errors
+    def queue_snapshot(self, grace_s: float) -> QueueSnapshot:
+        return snapshot_of(self.active_records(limit=100_000), self.now(), grace_s)
+
+    @_unavailable_on_connection_errors
+    def heartbeat(self, stage: str, replica: str, info: dict, ttl_s: float) -> None:
+        expires = self.now() + ttl_s
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.zadd(_REPLICAS + stage, {replica: expires})
+        pipe.hset(_REPLICAS + stage + ":info", replica, json.dumps(info))
+        pipe.execute()
+
+    @_unavailable_on_connection_errors
+    def live_replicas(self, stage: str) -> list[dict]:
+        now = self.now()
+        gone = self._redis.zrangebyscore(_REPLICAS + stage, "-inf", now)
+        if gone:  # forget replicas whose heartbeat lapsed (they died or stopped)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zrem(_REPLICAS + stage, *gone)
+            pipe.hdel(_REPLICAS + stage + ":info", *gone)
+            pipe.execute()
+        live = self._redis.zrangebyscore(_REPLICAS + stage, now, "+inf")
+        infos = self._redis.hmget(_REPLICAS + stage + ":info", live) if live else []
+        return [json.loads(info) for info in infos if info is not None]
+
+    @_unavailable_on_connection_errors
+    def webhooks_pending(self, limit: int = 100) -> list[str]:
+        return sorted(self._redis.smembers(_WEBHOOKS))[:limit]
 
     @_unavailable_on_connection_errors
     def claimable(self, grace_s: float, limit: int = 100) -> list[str]:

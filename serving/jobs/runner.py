@@ -2,10 +2,14 @@
 
 It knows no model. Durability, in order of what can go wrong:
 
-- **Pull, don't push.** Runner replicas pull queued and orphaned jobs from the
-  store (``claimable``) under leases; adding, removing or redeploying any
-  replica never loses a job. On shutdown a replica hands its jobs back
-  (``release``): the next claim takes them at once.
+- **Pull, don't push, and only what can run.** Runner replicas pull jobs from
+  the store under leases: orphaned ones at once, queued ones only while
+  diffusion has a free slot (live diffusion replicas x their slots, less the
+  jobs running), in weighted fair share across tenants, then priority, then
+  age. So queued jobs wait in the store, where they are visible and ordered,
+  not in a stage's queue, and a runner claims nothing until its own stages
+  answer. A job queued past its bound ends expired. On shutdown a replica
+  hands its jobs back (``release``): the next claim takes them at once.
 - **Fenced.** Every write about a job carries the claim's fence
   (``FencedWriter``); a write from a replaced owner is refused, and the
   refusal stops that owner's work.
@@ -45,8 +49,11 @@ from serving.jobs.failures import LeaseLost, StageFailure, client_safe_error
 from serving.jobs.events import wait_for_event
 from serving.jobs.record import JobRecord, job_spec
 from serving.jobs.retention import Retention
+from serving.jobs.store import QueueSnapshot
+from serving.jobs.webhooks import WebhookSender
 from serving.jobs.writer import FencedWriter
 from serving.protocol import Fence, JobStatus, JobTicket
+from serving.tenancy.fair_share import TenantState, claim_order
 
 __all__ = ["JobRunner", "ClaimedJob"]
 
@@ -55,6 +62,8 @@ logger = logging.getLogger("ray.serve.reelserve.runner")
 _RETRY_WRITE_S = 1.0  # how often a last write waits for an unreachable store
 _FINISH_GRACE_S = 120.0  # how long a finished job's last write waits for the store
 _HANDOVER_CHECKPOINT_S = 15.0  # how long a hand-over waits for diffusion's stop checkpoint (about a step at real size)
+_READY_WAIT_S = 2.0  # how long one readiness check waits for a stage's answer
+_WEBHOOKS_EVERY_S = 5.0  # how often callbacks left undelivered (a crashed runner's) are looked for
 
 
 @dataclass
@@ -93,6 +102,9 @@ class JobRunner:
         self.stats = services.stats
         self.owner = owner or "orchestrator-" + secrets.token_hex(6)  # what the store records as the job's owner
         self._running: dict[str, asyncio.Task] = {}
+        self._claiming: set[str] = set()  # spawned, not yet claimed: counted as running until the store says so
+        self._stages_ready = False
+        self.webhooks = WebhookSender(services, self.owner)
         self._poller: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._stopping = False
@@ -120,6 +132,7 @@ class JobRunner:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.webhooks.stop()
         await self.services.events.close()
 
     @property
@@ -148,28 +161,91 @@ class JobRunner:
         settings = self.settings
         sweep_every = self.storage.config.sweep_interval_s
         next_sweep = time.monotonic() + sweep_every
+        next_webhooks = time.monotonic()
         self._rules_task = asyncio.ensure_future(self._install_lifecycle_rules())  # in the background: claims first
         while True:
-            room = settings.max_jobs - len(self._running)
-            waiting = 0
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + sweep_every
                 await self._sweep()
+            waiting = 0
             try:
-                claimable = await self._io(self.store.claimable, self._orphan_grace_s(), max(room, 1) + len(self._running))
-                for job_id in claimable:
-                    if job_id in self._running:
-                        continue
-                    if len(self._running) < settings.max_jobs:
-                        self._spawn(job_id)
-                    else:
-                        waiting += 1
+                if not self._stages_ready:
+                    self._stages_ready = await self._stages_answer()
+                snapshot = await self._io(self.store.queue_snapshot, self._orphan_grace_s())
+                await self._expire(snapshot.expired)
+                waiting = await self._claim_what_can_run(snapshot)
+                if time.monotonic() >= next_webhooks:
+                    next_webhooks = time.monotonic() + _WEBHOOKS_EVERY_S
+                    self.webhooks.deliver_pending(await self._io(self.store.webhooks_pending))
             except Exception as error:  # noqa: BLE001 - the store may be briefly unreachable
                 logger.info("looking for jobs failed: %r", error)
-            # What this replica runs, and what it saw waiting for room (only when it is full).
+            # What this replica runs, and what it saw waiting for a slot.
             metrics.jobs_active(self.model.name, queued=waiting, in_progress=len(self._running))
             await wait_for_event(self._wake, settings.poll_interval_s)
             self._wake.clear()
+
+    async def _stages_answer(self) -> bool:
+        """Every stage of this cluster answers (its replicas loaded and warmed up): only then are jobs claimed, so a
+        fresh cluster in a rollout takes no job before its models have loaded."""
+        calls = [handle.ready.remote() for name, handle in self.services.handles.items() if name != "prompt_rewriter"]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(_result_of(call) for call in calls)), timeout=_READY_WAIT_S)
+        except Exception:  # noqa: BLE001 - not yet (loading, or no replica yet): the next poll asks again
+            for call in calls:
+                call.cancel()
+            return False
+        logger.info("every stage answers; claiming jobs")
+        return True
+
+    async def _expire(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            record = await self._io(self.store.expire, job_id)
+            if record is not None:
+                logger.info("job %s expired after %g s in the queue", job_id, record.max_queue_wait_s)
+                metrics.job_finished(self.model.name, "expired", "queue_timeout",
+                                     max(0.0, time.time() - record.created_at), record.tenant)
+                self.webhooks.deliver_pending([job_id])
+
+    async def _claim_what_can_run(self, snapshot: QueueSnapshot) -> int:
+        """Take orphaned jobs, then queued ones in fair-share order while diffusion has free slots; how many of
+        the queued ones still wait."""
+        room = self.settings.max_jobs - len(self._running)
+        for job_id in snapshot.orphaned:
+            if job_id not in self._running and room > 0:
+                self._spawn(job_id)
+                room -= 1
+        if not self._stages_ready or not snapshot.queued:
+            return len(snapshot.queued)
+        free = await self._free_slots(snapshot)
+        order = claim_order(snapshot.queued, self._tenant_states(snapshot))
+        started = 0
+        for job in order:
+            if started >= min(free, room):
+                break
+            if job.job_id not in self._running:
+                self._spawn(job.job_id)
+                started += 1
+        return len(snapshot.queued) - started
+
+    async def _free_slots(self, snapshot: QueueSnapshot) -> int:
+        replicas = await self._io(self.store.live_replicas, "diffusion")
+        slots = len(replicas) * self.services.diffusion_slots
+        # Spawned here and still queued in the snapshot: their claim is under way, their slot taken.
+        claiming = len(self._claiming & {job.job_id for job in snapshot.queued})
+        return max(0, slots - snapshot.running - claiming)
+
+    def _tenant_states(self, snapshot: QueueSnapshot) -> dict[str, TenantState]:
+        states = {}
+        for name in {job.tenant for job in snapshot.queued} | set(snapshot.tenants):
+            config = self.services.tenants.get(name)
+            load = snapshot.tenants.get(name)
+            states[name] = TenantState(
+                share=config.share if config else 1.0,
+                running=load.running if load else 0,
+                last_started_at=load.last_started_at if load else None,
+                max_concurrent=config.max_concurrent_jobs if config else None,
+            )
+        return states
 
     async def _sweep(self) -> None:
         """Remove what ended, expired, deleted or superseded jobs left (``serving.jobs.retention``)."""
@@ -187,7 +263,8 @@ class JobRunner:
     def _spawn(self, job_id: str) -> None:
         task = asyncio.get_running_loop().create_task(self._run(job_id))
         self._running[job_id] = task
-        task.add_done_callback(lambda _: self._running.pop(job_id, None))
+        self._claiming.add(job_id)
+        task.add_done_callback(lambda _: (self._running.pop(job_id, None), self._claiming.discard(job_id)))
 
     # ------------------------------------------------------------------ one job
 
@@ -197,6 +274,7 @@ class JobRunner:
         )
         try:
             record = await asyncio.shield(claim)  # a claim that lands must be known, even when stopping
+            self._claiming.discard(job_id)
         except asyncio.CancelledError:
             record = await claim
             if record is not None:
@@ -285,7 +363,9 @@ class JobRunner:
         if not written:
             raise LeaseLost(job.id)
         metrics.job_finished(self.model.name, status.api_name, outcome.get("error_code"),
-                             max(0.0, time.time() - job.record.created_at))
+                             max(0.0, time.time() - job.record.created_at), job.record.tenant)
+        if job.record.callback_url:
+            self.webhooks.deliver_pending([job.id])
         accepted = job.fence.attempt if status == JobStatus.COMPLETED else None
         with contextlib.suppress(Exception):  # what is left, the sweeps remove
             await self.services.io(self.storage.remove_outputs, job.id, accepted, self.jobs.keep_artifacts)
@@ -348,3 +428,7 @@ class JobRunner:
 
 def _size_text(record: JobRecord) -> str:
     return f"{record.width}x{record.height}, {record.seconds:g} s at {record.fps} fps"
+
+
+async def _result_of(response):
+    return await response

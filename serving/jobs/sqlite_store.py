@@ -15,8 +15,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import platformdirs
+
 from serving.jobs.record import JobRecord
-from serving.jobs.store import ConditionalWrites, StoreUnavailable
+from serving.jobs.store import (
+    ConditionalWrites, QueueSnapshot, StoreUnavailable, TenantCheck, _webhook_due, snapshot_of,
+)
 from serving.protocol import JobStatus
 
 __all__ = ["SQLiteJobStore", "default_sqlite_path"]
@@ -27,12 +31,13 @@ _COLUMNS = {  # column -> declaration, for tables made by older versions
     "cancel": "INTEGER NOT NULL DEFAULT 0",
     "owner": "TEXT",
     "seq": "INTEGER NOT NULL DEFAULT 0",
+    "tenant": "TEXT NOT NULL DEFAULT 'default'",
+    "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "webhook_due": "INTEGER NOT NULL DEFAULT 0",
 }
 
 
 def default_sqlite_path() -> str:
-    import platformdirs
-
     return str(Path(platformdirs.user_data_dir("reelserve")) / "jobs.sqlite3")
 
 
@@ -52,6 +57,12 @@ class SQLiteJobStore(ConditionalWrites):
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
             db.execute("CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (created_at, id)")
             db.execute("CREATE INDEX IF NOT EXISTS jobs_by_seq ON jobs (seq)")
+            db.execute("CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, created_at, id)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS replicas ("
+                " stage TEXT NOT NULL, replica TEXT NOT NULL, expires_at REAL NOT NULL, info TEXT NOT NULL,"
+                " PRIMARY KEY (stage, replica))"
+            )
             # The change counter lives apart from the rows: deleting the newest job must not hand its number out again.
             db.execute("CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL)")
             db.execute("INSERT OR IGNORE INTO changes (id, seq) VALUES (1, (SELECT COALESCE(MAX(seq), 0) FROM jobs))")
@@ -106,16 +117,21 @@ class SQLiteJobStore(ConditionalWrites):
         rows = self._read("SELECT data FROM jobs WHERE id = ?", (job_id,))
         return JobRecord.from_dict(json.loads(rows[0][0])) if rows else None
 
-    def list(self, *, after: str | None, limit: int, order: str) -> tuple[list[JobRecord], bool]:
+    def list(self, *, after: str | None, limit: int, order: str, tenant: str | None = None) -> tuple[list[JobRecord], bool]:
         descending = order == "desc"
-        query, params = "SELECT data FROM jobs", []
+        query, params, where = "SELECT data FROM jobs", [], []
+        if tenant is not None:
+            where.append("tenant = ?")
+            params.append(tenant)
         if after is not None:
             anchors = self._read("SELECT created_at, id FROM jobs WHERE id = ?", (after,))
             if not anchors:
                 return [], False
             comparison = "<" if descending else ">"
-            query += f" WHERE (created_at, id) {comparison} (?, ?)"
+            where.append(f"(created_at, id) {comparison} (?, ?)")
             params += list(anchors[0])
+        if where:
+            query += " WHERE " + " AND ".join(where)
         direction = "DESC" if descending else "ASC"
         query += f" ORDER BY created_at {direction}, id {direction} LIMIT ?"
         rows = self._read(query, tuple(params + [limit + 1]))
@@ -140,6 +156,23 @@ class SQLiteJobStore(ConditionalWrites):
         rows = self._read("SELECT data FROM jobs WHERE status < ? ORDER BY created_at LIMIT ?", (_TERMINAL, limit))
         return [JobRecord.from_dict(json.loads(r[0])) for r in rows]
 
+    def queue_snapshot(self, grace_s: float) -> QueueSnapshot:
+        return snapshot_of(self.active_records(limit=100_000), self.now(), grace_s)
+
+    def heartbeat(self, stage: str, replica: str, info: dict, ttl_s: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO replicas (stage, replica, expires_at, info) VALUES (?, ?, ?, ?)",
+                (stage, replica, self.now() + ttl_s, json.dumps(info)),
+            )
+
+    def live_replicas(self, stage: str) -> list[dict]:
+        rows = self._read("SELECT info FROM replicas WHERE stage = ? AND expires_at > ?", (stage, self.now()))
+        return [json.loads(row[0]) for row in rows]
+
+    def webhooks_pending(self, limit: int = 100) -> list[str]:
+        return [row[0] for row in self._read("SELECT id FROM jobs WHERE webhook_due = 1 ORDER BY id LIMIT ?", (limit,))]
+
     def changed_since(self, seq: int) -> tuple[int, list[str]]:
         """Jobs written after sequence number ``seq``, and the newest number (what watchers poll)."""
         rows = self._read("SELECT id, seq FROM jobs WHERE seq > ? ORDER BY seq", (seq,))
@@ -152,17 +185,23 @@ class SQLiteJobStore(ConditionalWrites):
 
     # ------------------------------------------------------------------ writes
 
-    def create(self, record: JobRecord, max_active: int | None = None) -> bool:
+    def create(self, record: JobRecord, max_active: int | None = None, check_tenant: TenantCheck | None = None) -> bool:
         with self._transaction() as db:
             if max_active is not None:
                 active = db.execute("SELECT COUNT(*) FROM jobs WHERE status < ?", (_TERMINAL,)).fetchone()[0]
                 if active >= max_active:
                     return False
+            if check_tenant is not None:
+                queued, running = db.execute(
+                    "SELECT COALESCE(SUM(attempts = 0), 0), COALESCE(SUM(attempts > 0), 0) FROM jobs"
+                    " WHERE status < ? AND tenant = ?", (_TERMINAL, record.tenant),
+                ).fetchone()
+                check_tenant(queued, running)
             db.execute(
-                "INSERT INTO jobs (id, created_at, status, lease_until, cancel, owner, seq, data)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (record.id, record.created_at, int(record.status), record.lease_until,
-                 int(record.cancel_requested), record.owner, self._next_seq(db), json.dumps(record.to_dict())),
+                "INSERT INTO jobs (id, created_at, status, lease_until, cancel, owner, seq, tenant, attempts, data)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.id, record.created_at, int(record.status), record.lease_until, int(record.cancel_requested),
+                 record.owner, self._next_seq(db), record.tenant, record.attempts, json.dumps(record.to_dict())),
             )
         return True
 
@@ -176,12 +215,14 @@ class SQLiteJobStore(ConditionalWrites):
             if changes is None:
                 return None
             data.update({k: int(v) if isinstance(v, JobStatus) else v for k, v in changes.items()})
+            record = JobRecord.from_dict(data)
             db.execute(
-                "UPDATE jobs SET status = ?, lease_until = ?, cancel = ?, owner = ?, seq = ?, data = ? WHERE id = ?",
+                "UPDATE jobs SET status = ?, lease_until = ?, cancel = ?, owner = ?, seq = ?, attempts = ?,"
+                " webhook_due = ?, data = ? WHERE id = ?",
                 (data["status"], data["lease_until"], int(data["cancel_requested"]), data["owner"],
-                 self._next_seq(db), json.dumps(data), job_id),
+                 self._next_seq(db), record.attempts, int(_webhook_due(record)), json.dumps(data), job_id),
             )
-            return JobRecord.from_dict(data)
+            return record
 
     def delete(self, job_id: str) -> bool:
         with self._transaction() as db:

@@ -16,27 +16,74 @@ Redis (cluster mode). Rules both enforce atomically:
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 from serving.errors import StoreUnavailable
 from serving.jobs.record import JobRecord
 from serving.protocol import Fence, JobStatus
+from serving.tenancy.fair_share import QueuedJob
 
-__all__ = ["Fence", "JobStore", "StoreUnavailable", "ConditionalWrites", "open_store"]
+__all__ = [
+    "Fence", "JobStore", "StoreUnavailable", "ConditionalWrites", "QueueSnapshot", "TenantLoad", "TenantCheck",
+    "snapshot_of",
+]
+
+# Called inside create's transaction with the tenant's (queued, running) counts; raises to refuse the job.
+TenantCheck = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TenantLoad:
+    """A tenant's running jobs (claimed at least once, not ended) and when its newest one started."""
+
+    running: int = 0
+    last_started_at: float | None = None
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """What the runner's claim loop needs in one read: who waits, who runs, what was orphaned."""
+
+    now: float
+    orphaned: list[str] = field(default_factory=list)  # started jobs whose owner's lease lapsed (or handed back)
+    queued: list[QueuedJob] = field(default_factory=list)  # never claimed, oldest first
+    tenants: dict[str, TenantLoad] = field(default_factory=dict)
+    expired: list[str] = field(default_factory=list)  # queued past their wait bound: to end as expired
+
+    @property
+    def running(self) -> int:
+        return sum(load.running for load in self.tenants.values())
 
 
 class JobStore(Protocol):
     def now(self) -> float:
         """The store's clock, in seconds: the one clock leases are measured on."""
 
-    def create(self, record: JobRecord, max_active: int | None = None) -> bool:
-        """Insert a new job; with ``max_active``, only while fewer jobs are active (atomically). Whether it did."""
+    def create(self, record: JobRecord, max_active: int | None = None, check_tenant: TenantCheck | None = None) -> bool:
+        """Insert a new job; with ``max_active``, only while fewer jobs are active (atomically). Whether it did.
+
+        ``check_tenant(queued, running)`` sees the record's tenant's counts in the same transaction and raises
+        to refuse the job (its quotas)."""
 
     def get(self, job_id: str) -> JobRecord | None:
         """The job, or ``None``."""
 
-    def list(self, *, after: str | None, limit: int, order: str) -> tuple[list[JobRecord], bool]:
-        """A page of jobs by creation time (``order`` asc/desc) after the job ``after``; and whether more exist."""
+    def list(self, *, after: str | None, limit: int, order: str, tenant: str | None = None) -> tuple[list[JobRecord], bool]:
+        """A page of jobs by creation time (``order`` asc/desc) after the job ``after``, of one tenant when given;
+        and whether more exist."""
+
+    def queue_snapshot(self, grace_s: float) -> QueueSnapshot:
+        """The active jobs as the claim loop sees them (orphans use ``grace_s`` as ``claimable`` does)."""
+
+    def heartbeat(self, stage: str, replica: str, info: dict, ttl_s: float) -> None:
+        """A live replica of ``stage`` says it is ready (``info``: its slots, measured rates) for ``ttl_s``."""
+
+    def live_replicas(self, stage: str) -> list[dict]:
+        """The ``info`` of every replica of ``stage`` whose heartbeat has not lapsed."""
+
+    def webhooks_pending(self, limit: int = 100) -> list[str]:
+        """Ended jobs whose callback still has to be delivered."""
 
     def claim(self, job_id: str, owner: str, lease_s: float, grace_s: float | None = None) -> JobRecord | None:
         """Take an active job nobody holds (queued, handed over, or its lease expired ``grace_s`` ago); return it, or ``None``.
@@ -135,6 +182,39 @@ class ConditionalWrites:
 
     # -- clients' writes (flags only; the owner acts on them)
 
+    def expire(self, job_id: str) -> JobRecord | None:
+        """End a job that nobody ever claimed and that waited past its bound as ``expired``."""
+
+        def decide(record: JobRecord, now: float) -> dict | None:
+            if not _waited_too_long(record, now):
+                return None
+            return {"status": JobStatus.EXPIRED, "stage": "expired", "completed_at": now, "error_code": "queue_timeout",
+                    "error_message": f"the job waited {record.max_queue_wait_s:g} s in the queue without starting"}
+
+        return self._modify(job_id, decide)
+
+    def lease_webhook(self, job_id: str, owner: str, lease_s: float) -> JobRecord | None:
+        """Take the delivery of an ended job's callback (nobody else delivers it while the lease holds)."""
+
+        def decide(record: JobRecord, now: float) -> dict | None:
+            state = dict(record.webhook or {})
+            if not _webhook_due(record) or state.get("lease_until", 0.0) > now:
+                return None
+            return {"webhook": {**state, "owner": owner, "lease_until": now + lease_s}}
+
+        return self._modify(job_id, decide)
+
+    def record_webhook(self, job_id: str, owner: str, outcome: dict) -> bool:
+        """Record a delivery's outcome (the holder of the delivery's lease only); the lease ends with it."""
+
+        def decide(record: JobRecord, now: float) -> dict | None:
+            state = dict(record.webhook or {})
+            if state.get("owner") != owner:
+                return None
+            return {"webhook": {**state, **outcome, "owner": None, "lease_until": 0.0}}
+
+        return self._modify(job_id, decide) is not None
+
     def request_cancel(self, job_id: str, delete: bool = False) -> JobRecord | None:
         def decide(record: JobRecord, now: float) -> dict:
             changes = {"cancel_requested": True}
@@ -147,20 +227,41 @@ class ConditionalWrites:
         return self._modify(job_id, decide)
 
 
+def _waited_too_long(record: JobRecord, now: float) -> bool:
+    fresh = record.status == JobStatus.QUEUED and record.owner is None and record.attempts == 0
+    return fresh and record.max_queue_wait_s is not None and now > record.created_at + record.max_queue_wait_s
+
+
+def _webhook_due(record: JobRecord) -> bool:
+    """An ended job with a callback that was not yet delivered (nor given up on)."""
+    state = record.webhook or {}
+    return record.status.is_terminal and bool(record.callback_url) and not state.get("done", False)
+
+
+def snapshot_of(records: list[JobRecord], now: float, grace_s: float) -> QueueSnapshot:
+    """The claim loop's view of the active records (both stores read them, then share this rule)."""
+    snapshot = QueueSnapshot(now=now)
+    running: dict[str, list[float]] = {}
+    for record in sorted(records, key=lambda r: (r.created_at, r.id)):
+        if record.status.is_terminal:
+            continue
+        lapsed = record.owner is None or record.lease_until + grace_s < now
+        if record.attempts == 0 and record.owner is None:
+            if _waited_too_long(record, now):
+                snapshot.expired.append(record.id)
+            else:
+                snapshot.queued.append(QueuedJob(record.id, record.tenant, record.priority, record.created_at))
+            continue
+        running.setdefault(record.tenant, []).append(record.started_at or record.created_at)
+        if lapsed:
+            snapshot.orphaned.append(record.id)
+    for tenant, starts in running.items():
+        snapshot.tenants[tenant] = TenantLoad(running=len(starts), last_started_at=max(starts))
+    return snapshot
+
+
 def _monotonic(record: JobRecord, changes: dict) -> dict:
     """``progress`` never goes down, whoever writes it (a retried stage starts its marks from the bottom)."""
     if "progress" in changes:
         changes = {**changes, "progress": max(record.progress, int(changes["progress"]))}
     return changes
-
-
-def open_store(backend: str, *, sqlite_path: str | None = None, redis_url: str | None = None) -> JobStore:
-    if backend == "sqlite":
-        from serving.jobs.sqlite_store import SQLiteJobStore
-
-        return SQLiteJobStore(sqlite_path)
-    if backend == "redis":
-        from serving.jobs.redis_store import RedisJobStore
-
-        return RedisJobStore(redis_url)
-    raise ValueError(f"jobs.backend: unknown job store '{backend}'; allowed: sqlite, redis")

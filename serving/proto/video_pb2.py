@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19serving/proto/video.proto\x12\x0creelserve.v1\"\xec\x01\n\x12\x43reateVideoRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x0c\n\x04size\x18\x04 \x01(\t\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x1c\n\x0fnegative_prompt\x18\x07 \x01(\tH\x01\x88\x01\x01\x12\r\n\x05model\x18\x08 \x01(\t\x12\x1b\n\x0e\x65nhance_prompt\x18\t \x01(\x08H\x02\x88\x01\x01\x42\x07\n\x05_seedB\x12\n\x10_negative_promptB\x11\n\x0f_enhance_prompt\"+\n\nVideoError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xfa\x04\n\x05Video\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.reelserve.v1.VideoStatus\x12\x10\n\x08progress\x18\x03 \x01(\x05\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x06 \x01(\x05\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0e\n\x06prompt\x18\x08 \x01(\t\x12\x0f\n\x07seconds\x18\t \x01(\x01\x12\x0c\n\x04size\x18\n \x01(\t\x12\x0b\n\x03\x66ps\x18\x0b \x01(\x05\x12\x0c\n\x04seed\x18\x0c \x01(\x03\x12\x12\n\ncreated_at\x18\r \x01(\x01\x12\x14\n\x0c\x63ompleted_at\x18\x0e \x01(\x01\x12\'\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x18.reelserve.v1.VideoError\x12<\n\rstage_seconds\x18\x10 \x03(\x0b\x32%.reelserve.v1.Video.StageSecondsEntry\x12\x14\n\x0cresult_bytes\x18\x11 \x01(\x03\x12\x16\n\x0e\x65nhance_prompt\x18\x12 \x01(\x08\x12\x16\n\x0erevised_prompt\x18\x13 \x01(\t\x12\x1f\n\x17prompt_rewrite_fallback\x18\x14 \x01(\t\x12\x1e\n\x11resumed_from_step\x18\x15 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x08\x61ttempts\x18\x16 \x01(\x05\x12\x12\n\nexpires_at\x18\x17 \x01(\x01\x12\x14\n\x0c\x64ownload_url\x18\x18 \x01(\t\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x14\n\x12_resumed_from_step\"\x1d\n\x0fGetVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1f\n\x11WatchVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x12\x43\x61ncelVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14\x44ownloadVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\"0\n\nVideoEvent\x12\"\n\x05video\x18\x01 \x01(\x0b\x32\x13.reelserve.v1.Video\"?\n\nVideoChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\"@\n\x11ListVideosRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\r\n\x05order\x18\x03 \x01(\t\"K\n\x12ListVideosResponse\x12#\n\x06videos\x18\x01 \x03(\x0b\x32\x13.reelserve.v1.Video\x12\x10\n\x08has_more\x18\x02 \x01(\x08*r\n\x0bVideoStatus\x12\x1c\n\x18VIDEO_STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0f\n\x0bIN_PROGRESS\x10\x02\x12\r\n\tCOMPLETED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xc7\x03\n\x0cVideoService\x12\x44\n\x0b\x43reateVideo\x12 .reelserve.v1.CreateVideoRequest\x1a\x13.reelserve.v1.Video\x12>\n\x08GetVideo\x12\x1d.reelserve.v1.GetVideoRequest\x1a\x13.reelserve.v1.Video\x12I\n\nWatchVideo\x12\x1f.reelserve.v1.WatchVideoRequest\x1a\x18.reelserve.v1.VideoEvent0\x01\x12\x44\n\x0b\x43\x61ncelVideo\x12 .reelserve.v1.CancelVideoRequest\x1a\x13.reelserve.v1.Video\x12O\n\rDownloadVideo\x12\".reelserve.v1.DownloadVideoRequest\x1a\x18.reelserve.v1.VideoChunk0\x01\x12O\n\nListVideos\x12\x1f.reelserve.v1.ListVideosRequest\x1a .reelserve.v1.ListVideosResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19serving/proto/video.proto\x12\x0creelserve.v1\"\x80\x04\n\x12\x43reateVideoRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x0c\n\x04size\x18\x04 \x01(\t\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x1c\n\x0fnegative_prompt\x18\x07 \x01(\tH\x01\x88\x01\x01\x12\r\n\x05model\x18\x08 \x01(\t\x12\x1b\n\x0e\x65nhance_prompt\x18\t \x01(\x08H\x02\x88\x01\x01\x12\x10\n\x08priority\x18\n \x01(\t\x12\x17\n\x0fidempotency_key\x18\x0b \x01(\t\x12\x14\n\x0c\x63\x61llback_url\x18\x0c \x01(\t\x12\x12\n\nlast_frame\x18\r \x01(\x0c\x12+\n\nreferences\x18\x0e \x03(\x0b\x32\x17.reelserve.v1.Reference\x12 \n\x13num_inference_steps\x18\x0f \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x10 \x01(\x01H\x04\x88\x01\x01\x12\x17\n\nnum_frames\x18\x11 \x01(\x05H\x05\x88\x01\x01\x42\x07\n\x05_seedB\x12\n\x10_negative_promptB\x11\n\x0f_enhance_promptB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\r\n\x0b_num_frames\"\x84\x01\n\tReference\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.reelserve.v1.Reference.Kind\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"=\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05IMAGE\x10\x01\x12\t\n\x05VIDEO\x10\x02\x12\t\n\x05\x41UDIO\x10\x03\"+\n\nVideoError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf4\x05\n\x05Video\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.reelserve.v1.VideoStatus\x12\x10\n\x08progress\x18\x03 \x01(\x05\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x06 \x01(\x05\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0e\n\x06prompt\x18\x08 \x01(\t\x12\x0f\n\x07seconds\x18\t \x01(\x01\x12\x0c\n\x04size\x18\n \x01(\t\x12\x0b\n\x03\x66ps\x18\x0b \x01(\x05\x12\x0c\n\x04seed\x18\x0c \x01(\x03\x12\x12\n\ncreated_at\x18\r \x01(\x01\x12\x14\n\x0c\x63ompleted_at\x18\x0e \x01(\x01\x12\'\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x18.reelserve.v1.VideoError\x12<\n\rstage_seconds\x18\x10 \x03(\x0b\x32%.reelserve.v1.Video.StageSecondsEntry\x12\x14\n\x0cresult_bytes\x18\x11 \x01(\x03\x12\x16\n\x0e\x65nhance_prompt\x18\x12 \x01(\x08\x12\x16\n\x0erevised_prompt\x18\x13 \x01(\t\x12\x1f\n\x17prompt_rewrite_fallback\x18\x14 \x01(\t\x12\x1e\n\x11resumed_from_step\x18\x15 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x08\x61ttempts\x18\x16 \x01(\x05\x12\x1b\n\x0equeue_position\x18\x17 \x01(\x05H\x01\x88\x01\x01\x12\x1f\n\x12\x65stimated_start_at\x18\x18 \x01(\x01H\x02\x88\x01\x01\x12\x10\n\x08priority\x18\x19 \x01(\t\x12\x12\n\nexpires_at\x18\x1a \x01(\x01\x12\x14\n\x0c\x64ownload_url\x18\x1b \x01(\t\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x14\n\x12_resumed_from_stepB\x11\n\x0f_queue_positionB\x15\n\x13_estimated_start_at\"\x1d\n\x0fGetVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1f\n\x11WatchVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x12\x43\x61ncelVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14\x44ownloadVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\"C\n\nVideoEvent\x12\"\n\x05video\x18\x01 \x01(\x0b\x32\x13.reelserve.v1.Video\x12\x11\n\theartbeat\x18\x02 \x01(\x08\"?\n\nVideoChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\"@\n\x11ListVideosRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\r\n\x05order\x18\x03 \x01(\t\"K\n\x12ListVideosResponse\x12#\n\x06videos\x18\x01 \x03(\x0b\x32\x13.reelserve.v1.Video\x12\x10\n\x08has_more\x18\x02 \x01(\x08*\x7f\n\x0bVideoStatus\x12\x1c\n\x18VIDEO_STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0f\n\x0bIN_PROGRESS\x10\x02\x12\r\n\tCOMPLETED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\x0b\n\x07\x45XPIRED\x10\x06\x32\xc7\x03\n\x0cVideoService\x12\x44\n\x0b\x43reateVideo\x12 .reelserve.v1.CreateVideoRequest\x1a\x13.reelserve.v1.Video\x12>\n\x08GetVideo\x12\x1d.reelserve.v1.GetVideoRequest\x1a\x13.reelserve.v1.Video\x12I\n\nWatchVideo\x12\x1f.reelserve.v1.WatchVideoRequest\x1a\x18.reelserve.v1.VideoEvent0\x01\x12\x44\n\x0b\x43\x61ncelVideo\x12 .reelserve.v1.CancelVideoRequest\x1a\x13.reelserve.v1.Video\x12O\n\rDownloadVideo\x12\".reelserve.v1.DownloadVideoRequest\x1a\x18.reelserve.v1.VideoChunk0\x01\x12O\n\nListVideos\x12\x1f.reelserve.v1.ListVideosRequest\x1a .reelserve.v1.ListVideosResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VIDEO_STAGESECONDSENTRY']._loaded_options = None
   _globals['_VIDEO_STAGESECONDSENTRY']._serialized_options = b'8\001'
-  _globals['_VIDEOSTATUS']._serialized_start=1356
-  _globals['_VIDEOSTATUS']._serialized_end=1470
+  _globals['_VIDEOSTATUS']._serialized_start=1908
+  _globals['_VIDEOSTATUS']._serialized_end=2035
   _globals['_CREATEVIDEOREQUEST']._serialized_start=44
-  _globals['_CREATEVIDEOREQUEST']._serialized_end=280
-  _globals['_VIDEOERROR']._serialized_start=282
-  _globals['_VIDEOERROR']._serialized_end=325
-  _globals['_VIDEO']._serialized_start=328
-  _globals['_VIDEO']._serialized_end=962
-  _globals['_VIDEO_STAGESECONDSENTRY']._serialized_start=889
-  _globals['_VIDEO_STAGESECONDSENTRY']._serialized_end=940
-  _globals['_GETVIDEOREQUEST']._serialized_start=964
-  _globals['_GETVIDEOREQUEST']._serialized_end=993
-  _globals['_WATCHVIDEOREQUEST']._serialized_start=995
-  _globals['_WATCHVIDEOREQUEST']._serialized_end=1026
-  _globals['_CANCELVIDEOREQUEST']._serialized_start=1028
-  _globals['_CANCELVIDEOREQUEST']._serialized_end=1060
-  _globals['_DOWNLOADVIDEOREQUEST']._serialized_start=1062
-  _globals['_DOWNLOADVIDEOREQUEST']._serialized_end=1096
-  _globals['_VIDEOEVENT']._serialized_start=1098
-  _globals['_VIDEOEVENT']._serialized_end=1146
-  _globals['_VIDEOCHUNK']._serialized_start=1148
-  _globals['_VIDEOCHUNK']._serialized_end=1211
-  _globals['_LISTVIDEOSREQUEST']._serialized_start=1213
-  _globals['_LISTVIDEOSREQUEST']._serialized_end=1277
-  _globals['_LISTVIDEOSRESPONSE']._serialized_start=1279
-  _globals['_LISTVIDEOSRESPONSE']._serialized_end=1354
-  _globals['_VIDEOSERVICE']._serialized_start=1473
-  _globals['_VIDEOSERVICE']._serialized_end=1928
+  _globals['_CREATEVIDEOREQUEST']._serialized_end=556
+  _globals['_REFERENCE']._serialized_start=559
+  _globals['_REFERENCE']._serialized_end=691
+  _globals['_REFERENCE_KIND']._serialized_start=630
+  _globals['_REFERENCE_KIND']._serialized_end=691
+  _globals['_VIDEOERROR']._serialized_start=693
+  _globals['_VIDEOERROR']._serialized_end=736
+  _globals['_VIDEO']._serialized_start=739
+  _globals['_VIDEO']._serialized_end=1495
+  _globals['_VIDEO_STAGESECONDSENTRY']._serialized_start=1380
+  _globals['_VIDEO_STAGESECONDSENTRY']._serialized_end=1431
+  _globals['_GETVIDEOREQUEST']._serialized_start=1497
+  _globals['_GETVIDEOREQUEST']._serialized_end=1526
+  _globals['_WATCHVIDEOREQUEST']._serialized_start=1528
+  _globals['_WATCHVIDEOREQUEST']._serialized_end=1559
+  _globals['_CANCELVIDEOREQUEST']._serialized_start=1561
+  _globals['_CANCELVIDEOREQUEST']._serialized_end=1593
+  _globals['_DOWNLOADVIDEOREQUEST']._serialized_start=1595
+  _globals['_DOWNLOADVIDEOREQUEST']._serialized_end=1629
+  _globals['_VIDEOEVENT']._serialized_start=1631
+  _globals['_VIDEOEVENT']._serialized_end=1698
+  _globals['_VIDEOCHUNK']._serialized_start=1700
+  _globals['_VIDEOCHUNK']._serialized_end=1763
+  _globals['_LISTVIDEOSREQUEST']._serialized_start=1765
+  _globals['_LISTVIDEOSREQUEST']._serialized_end=1829
+  _globals['_LISTVIDEOSRESPONSE']._serialized_start=1831
+  _globals['_LISTVIDEOSRESPONSE']._serialized_end=1906
+  _globals['_VIDEOSERVICE']._serialized_start=2038
+  _globals['_VIDEOSERVICE']._serialized_end=2493
 # @@protoc_insertion_point(module_scope)

@@ -30,7 +30,7 @@ from serving import metrics
 from serving.errors import GenerationFailed, KeptOutputLost, StageOutOfMemory
 from serving.jobs.faults import FaultInjector, InjectedOutOfMemory
 from serving.jobs.job_storage import JobStorage, patiently
-from serving.metrics import StageStats
+from serving.stages.ledger import StageLedger
 from serving.protocol import Handoff, JobInput, JobTicket
 
 T = TypeVar("T")
@@ -74,32 +74,24 @@ def placement(device: str | None) -> dict:
 
 class StageRunner:
     def __init__(self, stage: str, jobs: JobsConfig, faults: list[FaultConfig] = (), model: str = "unknown",
-                 storage: StorageConfig | None = None):
+                 load: StageLoad | None | bool = True, storage: StorageConfig | None = None):
+        """``load``: the autoscaling tracker the ledger feeds (True: a ``StageLoad``; None: the stage keeps its own)."""
         self.stage = stage
-        self.stats = StageStats(stage=stage, model=model)
+        self.ledger = StageLedger(stage, model, StageLoad() if load is True else load or None)
+        self.stats = self.ledger.stats
+        self.load = self.ledger.load  # what the autoscaling policy reads (record_autoscaling_stats)
         self.storage = JobStorage(storage or StorageConfig().with_job_defaults(jobs.results_dir, jobs.artifacts),
                                   jobs.redis_url)
         self.faults = FaultInjector(stage, list(faults), self.storage)
-        self.load = StageLoad()  # what the autoscaling policy reads (record_autoscaling_stats)
         self._lock = asyncio.Lock()
-        self._publish_load()  # every replica reports from its start (the dashboard counts replicas by it)
 
     async def run(self, ticket: JobTicket, work: Callable[..., T], *args) -> T:
-        stats = self.stats
-        arrived = time.perf_counter()
-        self.load.arrived()
-        stats.queued += 1
-        self._publish_load()
-        waiting, busy = True, None
+        entry = self.ledger.arrived()
+        ok = False
         try:
             await self.faults.on_entry(ticket)
             async with self._lock:
-                started = time.perf_counter()
-                stats.queued -= 1
-                stats.in_flight += 1
-                waiting = False
-                self._publish_load()
-                ok = False
+                self.ledger.started(entry)
                 future = asyncio.ensure_future(asyncio.to_thread(self._guarded, work, *args))
                 try:
                     result = await asyncio.shield(future)
@@ -107,16 +99,9 @@ class StageRunner:
                 except asyncio.CancelledError:
                     await asyncio.wait([future])  # the model call cannot be interrupted: hold the lock until it ends
                     raise
-                finally:
-                    stats.in_flight -= 1
-                    busy = time.perf_counter() - started
-                    self._finished(arrived, started, ok)
                 return result
         finally:
-            if waiting:  # cancelled or failed before the model took it
-                stats.queued -= 1
-            self.load.done(busy)
-            self._publish_load()
+            self.ledger.left(entry, ok)
 
     def _guarded(self, work: Callable[..., T], *args) -> T:
         try:
@@ -128,16 +113,6 @@ class StageRunner:
         free_device_memory()
         self.stats.bump("out_of_memory_total")
         raise StageOutOfMemory(self.stage)
-
-    def _finished(self, arrived: float, started: float, ok: bool) -> None:
-        stats = self.stats
-        now = time.perf_counter()
-        stats.record(now - started, ok=ok, queue_wait_s=started - arrived)
-        metrics.stage_request(stats.stage, stats.model, started - arrived, now - arrived, ok)
-        metrics.record_gpu_memory(stats.stage, stats.model)
-
-    def _publish_load(self) -> None:
-        metrics.stage_load(self.stats.stage, self.stats.model, self.stats.in_flight, self.stats.queued)
 
     # ------------------------------------------------------------------ hand-offs
 
@@ -153,8 +128,7 @@ class StageRunner:
             kept = False
             logger.warning("job %s: keeping the %s failed (%s); continuing without a copy", ticket.job_id, name, error)
         nbytes = metrics.handoff_nbytes(payload)
-        self.stats.handed_bytes_total += nbytes
-        metrics.bytes_handed(self.stats.stage, self.stats.model, nbytes)
+        self.ledger.handed(nbytes)
         return Handoff(job_id=ticket.job_id, name=name, ref=ref, nbytes=nbytes, kept=kept, attempt=ticket.attempt)
 
     async def receive(self, handoff: Handoff) -> Any:

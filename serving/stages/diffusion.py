@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from typing import Any
+
+from ray import serve
 
 from cluster.config import FaultConfig, JobsConfig, ModelConfig, StorageConfig
 from cluster.load import DiffusionLoad
@@ -37,14 +40,19 @@ from serving.errors import GenerationFailed, JobCancelled, StageDead, StageOutOf
 from serving.families import get_family
 from serving.jobs.job_storage import patiently, register_stored_types
 from serving.jobs.progress import ProgressMarks
-from serving.jobs.store import open_store
+from serving.jobs.backends import open_store
 from serving.jobs.writer import FencedWriter
 from serving.protocol import DenoiseResult, Handoff, JobTicket
 from serving.stages._base import LoadTimer, StageRunner, free_device_memory, is_out_of_memory, placement
+from serving.stages.ledger import LedgerEntry
 
 __all__ = ["DiffusionStage"]
 
 logger = logging.getLogger("ray.serve.reelserve.diffusion")
+
+HEARTBEAT_TTL_S = 15.0  # three health-check periods: a replica whose checks stopped no longer counts as capacity
+_STORE_CALL_S = 3.0  # a health check never waits longer than this for the store
+_STORE_QUEUE_FRESH_S = 2.0  # the autoscaling report reads the store's queue at most this often
 _STOP_WAIT_S = 20.0  # how long a stopping replica waits for its requests' stop checkpoints (about a step)
 
 
@@ -57,6 +65,7 @@ class _Request:
     total_steps: int
     engine_id: str  # "<job id>/<attempt>": attempts of one job never share an engine request
     resolution: str  # metrics bucket of the request's size
+    entry: LedgerEntry  # the request in the stage's ledger: started at its first step
     resumed_from_step: int | None = None
     first_step_at: float | None = None  # perf_counter of its first step: the end of its queue wait
     checkpoint_on_stop: bool = False  # stopped by a hand-over: leave a checkpoint for the successor
@@ -77,7 +86,7 @@ class DiffusionStage:
         self._model = model.name
         self._store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
         self._device = str(resolve_device(model.device))  # what the family computes on
-        self._runner = StageRunner(stage, jobs, faults, model.name, storage)
+        self._runner = StageRunner(stage, jobs, faults, model.name, load=None, storage=storage)  # its load: DiffusionLoad
         self._runner.stats.load_seconds = load.seconds
         # Store writes (progress, cancel checks) and artifact writes (checkpoints) each get their own threads: a
         # slow store never holds up a checkpoint, nor the other way round.
@@ -92,18 +101,24 @@ class DiffusionStage:
         self._wake = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._replica = _replica_id()
+        self._latent_tokens = model.latent_tokens
+        self._store_read_at = -1e9  # when the store's queue was last read for the autoscaler
+        try:  # loaded: count as capacity at once (health checks keep it up after this)
+            self._beat()
+        except Exception as error:  # noqa: BLE001 - the store may be away; the first health check tries again
+            logger.info("first heartbeat to the job store failed: %r", error)
 
     # ------------------------------------------------------------------ the call
 
     async def call(self, ticket: JobTicket, method: str, *args: Any) -> DenoiseResult:
         """Denoise for the job: ``args`` are the family's ``denoise`` inputs (hand-offs and plain values)."""
         names = self._spec.outputs(method)
-        arrived = time.perf_counter()
-        self._busy(+1)
+        entry = self._runner.ledger.arrived()  # waiting until its first denoising step
         ok, request = False, None
         try:
             await self._runner.faults.on_entry(ticket)
-            request = await self._submit(ticket, args)
+            request = await self._submit(ticket, args, entry)
             try:
                 output = await request.future
             except asyncio.CancelledError:
@@ -113,13 +128,9 @@ class DiffusionStage:
                 raise
             ok = True
         finally:
-            self._busy(-1)
             if request is not None and request.writer is not None:
                 await request.writer.stop()
-            first_step = request.first_step_at if request is not None else None
-            started = first_step if ok and first_step else time.perf_counter()
-            self._runner.stats.record(time.perf_counter() - started, ok=ok, queue_wait_s=started - arrived)
-            metrics.stage_request(self._name, self._model, started - arrived, time.perf_counter() - arrived, ok)
+            self._runner.ledger.left(entry, ok)
         logger.info("job %s denoised (%d steps)", ticket.job_id, request.total_steps)
         values = self._diffusion.outputs(output)
         if len(values) != len(names):
@@ -137,12 +148,7 @@ class DiffusionStage:
             request.checkpoint_on_stop = True
         self._stop(request.engine_id)
 
-    def _busy(self, change: int) -> None:
-        stats = self._runner.stats
-        stats.in_flight += change
-        metrics.stage_load(self._name, self._model, stats.in_flight, 0)
-
-    async def _submit(self, ticket: JobTicket, args: tuple):
+    async def _submit(self, ticket: JobTicket, args: tuple, entry: LedgerEntry):
         self._ensure_running()
         payloads = [await self._runner.receive(arg) if isinstance(arg, Handoff) else arg for arg in args]
         loop = asyncio.get_running_loop()
@@ -160,7 +166,7 @@ class DiffusionStage:
         plan = self._diffusion.plan_of(denoise)
         request = _Request(
             ticket, loop.create_future(), self._diffusion.total_steps(denoise), engine_id,
-            metrics.resolution_bucket(plan.width, plan.height),
+            metrics.resolution_bucket(plan.width, plan.height), entry,
         )
         request.writer = FencedWriter(
             self._store, ticket.fence, self._store_io,
@@ -315,6 +321,9 @@ class DiffusionStage:
     # ------------------------------------------------------------------ around each step (event loop)
 
     def _after_step(self, request: _Request, finished: int, total: int) -> None:
+        if request.entry.started is None:  # its first step: the end of its wait for the engine
+            self._runner.ledger.started(request.entry)
+            request.entry.started = request.first_step_at or request.entry.started
         progress = self._marks.within(self._name, finished, total)
         request.writer.note(step=finished, total_steps=total, progress=progress)
         metrics.job_progressed(self._model)
@@ -347,13 +356,43 @@ class DiffusionStage:
         return placement(self._device)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
+        # Jobs waiting in the store for a slot are load the policy must see: read them at most every 2 s.
+        if time.monotonic() - self._store_read_at > _STORE_QUEUE_FRESH_S:
+            self._store_read_at = time.monotonic()
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._io, self._read_store_queue),
+                                       timeout=_STORE_CALL_S)
+            except Exception as error:  # noqa: BLE001 - the last reading stands
+                logger.info("reading the job store's queue failed: %r", error)
         with self._load_lock:
             return self._load.report()
 
+    async def ready(self) -> bool:
+        """Answers once this replica is up (its constructor loaded the model): the runner claims jobs only then."""
+        return True
+
     async def check_health(self) -> None:
-        """Dead only when the denoising thread died (every request would wait forever)."""
+        """Dead only when the denoising thread died (every request would wait forever). Alive, it tells the store it
+        is up (its slots count as diffusion's capacity) and reads the store's queue for the autoscaler."""
         if not self._engine_alive:
             raise StageDead("the diffusion engine's thread has stopped")
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.run_in_executor(self._io, self._beat), timeout=_STORE_CALL_S)
+        except Exception as error:  # noqa: BLE001 - a store outage is not this replica's death
+            logger.info("heartbeat to the job store failed: %r", error)
+
+    def _beat(self) -> None:
+        with self._load_lock:
+            rate = self._load.seconds_per_token_step
+        self._store.heartbeat(self._name, self._replica, {"seconds_per_token_step": rate}, HEARTBEAT_TTL_S)
+
+    def _read_store_queue(self) -> None:
+        queued = [r for r in self._store.active_records() if r.attempts == 0 and not r.status.is_terminal]
+        token_steps = sum(self._latent_tokens(r.width, r.height, r.seconds, r.fps) * max(r.total_steps, 1)
+                          for r in queued)
+        with self._load_lock:
+            self._load.store_queue(len(queued), token_steps)
 
     async def __del__(self):
         # Serve calls this once the replica's calls drained or its drain time (sized for the longest job) is
@@ -370,3 +409,11 @@ class DiffusionStage:
 class _EngineFailure:
     request_id: str
     error: BaseException
+
+
+def _replica_id() -> str:
+    """This replica's id in Serve, or a random one outside Serve (tests that build the stage directly)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not in a replica
+        return "diffusion-" + secrets.token_hex(4)

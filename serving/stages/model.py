@@ -33,7 +33,7 @@ class ModelStage:
             self._component = self._spec.component(model)
         self._device = str(resolve_device(model.device))  # what the family computes on
         register_stored_types(family)
-        self._runner = StageRunner(stage, jobs, faults, model.name, storage)
+        self._runner = StageRunner(stage, jobs, faults, model.name, storage=storage)
         self._runner.stats.load_seconds = load.seconds
 
     async def call(self, ticket: JobTicket, method: str, *args: Any) -> Handoff | tuple[Handoff, ...]:
@@ -53,6 +53,10 @@ class ModelStage:
         if isinstance(arg, JobInput):  # the job's own input: read here, never carried through the runner
             return await self._runner.read_input(arg)
         return arg
+
+    async def ready(self) -> bool:
+        """Answers once this replica is up (its constructor loaded the model): the runner claims jobs only then."""
+        return True
 
     def stats(self) -> dict:
         return self._runner.stats.snapshot()

@@ -5,13 +5,12 @@ Many requests run at once (vLLM batches them); a rewrite never fails a job.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from cluster.config import ModelConfig, RewriterConfig
 from serving import metrics
 from serving.families import get_family
-from serving.metrics import StageStats
+from serving.stages.ledger import StageLedger
 from serving.prompting.rewriter import PromptRewriter, Rewrite
 from serving.prompting.tiny_rewriter import REWRITER_SUBFOLDER
 from serving.stages._base import LoadTimer
@@ -37,25 +36,21 @@ class PromptRewriterStage:
     def __init__(self, rewriter: RewriterConfig, model: ModelConfig):
         with LoadTimer("prompt_rewriter", model.name) as load:
             self._rewriter = PromptRewriter(rewriter, rewriter_model_path(rewriter, model))
-        self._stats = StageStats(stage="prompt_rewriter", model=model.name, load_seconds=load.seconds)
-        metrics.stage_load(self._stats.stage, self._stats.model, 0, 0)
+        self._ledger = StageLedger("prompt_rewriter", model.name)
+        self._stats = self._ledger.stats
+        self._stats.load_seconds = load.seconds
 
     async def rewrite(self, prompt: str, seed: int, photo: bytes | None = None) -> Rewrite:
-        # vLLM batches requests itself: no replica-side queue, so queue wait is 0 and all are in flight.
+        # vLLM batches requests itself: no replica-side queue, so every request is in flight at once.
         stats = self._stats
-        started = time.perf_counter()
-        stats.in_flight += 1
-        metrics.stage_load(stats.stage, stats.model, stats.in_flight, 0)
+        entry = self._ledger.arrived()
+        self._ledger.started(entry)
         ok = False
         try:
             result = await self._rewriter.rewrite(prompt, seed, photo)
             ok = True  # a fallback is an answer, not a failed request: the job goes on with its prompt
         finally:
-            seconds = time.perf_counter() - started
-            stats.in_flight -= 1
-            stats.record(seconds, ok=ok)
-            metrics.stage_request(stats.stage, stats.model, 0.0, seconds, ok)
-            metrics.stage_load(stats.stage, stats.model, stats.in_flight, 0)
+            self._ledger.left(entry, ok)
         stats.bump("tokens_generated_total", result.tokens)
         if result.fallback is not None:
             stats.bump(f"fallbacks_{result.fallback}_total")

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+from serving.tenancy.redis_connection import redis_auth_options
 from serving.storage.errors import StorageError, StorageFull, StorageUnavailable
 from serving.storage.keys import check_prefix, parse_key
 from serving.storage.store import (
@@ -160,7 +161,8 @@ def open_redis_storage(url: str, *, connect_timeout_s: float = 5.0, read_timeout
     """A ``RedisStorage`` on the Redis at ``url`` (``redis://host:port/db``), e.g. the job store's."""
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=read_timeout_s)
+    client = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=read_timeout_s,
+                                  **redis_auth_options(url))
     parsed = urlparse(url)
     shown = parsed._replace(netloc=parsed.netloc.rsplit("@", 1)[-1]).geturl()  # never print a password
     return RedisStorage(client, shown)

@@ -82,6 +82,8 @@ def check_idempotency_key(value: str | None, field: str = "Idempotency-Key") -> 
     """The key as sent (None when absent), or ``InvalidRequest`` naming the header or field."""
     if value is None or value == "":
         return None
+    if not isinstance(value, str):
+        raise InvalidRequest(field, f"must be a string of 1 to {_MAX_KEY_CHARS} printable ASCII characters")
     if len(value) > _MAX_KEY_CHARS or not value.isascii() or not value.isprintable():
         raise InvalidRequest(field, f"must be 1 to {_MAX_KEY_CHARS} printable ASCII characters, e.g. a UUID")
     return value

@@ -66,7 +66,9 @@ def parse_priority(value: str | None, max_priority: str = "normal", field: str =
     ceiling = Priority[max_priority.upper()]
     if value is None or (isinstance(value, str) and not value.strip()):
         return min(Priority.NORMAL, ceiling)
-    name = str(value).strip().lower()
+    if not isinstance(value, str):
+        raise InvalidRequest(field, "must be one of low, normal, high")
+    name = value.strip().lower()
     allowed = [p.name.lower() for p in Priority]
     if name not in allowed:
         shown = name if len(name) <= 20 else name[:20] + "..."

@@ -159,6 +159,8 @@ def check_callback_url(url: str | None, allowed_prefixes: Sequence[str], field: 
     """The URL if allowed (None when absent); ``InvalidRequest`` naming ``field`` and what is allowed."""
     if url is None or url == "":
         return None
+    if not isinstance(url, str):
+        raise InvalidRequest(field, "must be a URL (a string)")
     if not allowed_prefixes:
         raise InvalidRequest(field, "callbacks are not enabled on this server (callbacks.allowed_url_prefixes is empty)")
     if len(url) > 2048 or not url.isascii() or not url.isprintable() or " " in url or "\\" in url:

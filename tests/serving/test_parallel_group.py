@@ -9,6 +9,8 @@ import torch
 from serving.parallel_group import ShardedTransformerGroup, TinyTransformerLoader, replica_placement
 from tests.helpers import free_port
 
+pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
+
 SHAPE = dict(width=128, height=64, frames=17, text_tokens=16)
 
 

@@ -91,7 +91,7 @@ def test_terminal_states_sort_after_in_progress():
 
 
 def test_api_names():
-    assert [s.api_name for s in JobStatus] == ["queued", "in_progress", "completed", "failed", "cancelled"]
+    assert [s.api_name for s in JobStatus] == ["queued", "in_progress", "completed", "failed", "cancelled", "expired"]
 
 
 def test_video_frames_from_unit_float_rounds_and_clips():

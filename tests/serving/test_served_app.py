@@ -18,11 +18,17 @@ from serving.proto import video_pb2
 from tests.serving.conftest import (
     SLOW,
     STEPS,
+    bearer,
     bucket_keys,
     stage_stats,
     wait_terminal,
     wait_until,
 )
+
+pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
+
+# Every call of these tests is the tenant "tests"'s (the session app requires API keys).
+_http = httpx.Client(headers=bearer(), timeout=60)
 
 SMALL = dict(seconds=1.0, size="64x64")
 
@@ -39,7 +45,7 @@ def test_grpc_job_streams_progress_to_100_and_downloads_an_mp4(served, stub, pho
     assert created.id.startswith("video_") and created.status == video_pb2.QUEUED
     assert (created.size, created.seconds, created.seed) == ("64x64", 1.0, 3)
 
-    events = [e.video for e in stub.WatchVideo(video_pb2.WatchVideoRequest(id=created.id))]
+    events = [e.video for e in stub.WatchVideo(video_pb2.WatchVideoRequest(id=created.id)) if not e.heartbeat]
     progress = [e.progress for e in events]
     assert all(b > a for a, b in zip(progress, progress[1:])), progress
     assert progress[-1] == 100 and events[-1].status == video_pb2.COMPLETED
@@ -91,7 +97,7 @@ def test_openai_sdk_creates_retrieves_lists_and_downloads(served, openai_client,
     assert (info["width"], info["height"]) == (64, 64)
     assert video.expires_at and video.expires_at >= video.completed_at + 3600
 
-    redirect = httpx.get(f"{served['http']}/v1/videos/{video.id}/content")
+    redirect = _http.get(f"{served['http']}/v1/videos/{video.id}/content")
     assert redirect.status_code == 307, redirect.text  # the bytes never pass through Ray
     location = redirect.headers["location"]
     assert location.startswith(f"{served['s3'].endpoint_url}/reelserve-served/results-store/results/{video.id}/1/")
@@ -102,7 +108,7 @@ def test_openai_sdk_creates_retrieves_lists_and_downloads(served, openai_client,
 
 
 def test_http_json_create_accepts_numeric_seconds(served):
-    response = httpx.post(served["http"] + "/v1/videos", json={"prompt": "waves", "seconds": 1, "size": "64x64"})
+    response = _http.post(served["http"] + "/v1/videos", json={"prompt": "waves", "seconds": 1, "size": "64x64"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["seconds"] == "1" and body["status"] == "queued"
@@ -121,7 +127,7 @@ def test_list_pages_with_after_and_order(served, openai_client):
 def _wait_terminal_http(served, job_id: str, timeout_s: float = 180) -> dict:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        body = httpx.get(f"{served['http']}/v1/videos/{job_id}").json()
+        body = _http.get(f"{served['http']}/v1/videos/{job_id}").json()
         if body["status"] in ("completed", "failed"):
             return body
         time.sleep(0.3)
@@ -130,8 +136,8 @@ def _wait_terminal_http(served, job_id: str, timeout_s: float = 180) -> dict:
 
 def test_rewritten_prompt_shows_through_both_ingresses_and_repeats_for_a_seed(served, stub):
     fields = {"prompt": "a cat", "seconds": "1", "size": "64x64", "seed": "5", "enhance_prompt": "true"}
-    first = httpx.post(served["http"] + "/v1/videos", data=fields).json()
-    second = httpx.post(served["http"] + "/v1/videos", data=fields).json()
+    first = _http.post(served["http"] + "/v1/videos", data=fields).json()
+    second = _http.post(served["http"] + "/v1/videos", data=fields).json()
     assert first["enhance_prompt"] is True
     first, second = _wait_terminal_http(served, first["id"]), _wait_terminal_http(served, second["id"])
     assert first["status"] == second["status"] == "completed"
@@ -156,11 +162,11 @@ def test_rewriting_off_keeps_the_prompt_and_grpc_can_ask_for_it(served, stub):
     assert not plain.enhance_prompt and plain.revised_prompt == ""
     assert "prompt_rewriter" not in plain.stage_seconds
     assert asked.enhance_prompt and asked.revised_prompt and asked.prompt == "a dog"
-    assert httpx.get(f"{served['http']}/v1/videos/{asked.id}").json()["revised_prompt"] == asked.revised_prompt
+    assert _http.get(f"{served['http']}/v1/videos/{asked.id}").json()["revised_prompt"] == asked.revised_prompt
 
 
 def test_enhance_prompt_must_be_a_boolean(served):
-    response = httpx.post(served["http"] + "/v1/videos", json={"prompt": "a cat", "enhance_prompt": "maybe"})
+    response = _http.post(served["http"] + "/v1/videos", json={"prompt": "a cat", "enhance_prompt": "maybe"})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "enhance_prompt"
 
@@ -191,10 +197,10 @@ def test_cancel_stops_the_denoising_loop_within_a_step(served, stub):
 def test_http_delete_cancels_a_running_job_and_removes_it(served, stub):
     created = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt=f"rain on a window {SLOW}", **SMALL))
     wait_until(lambda: stub.GetVideo(video_pb2.GetVideoRequest(id=created.id)).step >= 1, what="a first step")
-    response = httpx.delete(f"{served['http']}/v1/videos/{created.id}")
+    response = _http.delete(f"{served['http']}/v1/videos/{created.id}")
     assert response.status_code == 200
     assert response.json() == {"id": created.id, "object": "video.deleted", "deleted": True}
-    assert httpx.get(f"{served['http']}/v1/videos/{created.id}").status_code == 404
+    assert _http.get(f"{served['http']}/v1/videos/{created.id}").status_code == 404
 
     from serving.jobs.redis_store import RedisJobStore
 
@@ -210,7 +216,7 @@ def test_http_delete_cancels_a_running_job_and_removes_it(served, stub):
 
 def test_a_burst_beyond_capacity_is_refused_with_retry_after_and_nothing_is_lost(served, openai_client, stub):
     def create(i):
-        return httpx.post(
+        return _http.post(
             served["http"] + "/v1/videos", json={"prompt": f"burst {i}", "seconds": 1, "size": "64x64"}, timeout=60
         )
 
@@ -276,7 +282,7 @@ def test_bad_input_over_http_is_a_400_naming_the_field(served, photos, name):
             files = {"input_reference": ("photo.bin", value, "application/octet-stream")}
         else:
             form[key] = value
-    response = httpx.post(served["http"] + "/v1/videos", data=form, files=files)
+    response = _http.post(served["http"] + "/v1/videos", data=form, files=files)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     expected_field = "input_reference" if field == "image" else field
@@ -305,9 +311,9 @@ def test_bad_input_over_grpc_is_invalid_argument_naming_the_field(stub, photos, 
 
 def test_unknown_ids_and_unfinished_downloads(served, stub):
     base = served["http"] + "/v1/videos"
-    assert httpx.get(base + "/video_nope").status_code == 404
-    assert httpx.get(base + "/video_nope/content").status_code == 404
-    assert httpx.delete(base + "/video_nope").status_code == 404
+    assert _http.get(base + "/video_nope").status_code == 404
+    assert _http.get(base + "/video_nope/content").status_code == 404
+    assert _http.delete(base + "/video_nope").status_code == 404
     for call, request in [
         (stub.GetVideo, video_pb2.GetVideoRequest(id="video_nope")),
         (stub.CancelVideo, video_pb2.CancelVideoRequest(id="video_nope")),
@@ -320,16 +326,16 @@ def test_unknown_ids_and_unfinished_downloads(served, stub):
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
     created = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt="not done yet", **SMALL))
-    response = httpx.get(f"{base}/{created.id}/content")
+    response = _http.get(f"{base}/{created.id}/content")
     assert response.status_code == 409 and "completed" in response.json()["error"]["message"]
     with pytest.raises(grpc.RpcError) as raised:
         list(stub.DownloadVideo(video_pb2.DownloadVideoRequest(id=created.id)))
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert _wait_terminal_grpc(stub, created.id).status == video_pb2.COMPLETED, "the server kept serving"
 
-    assert httpx.get(base, params={"limit": "0"}).status_code == 400
-    assert httpx.get(base, params={"order": "sideways"}).status_code == 400
-    assert httpx.get(base, params={"after": "video_nope"}).status_code == 404
+    assert _http.get(base, params={"limit": "0"}).status_code == 400
+    assert _http.get(base, params={"order": "sideways"}).status_code == 400
+    assert _http.get(base, params={"after": "video_nope"}).status_code == 404
 
 
 # ---------------------------------------------------------------------------- storage: expiry, ids, records
@@ -360,7 +366,7 @@ def test_a_job_past_its_ttl_answers_410_and_its_objects_are_gone(served, stub, p
     assert 604800 < ttl <= 604800 + 86400 + 1, ttl  # the ended job's record goes a day after its video
 
     _forge(served, created.id, expires_at=time.time() - 1)  # as if results_ttl_s had passed
-    response = httpx.get(f"{served['http']}/v1/videos/{created.id}/content")
+    response = _http.get(f"{served['http']}/v1/videos/{created.id}/content")
     assert response.status_code == 410, response.text
     assert response.json()["error"]["code"] == "expired" and "expired" in response.json()["error"]["message"]
     with pytest.raises(grpc.RpcError) as raised:
@@ -368,7 +374,7 @@ def test_a_job_past_its_ttl_answers_410_and_its_objects_are_gone(served, stub, p
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND and "expired" in raised.value.details()
     assert bucket_keys(served, created.id) == {"results-store": set(), "artifacts-store": set()}
     assert stub.GetVideo(video_pb2.GetVideoRequest(id=created.id)).download_url == ""
-    assert httpx.get(f"{served['http']}/v1/videos/{created.id}").json()["expires_at"] < time.time()
+    assert _http.get(f"{served['http']}/v1/videos/{created.id}").json()["expires_at"] < time.time()
 
 
 # "/", "..", NUL, and look-alikes of a real id (its shape with a path or a NUL inside): "zzbad" marks them.
@@ -385,9 +391,9 @@ def test_a_job_id_of_no_job_shape_is_a_404_on_every_route_and_never_reaches_stor
     for job_id in BAD_IDS:
         path = f"{base}/{quote(job_id, safe='')}"
         for method, url in [("GET", path), ("GET", path + "/content"), ("POST", path + "/cancel"), ("DELETE", path)]:
-            response = httpx.request(method, url)
+            response = _http.request(method, url)
             assert response.status_code == 404, (method, job_id, response.text)
-        assert httpx.get(base, params={"after": job_id}).status_code == 404
+        assert _http.get(base, params={"after": job_id}).status_code == 404
         for call, request in [
             (stub.GetVideo, video_pb2.GetVideoRequest(id=job_id)),
             (stub.CancelVideo, video_pb2.CancelVideoRequest(id=job_id)),
@@ -413,21 +419,21 @@ def test_a_path_or_key_forged_into_a_record_is_refused(served, stub, job_store, 
     secret.write_text("TOP-SECRET-TOKEN")
     record = JobRecord(id=new_job_id(), model="ltx-2-tiny", prompt="forged", negative_prompt="", seconds=1.0,
                        width=64, height=64, fps=24, seed=1, has_image=False, status=JobStatus.COMPLETED,
-                       completed_at=time.time(), result_bytes=16)
+                       completed_at=time.time(), result_bytes=16, tenant="tests")
     assert job_store.create(record)
     content = f"{served['http']}/v1/videos/{record.id}/content"
     for forged in ({"result_path": str(secret)},  # the old trusted path
                    {"result_path": str(secret), "result_attempt": f"1/../../../{secret}"},
                    {"result_attempt": "../../inputs/video_x/photo"}, {"result_attempt": -1}):
         _forge(served, record.id, **forged)
-        response = httpx.get(content, follow_redirects=True)
+        response = _http.get(content, follow_redirects=True)
         assert response.status_code == 404 and "TOP-SECRET" not in response.text, (forged, response.text)
         with pytest.raises(grpc.RpcError) as raised:
             list(stub.DownloadVideo(video_pb2.DownloadVideoRequest(id=record.id)))
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
     # An attempt number is all a record can name: the key is this job's, and no such attempt wrote one.
     _forge(served, record.id, result_attempt=7)
-    followed = httpx.get(content, follow_redirects=True)
+    followed = _http.get(content, follow_redirects=True)
     assert followed.status_code == 404 and "TOP-SECRET" not in followed.text
     assert f"/results-store/results/{record.id}/7/video.mp4" in str(followed.url)
 
@@ -485,7 +491,7 @@ def _get_or_none(stub, job_id: str):
     ],
 )
 def test_malformed_json_fields_are_a_400_naming_the_field(served, body, field):
-    response = httpx.post(served["http"] + "/v1/videos", json=body)
+    response = _http.post(served["http"] + "/v1/videos", json=body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == field
 
@@ -501,7 +507,7 @@ def test_no_request_shape_reaches_a_5xx(served):
               {"a": {"b": []}}, "\x00\ud7ff", "NaN", "-0"]
     fields = ["prompt", "seconds", "size", "seed", "fps", "negative_prompt", "model", "enhance_prompt", "input_reference"]
     answers = []
-    with httpx.Client(timeout=30) as client:
+    with httpx.Client(timeout=30, headers=bearer()) as client:
         for _ in range(60):
             body = {rng.choice(fields): rng.choice(values) for _ in range(rng.randint(0, 4))}
             text = json.dumps(body, allow_nan=True)

@@ -19,18 +19,14 @@ import pytest
 
 from serving.proto import video_pb2
 from tests.serving.conftest import (
-    APP,
-    LONG,
-    SLOW,
-    SLOWER,
-    STEPS,
-    bucket_keys,
-    deploy,
-    diffusion_autoscaling,
-    stage_stats,
-    wait_terminal,
+    APP, LONG, SLOW, SLOWER, STEPS, bearer, bucket_keys, deploy, diffusion_autoscaling, stage_stats, wait_terminal,
     wait_until,
 )
+
+pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
+
+# Every call of these tests is the tenant "tests"'s (the session app requires API keys).
+_http = httpx.Client(headers=bearer(), timeout=60)
 
 SMALL = dict(seconds=1.0, size="64x64")
 
@@ -40,6 +36,7 @@ class Watcher:
 
     def __init__(self, stub, job_id: str):
         self.events: list[video_pb2.Video] = []
+        self.heartbeats = 0
         self.error: grpc.RpcError | None = None
         self._thread = threading.Thread(target=self._follow, args=(stub, job_id), daemon=True)
         self._thread.start()
@@ -47,6 +44,9 @@ class Watcher:
     def _follow(self, stub, job_id: str) -> None:
         try:
             for event in stub.WatchVideo(video_pb2.WatchVideoRequest(id=job_id)):
+                if event.heartbeat:
+                    self.heartbeats += 1  # the job is alive, nothing rose: not a progress event
+                    continue
                 self.events.append(event.video)
         except grpc.RpcError as error:
             self.error = error
@@ -223,7 +223,7 @@ def test_a_takeover_after_the_decoders_redoes_neither_decoder_and_leaves_one_mp4
     results = {k for k in bucket_keys(served, created.id)["results-store"] if k.startswith("results/")}
     assert results == {f"results/{created.id}/2/video.mp4"}
     path = tmp_path / "one.mp4"
-    path.write_bytes(httpx.get(f"{served['http']}/v1/videos/{created.id}/content", follow_redirects=True).content)
+    path.write_bytes(_http.get(f"{served['http']}/v1/videos/{created.id}/content", follow_redirects=True).content)
     assert probe_mp4(path)["video_streams"] == 1
 
 
@@ -256,7 +256,7 @@ def test_redis_stopped_for_20_s_mid_job_and_restarted(served, stub, job_store):
     try:
         refusals = []
         for _ in range(3):
-            response = httpx.post(served["http"] + "/v1/videos", json={"prompt": "in between", **{"size": "64x64"}})
+            response = _http.post(served["http"] + "/v1/videos", json={"prompt": "in between", **{"size": "64x64"}})
             refusals.append(response)
             with pytest.raises(grpc.RpcError) as raised:
                 _create(stub, "in between too")
@@ -273,7 +273,7 @@ def test_redis_stopped_for_20_s_mid_job_and_restarted(served, stub, job_store):
     assert final.step == STEPS > step_before
     record = job_store.get(created.id)
     assert (record.attempts, record.takeovers) == (1, 0)  # the outage was no crash: its owner kept it
-    assert httpx.post(served["http"] + "/v1/videos", json={"prompt": "after", "size": "64x64"}).status_code == 200
+    assert _http.post(served["http"] + "/v1/videos", json={"prompt": "after", "size": "64x64"}).status_code == 200
     watcher._thread.join(30)
     assert watcher.events[-1].status == video_pb2.COMPLETED  # the stream rode out the outage
     watcher.assert_never_went_back()
@@ -341,8 +341,8 @@ def test_s3_stopped_for_10_s_mid_job(served, stub, job_store, photos):
     try:
         refusals, codes = [], []
         while time.time() - stopped < 6:
-            refusals.append(httpx.post(base, json={"prompt": "in between", "size": "64x64"}, timeout=30))
-            refusals.append(httpx.post(base, data={"prompt": "with a photo", "size": "64x64"}, timeout=30,
+            refusals.append(_http.post(base, json={"prompt": "in between", "size": "64x64"}, timeout=30))
+            refusals.append(_http.post(base, data={"prompt": "with a photo", "size": "64x64"}, timeout=30,
                                        files={"input_reference": ("p.jpg", photos.jpeg, "image/jpeg")}))
             with pytest.raises(grpc.RpcError) as raised:
                 _create(stub, "in between too")
@@ -360,7 +360,7 @@ def test_s3_stopped_for_10_s_mid_job(served, stub, job_store, photos):
     assert (record.attempts, record.takeovers) == (1, 0)
     assert f"results/{created.id}/1/video.mp4" in bucket_keys(served, created.id)["results-store"]
     assert f"job {created.id}: storing its MP4: storage is unreachable" in _replica_logs("muxer")  # it retried
-    assert httpx.post(base, json={"prompt": "after", "size": "64x64"}).status_code == 200
+    assert _http.post(base, json={"prompt": "after", "size": "64x64"}).status_code == 200
     watcher._thread.join(30)
     watcher.assert_never_went_back()
 

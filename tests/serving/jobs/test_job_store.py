@@ -686,6 +686,77 @@ def test_admission_is_atomic_under_concurrent_creates(store):
     assert sum(admitted) == limit == store.count_active()
 
 
+# ---------------------------------------------------------------------------------------------- tenants and the queue
+
+
+def test_the_tenant_check_sees_its_tenants_counts_inside_create_and_can_refuse(store):
+    from serving.tenancy.errors import QuotaExceeded
+
+    seen = []
+
+    def at_most_one_queued(queued, running):
+        seen.append((queued, running))
+        if queued >= 1:
+            raise QuotaExceeded("tenant_queue_full", "full", 5)
+
+    first, second = make_record(tenant="a"), make_record(tenant="a")
+    assert store.create(first, check_tenant=at_most_one_queued)
+    store.create(make_record(tenant="b"))  # another tenant's job counts for b only
+    _claim(store, first)  # running now: the queue is empty again
+    assert store.create(second, check_tenant=at_most_one_queued)
+    with pytest.raises(QuotaExceeded):
+        store.create(make_record(tenant="a"), check_tenant=at_most_one_queued)
+    assert seen == [(0, 0), (0, 1), (1, 1)]
+    assert [r.id for r in store.list(after=None, limit=10, order="asc", tenant="a")[0]] == [first.id, second.id]
+
+
+def test_the_queue_snapshot_has_queued_orphaned_running_and_expired_jobs(store):
+    now = store.now()
+    waiting = make_record(tenant="a", priority=2, created_at=now - 5)
+    late = make_record(tenant="b", created_at=now - 100, max_queue_wait_s=30)
+    running = make_record(tenant="a", created_at=now - 50)
+    orphan = make_record(tenant="b", created_at=now - 40)
+    for record in (waiting, late, running, orphan):
+        store.create(record)
+    _claim(store, running)
+    _expire(store, orphan)
+    snapshot = store.queue_snapshot(grace_s=0.0)
+    assert [(job.job_id, job.tenant, job.priority) for job in snapshot.queued] == [(waiting.id, "a", 2)]
+    assert snapshot.expired == [late.id] and snapshot.orphaned == [orphan.id]
+    assert snapshot.tenants["a"].running == 1 and snapshot.tenants["b"].running == 1 and snapshot.running == 2
+
+    expired = store.expire(late.id)
+    assert (expired.status, expired.error_code, expired.stage) == (JobStatus.EXPIRED, "queue_timeout", "expired")
+    assert store.expire(waiting.id) is None  # it has not waited past its bound
+    assert store.queue_snapshot(grace_s=0.0).expired == []
+
+
+def test_heartbeats_list_live_replicas_until_they_lapse(store):
+    store.heartbeat("diffusion", "r1", {"seconds_per_token_step": 0.5}, ttl_s=30)
+    store.heartbeat("diffusion", "r2", {"seconds_per_token_step": 0.25}, ttl_s=SHORT)
+    store.heartbeat("text_encoder", "r3", {}, ttl_s=30)
+    time.sleep(3 * SHORT)
+    assert store.live_replicas("diffusion") == [{"seconds_per_token_step": 0.5}]
+    store.heartbeat("diffusion", "r1", {"seconds_per_token_step": 0.75}, ttl_s=30)  # a renewal replaces the info
+    assert store.live_replicas("diffusion") == [{"seconds_per_token_step": 0.75}]
+
+
+def test_a_callback_is_leased_to_one_deliverer_and_recorded_once(store):
+    record = make_record(callback_url="https://hooks.example/done")
+    store.create(record)
+    assert store.webhooks_pending() == []  # not ended yet
+    fence = _claim(store, record)
+    store.finish(fence, status=JobStatus.COMPLETED)
+    assert store.webhooks_pending() == [record.id]
+    assert store.lease_webhook(record.id, "runner-a", lease_s=30) is not None
+    assert store.lease_webhook(record.id, "runner-b", lease_s=30) is None  # runner-a holds it
+    assert not store.record_webhook(record.id, "runner-b", {"delivered": True, "done": True})
+    assert store.record_webhook(record.id, "runner-a", {"delivered": True, "attempts": 3, "done": True})
+    assert store.webhooks_pending() == []
+    assert store.get(record.id).webhook["attempts"] == 3
+    assert store.lease_webhook(record.id, "runner-b", lease_s=30) is None  # delivered: never again
+
+
 # ---------------------------------------------------------------------------------------------- retention
 
 

@@ -277,3 +277,12 @@ def test_private_addresses_and_urls_off_the_list_are_refused_without_a_request(u
     outcome = asyncio.run(deliver_webhook(url, VIDEO, signer=WebhookSigner([SECRET]), config=config, message_id="m"))
     assert (outcome.delivered, outcome.attempts, outcome.last_status) == (False, 0, None)
     assert outcome.last_error.startswith("refused before sending: " + error)
+
+
+def test_a_callback_url_that_is_not_a_string_is_a_400_naming_the_field():
+    from serving.errors import InvalidRequest
+
+    for value in ({}, [], 5, True):
+        with pytest.raises(InvalidRequest) as refused:
+            check_callback_url(value, ["https://hooks.example.com/"])
+        assert refused.value.field == "callback_url"
