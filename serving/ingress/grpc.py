@@ -11,9 +11,9 @@ import logging
 import grpc
 
 from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded, StoreUnavailable
-from serving.storage.errors import StorageFull, StorageUnavailable
 from serving.jobs.record import JobRecord
 from serving.proto import video_pb2
+from serving.storage.errors import StorageFull, StorageUnavailable
 from serving.tenancy.auth import Tenant
 from serving.tenancy.errors import IdempotencyConflict, Unauthenticated
 

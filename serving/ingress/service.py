@@ -26,10 +26,10 @@ from serving.ingress.capacity import QueueView
 from serving.ingress.downloads import StoredVideoFile, VideoDownloads
 from serving.ingress.gate import CreateTicket, TenantGate
 from serving.ingress.photo_limits import DecodeBudget, decode_photo
+from serving.jobs.backends import open_store
 from serving.jobs.events import JobEvents
 from serving.jobs.job_storage import JobStorage
 from serving.jobs.record import PHOTO_INPUT, JobRecord, new_job_id
-from serving.jobs.backends import open_store
 from serving.requests import VideoRequest, validate_request
 from serving.storage.keys import check_job_id
 from serving.tenancy.auth import Tenant
