@@ -35,8 +35,7 @@ def to_proto(record: JobRecord, queue: dict | None = None) -> video_pb2.Video:
         completed_at=record.completed_at or 0.0, result_bytes=record.result_bytes,
         enhance_prompt=record.enhance_prompt, revised_prompt=record.revised_prompt or "",
         prompt_rewrite_fallback=record.rewrite_fallback or "", attempts=record.attempts,
-        expires_at=record.expires_at or 0.0,
-        priority=_PRIORITY[max(0, min(record.priority, 2))],
+        priority=_PRIORITY[max(0, min(record.priority, 2))], expires_at=record.expires_at or 0.0,
     )
     if queue.get("queue_position") is not None:
         video.queue_position = queue["queue_position"]

@@ -151,8 +151,8 @@ class VideoService:
         return await self._blocking(self.store.get, job_id)
 
     async def get(self, job_id: str, tenant: Tenant) -> JobRecord:
-        """The tenant's job; another tenant's answers as an unknown id, and so does an id of no job's shape,
-        before any store is asked."""
+        """The tenant's job; another tenant's, and an id of no job's shape (before any store is asked), answer as
+        an unknown id."""
         try:
             check_job_id(job_id)
         except ValueError:

@@ -131,8 +131,10 @@ class RedisJobStore(ConditionalWrites):
         ids = self._redis.zrange(index, start, stop, desc=descending)
         found = [(i, self.get(i)) for i in ids[:limit]]
         gone = [i for i, record in found if record is None]
-        if gone:  # records that expired (their TTL) leave their ids in the index: drop them
+        if gone:  # records that expired (their TTL) leave their ids in the indexes: drop them
             self._redis.zrem(index, *gone)
+            if index != _INDEX:
+                self._redis.zrem(_INDEX, *gone)
         return [record for _, record in found if record is not None], len(ids) > limit
 
     @_unavailable_on_connection_errors

@@ -74,7 +74,7 @@ def placement(device: str | None) -> dict:
 
 class StageRunner:
     def __init__(self, stage: str, jobs: JobsConfig, faults: list[FaultConfig] = (), model: str = "unknown",
-                 load: StageLoad | None | bool = True, storage: StorageConfig | None = None):
+                 storage: StorageConfig | None = None, load: StageLoad | None | bool = True):
         """``load``: the autoscaling tracker the ledger feeds (True: a ``StageLoad``; None: the stage keeps its own)."""
         self.stage = stage
         self.ledger = StageLedger(stage, model, StageLoad() if load is True else load or None)

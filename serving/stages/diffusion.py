@@ -86,7 +86,8 @@ class DiffusionStage:
         self._model = model.name
         self._store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
         self._device = str(resolve_device(model.device))  # what the family computes on
-        self._runner = StageRunner(stage, jobs, faults, model.name, load=None, storage=storage)  # its load: DiffusionLoad
+        # Its autoscaling load is a DiffusionLoad, fed per denoising step (below), not the ledger's.
+        self._runner = StageRunner(stage, jobs, faults, model.name, storage, load=None)
         self._runner.stats.load_seconds = load.seconds
         # Store writes (progress, cancel checks) and artifact writes (checkpoints) each get their own threads: a
         # slow store never holds up a checkpoint, nor the other way round.

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from cluster.config import FaultConfig, JobsConfig, StorageConfig
 from serving.errors import GenerationFailed, StoreUnavailable
-from serving.jobs.backends import open_store
 from serving.jobs.job_storage import patiently
+from serving.jobs.backends import open_store
 from serving.media import mux_mp4
 from serving.protocol import Handoff, JobTicket, StoredVideo
 from serving.stages._base import StageRunner, placement
@@ -36,7 +36,7 @@ class StaleAttempt(GenerationFailed):
 class MuxerStage:
     def __init__(self, jobs: JobsConfig, faults: list[FaultConfig] = (), model_name: str = "unknown",
                  storage: StorageConfig | None = None):
-        self._runner = StageRunner("muxer", jobs, faults, model_name, storage=storage)
+        self._runner = StageRunner("muxer", jobs, faults, model_name, storage)
         self._store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
 
     async def call(self, ticket: JobTicket, method: str, video: Handoff, waveform: Handoff) -> StoredVideo:

@@ -62,7 +62,7 @@ def test_wrong_settings_are_refused(values):
 
 
 def test_the_options_open_a_store(tmp_path):
-    from serving.storage.store import open_storage
+    from serving.storage.opening import open_storage
 
     config = StorageConfig(results_url=str(tmp_path))
     storage = open_storage(config.results_url, **config.client_options())

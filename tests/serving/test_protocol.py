@@ -79,7 +79,7 @@ def test_build_keeps_the_other_fields():
 
 
 def test_terminal_states_sort_after_in_progress():
-    terminal = [JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED]
+    terminal = [JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED]
     for status in terminal:
         assert status > JobStatus.IN_PROGRESS > JobStatus.QUEUED
         assert status.is_terminal

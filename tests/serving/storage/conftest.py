@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from serving.storage.store import Storage, open_storage
+from serving.storage.store import Storage
+
+from serving.storage.opening import open_storage
 from tests.serving.conftest import new_bucket
 
 

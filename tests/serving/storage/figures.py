@@ -114,7 +114,7 @@ def checkpoint_and_job_outputs():
 
 
 def pipeline() -> None:
-    from serving.storage.store import open_storage
+    from serving.storage.opening import open_storage
     from tests.s3_server import CREDENTIALS, S3Server
 
     os.environ.update(CREDENTIALS)

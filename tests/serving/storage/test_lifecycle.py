@@ -15,7 +15,7 @@ from serving.storage.lifecycle import (
     sweep_jobs,
     sweep_staging,
 )
-from serving.storage.store import open_storage
+from serving.storage.opening import open_storage
 
 JOB = "video_" + "ee" * 12
 OTHER = "cgt-" + "ff" * 12

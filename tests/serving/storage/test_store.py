@@ -18,7 +18,7 @@ from serving.storage.keys import (
     job_prefix,
     result_key,
 )
-from serving.storage.store import open_storage
+from serving.storage.opening import open_storage
 
 JOB = "video_" + "aa" * 12
 OTHER = "video_" + "bb" * 12

@@ -19,7 +19,7 @@ import pytest
 from serving.errors import StoreUnavailable
 from serving.storage.errors import StorageError, StorageFull, StorageUnavailable
 from serving.storage.keys import result_key
-from serving.storage.store import open_storage
+from serving.storage.opening import open_storage
 from tests.serving.storage.conftest import new_bucket
 
 JOB = "video_" + "cc" * 12
@@ -110,7 +110,7 @@ def test_a_full_local_disk_is_storage_full_and_leaves_no_partial_file(tmp_path):
     script = textwrap.dedent(
         f"""
         import os
-        from serving.storage.store import open_storage
+        from serving.storage.opening import open_storage
         from serving.storage.keys import result_key
         storage = open_storage({str(mount / "store")!r})
         storage.put(result_key({JOB!r}, 1), b"fits")
