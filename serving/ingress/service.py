@@ -198,8 +198,8 @@ class VideoService:
             await self._blocking(self._remove, job_id)
 
     def _remove(self, job_id: str) -> None:
+        self.storage.remove_job(job_id)  # first: with storage down the client gets a 503 and the record stays
         self.store.delete(job_id)
-        self.storage.remove_job(job_id)
 
     async def content(self, job_id: str, tenant: Tenant, sign: bool) -> StoredVideoFile:
         """Where the finished MP4 is: a signed URL (``sign`` and an object store that signs) or something to stream."""

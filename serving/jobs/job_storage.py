@@ -42,8 +42,8 @@ from serving.storage.keys import (
     parse_key,
     result_key,
 )
-from serving.storage.store import ObjectInfo, Storage
 from serving.storage.opening import open_storage
+from serving.storage.store import ObjectInfo, Storage
 
 __all__ = ["JobStorage", "patiently", "register_stored_types"]
 

@@ -45,8 +45,8 @@ from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig
 from serving import metrics
 from serving.errors import JobCancelled, StoreUnavailable
 from serving.jobs.context import RunnerJobContext, RunnerServices
-from serving.jobs.failures import LeaseLost, StageFailure, client_safe_error
 from serving.jobs.events import wait_for_event
+from serving.jobs.failures import LeaseLost, StageFailure, client_safe_error
 from serving.jobs.record import JobRecord, job_spec
 from serving.jobs.retention import Retention
 from serving.jobs.store import QueueSnapshot

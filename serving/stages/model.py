@@ -33,7 +33,7 @@ class ModelStage:
             self._component = self._spec.component(model)
         self._device = str(resolve_device(model.device))  # what the family computes on
         register_stored_types(family)
-        self._runner = StageRunner(stage, jobs, faults, model.name, storage)
+        self._runner = StageRunner(stage, jobs, faults, model.name, storage=storage)
         self._runner.stats.load_seconds = load.seconds
 
     async def call(self, ticket: JobTicket, method: str, *args: Any) -> Handoff | tuple[Handoff, ...]:

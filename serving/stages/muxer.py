@@ -18,8 +18,8 @@ from pathlib import Path
 
 from cluster.config import FaultConfig, JobsConfig, StorageConfig
 from serving.errors import GenerationFailed, StoreUnavailable
-from serving.jobs.job_storage import patiently
 from serving.jobs.backends import open_store
+from serving.jobs.job_storage import patiently
 from serving.media import mux_mp4
 from serving.protocol import Handoff, JobTicket, StoredVideo
 from serving.stages._base import StageRunner, placement

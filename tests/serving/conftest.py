@@ -11,16 +11,18 @@ marker run normally.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
 import subprocess
 import time
 
-import hashlib
-
 import pytest
 
+from cluster.config import ReelserveConfig
+from serving.families import get_family
+from serving.jobs.job_storage import JobStorage, register_stored_types
 from tests.helpers import free_port, wait_for_redis
 from tests.s3_server import CREDENTIALS, S3Server
 
@@ -384,10 +386,6 @@ def stage_stats(stage: str) -> dict:
 @pytest.fixture(scope="session")
 def served_storage(served):
     """The served app's two stores, as its replicas open them (for looking at what they wrote)."""
-    from cluster.config import ReelserveConfig
-    from serving.families import get_family
-    from serving.jobs.job_storage import JobStorage, register_stored_types
-
     config = ReelserveConfig.model_validate(served["config"])
     register_stored_types(get_family(config.model.family))
     return JobStorage(config.storage, config.jobs.redis_url)

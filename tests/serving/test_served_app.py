@@ -8,14 +8,27 @@ every input, MP4, stage output and checkpoint in a real S3 API server.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
+from urllib.parse import quote
 
 import grpc
 import httpx
 import pytest
+import redis
 
+from serving.jobs.record import JobRecord, new_job_id
 from serving.proto import video_pb2
-from tests.serving.conftest import SLOW, STEPS, bearer, bucket_keys, stage_stats, wait_terminal, wait_until
+from serving.protocol import JobStatus
+from tests.serving.conftest import (
+    SLOW,
+    STEPS,
+    bearer,
+    bucket_keys,
+    stage_stats,
+    wait_terminal,
+    wait_until,
+)
 
 pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
 
@@ -63,7 +76,7 @@ def test_grpc_job_streams_progress_to_100_and_downloads_an_mp4(served, stub, pho
     assert any(key.endswith("/video_latents.safetensors") for key in stored["artifacts-store"])
     video = stub.GetVideo(video_pb2.GetVideoRequest(id=created.id))
     assert video.download_url.startswith(served["s3"].endpoint_url + "/") and "X-Amz-Signature=" in video.download_url
-    assert _http.get(video.download_url).content == data
+    assert httpx.get(video.download_url).content == data
     ttl = served["config"].get("storage", {}).get("results_ttl_s", 604800)
     assert video.expires_at == pytest.approx(video.completed_at + ttl)
 
@@ -93,7 +106,7 @@ def test_openai_sdk_creates_retrieves_lists_and_downloads(served, openai_client,
     assert redirect.status_code == 307, redirect.text  # the bytes never pass through Ray
     location = redirect.headers["location"]
     assert location.startswith(f"{served['s3'].endpoint_url}/reelserve-served/results-store/results/{video.id}/1/")
-    assert _http.get(location).content == content.content
+    assert httpx.get(location).content == content.content
 
     listed = [v.id for v in openai_client.videos.list(limit=100)]
     assert video.id in listed
@@ -335,10 +348,6 @@ def test_unknown_ids_and_unfinished_downloads(served, stub):
 
 def _forge(served, job_id: str, **fields) -> None:
     """Write fields into the job's record in Redis by hand, as someone with access to it could."""
-    import json
-
-    import redis
-
     client = redis.Redis.from_url(served["redis_url"])
     key = f"reelserve:job:{job_id}"
     data = json.loads(client.hget(key, "data"))
@@ -348,8 +357,6 @@ def _forge(served, job_id: str, **fields) -> None:
 
 
 def test_a_job_past_its_ttl_answers_410_and_its_objects_are_gone(served, stub, photos):
-    import redis
-
     created = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt="an hourglass", image=photos.jpeg, **SMALL))
     assert _wait_terminal_grpc(stub, created.id).status == video_pb2.COMPLETED
     stored = bucket_keys(served, created.id)
@@ -375,8 +382,6 @@ BAD_IDS = ["video_zzbad/../video_0", "..", "zzbad..", "video_zzbad\x00", "video_
 
 
 def test_a_job_id_of_no_job_shape_is_a_404_on_every_route_and_never_reaches_storage(served, stub):
-    from urllib.parse import quote
-
     log = served["s3_log"]
     before = log.read_text(errors="ignore")
     base = served["http"] + "/v1/videos"
@@ -404,9 +409,6 @@ def test_a_job_id_of_no_job_shape_is_a_404_on_every_route_and_never_reaches_stor
 
 
 def test_a_path_or_key_forged_into_a_record_is_refused(served, stub, job_store, tmp_path):
-    from serving.jobs.record import JobRecord, new_job_id
-    from serving.protocol import JobStatus
-
     secret = tmp_path / "service-account-token"
     secret.write_text("TOP-SECRET-TOKEN")
     record = JobRecord(id=new_job_id(), model="ltx-2-tiny", prompt="forged", negative_prompt="", seconds=1.0,

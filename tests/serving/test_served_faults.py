@@ -8,6 +8,8 @@ or scale the app run last; the app stays as they leave it (one diffusion replica
 
 from __future__ import annotations
 
+import os
+import pickle
 import threading
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+import ray
 
 from serving.proto import video_pb2
 from tests.serving.conftest import (
@@ -289,14 +292,10 @@ class _Exploit:
         self.marker = marker
 
     def __reduce__(self):
-        import os
-
         return (os.system, (f"touch {self.marker}",))
 
 
 def _replica_logs(stage: str) -> str:
-    import ray
-
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
     return "".join(f.read_text(errors="ignore") for f in logs.glob(f"replica_*_{stage}_*.log"))
 
@@ -304,8 +303,6 @@ def _replica_logs(stage: str) -> str:
 def test_unreadable_checkpoints_are_redone_never_executed(served_storage, stub, tmp_path):
     """The diffusion replica dies after step 5; while the retried call waits, its checkpoints become a truncated
     file and a pickle. The job completes: denoising starts over, and the log names each unreadable checkpoint."""
-    import pickle
-
     created = _create(stub, f"a lantern in the fog [corrupt] {SLOW}", seed=13)
     watcher = Watcher(stub, created.id)
     wait_until(lambda: served_storage.newest_checkpoint_step(created.id, 1) == 4, timeout_s=60, interval_s=0.1,

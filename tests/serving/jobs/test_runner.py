@@ -16,14 +16,14 @@ import pytest
 
 from cluster.auth_config import CallbacksConfig, TenantConfig
 from cluster.config import JobsConfig, OrchestratorConfig, RewriterConfig, StorageConfig
-from serving.errors import StageOutOfMemory
+from serving.errors import KeptOutputLost, StageOutOfMemory
 from serving.families import get_family
 from serving.families.ltx2.config import LTX2ModelConfig
 from serving.jobs.context import RunnerServices
 from serving.jobs.events import JobEvents
+from serving.jobs.job_storage import JobStorage
 from serving.jobs.progress import ProgressMarks
 from serving.jobs.record import PHOTO_INPUT, JobRecord, new_job_id
-from serving.jobs.job_storage import JobStorage
 from serving.jobs.runner import JobRunner
 from serving.jobs.sqlite_store import SQLiteJobStore
 from serving.metrics import RecordingExporter, StageStats, set_exporter
@@ -98,21 +98,22 @@ class Harness:
         self.store = SQLiteJobStore(str(tmp_path / "jobs.sqlite3"))
         if live_diffusion:
             self.store.heartbeat("diffusion", "replica-1", {"seconds_per_token_step": 0.001}, ttl_s=3600)
-        self.jobs = JobsConfig(lease_s=2, **jobs)
+        self.jobs = JobsConfig(results_dir=str(tmp_path / "results"), lease_s=2, **jobs)
         pool = ThreadPoolExecutor(max_workers=4)
 
         async def io(method, *args, **kwargs):
             return await asyncio.get_running_loop().run_in_executor(pool, lambda: method(*args, **kwargs))
 
         self.services = RunnerServices(
-            store=self.store, events=JobEvents(self.store), storage=JobStorage(StorageConfig(results_url=str(tmp_path / 'results'))), io=io,
+            store=self.store, events=JobEvents(self.store), io=io,
+            storage=JobStorage(StorageConfig(results_url=self.jobs.results_dir)),
             family=family, handles=self.stages, marks=ProgressMarks(family.stages), jobs=self.jobs,
             rewriter=RewriterConfig(enabled=False), prompt_fits=lambda text: True, model_name=MODEL.name,
             stats=StageStats(stage="orchestrator", model=MODEL.name), diffusion_slots=slots,
             tenants=tenants or {}, callbacks=callbacks or CallbacksConfig(), signer=signer,
         )
-        self.runner = JobRunner(self.services, MODEL, self.jobs, OrchestratorConfig(poll_interval_s=0.05),
-                                frame_rule=(8, 1), owner="runner-a")
+        self.runner = JobRunner(self.services, MODEL, self.jobs,
+                                OrchestratorConfig(poll_interval_s=0.05), frame_rule=(8, 1), owner="runner-a")
 
     def submit(self, **fields) -> JobRecord:
         values = dict(id=new_job_id(), model=MODEL.name, prompt="a cat", negative_prompt="", seconds=1.0, width=64,
@@ -162,6 +163,7 @@ def test_an_image_to_video_job_runs_the_pipeline_in_order_and_records_everything
                                  "video_decoder"]
     assert set(final.stage_seconds) == set(final.done_stages)
     assert (final.result_attempt, final.result_bytes, final.step, final.total_steps) == (1, 1234, 8, 8)
+    assert final.expires_at == pytest.approx(final.completed_at + StorageConfig().results_ttl_s)
 
 
 def test_a_takeover_skips_the_stages_an_earlier_attempt_finished(harness):
@@ -175,6 +177,21 @@ def test_a_takeover_skips_the_stages_an_earlier_attempt_finished(harness):
     kept = decoder_args["video_decoder"][0]
     assert (kept.name, kept.ref) == ("video_latents", None)  # the decoder reads diffusion's kept copy
     assert final.stage_seconds["text_encoder"] == 1.0  # an earlier attempt's timing is not overwritten
+
+
+def test_a_kept_output_that_does_not_read_back_is_made_again_not_a_failure(harness):
+    """The decoder finds diffusion's kept latents unreadable: diffusion runs again (resuming from its checkpoint in
+    a real stage), and the decoder gets the fresh hand-off."""
+    record = harness.submit(done_stages=["text_encoder", "diffusion"], stage_seconds={"text_encoder": 1.0})
+    harness.stages["video_decoder"].fail_with.append(KeptOutputLost("video_latents"))
+    final = asyncio.run(harness.run_until_terminal(record.id))
+
+    assert final.status == JobStatus.COMPLETED, final.error_message
+    assert harness.stages["diffusion"].calls == 1 and harness.stages["video_decoder"].calls == 2
+    assert "text_encoder" not in harness.stage_order()  # what read back is not made again
+    decoded = [args for name, _, args in harness.log if name == "video_decoder"]
+    assert (decoded[0][0].ref, decoded[1][0].ref) == (None, "video_latents-ref")
+    assert "diffusion" in final.done_stages
 
 
 def test_a_failure_is_named_after_its_stage_with_a_clean_line(harness):

@@ -218,9 +218,9 @@ def served() -> None:
         for label, storage_config in stores.items():
             storage = JobStorage(storage_config)
             steps = iter(range(2, 2 * (RUNS + 2), 2))
-            keep = median_s(lambda: storage.keep_checkpoint(job, 1, next(steps), checkpoint))
-            resume = median_s(lambda: storage.newest_checkpoint(job, 1))
-            outputs_s = median_s(lambda: [storage.keep_output(job, 1, n, v) for n, v in outputs.items()])
+            keep = median_s(lambda s=storage, k=steps: s.keep_checkpoint(job, 1, next(k), checkpoint))
+            resume = median_s(lambda s=storage: s.newest_checkpoint(job, 1))
+            outputs_s = median_s(lambda s=storage: [s.keep_output(job, 1, n, v) for n, v in outputs.items()])
             print(f"| {label} | {ms(keep)} | {ms(resume)} | {ms(outputs_s)} |")
             storage.remove_job(job)
         record = JobRecord(id=job, model="ltx-2", prompt="x" * 200, negative_prompt="", seconds=5.0, width=1280,
