@@ -14,6 +14,7 @@ from cluster.auth_config import AuthConfig, CallbacksConfig
 from cluster.model_config import EngineLoopConfig, ModelConfigBase
 from cluster.sizes import parse_size
 from cluster.storage_config import StorageConfig
+from cluster.startup_config import StartupConfig
 from serving.families import config_classes, family_names, get_family, is_tiny_checkpoint
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "NodeType",
     "FaultConfig",
     "ScalingConfig",
+    "StartupConfig",
     "ReelserveConfig",
     "StorageConfig",
     "ACCELERATOR_MEMORY_GB",
@@ -356,15 +358,21 @@ class FaultConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stage: str = Field(description="The stage that misbehaves (one of the model family's stages).")
-    kind: Literal["out_of_memory", "stall", "slow", "kill_replica"] = Field(
+    kind: Literal[
+        "out_of_memory", "stall", "slow", "kill_replica", "device_error", "poison_input", "slow_warmup"
+    ] = Field(
         description=(
             "out_of_memory raises the framework's OOM error; stall waits stall_s when the stage takes the job; "
             "slow makes every denoising step stall_s longer (other stages: like stall); kill_replica ends the "
-            "replica's process."
+            "replica's process; device_error raises a CUDA error other than out of memory (an illegal memory "
+            "access: the replica is lost, its job is handed on) once per job; poison_input raises it every time the "
+            "job runs (an input that breaks every replica); slow_warmup makes each replica but the first (Serve "
+            "replica rank 1 and up: added by scaling) warm up stall_s longer, for every job."
         )
     )
-    prompt_contains: str = Field(
-        min_length=1, description="Only jobs whose prompt contains this text are hit (how a test picks its job)."
+    prompt_contains: str | None = Field(
+        None, min_length=1,
+        description="Only jobs whose prompt contains this text are hit (how a test picks its job); every kind but slow_warmup needs it.",
     )
     at_step: int = Field(
         1, ge=1,
@@ -372,6 +380,12 @@ class FaultConfig(BaseModel):
     )
     stall_s: float = Field(30.0, gt=0, description="How long a stall lasts (slow: the delay added to each step).")
     times_per_job: int = Field(1, ge=1, description="How often it fires for one job (recorded with the job, so a resumed job is not hit again).")
+
+    @model_validator(mode="after")
+    def _picks_its_jobs(self) -> FaultConfig:
+        if self.kind != "slow_warmup" and self.prompt_contains is None:
+            raise ValueError(f"faults: kind {self.kind} needs prompt_contains (the marker of the jobs it hits)")
+        return self
 
 
 class RayConfig(BaseModel):
@@ -434,6 +448,9 @@ class ReelserveConfig(BaseModel):
         default_factory=CallbacksConfig, description="Webhooks: where a job's callback_url may point, and delivery."
     )
     scaling: ScalingConfig = Field(default_factory=lambda: ScalingConfig(), description="How autoscaled stages scale, and admission by expected queue wait.")
+    startup: StartupConfig = Field(
+        default_factory=StartupConfig, description="How replicas start: weight reads, the node-local cache, the warm-up."
+    )
 
     @property
     def stage_names(self) -> tuple[str, ...]:

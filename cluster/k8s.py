@@ -18,7 +18,17 @@ For a config (a profile in ``cluster/profiles/``) it writes one folder:
 - ``services.yaml``: the metrics Service (port 8080 on every Ray pod) and the
   NetworkPolicy of the Ray pods.
 - ``monitoring.yaml``: a Prometheus Operator ``PodMonitor``.
+- ``disruption.yaml``: a ``PodDisruptionBudget`` per worker group that holds
+  stages' minimum replicas: node maintenance never evicts below them.
 - ``kustomization.yaml``: the folder as a kustomize base (image, namespace).
+
+``serveConfigV2`` holds the applications ``cluster.apps`` lists: the front
+(ingress + orchestrator) and one per stage, so editing the config restarts
+only what the edit touches. Worker pods keep the drain: each group's
+``terminationGracePeriodSeconds`` and preStop hook (``python -m cluster.drain``:
+drain the node, wait for its Serve replicas) come from the longest drain of
+the stages the group can hold, so a rollout or node maintenance never cuts a
+diffusion replica's drain at Kubernetes' default 30 s.
 
 The config is used as written, with what a Kubernetes cluster fixes for it:
 the ingress listens on all interfaces, jobs live in Redis and results on the
@@ -50,9 +60,11 @@ from urllib.parse import urlparse
 
 import yaml
 
+from cluster.apps import serve_applications
 from cluster.auth_config import REDIS_PASSWORD_ENV, WEBHOOK_SECRET_ENV
 from cluster.config import NodeType, ReelserveConfig
 from cluster.local import GRPC_SERVICER
+from cluster.placement import drain_seconds, orchestrator_options
 
 __all__ = ["render", "write", "k8s_args", "DEFAULT_IMAGE", "RenderError", "SECRETS", "API_KEYS_MOUNT", "MAX_REQUEST_BYTES"]
 
@@ -68,6 +80,8 @@ METRICS_PORT = 8080  # Ray's metrics export port on every node
 DASHBOARD_PORT = 8265
 AGENT_PORT = 52365  # Ray's dashboard agent: the raylet health endpoint
 POD_SHARE = 0.9  # of a node's CPUs and memory for its Ray pod
+STOP_MARGIN_S = 30  # after the preStop hook: Ray's own processes stop (SIGTERM, then the kubelet's SIGKILL)
+GROUP_LABEL = "reelserve.io/node-group"  # on every worker pod: its group (what its disruption budget selects)
 NODE_IDLE_TIMEOUT_S = 300  # a worker node with nothing on it goes after this (after Serve's own downscale delay)
 _POD_SECURITY = {"fsGroup": 1000}  # the image's user (ray, uid 1000) can write the shared results volume
 CPU_NODE = NodeType(name="cpu", cpus=8, memory_gb=32, min_nodes=1, max_nodes=2)  # when the config names no nodes
@@ -153,6 +167,9 @@ def render(raw: dict, source: str, image: str = DEFAULT_IMAGE, redis_url: str | 
         "services.yaml": [_metrics_service(name), _ray_network_policy(name, config)],
         "monitoring.yaml": [_pod_monitor(name)],
     }
+    budgets = _disruption_budgets(name, config)
+    if budgets:
+        files["disruption.yaml"] = budgets
     if not managed_redis:
         files["redis.yaml"] = _redis(name)
     texts = {file: header + _dump_all(objects) for file, objects in sorted(files.items())}
@@ -191,7 +208,7 @@ def _rayservice(pods: _PodSettings, args: dict, gcs_address: str) -> dict:
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": config.ingress.http_port},
         "grpc_options": {"port": config.ingress.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
-        "applications": [{"name": name, "import_path": "graphs:build_app", "route_prefix": "/", "args": args}],
+        "applications": serve_applications(args),
     }
     nodes = config.nodes or [CPU_NODE]
     return {
@@ -263,7 +280,11 @@ def _worker_group(pods: _PodSettings, node: NodeType, index: int) -> dict:
     # raylet is (a model loading for minutes does not make the pod unhealthy).
     container["readinessProbe"] = _probe("/-/healthz", pods.config.ingress.http_port, period_s=5, failures=3)
     container["livenessProbe"] = _probe("/api/local_raylet_healthz", AGENT_PORT, period_s=10, failures=12, delay_s=30)
-    pod: dict = {"containers": [container], "volumes": _pod_volumes(pods, memory_gb), "securityContext": _POD_SECURITY}
+    # Kubernetes stops a pod only after its preStop hook: drain the node, wait for its replicas (cluster.drain).
+    drain = math.ceil(group_drain_seconds(pods.config, node))
+    container["lifecycle"] = {"preStop": {"exec": {"command": ["python", "-m", "cluster.drain", "--timeout", str(drain)]}}}
+    pod: dict = {"containers": [container], "volumes": _pod_volumes(pods, memory_gb), "securityContext": _POD_SECURITY,
+                 "terminationGracePeriodSeconds": drain + STOP_MARGIN_S}
     start: dict = {}
     if node.gpus:
         products = GPU_PRODUCTS.get(node.accelerator_type)
@@ -284,8 +305,51 @@ def _worker_group(pods: _PodSettings, node: NodeType, index: int) -> dict:
         "minReplicas": node.min_nodes,
         "maxReplicas": node.max_nodes,
         "rayStartParams": start,
-        "template": {"metadata": {"labels": _labels(pods.name, "ray-worker")}, "spec": pod},
+        "template": {"metadata": {"labels": {**_labels(pods.name, "ray-worker"), GROUP_LABEL: node.name}}, "spec": pod},
     }
+
+
+def group_drain_seconds(config: ReelserveConfig, node: NodeType) -> float:
+    """The longest drain of what a worker group's pods can hold: every stage Ray may place there, and the
+    orchestrator (it hands its jobs back)."""
+    drains = [orchestrator_options(config)["graceful_shutdown_timeout_s"]]
+    for name in config.stage_names:
+        stage = config.stages[name]
+        if stage.gpus_per_replica > 0 and (
+            node.gpus == 0 or stage.accelerator_type not in (None, node.accelerator_type)
+        ):
+            continue  # a GPU stage never lands on this group
+        drains.append(drain_seconds(name, config))
+    return max(drains)
+
+
+def _disruption_budgets(name: str, config: ReelserveConfig) -> list[dict]:
+    """A PodDisruptionBudget per worker group whose pods hold stages' minimum replicas: maintenance evicts pods
+    one group's spare at a time, never below what the minimum replicas need."""
+    # The plan's GPU counts at the minimum replicas (it imports the families: kept out of every render's import).
+    from cluster.plan import make_plan
+
+    plan = make_plan(config)
+    budgets = []
+    for node in config.nodes or [CPU_NODE]:
+        if node.gpus:
+            needed = math.ceil(plan.gpus_at_min.get(node.accelerator_type, 0) / node.gpus)
+        else:
+            needed = 1  # the ingress, the orchestrators and the CPU stages
+        needed = min(needed, node.max_nodes)
+        if needed < 1:
+            continue
+        budgets.append({
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": {"name": f"{name}-{node.name}", "labels": _labels(name, "disruption-budget")},
+            "spec": {
+                "minAvailable": needed,
+                "selector": {"matchLabels": {**_pods(name, "ray-worker")["podSelector"]["matchLabels"],
+                                             GROUP_LABEL: node.name}},
+            },
+        })
+    return budgets
 
 
 def _ray_container(pods: _PodSettings, container_name: str, cpus: float, memory_gb: int, gpus: int) -> dict:

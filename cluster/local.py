@@ -1,8 +1,14 @@
-"""Start, inspect and stop a local Ray cluster serving the app (``reelserve up/status/down``).
+"""Start, inspect, update and stop a local Ray cluster serving the app (``reelserve up/status/down``).
 
 Every Ray process we start gets the same explicit token-auth settings
 (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN_PATH``): Ray 2.60 otherwise turns auth
 on implicitly and a client with an explicit address fails to connect.
+
+The app is deployed declaratively (``cluster.apps``: the front and one
+application per stage), so ``reelserve up --config new.yaml`` on a running
+cluster applies the new config in place: only the applications whose config
+section changed restart. ``reelserve down`` stops every process its ``up``
+started, Ray's client server (port 10001) included.
 """
 
 from __future__ import annotations
@@ -12,15 +18,15 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cluster import apps
 from cluster.config import ReelserveConfig
 
 __all__ = [
     "ClusterError", "ClusterState", "ray_environment", "serve_app", "start_detached", "stop", "read_state", "status",
-    "metrics_url", "metrics_endpoints",
+    "metrics_url", "metrics_endpoints", "update", "head_processes",
 ]
 
 GRPC_SERVICER = "serving.proto.video_pb2_grpc.add_VideoServiceServicer_to_server"
@@ -75,13 +81,12 @@ def _apply_ray_environment(config: ReelserveConfig | None = None) -> None:
         Config.initialize("")
 
 
-def serve_app(config: ReelserveConfig, address: str | None) -> None:
-    """Connect to (or start) Ray, start Serve with HTTP and gRPC, and deploy the app without blocking."""
+def serve_app(config: ReelserveConfig, address: str | None, args: dict | None = None) -> None:
+    """Connect to (or start) Ray, start Serve with HTTP and gRPC, and deploy the app (``args``: the config as
+    written, else ``config``)."""
     _apply_ray_environment(config)  # before Ray reads its config
     import ray
     from ray import serve
-
-    from graphs import build_app
 
     if not ray.is_initialized():
         if address:
@@ -97,26 +102,66 @@ def serve_app(config: ReelserveConfig, address: str | None) -> None:
         http_options={"host": config.ingress.host, "port": config.ingress.http_port},
         grpc_options={"port": config.ingress.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
     )
-    serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
-    _wait_until_running(config.app_name)
+    _deploy(config, args)
 
 
-def _wait_until_running(app_name: str, timeout_s: float = 600) -> None:
-    from ray import serve
-
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        app = serve.status().applications.get(app_name)
-        if app is not None and app.status == "RUNNING":
-            return
-        if app is not None and app.status == "DEPLOY_FAILED":
-            first_line = (str(app.message).strip().splitlines() or ["no details"])[0]
-            raise ClusterError(f"deploying {app_name} failed: {first_line}")
-        time.sleep(1)
-    raise ClusterError(f"{app_name} did not become ready within {timeout_s:g} s")
+def _deploy(config: ReelserveConfig, args: dict | None) -> None:
+    try:
+        apps.deploy(apps.serve_applications(args if args is not None else config))
+    except (RuntimeError, TimeoutError) as error:
+        raise ClusterError(str(error)) from None
 
 
-def start_detached(config: ReelserveConfig) -> ClusterState:
+# Settings a running cluster cannot take in place (Serve's proxies and Ray itself are started with them).
+_FIXED_AT_START = ("ingress.host", "ingress.http_port", "ingress.grpc_port", "ray", "app_name")
+
+
+def update(state: ClusterState, config: ReelserveConfig, args: dict | None = None) -> list[str]:
+    """Apply ``config`` to the running cluster in place; returns the applications that restarted.
+
+    Refused, naming the field, for what only a new start can change (ports, the Ray section, the app name).
+    """
+    current = json.loads((state_dir() / "config.json").read_text()) if (state_dir() / "config.json").exists() else None
+    if current is not None:
+        before = ReelserveConfig.model_validate(current)
+        for field in _FIXED_AT_START:
+            if _field(before, field) != _field(config, field):
+                raise ClusterError(f"{field}: cannot change on a running cluster; run `reelserve down` first")
+    _apply_ray_environment(config)  # before Ray reads its config
+    import ray
+
+    ray.init(address=state.address, log_to_driver=False)
+    try:
+        wanted = apps.serve_applications(args if args is not None else config)
+        running = _running_args()
+        _deploy(config, args)
+        restarted = [app["name"] for app in wanted if running.get(app["name"]) != app["args"]]
+    finally:
+        ray.shutdown()
+    _remember_config(args if args is not None else config.model_dump(mode="json"))
+    return restarted
+
+
+def _field(config: ReelserveConfig, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value.model_dump() if hasattr(value, "model_dump") else value
+
+
+def _running_args() -> dict[str, dict]:
+    """The args each running application was deployed with (what Serve compares to decide a restart)."""
+    from ray.serve.context import _get_global_client  # the declarative config Serve keeps (no dashboard needed)
+
+    applications = _get_global_client().get_serve_details().get("applications", {})
+    return {name: (app.get("deployed_app_config") or {}).get("args") for name, app in applications.items()}
+
+
+def _remember_config(args: dict) -> None:
+    (state_dir() / "config.json").write_text(json.dumps(args, indent=2))
+
+
+def start_detached(config: ReelserveConfig, args: dict | None = None) -> ClusterState:
     """``ray start --head`` (unless joining an existing cluster), deploy, record the state, return."""
     address, started_head = config.ray.address, False
     if address is None:
@@ -149,8 +194,9 @@ def start_detached(config: ReelserveConfig) -> ClusterState:
     )
     # Recorded before deploying, so `reelserve down` can stop the head even if deploying fails.
     (state_dir() / "cluster.json").write_text(json.dumps(asdict(state), indent=2))
+    _remember_config(args if args is not None else config.model_dump(mode="json"))
     try:
-        serve_app(config, address)
+        serve_app(config, address, args)
     except Exception as error:  # noqa: BLE001 - leave nothing running behind a failed start
         stop(state)
         raise ClusterError(f"deploying failed, the cluster was stopped: {error}") from None
@@ -177,19 +223,35 @@ def status(state: ClusterState) -> dict:
 
     ray.init(address=state.address, log_to_driver=False)
     try:
-        app = serve.status().applications.get(state.app_name)
-        if app is None:
+        ours = {name: app for name, app in serve.status().applications.items()
+                if name == state.app_name or name.startswith(f"{state.app_name}-")}
+        if state.app_name not in ours:
             return {"application": state.app_name, "status": "NOT_DEPLOYED", "deployments": {}}
+        statuses = {_enum_text(app.status) for app in ours.values()}
         return {
             "application": state.app_name,
-            "status": _enum_text(app.status),
-            "deployments": {name: _enum_text(d.status) for name, d in app.deployments.items()},
+            "status": statuses.pop() if len(statuses) == 1 else "DEPLOYING",
+            "deployments": {name: _enum_text(d.status) for app in ours.values() for name, d in app.deployments.items()},
+            "replicas": _replica_ids(set(ours)),
             "http": state.http_url,
             "grpc": state.grpc_address,
             "metrics": metrics_endpoints(),
         }
     finally:
         ray.shutdown()
+
+
+def _replica_ids(applications: set[str]) -> dict[str, list[str]]:
+    """Each deployment's running replica ids (Serve names a replica's actor ``SERVE_REPLICA::app#deployment#id``)."""
+    import ray
+
+    replicas: dict[str, list[str]] = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        app, _, rest = actor["name"].removeprefix("SERVE_REPLICA::").partition("#")
+        deployment, _, replica = rest.partition("#")
+        if actor["name"].startswith("SERVE_REPLICA::") and app in applications and replica:
+            replicas.setdefault(deployment, []).append(replica)
+    return {name: sorted(ids) for name, ids in sorted(replicas.items())}
 
 
 def metrics_url(config: ReelserveConfig) -> str:
@@ -233,27 +295,36 @@ def stop(state: ClusterState) -> None:
         (state_dir() / "cluster.json").unlink(missing_ok=True)
 
 
-def _stop_head_processes(gcs_port: int, grace_s: float = 10.0) -> None:
-    """Stop the Ray processes of the head listening on ``gcs_port``, and nothing else.
+def head_processes(gcs_port: int) -> list:
+    """Every process of the local head listening on ``gcs_port`` (``psutil.Process``), children included.
 
-    ``ray stop`` would end every Ray cluster on the machine. The head's own processes name its
-    GCS on their command line (``--gcs-address=IP:PORT``, ``--gcs_server_port=PORT``); workers
-    and agents (renamed ``ray::...``) are the raylet's children.
+    The head's own processes name its GCS on their command line (``--gcs-address=IP:PORT``,
+    ``--gcs_server_port=PORT``; Ray's client server, on port 10001, ``--address=IP:PORT``); workers and agents
+    (renamed ``ray::...``) are the raylet's children. The client server is nobody's child once ``ray start`` has
+    exited: it is found by its own command line.
     """
     import re
 
     import psutil
 
-    ours = re.compile(rf"--gcs[-_]address=\S+:{gcs_port}(\s|$)|--gcs_server_port={gcs_port}(\s|$)")
-    victims: dict[int, psutil.Process] = {}
+    ours = re.compile(rf"--(gcs[-_])?address=\S+:{gcs_port}(\s|$)|--gcs_server_port={gcs_port}(\s|$)")
+    found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter(["pid", "cmdline"]):
         try:
             if process.pid != os.getpid() and ours.search(" ".join(process.info["cmdline"] or [])):
                 for member in [process, *process.children(recursive=True)]:
-                    victims[member.pid] = member
+                    found[member.pid] = member
         except psutil.Error:
             continue
-    victims = list(victims.values())
+    return list(found.values())
+
+
+def _stop_head_processes(gcs_port: int, grace_s: float = 10.0) -> None:
+    """Stop the Ray processes of the head listening on ``gcs_port``, and nothing else (``ray stop`` would end
+    every Ray cluster on the machine)."""
+    import psutil
+
+    victims = head_processes(gcs_port)
     for process in victims:
         try:
             process.terminate()

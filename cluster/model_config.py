@@ -40,6 +40,15 @@ class EngineLoopConfig(BaseModel):
             "passes succeed. 65536 holds one 1280x704 x 121-frame LTX-2 dev step (3 or 4 rows of 14206 tokens)."
         ),
     )
+    oom_recovery_steps: int = Field(
+        8,
+        ge=1,
+        description=(
+            "After an out-of-memory error halved the batch budget, each later engine step that runs without one "
+            "raises it by max_batch_tokens / oom_recovery_steps, so batching comes back under steady load (and at "
+            "once when the engine is idle)."
+        ),
+    )
     checkpoint_every_steps: int = Field(
         4,
         ge=0,

@@ -151,9 +151,10 @@ def job_panels() -> list[Panel]:
             (Query(f"sum by (stage) (rate(reelserve_stage_handoff_bytes_total{{{_MODEL}}}[{window}]))", "{{stage}}"),),
         ),
         Panel(
-            "model load time", "s",
-            (Query(f"max by (stage) (reelserve_model_load_seconds{{{_MODEL}}})", "{{stage}}"),),
-            "Slowest replica load per stage.",
+            "model load and warm-up time", "s",
+            (Query(f"max by (stage) (reelserve_model_load_seconds{{{_MODEL}}})", "{{stage}} load"),
+             Query(f"max by (stage) (reelserve_model_warmup_seconds{{{_MODEL}}})", "{{stage}} warm-up")),
+            "Slowest replica load and warm-up per stage: a replica takes traffic only after both.",
         ),
         Panel(
             "replica restarts", "short",

@@ -22,11 +22,18 @@ The graph, one deployment per box::
                       v                           v
                 video_decoder (-> H.264)     audio_decoder
                       \\                           /
-                       +--------> muxer <---------+  -> MP4 in the results store (directory, S3, GCS)
+                       +--------> muxer <---------+  -> MP4 in the results directory
 
 Stage outputs travel between stages as Ray objects, named in small hand-off
 receipts; a copy of each waits in the job's artifacts until the job ends, so
 a takeover redoes nothing. Only receipts reach the orchestrator.
+
+Two import paths, one per kind of Serve application (``cluster.apps`` lists
+them for a config): ``graphs:build_app`` is the front (ingress + orchestrator,
+the whole config as args), ``graphs:build_stage_app`` one stage (its
+``StageSection`` as args). Each stage being an application of its own, a
+config change that does not touch a stage never restarts it; the orchestrator
+reaches the stages by name (``serving.jobs.handles``).
 """
 
 from __future__ import annotations
@@ -36,70 +43,64 @@ from typing import Any
 from ray import serve
 
 from cluster.admission import AdmissionLimits
-from cluster.config import REWRITER_STAGE, ReelserveConfig
-from cluster.placement import ingress_options, orchestrator_options, stage_options
-from serving.families import get_family
-from serving.ingress.deployment import VideoIngress
-from serving.jobs.deployment import JobRunnerDeployment, RunnerTenancy
-from serving.stages.diffusion import DiffusionStage
-from serving.stages.model import ModelStage
-from serving.stages.muxer import MuxerStage
-from serving.stages.prompt_rewriter import PromptRewriterStage
+from cluster.apps import StageSection
+from cluster.config import ReelserveConfig
+from cluster.placement import ingress_options, orchestrator_options
+from serving.families.base import LazyCallable
+from serving.jobs.handles import StageHandles
+from serving.jobs.runner_tenancy import RunnerTenancy
 
-__all__ = ["build_app"]
+__all__ = ["build_app", "build_stage_app"]
 
-# Which deployment class runs a stage of each kind a family declares.
-_STAGE_CLASSES = {"model": ModelStage, "diffusion": DiffusionStage, "muxer": MuxerStage}
+# The deployment classes, by import path: building one application imports only its own classes (a stage's
+# application never imports the ingress, vLLM or the other stages).
+_INGRESS = LazyCallable("serving.ingress.deployment:VideoIngress")
+_RUNNER = LazyCallable("serving.jobs.deployment:JobRunnerDeployment")
+_STAGE_CLASSES = {
+    "model": LazyCallable("serving.stages.model:ModelStage"),
+    "diffusion": LazyCallable("serving.stages.diffusion:DiffusionStage"),
+    "muxer": LazyCallable("serving.stages.muxer:MuxerStage"),
+    "rewriter": LazyCallable("serving.stages.prompt_rewriter:PromptRewriterStage"),
+}
 
 
 def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
-    """Validate ``args`` against ``ReelserveConfig``, check it fits, and bind the deployment graph.
+    """The front application: validate ``args`` against ``ReelserveConfig``, check it fits, bind ingress + runner.
 
-    One deployment per stage the model's family declares, bound by name; the
-    runner gets their handles in a dict keyed by the same names.
+    The runner reaches each stage the config deploys by name, in the stage's own application
+    (``build_stage_app``; ``cluster.apps.serve_applications`` lists them all).
     """
     config = args if isinstance(args, ReelserveConfig) else ReelserveConfig.model_validate(args or {})
     _refuse_what_cannot_fit(config)
-    family = get_family(config.model.family)
-    handles = {spec.name: _bind_stage(spec.name, spec.kind, config) for spec in family.stages}
-    if config.rewriter.enabled:
-        handles[REWRITER_STAGE] = _deployment(PromptRewriterStage, REWRITER_STAGE, config).bind(
-            config.rewriter, config.model
-        )
+    handles = StageHandles(config.app_name, config.stage_names)
     tenancy = RunnerTenancy(config.auth, config.callbacks, config.stages["diffusion"].max_ongoing_requests)
-    runner = serve.deployment(JobRunnerDeployment).options(**orchestrator_options(config)).bind(
+    runner = serve.deployment(_RUNNER.target).options(**orchestrator_options(config)).bind(
         config.orchestrator, config.model, config.jobs, config.rewriter, handles, tenancy, config.storage
     )
-    return serve.deployment(VideoIngress).options(**ingress_options(config)).bind(
+    return serve.deployment(_INGRESS.target).options(**ingress_options(config)).bind(
         config.model, config.jobs, config.rewriter, runner, AdmissionLimits.of(config), config.ingress, config.auth,
         config.callbacks, config.storage,
     )
 
 
-def _deployment(cls, name: str, config: ReelserveConfig):
-    return serve.deployment(cls).options(**stage_options(name, config))
+def build_stage_app(args: dict[str, Any] | StageSection):
+    """One stage's application: its deployment, bound with exactly its ``StageSection``.
 
-
-def _bind_stage(name: str, kind: str, config: ReelserveConfig):
-    """A stage gets only what it uses: its own model settings (device, dtype), the jobs section, its faults, the
-    storage section."""
-    jobs, faults = config.jobs, [f for f in config.faults if f.stage == name]
-    if kind == "muxer":
-        return _deployment(MuxerStage, name, config).bind(jobs, faults, config.model.name, config.storage)
-    return _deployment(_STAGE_CLASSES[kind], name, config).bind(name, config.stage_model(name), jobs, faults,
-                                                                config.storage)
+    Its Serve options (replicas, resources, drain time) come as the application's deployment overrides
+    (``cluster.apps``), so changing them restarts nothing that need not restart.
+    """
+    section = args if isinstance(args, StageSection) else StageSection.model_validate(args)
+    deployment = serve.deployment(_STAGE_CLASSES[section.kind].target).options(name=section.stage)
+    if section.kind == "rewriter":
+        return deployment.bind(section.rewriter, section.model)
+    if section.kind == "muxer":
+        return deployment.bind(section.jobs, section.faults, section.model.name, section.storage)
+    return deployment.bind(section.stage, section.model, section.jobs, section.faults, section.storage,
+                           runtime=section.runtime)
 
 
 def _refuse_what_cannot_fit(config: ReelserveConfig) -> None:
     """GPU and sized deployments are checked as `reelserve plan` checks them, before anything starts."""
-    for name, settings in config.stages.items():
-        if settings.gpus_per_replica > 1:
-            # Placement would reserve the GPUs and nothing would use them but the first: refuse, do not waste.
-            raise ValueError(
-                f"stages.{name}.num_gpus: {settings.gpus_per_replica:g} GPUs per replica is not served yet (the "
-                "sequence-parallel worker group is built and benchmarked, not wired into the stage); use num_gpus: 1 "
-                "and more replicas"
-            )
     sized = config.nodes or any(s.gpus_per_replica > 0 or s.memory_gb for s in config.stages.values())
     if not sized:
         return

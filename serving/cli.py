@@ -79,7 +79,9 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(handler=_generate)
 
-    up = commands.add_parser("up", help="start a local Ray cluster and deploy the app")
+    up = commands.add_parser(
+        "up", help="start a local Ray cluster and deploy the app; on a running one, apply the config in place"
+    )
     up.add_argument("--config", help="deployment config YAML (default: cluster/profiles/local-cpu.yaml: one node, tiny model, CPU)")
     up.add_argument("--detach", action="store_true", help="return once the app is ready; stop it with `reelserve down`")
     up.set_defaults(handler=_up)
@@ -273,21 +275,32 @@ def _load_cluster_config(path: str | None):
 
 
 def _up(args: argparse.Namespace) -> int:
+    import yaml
+
     from cluster import local
 
     config = _load_cluster_config(args.config)
-    if local.read_state() is not None:
-        raise UsageError("a cluster started by `reelserve up --detach` is running; run `reelserve down` first")
+    raw = yaml.safe_load(Path(args.config or local.default_config_path()).read_text()) or {}
+    state = local.read_state()
+    if state is not None:  # a running cluster: the new config applies in place
+        print("applying the config to the running cluster...", file=sys.stderr)
+        try:
+            restarted = local.update(state, config, raw)
+        except local.ClusterError as error:
+            raise UsageError(str(error)) from None
+        print(f"reelserve is updated: restarted {', '.join(restarted) or 'nothing'}; every other application kept "
+              "its replicas")
+        return 0
     print("starting the cluster and deploying (first start loads every stage; this takes a minute)...", file=sys.stderr)
     if config.auth is None:
         print("note: no `auth:` in the config: the API is open (no keys; every job is the tenant default's)",
               file=sys.stderr)
     if args.detach:
-        state = local.start_detached(config)
+        state = local.start_detached(config, raw)
         metrics = f"  metrics {state.metrics_url}" if state.metrics_url else ""
         print(f"reelserve is up: HTTP {state.http_url}/v1  gRPC {state.grpc_address}{metrics}")
         return 0
-    local.serve_app(config, config.ray.address)
+    local.serve_app(config, config.ray.address, raw)
     print(
         f"reelserve is up: HTTP http://{config.ingress.host}:{config.ingress.http_port}/v1  "
         f"gRPC 127.0.0.1:{config.ingress.grpc_port}"

@@ -22,6 +22,8 @@ __all__ = [
     "InvalidReference",
     "StoreUnavailable",
     "StageDead",
+    "ReplicaLost",
+    "PoisonInput",
 ]
 
 
@@ -106,3 +108,29 @@ class StoreUnavailable(ReelserveError):
 
 class StageDead(ReelserveError):
     """The replica cannot serve any more (health check failure)."""
+
+
+class ReplicaLost(ReelserveError):
+    """The replica holding a stage call is lost (its GPU broke, or a rank of its group died) and ends.
+
+    ``blamed``: the call's own input was in the pass that broke the device. The caller hands the call to another
+    replica; a job blamed for two lost replicas is quarantined (``PoisonInput``).
+    """
+
+    def __init__(self, stage: str, reason: str, blamed: bool = False):
+        super().__init__(f"a {stage} replica was lost ({reason})")
+        self.stage, self.reason, self.blamed = stage, reason, blamed
+
+    def __reduce__(self):
+        return (ReplicaLost, (self.stage, self.reason, self.blamed))
+
+
+class PoisonInput(GenerationFailed):
+    """The job's input broke replicas of a stage again and again: it is set aside and not retried."""
+
+    def __init__(self, stage: str, replicas: int):
+        super().__init__(f"this request broke {replicas} {stage} replicas; it was set aside and will not be retried")
+        self.stage, self.replicas = stage, replicas
+
+    def __reduce__(self):
+        return (PoisonInput, (self.stage, self.replicas))

@@ -18,6 +18,9 @@ Which metric is recorded where:
 | reelserve_stage_requests_queued | gauge | stage, model | stage_load | StageRunner.run |
 | reelserve_stage_handoff_bytes_total | counter | stage, model | bytes_handed | StageRunner.run (size of each stage's output) |
 | reelserve_model_load_seconds | gauge | stage, model | model_loaded | every model stage's constructor (``LoadTimer``) |
+| reelserve_component_load_seconds | gauge | stage, model, part | component_loaded | every model stage's constructor, per component it loads (``serving.weights``) |
+| reelserve_model_warmup_seconds | gauge | stage, model | model_warmed_up | every model stage's constructor, after the load (``serving.stages.warmup``) |
+| reelserve_replicas_lost_total | counter | stage, model, code | replica_lost | a stage whose device or rank group broke (``serving.stages.health``), before it ends |
 | reelserve_gpu_memory_allocated_bytes | gauge | stage, model | gpu_memory | StageRunner.run, where CUDA is present |
 | reelserve_gpu_memory_peak_bytes | gauge | stage, model | gpu_memory | StageRunner.run, where CUDA is present |
 | reelserve_denoise_steps_total | counter | model | denoise_step | diffusion stage, after every step |
@@ -60,6 +63,9 @@ __all__ = [
     "stage_load",
     "bytes_handed",
     "model_loaded",
+    "component_loaded",
+    "model_warmed_up",
+    "replica_lost",
     "gpu_memory",
     "record_gpu_memory",
     "denoise_step",
@@ -128,6 +134,21 @@ METRICS: tuple[MetricSpec, ...] = (
         "Bytes of tensors, arrays and raw data a stage handed on as its output.", _STAGE,
     ),
     MetricSpec("reelserve_model_load_seconds", "gauge", "Seconds this replica took to load its model.", _STAGE),
+    MetricSpec(
+        "reelserve_component_load_seconds", "gauge",
+        "Seconds this replica took to load one component's weights onto its device (reading included).",
+        _STAGE + ("part",),  # not "component": Ray labels every metric with Component (its process kind)
+    ),
+    MetricSpec(
+        "reelserve_model_warmup_seconds", "gauge",
+        "Seconds this replica warmed up after loading (shape buckets and compilation for diffusion), before it took traffic.",
+        _STAGE,
+    ),
+    MetricSpec(
+        "reelserve_replicas_lost_total", "counter",
+        "Replicas that ended because their device (code device) or their rank group (code group) broke.",
+        _STAGE + ("code",),
+    ),
     MetricSpec("reelserve_gpu_memory_allocated_bytes", "gauge", "GPU memory held by this replica's tensors.", _STAGE),
     MetricSpec(
         "reelserve_gpu_memory_peak_bytes", "gauge", "Most GPU memory this replica's tensors have held.", _STAGE
@@ -396,6 +417,21 @@ def bytes_handed(stage: str, model: str, nbytes: int) -> None:
 def model_loaded(stage: str, model: str, seconds: float) -> None:
     """This replica finished loading its model in ``seconds``."""
     _export(Measurement("reelserve_model_load_seconds", {"stage": stage, "model": model}, seconds))
+
+
+def component_loaded(stage: str, model: str, component: str, seconds: float) -> None:
+    """This replica loaded ``component`` (e.g. transformer, text_encoder) onto its device in ``seconds``."""
+    _export(Measurement("reelserve_component_load_seconds", {"stage": stage, "model": model, "part": component}, seconds))
+
+
+def model_warmed_up(stage: str, model: str, seconds: float) -> None:
+    """This replica finished its warm-up in ``seconds``; it takes traffic from now on."""
+    _export(Measurement("reelserve_model_warmup_seconds", {"stage": stage, "model": model}, seconds))
+
+
+def replica_lost(stage: str, model: str, code: str) -> None:
+    """This replica is ending: its device (``device``) or its rank group (``group``) broke."""
+    _export(Measurement("reelserve_replicas_lost_total", {"stage": stage, "model": model, "code": code}, 1))
 
 
 def gpu_memory(stage: str, model: str, allocated: int, peak: int) -> None:

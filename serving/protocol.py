@@ -273,12 +273,14 @@ class Fence:
 @dataclass(frozen=True)
 class JobTicket:
     """Who a stage call works for: the job and its owner's fence (owner, attempt), which every write
-    the stage makes about the job carries. ``prompt`` lets injected faults pick their job."""
+    the stage makes about the job carries. ``prompt`` lets injected faults pick their job. ``isolate``:
+    the job is a suspect (a replica died while running it), so it never shares a batch."""
 
     job_id: str
     owner: str
     attempt: int
     prompt: str = ""
+    isolate: bool = False
 
     @property
     def fence(self) -> Fence:

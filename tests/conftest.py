@@ -210,10 +210,23 @@ def redis_url(tmp_path_factory):
             process.wait(timeout=10)
 
 
+# The served modules share one cluster and change it as they go (faults take replicas down, health holds diffusion
+# at one replica, parallel redeploys it over two GPUs): they run in this order, after every other test.
+SERVED_ORDER = ("test_served_app", "test_served_tenants", "test_served_fuzz", "test_served_faults",
+                "test_served_health", "test_served_parallel")
+
+
+def _served_rank(item) -> int:
+    module = item.path.stem
+    return SERVED_ORDER.index(module) + 1 if module in SERVED_ORDER else 0
+
+
 def pytest_collection_modifyitems(config, items):
-    """``gpu``-marked tests run where CUDA exists; elsewhere they are reported as skipped, with the reason."""
+    """Served modules in ``SERVED_ORDER``; ``gpu``-marked tests run where CUDA exists, elsewhere they are reported
+    as skipped, with the reason."""
     import torch
 
+    items.sort(key=_served_rank)  # stable: every other test keeps its place
     if torch.cuda.is_available():
         return
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")

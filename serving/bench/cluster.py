@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from cluster.apps import deploy, serve_applications
     from cluster.local import GRPC_SERVICER
-    from graphs import build_app
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             grpc_options={"port": ingress["grpc_port"], "grpc_servicer_functions": [GRPC_SERVICER]},
         )
         started = time.perf_counter()
-        serve.run(build_app(app_config), name=app_config["app_name"], route_prefix="/")
+        deploy(serve_applications(app_config))
         ready = {"grpc": f"127.0.0.1:{ingress['grpc_port']}", "deploy_seconds": round(time.perf_counter() - started, 1),
                  "diffusion_torch_threads": threads}
         partial = ready_path.with_suffix(".partial")

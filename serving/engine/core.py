@@ -14,9 +14,12 @@ nothing about any model family.
 Failure isolation: an error while advancing a batch touches only that batch's
 requests. An out-of-memory error in a batch of several requests retries them
 one by one in the same step (the batch may simply have been too big) and halves
-the token budget below the failed batch's size until the engine is idle again;
-any other error, or an out-of-memory error of a single request, fails the
-requests of that batch and the engine goes on with the rest.
+the token budget below the failed batch's size; every later step without one
+raises it by ``max_batch_tokens / oom_recovery_steps`` (back to the full budget
+at once when the engine is idle). Any other error, or an out-of-memory error of
+a single request, fails the requests of that batch and the engine goes on with
+the rest. A request added ``alone`` (a suspect: its replica died while it ran)
+never shares a batch, so it cannot take others down with it.
 """
 
 from __future__ import annotations
@@ -167,6 +170,7 @@ class DiffusionEngine(Generic[RequestT, StateT, CheckpointT]):
         batching: bool = True,
         max_batch_tokens: int = 65536,
         checkpoint_every_steps: int = 0,
+        oom_recovery_steps: int = 8,
     ):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
@@ -178,6 +182,8 @@ class DiffusionEngine(Generic[RequestT, StateT, CheckpointT]):
         self.checkpoint_every_steps = checkpoint_every_steps
         self.stats = EngineStats()
         self._token_budget = max_batch_tokens
+        self._recovery_tokens = max(1, -(-max_batch_tokens // max(1, oom_recovery_steps)))  # ceil
+        self._alone: set[str] = set()  # request ids that never share a batch
         self._lock = threading.Lock()
         self._inbox: list[tuple[RequestT, CheckpointT | None]] = []
         self._aborts: set[str] = set()
@@ -185,8 +191,8 @@ class DiffusionEngine(Generic[RequestT, StateT, CheckpointT]):
 
     # ------------------------------------------------------------------ public surface
 
-    def add(self, request: RequestT, resume_from: CheckpointT | None = None) -> None:
-        """Queue a request; it runs its first step in the next ``step()``.
+    def add(self, request: RequestT, resume_from: CheckpointT | None = None, *, alone: bool = False) -> None:
+        """Queue a request; it runs its first step in the next ``step()`` (in a batch of its own when ``alone``).
 
         Raises ``ValueError`` at once for a request that cannot run (bad sizes, a
         checkpoint of another plan, a request id already queued or running).
@@ -199,6 +205,8 @@ class DiffusionEngine(Generic[RequestT, StateT, CheckpointT]):
                 raise ValueError(f"request_id {request_id!r} is already queued or running")
             self._aborts.discard(request_id)
             self._inbox.append((request, resume_from))
+            if alone:
+                self._alone.add(request_id)
 
     def abort(self, request_id: str) -> bool:
         """Stop a queued or running request before the next step; False if the engine does not hold it."""
@@ -263,12 +271,17 @@ class DiffusionEngine(Generic[RequestT, StateT, CheckpointT]):
         events: list[EngineEvent] = []
         self._admit(events)
         batches = self._batches()
+        retries = self.stats.oom_retries
         for batch in batches:
             self._run(batch, events)
         if batches:
             self.stats.steps += 1
         if not self._active:
             self._token_budget = self.max_batch_tokens  # idle: forget any out-of-memory shrink
+        elif batches and self.stats.oom_retries == retries:  # a step without running out of memory: climb back
+            self._token_budget = min(self.max_batch_tokens, self._token_budget + self._recovery_tokens)
+        with self._lock:  # forget the lone requests that left (those still queued stay)
+            self._alone.intersection_update({*self._active, *(r.request_id for r, _ in self._inbox)})  # type: ignore[attr-defined]
         return events
 
     # ------------------------------------------------------------------ admission and scheduling
@@ -296,7 +309,9 @@ class DiffusionEngine(Generic[RequestT, StateT, CheckpointT]):
             return [[state] for state in states]
         buckets: dict[Hashable, list[StateT]] = defaultdict(list)
         for state in states:
-            buckets[self.model.bucket(state)].append(state)
+            request_id = self.model.request_id(state)
+            key = ("alone", request_id) if request_id in self._alone else ("shared", self.model.bucket(state))
+            buckets[key].append(state)
         batches = []
         for members in buckets.values():
             batch, tokens = [], 0

@@ -103,6 +103,12 @@ class StageSpec:
       hand-offs it returns, in order (kept under those names for a takeover).
     - ``gpu``: whether the stage computes on a GPU when one is reserved.
     - ``progress_share``: its share of a job's run time, for progress marks.
+    - ``weights``: the checkpoint subfolders it reads weights from (what a
+      node-local weights cache copies for it; configs are always copied).
+
+    A ``model`` stage's component may have ``warm_up()`` (one request of the
+    default size, run before the replica takes traffic) and ``loaded`` (a
+    ``serving.weights.LoadLog`` of its components' load times).
     """
 
     name: str
@@ -112,6 +118,7 @@ class StageSpec:
     gpu: bool = True
     progress_share: float = 1.0
     summary: str = ""
+    weights: tuple[str, ...] = ()
 
     def outputs(self, method: str) -> tuple[str, ...]:
         try:
@@ -142,6 +149,9 @@ class DiffusionModel(Protocol):
     def latent_tokens(self, request: Any) -> int:
         """Latent tokens of the request: the unit of the autoscaler's and admission's cost."""
 
+    def warm_up(self) -> None:
+        """Run every configured shape bucket once (compile included) before the replica takes traffic."""
+
     def outputs(self, result: Any) -> tuple[Any, ...]:
         """The engine's output split into the stage's declared hand-offs, in order."""
 
@@ -160,7 +170,8 @@ class Family:
     pipeline: Callable[..., Any]
     read_limits: Callable[[Any], ModelLimits]
     token_counter: Callable[[Any], Callable[[str], int]]  # (config) -> tokenizer-only counter
-    diffusion_model: Callable[[Any], DiffusionModel]  # (config) -> the diffusion stage's model
+    # (config, passes=None) -> the diffusion stage's model; ``passes`` runs its transformer passes on a rank group.
+    diffusion_model: Callable[..., DiffusionModel]
     stage_memory: Callable[[Any, str], Any]  # (ReelserveConfig, stage) -> MemoryEstimate
     handoff_sizes: Callable[..., Any]  # (model config, width, height, seconds, fps) -> HandoffSizes
     build_tiny_checkpoint: Callable[[Any], Any]  # (directory) -> path of a tiny random checkpoint
@@ -168,6 +179,9 @@ class Family:
     pipeline_classes: tuple[str, ...] = ()  # diffusers class names in a checkpoint's index that mean this family
     # () -> the dataclasses its stages hand on or checkpoint, beyond serving.protocol's (kept without pickle).
     stored_types: Callable[[], tuple[type, ...]] = tuple
+    # (config) -> a picklable ``(device, dtype) -> rank pass`` that every rank of a multi-GPU diffusion replica
+    # builds after joining the group (serving.parallel_group); None: the family's transformer runs on one GPU.
+    sequence_parallel: Callable[[Any], Any] | None = None
 
     def __post_init__(self):
         names = [stage.name for stage in self.stages]

@@ -19,6 +19,7 @@ replicas as Ray objects named in the hand-offs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,12 +28,13 @@ from typing import Any, Awaitable, Callable, Mapping
 from cluster.auth_config import CallbacksConfig
 from cluster.config import JobsConfig, RewriterConfig
 from serving import metrics
-from serving.errors import JobCancelled, StoreUnavailable
+from serving.errors import JobCancelled, PoisonInput, ReplicaLost, StoreUnavailable
 from serving.families.base import Family
 from serving.jobs.events import JobEvents
 from serving.jobs.failures import StageFailure, kept_output_lost, replica_died
 from serving.jobs.job_storage import JobStorage
 from serving.jobs.progress import ProgressMarks
+from serving.jobs.quarantine import QUARANTINE_AFTER, Strikes, strike_of
 from serving.jobs.record import JobRecord
 from serving.jobs.store import JobStore
 from serving.jobs.writer import FencedWriter
@@ -44,6 +46,7 @@ __all__ = ["RunnerServices", "RunnerJobContext", "StageCall"]
 logger = logging.getLogger("ray.serve.reelserve.runner")
 
 CANCEL_CHECK_S = 2.0  # the longest a stage call runs on unnoticed after a cancel (events usually tell at once)
+LOST_REPLICA_BACKOFF_S = 3.0  # a lost replica ends its process 2 s after answering (serving.stages.health)
 REWRITER_STAGE = "prompt_rewriter"
 
 
@@ -89,6 +92,8 @@ class RunnerJobContext:
         self.timings: dict[str, float] = dict(record.stage_seconds)
         self.denoising = 0  # diffusion calls in flight (a hand-over waits for their stop checkpoint)
         self._skipped: dict[str, StageCall] = {}  # output name -> the skipped call whose kept copy stands for it
+        self.strikes = Strikes(record.id, ticket.attempt, services.storage, services.io)
+        self._strikes_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ the pipeline's side
 
@@ -163,8 +168,11 @@ class RunnerJobContext:
 
     async def _attempt(self, stage: str, make_call: Callable[[], Any], call: StageCall | None = None) -> Any:
         """The call, cancelled with the job; made again when its replica died mid-call, or (with the stage that
-        made it run again) when a kept input of an earlier attempt was unreadable."""
+        made it run again) when a kept input of an earlier attempt was unreadable. A job that broke a replica is
+        a suspect: it runs apart from other jobs, and is set aside once it broke ``QUARANTINE_AFTER``."""
         retries, retry = self.services.jobs.stage_retries, 0
+        if await self.strikes.count():  # a suspect since an earlier attempt: never batched with others
+            self.ticket = dataclasses.replace(self.ticket, isolate=True)
         while True:
             await self._raise_if_cancelled()
             response = make_call()
@@ -178,8 +186,14 @@ class RunnerJobContext:
                 if call is not None and lost in self._skipped:
                     call.args = await self._redo(lost, call.args)
                     continue
+                if await self._struck(stage, error):
+                    raise StageFailure(stage, PoisonInput(stage, QUARANTINE_AFTER)) from None
                 if replica_died(error) and retry < retries:
                     retry += 1
+                    if isinstance(getattr(error, "cause", None) or error, ReplicaLost):
+                        # The lost replica answered and ends in a moment: call again once it is gone (and Serve
+                        # knows), or the retry may reach it and be refused again.
+                        await asyncio.sleep(LOST_REPLICA_BACKOFF_S)
                     logger.warning("job %s: a %s replica died mid-call; calling again (%d of %d)",
                                    self.job.job_id, stage, retry, retries)
                     self.services.stats.bump("stage_retries_total")
@@ -198,6 +212,21 @@ class RunnerJobContext:
         fresh = await self._run(producer, advance=False)
         made = {h.name: h for h in (fresh if isinstance(fresh, tuple) else (fresh,)) if isinstance(h, Handoff)}
         return tuple(made.get(arg.name, arg) if isinstance(arg, Handoff) else arg for arg in args)
+
+    async def _struck(self, stage: str, error: BaseException) -> bool:
+        """Count a strike when the call's replica was lost with the job to blame; True once it is quarantined."""
+        blamed = strike_of(error)
+        if not blamed:
+            return False
+        async with self._strikes_lock:
+            count = await self.strikes.add()
+        self.ticket = dataclasses.replace(self.ticket, isolate=True)  # from now on it runs apart from other jobs
+        logger.warning("job %s: a %s replica was lost running it (strike %d of %d)", self.job.job_id, stage, count,
+                       QUARANTINE_AFTER)
+        if count >= QUARANTINE_AFTER:
+            self.services.stats.bump("quarantined_total")
+            return True
+        return False
 
     async def _await_unless_cancelled(self, response) -> Any:
         call = asyncio.ensure_future(_result_of(response))

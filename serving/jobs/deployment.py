@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from typing import Any
 
-from cluster.auth_config import AuthConfig, CallbacksConfig, TenantConfig, load_tenants
+from cluster.auth_config import CallbacksConfig
 from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig, RewriterConfig, StorageConfig
 from serving.errors import StageDead
 from serving.families import get_family
@@ -26,33 +25,11 @@ from serving.jobs.progress import ProgressMarks
 from serving.jobs.runner import JobRunner
 from serving.jobs.backends import open_store
 from serving.metrics import StageStats
-from serving.tenancy.webhooks import WebhookSigner
+from serving.jobs.runner_tenancy import RunnerTenancy
 
-__all__ = ["JobRunnerDeployment", "RunnerTenancy"]
+__all__ = ["JobRunnerDeployment"]
 
 logger = logging.getLogger("ray.serve.reelserve.runner")
-
-
-@dataclass(frozen=True)
-class RunnerTenancy:
-    """What the runner needs of tenancy and capacity: shares and caps for fair share, diffusion's slots per
-    replica, how callbacks are delivered."""
-
-    auth: AuthConfig | None
-    callbacks: CallbacksConfig
-    diffusion_slots: int
-
-    def tenants(self) -> dict[str, TenantConfig]:
-        return {tenant.name: tenant for tenant in load_tenants(self.auth)} if self.auth else {}
-
-    def signer(self) -> WebhookSigner | None:
-        if not self.callbacks.allowed_url_prefixes:
-            return None  # callbacks are refused at admission: nothing to sign
-        try:
-            return WebhookSigner.from_env(self.callbacks)
-        except ValueError as error:
-            logger.error("callbacks cannot be signed: %s; they will be recorded as undelivered", error)
-            return None
 
 
 class JobRunnerDeployment:

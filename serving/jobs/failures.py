@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from serving.errors import (
-    InvalidReference,
-    KeptOutputLost,
-    ReelserveError,
-    StageOutOfMemory,
-)
+from serving.errors import InvalidReference, KeptOutputLost, PoisonInput, ReelserveError, StageOutOfMemory
 from serving.storage.errors import StorageError
 
 __all__ = ["StageFailure", "LeaseLost", "client_safe_error", "kept_output_lost", "replica_died"]
@@ -27,9 +22,10 @@ class LeaseLost(Exception):
 
 
 def replica_died(error: BaseException) -> bool:
-    """Ray's ways of saying the replica serving a call is gone (the call may be retried elsewhere)."""
+    """Ray's ways of saying the replica serving a call is gone, and ours (``ReplicaLost``: its device broke); the
+    call may be retried elsewhere."""
     names = {type(error).__name__, type(getattr(error, "cause", None) or error).__name__}
-    return bool(names & {"ActorDiedError", "ActorUnavailableError", "RayActorError", "WorkerCrashedError"})
+    return bool(names & {"ActorDiedError", "ActorUnavailableError", "RayActorError", "WorkerCrashedError", "ReplicaLost"})
 
 
 def kept_output_lost(error: BaseException) -> str | None:
@@ -54,6 +50,8 @@ def client_safe_error(error: BaseException, stage: str, size: str = "") -> tuple
         return "stage_unavailable", f"a {stage} replica died while generating this video, also when retried; retry later"
     if isinstance(cause, StorageError):  # full, or unreachable for longer than storage.outage_wait_s
         return "storage_unavailable", f"the {stage} stage could not use storage: {cause.client_message}"
+    if isinstance(cause, PoisonInput):
+        return "poison_input", cause.client_message.splitlines()[0][:300]
     if isinstance(cause, InvalidReference):
         return "invalid_reference", "invalid reference " + cause.client_message.splitlines()[0][:300]
     if isinstance(cause, ReelserveError):

@@ -7,7 +7,9 @@
   queued requests, bytes handed on (``serving.metrics``), and the load the
   autoscaling policy reads (``cluster.load``).
 - Out of memory is a per-request failure: the replica frees what it held and
-  serves on; the orchestrator reports it as this stage's.
+  serves on; the orchestrator reports it as this stage's. Any other CUDA error
+  loses the replica (``serving.stages.health``): the call ends ``ReplicaLost``
+  (blamed on its input), queued calls are handed on, the process ends.
 - Outputs leave as a ``Handoff``: a Ray object put by this replica (read
   zero-copy on its node) plus a copy kept in the artifacts store under the
   job's attempt (safetensors + JSON), which a takeover or a consumer whose
@@ -27,11 +29,13 @@ from typing import Any, Callable, TypeVar
 from cluster.config import FaultConfig, JobsConfig, StorageConfig
 from cluster.load import StageLoad
 from serving import metrics
+from serving.device_errors import device_failure
 from serving.errors import GenerationFailed, KeptOutputLost, StageOutOfMemory
 from serving.jobs.faults import FaultInjector, InjectedOutOfMemory
 from serving.jobs.job_storage import JobStorage, patiently
 from serving.stages.ledger import StageLedger
 from serving.protocol import Handoff, JobInput, JobTicket
+from serving.stages.health import ReplicaHealth
 
 T = TypeVar("T")
 
@@ -83,6 +87,7 @@ class StageRunner:
         self.storage = JobStorage(storage or StorageConfig().with_job_defaults(jobs.results_dir, jobs.artifacts),
                                   jobs.redis_url)
         self.faults = FaultInjector(stage, list(faults), self.storage)
+        self.health = ReplicaHealth(stage, model)
         self._lock = asyncio.Lock()
 
     async def run(self, ticket: JobTicket, work: Callable[..., T], *args) -> T:
@@ -91,8 +96,9 @@ class StageRunner:
         try:
             await self.faults.on_entry(ticket)
             async with self._lock:
+                self.health.refuse()  # lost while this call waited: it goes to another replica
                 self.ledger.started(entry)
-                future = asyncio.ensure_future(asyncio.to_thread(self._guarded, work, *args))
+                future = asyncio.ensure_future(asyncio.to_thread(self._guarded, ticket, work, *args))
                 try:
                     result = await asyncio.shield(future)
                     ok = True
@@ -103,10 +109,15 @@ class StageRunner:
         finally:
             self.ledger.left(entry, ok)
 
-    def _guarded(self, work: Callable[..., T], *args) -> T:
+    def _guarded(self, ticket: JobTicket, work: Callable[..., T], *args) -> T:
         try:
+            self.faults.in_call(ticket)
             return work(*args)
         except Exception as error:
+            failure = device_failure(error)
+            if failure is not None:  # the device (or rank group) broke in this call: the replica is lost
+                self.health.lose(f"{type(error).__name__}: {str(error)[:200]}", failure)
+                raise self.health.error(blamed=failure == "device") from None
             if not is_out_of_memory(error):
                 raise
         # Out of memory: freed outside the except block, so the failed call's frames (and tensors) are gone.

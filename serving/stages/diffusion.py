@@ -14,7 +14,20 @@ shapes allow. Around it, per request, on the event loop:
   redeploy), so a successor resumes at the very step this one stopped; a
   request resumes from the newest readable checkpoint of its attempt or an
   earlier one (unreadable bytes are skipped, and logged, never executed);
-- out of memory fails only the requests of that batch; the replica serves on.
+- out of memory fails only the requests of that batch; the replica serves on;
+  any other CUDA error, or a rank group that lost a worker, loses the replica
+  (``serving.stages.health``): its requests end ``ReplicaLost`` (blamed on the
+  batch whose pass broke the device) and resume from their checkpoints elsewhere;
+- a request whose job is a suspect (its replica died while it ran) runs in a
+  batch of its own;
+- with ``stages.diffusion.num_gpus`` N > 1 the replica is rank 0 of a group of
+  N (``serving.parallel_group``) and every transformer pass runs on all ranks;
+- the replica tells the job store it is up (its slots are diffusion's capacity,
+  which runners claim jobs into) and reads the store's queue for the autoscaler.
+
+The constructor does the whole start (``serving.stages.startup``): node-local
+weights, the memory cap, the rank group, the load, then the warm-up of every
+shape bucket, so Serve routes nothing to the replica before it is ready.
 """
 
 from __future__ import annotations
@@ -32,9 +45,11 @@ from typing import Any
 from ray import serve
 
 from cluster.config import FaultConfig, JobsConfig, ModelConfig, StorageConfig
+from cluster.startup_config import StageRuntime
 from cluster.load import DiffusionLoad
 from serving import metrics
-from serving.devices import resolve_device
+from serving.device_errors import device_failure
+from serving.devices import resolve_device, resolve_dtype
 from serving.engine.core import CheckpointReady, RequestFailed, RequestFinished, StepFinished
 from serving.errors import GenerationFailed, JobCancelled, StageDead, StageOutOfMemory
 from serving.families import get_family
@@ -43,8 +58,10 @@ from serving.jobs.progress import ProgressMarks
 from serving.jobs.backends import open_store
 from serving.jobs.writer import FencedWriter
 from serving.protocol import DenoiseResult, Handoff, JobTicket
+from serving.parallel_group import ShardedTransformerGroup
 from serving.stages._base import LoadTimer, StageRunner, free_device_memory, is_out_of_memory, placement
 from serving.stages.ledger import LedgerEntry
+from serving.stages.startup import cap_memory, export_loads, local_weights, warm_up
 
 __all__ = ["DiffusionStage"]
 
@@ -74,21 +91,29 @@ class _Request:
 
 class DiffusionStage:
     def __init__(self, stage: str, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = (),
-                 storage: StorageConfig | None = None):
+                 storage: StorageConfig | None = None, runtime: StageRuntime | None = None):
         family = get_family(model.family)
         register_stored_types(family)
+        runtime = runtime or StageRuntime()
         self._spec = family.stage(stage)
         self._marks = ProgressMarks(family.stages)
-        with LoadTimer(stage, model.name) as load:
-            self._diffusion = family.diffusion_model(model)
-        self._engine = self._diffusion.engine
         self._name = stage
         self._model = model.name
         self._store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
         self._device = str(resolve_device(model.device))  # what the family computes on
         # Its autoscaling load is a DiffusionLoad, fed per denoising step (below), not the ledger's.
         self._runner = StageRunner(stage, jobs, faults, model.name, storage, load=None)
+        self._memory_fraction = cap_memory(self._device, runtime.memory_fraction)
+        with LoadTimer(stage, model.name) as load:
+            model = local_weights(model, self._spec, runtime)
+            self._group = _rank_group(family, model, runtime.ranks)
+            self._diffusion = family.diffusion_model(model, passes=self._group)
+        self._engine = self._diffusion.engine
         self._runner.stats.load_seconds = load.seconds
+        self._loads = export_loads(stage, model.name, getattr(self._diffusion, "loaded", None))
+        self._warmup_seconds = warm_up(stage, model.name, getattr(self._diffusion, "warm_up", None), runtime,
+                                       self._runner.faults)
+        _inject_device_faults(self._engine, self._runner.faults, lambda engine_id: self._requests.get(engine_id))
         # Store writes (progress, cancel checks) and artifact writes (checkpoints) each get their own threads: a
         # slow store never holds up a checkpoint, nor the other way round.
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="diffusion-store")
@@ -115,6 +140,7 @@ class DiffusionStage:
     async def call(self, ticket: JobTicket, method: str, *args: Any) -> DenoiseResult:
         """Denoise for the job: ``args`` are the family's ``denoise`` inputs (hand-offs and plain values)."""
         names = self._spec.outputs(method)
+        self._runner.health.refuse()  # lost: this call goes to another replica
         entry = self._runner.ledger.arrived()  # waiting until its first denoising step
         ok, request = False, None
         try:
@@ -175,16 +201,17 @@ class DiffusionStage:
         )
         request.writer.start()
         self._requests[engine_id] = request
+        alone = ticket.isolate  # a suspect (its replica died while it ran): never batched with others
         try:
             try:
-                self._engine.add(denoise, resume_from=resume)
+                self._engine.add(denoise, resume_from=resume, alone=alone)
             except ValueError as mismatch:
                 if resume is None:
                     raise
                 # Taken with other settings (a redeploy changed the steps or the recipe): start over.
                 logger.warning("job %s: its checkpoint does not fit this engine (%s); starting over", ticket.job_id, mismatch)
                 resume = None
-                self._engine.add(denoise)
+                self._engine.add(denoise, alone=alone)
         except BaseException:
             self._requests.pop(engine_id, None)
             await request.writer.stop()
@@ -220,7 +247,7 @@ class DiffusionStage:
         return self._thread is None or self._thread.is_alive()
 
     def _run_engine(self) -> None:
-        while True:
+        while self._runner.health.lost is None:  # a lost replica computes nothing more (its process is ending)
             with self._wake:
                 while not self._engine.has_work and not self._stop_requests:
                     self._wake.wait(timeout=5.0)  # idle; woken by every new request and stop
@@ -246,6 +273,8 @@ class DiffusionStage:
                 self._engine.abort(engine_id)  # so it does not run (and fail) again
             events = [_EngineFailure(engine_id, error) for engine_id in failed]
         self._step_seconds = time.perf_counter() - started
+        if self._lost_in(events):
+            return
         self._mark_started(events)
         for event in events:
             self._dispatch(event)
@@ -266,6 +295,24 @@ class DiffusionStage:
             stepped = [e.request_id for e in events if isinstance(e, StepFinished) and e.request_id in self._started]
             if stepped:
                 self._load.stepped(stepped, seconds)
+
+    def _lost_in(self, events) -> bool:
+        """A pass broke the device (or the rank group): end every request here with ``ReplicaLost``, the ones of
+        the batch whose pass broke it blamed, and lose the replica. True when that happened."""
+        failed = [e for e in events if isinstance(e, (RequestFailed, _EngineFailure))]
+        broken = next((e.error for e in failed if device_failure(e.error) is not None), None)
+        if broken is None:
+            return False
+        code = device_failure(broken)
+        health = self._runner.health
+        health.lose(f"{type(broken).__name__}: {str(broken)[:200]}", code)
+        # The batch that raised it first shares that very error object; later batches of the step, on a broken
+        # device, fail with errors of their own and are not to blame.
+        culprits = {e.request_id for e in failed if e.error is broken} if code == "device" else set()
+        for engine_id in list(self._requests):
+            self._engine.abort(engine_id)
+            self._resolve(engine_id, error=health.error(blamed=engine_id in culprits))
+        return True
 
     def _stop_in_engine(self, engine_id: str) -> None:
         request = self._requests.get(engine_id)
@@ -351,10 +398,16 @@ class DiffusionStage:
             logger.warning("job %s: saving a checkpoint failed: %r", ticket.job_id, error)
 
     def stats(self) -> dict:
-        return self._runner.stats.snapshot()
+        return {**self._runner.stats.snapshot(), "component_load_seconds": self._loads,
+                "warmup_seconds": self._warmup_seconds, "token_budget": self._engine.token_budget,
+                "ranks": self._group.degree if self._group is not None else 1,
+                "rank_workers": list(self._group.worker_names) if self._group is not None else []}
 
     def placement(self) -> dict:
-        return placement(self._device)
+        """Rank 0 (this replica) and, for a replica over several GPUs, each worker rank, as Ray placed them."""
+        workers = self._group.placements() if self._group is not None else []
+        return {**placement(self._device), "memory_fraction": self._memory_fraction, "ranks": 1 + len(workers),
+                "workers": workers}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         # Jobs waiting in the store for a slot are load the policy must see: read them at most every 2 s.
@@ -373,8 +426,16 @@ class DiffusionStage:
         return True
 
     async def check_health(self) -> None:
-        """Dead only when the denoising thread died (every request would wait forever). Alive, it tells the store it
-        is up (its slots count as diffusion's capacity) and reads the store's queue for the autoscaler."""
+        """Dead when the denoising thread died (every request would wait forever), the device broke, or a worker
+        rank of its group is gone (every pass would fail or hang). Alive, it tells the store it is up (its slots
+        count as diffusion's capacity) and reads the store's queue for the autoscaler."""
+        health = self._runner.health
+        if self._group is not None and health.lost is None and not await asyncio.to_thread(self._group.alive):
+            health.lose("a worker rank of the replica's group is gone", "group")
+            for engine_id in list(self._requests):
+                self._stop(engine_id)  # its thread may hang in a collective; the process ends in a moment
+                self._resolve(engine_id, error=health.error(blamed=False))
+        health.check()
         if not self._engine_alive:
             raise StageDead("the diffusion engine's thread has stopped")
         loop = asyncio.get_running_loop()
@@ -423,3 +484,37 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # noqa: BLE001 - not in a replica
         return "diffusion-" + secrets.token_hex(4)
+
+
+def _rank_group(family, model: ModelConfig, ranks: int) -> ShardedTransformerGroup | None:
+    """The replica's rank group when it spans several GPUs (the family's sequence-parallel pass on every rank)."""
+    if ranks <= 1:
+        return None
+    if family.sequence_parallel is None:
+        raise ValueError(f"stages.diffusion.num_gpus: the {family.name} family has no sequence-parallel pass; use 1")
+    device = resolve_device(model.device)
+    name = None
+    try:  # inside a replica only: the workers are named after it
+        name = f"reelserve-{serve.get_replica_context().replica_id.unique_id}"
+    except Exception:  # noqa: BLE001 - not a Serve replica
+        pass
+    return ShardedTransformerGroup.start(family.sequence_parallel(model), ranks,
+                                         dtype=resolve_dtype(model.dtype, device), name=name)
+
+
+def _inject_device_faults(engine, faults, request_of) -> None:
+    """``device_error`` / ``poison_input`` faults strike inside the pass of the batch that holds their job, as a
+    broken device would: the whole batch fails with the same error."""
+    if not faults.armed:
+        return
+    model = engine.model
+    advance = model.advance
+
+    def advance_with_faults(states, token_budget):
+        for state in states:
+            request = request_of(model.request_id(state))
+            if request is not None:
+                faults.in_pass(request.ticket, model.progress(state)[0])
+        return advance(states, token_budget)
+
+    model.advance = advance_with_faults

@@ -120,29 +120,74 @@ def test_the_pod_templates_validate_as_core_pods(profile, rendered):
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_serve_config_validates_with_rays_schema_and_its_app_builds(profile, rendered):
+def test_serve_config_validates_with_rays_schema_and_its_apps_build(profile, rendered):
     from ray.serve._private.build_app import build_app as build_deployments
     from ray.serve.schema import ServeDeploySchema
 
-    from graphs import build_app
+    from cluster.config import ReelserveConfig
+    from graphs import build_app, build_stage_app
 
     serve_config = ServeDeploySchema.model_validate(yaml.safe_load(_rayservice(rendered[profile])["spec"]["serveConfigV2"]))
     assert serve_config.grpc_options.grpc_servicer_functions == [
         "serving.proto.video_pb2_grpc.add_VideoServiceServicer_to_server"
     ]
-    (app,) = serve_config.applications
-    assert app.import_path == "graphs:build_app"
+    front, *stages = serve_config.applications
+    assert front.import_path == "graphs:build_app" and front.route_prefix == "/"
     config_file = yaml.safe_load((REPO / _source(profile)).read_text())
-    assert app.args["model"] == config_file["model"] and app.args.get("stages") == config_file.get("stages")
-    assert app.args["jobs"]["backend"] == "redis" and app.args["ingress"]["host"] == "0.0.0.0"
+    assert front.args["model"] == config_file["model"] and front.args.get("stages") == config_file.get("stages")
+    assert front.args["jobs"]["backend"] == "redis" and front.args["ingress"]["host"] == "0.0.0.0"
     if not any(node.get("gpus") for node in config_file.get("nodes", [])):  # the image's vLLM needs a GPU
-        assert app.args["rewriter"]["enabled"] is False
+        assert front.args["rewriter"]["enabled"] is False
+    assert {d.name for d in build_deployments(build_app(front.args), name=front.name).deployments} == {
+        "ingress", "orchestrator"}
 
-    deployments = {d.name: d for d in build_deployments(build_app(app.args), name=app.name).deployments}
-    assert {"ingress", "diffusion", "muxer"} <= set(deployments)
-    autoscaling = deployments["diffusion"]._deployment_config.autoscaling_config
+    # One application per stage, no route (the front's ingress is the only one), args = the stage's own section.
+    config = ReelserveConfig.model_validate(front.args)
+    assert [app.name for app in stages] == [f"reelserve-{stage}" for stage in config.stage_names]
+    for app in stages:
+        assert app.import_path == "graphs:build_stage_app" and app.route_prefix is None
+        assert "max_active_jobs" not in app.args["jobs"] or app.args["jobs"]["max_active_jobs"] == 32  # a default
+        (deployment,) = build_deployments(build_stage_app(app.args), name=app.name).deployments
+        (options,) = app.deployments  # the stage's Serve options: applied in place, no restart
+        assert deployment.name == options.name == app.args["stage"]
+    diffusion = next(app for app in stages if app.args["stage"] == "diffusion").deployments[0]
     if config_file["stages"].get("diffusion", {}).get("num_replicas", 1) is None:
-        assert autoscaling.policy.policy_function == "cluster.autoscaling:DiffusionBacklogPolicy"
+        assert diffusion.autoscaling_config["policy"]["policy_function"] == "cluster.autoscaling:DiffusionBacklogPolicy"
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_worker_pods_keep_the_drain_and_budgets_keep_the_minimum_replicas(profile, rendered):
+    from cluster.config import ReelserveConfig
+    from cluster.placement import drain_seconds
+    from cluster.plan import make_plan
+
+    config = ReelserveConfig.model_validate(yaml.safe_load((REPO / _source(profile)).read_text()))
+    groups = _rayservice(rendered[profile])["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    longest = drain_seconds("diffusion", config)
+    for group in groups:
+        spec = group["template"]["spec"]
+        command = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[:3] == ["python", "-m", "cluster.drain"]
+        wait = int(command[command.index("--timeout") + 1])
+        assert wait >= 40  # the orchestrator's hand-over at least
+        assert spec["terminationGracePeriodSeconds"] > wait  # the hook finishes before Kubernetes stops the pod
+        node = next(n for n in config.nodes or [] if n.name == group["groupName"]) if config.nodes else None
+        if node is None or node.gpus and config.stages["diffusion"].accelerator_type in (None, node.accelerator_type):
+            assert wait >= longest  # the group holds diffusion replicas: their whole drain fits
+    budgets = {o["metadata"]["name"]: o for o in _objects(rendered[profile]) if o["kind"] == "PodDisruptionBudget"}
+    plan = make_plan(config)
+    for group in groups:
+        name = group["groupName"]
+        budget = budgets[f"reelserve-{name}"]
+        labels = group["template"]["metadata"]["labels"]
+        assert _selects(budget["spec"]["selector"], labels)
+        node = next((n for n in config.nodes if n.name == name), None)
+        if node is not None and node.gpus:  # enough pods for the stages' GPUs at their minimum replicas
+            assert budget["spec"]["minAvailable"] * node.gpus >= plan.gpus_at_min[node.accelerator_type]
+    # Each budget selects only its own group's pods.
+    for name, budget in budgets.items():
+        assert [g["groupName"] for g in groups if _selects(budget["spec"]["selector"], g["template"]["metadata"]["labels"])
+                ] == [name.removeprefix("reelserve-")]
 
 
 @pytest.mark.parametrize("profile", PROFILES)

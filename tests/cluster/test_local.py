@@ -34,13 +34,13 @@ def _cli(args, env, timeout=600):
 def cluster(tiny_checkpoint, tmp_path_factory):
     """A detached local cluster started with `reelserve up --detach`; `down` at the end."""
     root = tmp_path_factory.mktemp("local-cluster")
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port, gcs_port = free_port(), free_port(), free_port()
     config = {
         "model": {"path": str(tiny_checkpoint), "name": "ltx-2-tiny", "num_inference_steps": 4,
                   "stg_blocks": [1], "default_size": "64x64", "default_seconds": 1, "max_prompt_tokens": 256},
         "ingress": {"http_port": free_port(), "grpc_port": grpc_port},
         "jobs": {"backend": "sqlite", "sqlite_path": str(root / "jobs.sqlite3"), "results_dir": str(root / "results")},
-        "ray": {"gcs_port": free_port(), "object_store_memory_mb": 300, "metrics_export_port": metrics_port},
+        "ray": {"gcs_port": gcs_port, "object_store_memory_mb": 300, "metrics_export_port": metrics_port},
     }
     config_path = root / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -50,7 +50,7 @@ def cluster(tiny_checkpoint, tmp_path_factory):
     up = _cli(["up", "--config", str(config_path), "--detach"], env)
     assert up.returncode == 0, up.stderr[-3000:]
     yield {
-        "env": env, "grpc": f"127.0.0.1:{grpc_port}", "root": root, "up": up,
+        "env": env, "grpc": f"127.0.0.1:{grpc_port}", "root": root, "up": up, "config": config, "gcs_port": gcs_port,
         "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "metrics_target": f"127.0.0.1:{metrics_port}",
     }
     down = _cli(["down"], env, timeout=120)
@@ -109,6 +109,24 @@ def test_generate_over_grpc_refuses_bad_input_in_one_line(cluster, tmp_path, arg
     assert len(lines) == 1 and flag in lines[0] and "Traceback" not in result.stderr
 
 
+def test_up_on_a_running_cluster_applies_the_config_in_place(cluster):
+    """`reelserve up --config` on a running cluster applies the config instead of refusing: an application restarts
+    only when its own section changed (here none did; a jobs-only change restarting no stage is shown on the
+    served cluster, tests/serving/test_served_health.py). What only a new start can change is refused by name."""
+    before = json.loads(_cli(["status"], cluster["env"], timeout=120).stdout)["replicas"]
+    path = cluster["root"] / "again.yaml"
+    path.write_text(yaml.safe_dump(cluster["config"]))
+    result = _cli(["up", "--config", str(path), "--detach"], cluster["env"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "restarted nothing" in result.stdout
+    after = json.loads(_cli(["status"], cluster["env"], timeout=120).stdout)
+    assert after["status"] == "RUNNING" and after["replicas"] == before
+    moved = {**cluster["config"], "ingress": {**cluster["config"]["ingress"], "grpc_port": free_port()}}
+    path.write_text(yaml.safe_dump(moved))
+    refused = _cli(["up", "--config", str(path)], cluster["env"])
+    assert refused.returncode == 2 and "ingress.grpc_port: cannot change on a running cluster" in refused.stderr
+
+
 def test_generate_reports_an_unreachable_server(tmp_path):
     result = _cli(
         ["generate", "--address", f"127.0.0.1:{free_port()}", "--prompt", "a cat", "--out", str(tmp_path / "x.mp4")],
@@ -126,7 +144,7 @@ def test_generate_reports_an_unreachable_server(tmp_path):
 EXPECTED_METRICS = {spec.name: spec.kind for spec in METRICS}
 ONLY_WHEN_IT_HAPPENS = {  # counters Ray exports only after a first increment, or GPU-only gauges
     "reelserve_admissions_refused_total", "reelserve_prompt_rewrite_fallbacks_total",
-    "reelserve_gpu_memory_allocated_bytes", "reelserve_gpu_memory_peak_bytes",
+    "reelserve_gpu_memory_allocated_bytes", "reelserve_gpu_memory_peak_bytes", "reelserve_replicas_lost_total",
 }
 MODEL_STAGES = ("prompt_rewriter", "text_encoder", "image_conditioner", "diffusion", "video_decoder", "audio_decoder")
 STAGES = MODEL_STAGES + ("muxer",)
@@ -303,6 +321,24 @@ def test_prometheus_scrapes_the_cluster_and_every_query_is_valid(cluster, loadte
     stage_latency = [q for q in queries if "reelserve_stage_request_seconds" in q
                      and not any(stage in q for stage in other_families)]
     assert stage_latency and all(q not in empty for q in stage_latency)
+
+
+def test_down_stops_every_process_up_started(cluster, loadtest):
+    """Ray's client server (port 10001) included: it is nobody's child once `ray start` exited."""
+    import time
+
+    from cluster.local import head_processes
+
+    running = head_processes(cluster["gcs_port"])
+    titles = [" ".join(p.cmdline()) for p in running]
+    assert any("ray.util.client.server" in title for title in titles), titles
+    assert any("raylet" in title for title in titles) and any("gcs_server" in title for title in titles)
+    down = _cli(["down"], cluster["env"], timeout=120)
+    assert down.returncode == 0, down.stderr[-2000:]
+    deadline = time.monotonic() + 30
+    while (left := [p for p in head_processes(cluster["gcs_port"]) if p.is_running() and p.status() != "zombie"]):
+        assert time.monotonic() < deadline, [" ".join(p.cmdline()) for p in left]
+        time.sleep(0.5)
 
 
 def test_down_stops_only_the_processes_of_its_own_head(tmp_path):

@@ -88,6 +88,62 @@ def test_a_rewriter_taking_more_than_its_share_is_refused():
     assert "rewriter.gpu_memory_utilization" in _problems(config)
 
 
+def test_shared_gpus_are_counted_for_every_start_order():
+    from cluster.plan import _first_fit, worst_first_fit
+
+    shares = [0.4, 0.5, 0.6, 0.5]
+    assert _first_fit(sorted(shares, reverse=True)) == 2  # largest first: 0.6 + 0.4, 0.5 + 0.5
+    assert _first_fit([0.4, 0.5, 0.6, 0.5]) == 3  # Ray, in this start order: 0.4 + 0.5, then 0.6, then 0.5
+    assert worst_first_fit(shares) == 3
+    assert worst_first_fit([0.25] * 4) == 1 and worst_first_fit([0.5, 0.5, 0.7]) == 2
+    assert worst_first_fit([0.1] * 30) >= _first_fit([0.1] * 30)  # past the orders it tries: a bound for all
+
+
+def test_shares_that_fit_only_in_some_start_orders_are_refused_naming_a_share():
+    config = load_config(str(PROFILES / "8x-h100.yaml")).model_dump()
+    config["nodes"][0]["gpus"] = 3  # diffusion takes 1; the shares get 2 GPUs
+    config["stages"]["diffusion"].update(min_replicas=1, max_replicas=1)
+    config["stages"]["text_encoder"].update(num_replicas=1, gpu_memory_gb=40)  # 0.5
+    config["stages"]["prompt_rewriter"]["gpu_memory_gb"] = 48  # 0.6
+    config["stages"]["video_decoder"].update(gpu_memory_gb=40, num_replicas=1)  # 0.5
+    config["stages"]["image_conditioner"]["gpu_memory_gb"] = 24  # 0.3
+    config["stages"]["audio_decoder"]["gpu_memory_gb"] = 8  # 0.1
+    plan = make_plan(ReelserveConfig.model_validate(config))
+    assert [p.field for p in plan.problems] == ["stages.prompt_rewriter.gpu_memory_gb"], format_plan(plan)
+    assert "some orders need 4" in plan.problems[0].message
+
+
+def test_a_sequence_parallel_diffusion_replica_is_sized_per_gpu():
+    config = load_config(str(PROFILES / "8x-h100.yaml")).model_dump()
+    one = next(s for s in make_plan(ReelserveConfig.model_validate(config)).stages if s.name == "diffusion")
+    config["stages"]["diffusion"]["num_gpus"] = 2
+    two = next(s for s in make_plan(ReelserveConfig.model_validate(config)).stages if s.name == "diffusion")
+    assert two.weights_gb == one.weights_gb  # every GPU holds the whole transformer
+    assert two.activations_gb == pytest.approx((one.activations_gb - 0.5) / 2 + 0.5)  # split, + its CUDA context
+    assert two.budget_gb == one.budget_gb == 80  # per GPU
+    assert "per GPU of 2" in two.note
+    config["model"]["diffusion"] = {"step_cache": "first_block", "batching": False}
+    assert "model.diffusion.step_cache" in _problems(config)
+
+
+def test_a_replica_wider_than_the_local_cluster_is_refused():
+    config = {"ray": {"num_gpus": 1}, "stages": {"diffusion": {"num_gpus": 2, "device": "cpu"}}}
+    assert "stages.diffusion.num_gpus" in _problems(config)
+    config["ray"]["num_gpus"] = 2
+    assert make_plan(ReelserveConfig.model_validate(config)).fits
+
+
+def test_the_plan_prints_the_expected_load_time_from_the_weight_bytes():
+    config = load_config(str(PROFILES / "8x-h100.yaml")).model_dump()
+    config["startup"] = {"shared_read_gb_per_s": 2.0, "cache_read_gb_per_s": 8.0}
+    plan = make_plan(ReelserveConfig.model_validate(config))
+    diffusion = next(s for s in plan.stages if s.name == "diffusion")
+    assert diffusion.load_s == pytest.approx(diffusion.weights_gb / 2.0)
+    assert diffusion.cached_load_s == pytest.approx(diffusion.weights_gb / 8.0)
+    text = format_plan(plan)
+    assert f"{diffusion.load_s:.1f}" in text and "startup.shared_read_gb_per_s" in text
+
+
 def test_the_cli_prints_the_plan_and_exits_2_naming_the_field(tmp_path):
     import yaml
 

@@ -37,6 +37,7 @@ STEPS = 12
 SLOW = "[slow]"  # 0.25 s more per denoising step: a job that is still running when a test acts on it
 SLOWER = "[slower]"  # 1.5 s more per step: still running after a deployment restarts
 LONG = "[long]"  # 4 s more per step: a job that outlasts a scale-up (about 50 s, within the 60 s deadline)
+WARMUP_STALL_S = 45  # how much longer a video decoder added by scaling warms up
 FAULTS = [
     {"stage": "diffusion", "kind": "slow", "prompt_contains": SLOW, "stall_s": 0.25},
     {"stage": "diffusion", "kind": "slow", "prompt_contains": SLOWER, "stall_s": 1.5},
@@ -52,6 +53,11 @@ FAULTS = [
     {"stage": "diffusion", "kind": "stall", "prompt_contains": "[corrupt]", "stall_s": 4, "times_per_job": 2},
     # The MP4 goes up 8 s after the job reaches the muxer (the storage outage test stops S3 meanwhile).
     {"stage": "muxer", "kind": "stall", "prompt_contains": "[mux-later]", "stall_s": 8},
+    # A CUDA error other than out of memory, once (a broken GPU), and every time the job runs (a poisoned input).
+    {"stage": "diffusion", "kind": "device_error", "prompt_contains": "[gpu-error]", "at_step": 3},
+    {"stage": "diffusion", "kind": "poison_input", "prompt_contains": "[poison]", "at_step": 2},
+    # A video decoder added by scaling warms up this much longer (the first one is not slowed).
+    {"stage": "video_decoder", "kind": "slow_warmup", "stall_s": WARMUP_STALL_S},
 ]
 
 
@@ -195,7 +201,9 @@ def served(tiny_checkpoint, tmp_path_factory, aws_environment):
               "REELSERVE_WEBHOOK_SECRET": WEBHOOK_SECRET}
     saved = {name: os.environ.get(name) for name in pushes}
     os.environ.update(pushes)
-    ray.init(address="local", num_cpus=4, num_gpus=2, resources={"accelerator_type:H100": 2},
+    # Four logical GPUs (no CUDA here): two "H100"s the GPU-reserving stages share, and room for a diffusion replica
+    # spanning two GPUs (tests/serving/test_served_parallel.py).
+    ray.init(address="local", num_cpus=4, num_gpus=4, resources={"accelerator_type:H100": 2},
              include_dashboard=False, object_store_memory=400 * 1024**2, log_to_driver=False)
     try:
         serve.start(
@@ -205,8 +213,8 @@ def served(tiny_checkpoint, tmp_path_factory, aws_environment):
         # The diffusion policy is named in the deployment overrides from the start: Serve rebuilds the whole app
         # when the set of policies changes, and only updates bounds in place when it does not.
         held = diffusion_autoscaling(config, min_replicas=2, max_replicas=2)
-        overrides = {"diffusion": {"name": "diffusion", "autoscaling_config": held}}
-        deploy(config, list(overrides.values()))
+        overrides = {"diffusion": {"autoscaling_config": held}}
+        deploy(config, overrides)
         yield {
             "http": f"http://127.0.0.1:{http_port}",
             "grpc": f"127.0.0.1:{grpc_port}",
@@ -237,30 +245,22 @@ def diffusion_autoscaling(config: dict, **bounds) -> dict:
     return {**autoscaling_config("diffusion", ReelserveConfig.model_validate(config)), **bounds}
 
 
-def deploy(config: dict, overrides: list[dict] | None = None, timeout_s: float = 600) -> None:
-    """Deploy the app the way KubeRay's serveConfigV2 does: import path ``graphs:build_app``, the config as
-    ``args``, and per-deployment overrides. Changing only overrides (replicas, resources of one deployment)
-    updates just those deployments; nothing else restarts."""
-    from ray import serve
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
+def deploy(config: dict, overrides: dict[str, dict] | None = None, timeout_s: float = 600, wait: bool = True) -> None:
+    """Deploy the app the way KubeRay's serveConfigV2 does (``cluster.apps``): the front application with the
+    config as ``args``, one application per stage with its own section, and per-deployment overrides (options by
+    deployment name). Changing only overrides (replicas, resources of one deployment) updates just those
+    deployments; a config change restarts only the applications whose args it changes."""
+    from cluster.apps import deploy as deploy_applications
+    from cluster.apps import serve_applications
 
-    application = {"name": APP, "route_prefix": "/", "import_path": "graphs:build_app", "args": config}
-    if overrides:
-        application["deployments"] = overrides
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [application]}))
-    deadline = time.time() + timeout_s
-    time.sleep(1)
-    while time.time() < deadline:
-        app = serve.status().applications.get(APP)
-        if app is not None and str(app.status.value if hasattr(app.status, "value") else app.status) == "RUNNING":
-            deployments = app.deployments.values()
-            if all(str(getattr(d.status, "value", d.status)) == "HEALTHY" for d in deployments):
-                return
-        if app is not None and "DEPLOY_FAILED" in str(app.status):
-            raise AssertionError(f"deploying failed: {app.message}")
-        time.sleep(0.5)
-    raise AssertionError(f"the app was not running within {timeout_s} s")
+    deploy_applications(serve_applications(config, overrides), timeout_s=timeout_s, wait=wait)
+
+
+def app_of(deployment: str) -> str:
+    """The Serve application holding ``deployment`` (the front's two, or the stage's own)."""
+    from cluster.apps import stage_app_name
+
+    return APP if deployment in ("ingress", "orchestrator") else stage_app_name(APP, deployment)
 
 
 def grpc_stub(address: str, tenant: str | None = "tests"):
@@ -380,7 +380,7 @@ def wait_until(predicate, timeout_s: float = 60, interval_s: float = 0.1, what: 
 def stage_stats(stage: str) -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle(stage, APP).stats.remote().result()
+    return serve.get_deployment_handle(stage, app_of(stage)).stats.remote().result()
 
 
 @pytest.fixture(scope="session")

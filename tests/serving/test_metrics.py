@@ -27,7 +27,7 @@ def recorded():
 def test_every_metric_follows_the_naming_and_label_rules():
     names = [spec.name for spec in METRICS]
     assert len(names) == len(set(names)), "a metric is defined twice"
-    allowed = {"stage", "model", "status", "code", "resolution", "tenant"}  # tenant: names from the config only
+    allowed = {"stage", "model", "status", "code", "resolution", "tenant", "part"}  # tenant: names from the config only; part: one of a family's few components
     for spec in METRICS:
         assert spec.name.startswith("reelserve_")
         assert set(spec.labels) <= allowed, spec.name
@@ -66,6 +66,9 @@ def test_each_recording_call_emits_its_metrics_with_their_labels(recorded):
     metrics.stage_load("text_encoder", "m", 1, 3)
     metrics.bytes_handed("text_encoder", "m", 1024)
     metrics.model_loaded("text_encoder", "m", 2.0)
+    metrics.component_loaded("text_encoder", "m", "connectors", 0.5)
+    metrics.model_warmed_up("text_encoder", "m", 0.7)
+    metrics.replica_lost("diffusion", "m", "device")
     metrics.gpu_memory("diffusion", "m", 10, 20)
     metrics.denoise_step("m", "720p", 1.2)
     metrics.job_finished("m", "failed", "timeout", 31.0)

@@ -23,6 +23,7 @@ from serving.protocol import JobStatus
 from tests.serving.conftest import (
     SLOW,
     STEPS,
+    app_of,
     bearer,
     bucket_keys,
     stage_stats,
@@ -530,7 +531,7 @@ def test_replicas_get_the_resources_and_devices_the_config_names(served):
     from ray import serve
 
     def where(stage: str) -> dict:
-        return serve.get_deployment_handle(stage, "reelserve").placement.remote().result()
+        return serve.get_deployment_handle(stage, app_of(stage)).placement.remote().result()
 
     muxer = where("muxer")
     assert muxer["resources"]["GPU"] == pytest.approx(0.5)

@@ -22,8 +22,8 @@ import ray
 
 from serving.proto import video_pb2
 from tests.serving.conftest import (
-    APP, LONG, SLOW, SLOWER, STEPS, bearer, bucket_keys, deploy, diffusion_autoscaling, stage_stats, wait_terminal,
-    wait_until,
+    LONG, SLOW, SLOWER, STEPS, app_of, bearer, bucket_keys, deploy, diffusion_autoscaling, stage_stats,
+    wait_terminal, wait_until,
 )
 
 pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
@@ -169,6 +169,31 @@ def _uninterrupted_latents(served, tiny_checkpoint, prompt: str, seed: int) -> n
     plan = RenderPlan.build(width=64, height=64, fps=24, seconds=1.0, seed=seed,
                             num_inference_steps=model.num_inference_steps, frame_step=8)
     return family.diffusion_model(model).denoise(embeddings, None, plan).video.latents.to().numpy()
+
+
+def test_a_cuda_error_other_than_oom_replaces_the_replica_and_the_job_completes_elsewhere(served, stub, job_store,
+                                                                                         figures):
+    """An illegal memory access (injected) in the job's pass at step 4: the replica is lost and ends, Serve starts
+    another, and the job goes on at once on the other replica from its checkpoint of step 2 (no takeover)."""
+    before = {a["name"] for a in _replica_actors("diffusion")}
+    assert len(before) == 2
+    created = _create(stub, "a lighthouse in fog [gpu-error]", seed=13)
+    watcher = Watcher(stub, created.id)
+    final = wait_terminal(stub, created.id)
+    assert final.status == video_pb2.COMPLETED, final.error.message
+    assert final.resumed_from_step == 2  # the last checkpoint before the broken pass; nothing else redone
+    record = job_store.get(created.id)
+    assert (record.attempts, record.takeovers) == (1, 0)  # the stage call was handed on, the job never failed
+    lost = wait_until(lambda: (gone := before - {a["name"] for a in _replica_actors("diffusion")}) and gone,
+                      timeout_s=30, what="the broken replica ending")
+    assert len(lost) == 1
+    assert _ran_on(created.id) != lost.pop().rsplit("#", 1)[-1]  # denoised elsewhere
+    replaced = wait_until(lambda: len(now := {a["name"] for a in _replica_actors("diffusion")}) == 2 and now,
+                          timeout_s=120, what="Serve replacing the lost replica")
+    assert len(replaced - before) == 1
+    figures["device_error_resumed_from_step"] = final.resumed_from_step
+    watcher._thread.join(10)
+    watcher.assert_never_went_back()
 
 
 def test_an_orchestrator_replica_killed_mid_job_is_taken_over(served, served_storage, stub, job_store, figures):
@@ -371,8 +396,8 @@ def _override(served, deployment: str, **options) -> None:
     The session keeps the override, so a later change adds to it.
     """
     overrides = served.setdefault("overrides", {})
-    overrides.setdefault(deployment, {"name": deployment}).update(options)
-    deploy(served["config"], list(overrides.values()))
+    overrides.setdefault(deployment, {}).update(options)
+    deploy(served["config"], overrides)
 
 
 def test_the_ingress_redeployed_mid_job(served, stub, job_store):
@@ -421,7 +446,7 @@ def test_scaling_diffusion_down_while_both_replicas_run_jobs(served, stub, job_s
     remaining = wait_until(lambda: len(r := {a["name"] for a in _replica_actors("diffusion")}) == 1 and r,
                            timeout_s=60, what="the drained replica stopping")
     assert remaining < before  # one of the two was kept: a scale change restarts nothing
-    diffusion = serve.status().applications[APP].deployments["diffusion"]
+    diffusion = serve.status().applications[app_of("diffusion")].deployments["diffusion"]
     assert sum(diffusion.replica_states.values()) == 1
 
 
@@ -439,7 +464,7 @@ def test_a_burst_scales_diffusion_up_and_back_and_the_removed_replica_finishes_i
                                                                              max_replicas=2))
 
     def replicas() -> int:
-        return serve.status().applications[APP].deployments["diffusion"].replica_states.get("RUNNING", 0)
+        return serve.status().applications[app_of("diffusion")].deployments["diffusion"].replica_states.get("RUNNING", 0)
 
     wait_until(lambda: replicas() == 1, timeout_s=120, what="one diffusion replica")
     first = {a["name"] for a in _replica_actors("diffusion")}

@@ -277,6 +277,26 @@ class LTX2ModelConfig(ModelConfigBase):
             raise ValueError("spatio-temporal guidance is on (stg_scale > 0) but stg_blocks is empty")
         return self
 
+    @model_validator(mode="after")
+    def _warmup_shapes_are_requests(self) -> LTX2ModelConfig:
+        """A warm-up shape is a request the limits accept: warming anything else costs start time for nothing."""
+        for index, bucket in enumerate(self.speed.shape_buckets):
+            width, height, frames = parse_shape_bucket(bucket)
+            where = f"model.speed.shape_buckets[{index}] ({bucket})"
+            if width % self.SPATIAL_COMPRESSION or height % self.SPATIAL_COMPRESSION:
+                raise ValueError(f"{where}: width and height must be multiples of {self.SPATIAL_COMPRESSION}")
+            if (frames - self.FRAME_OFFSET) % self.FRAME_STEP:
+                raise ValueError(f"{where}: frames must be {self.FRAME_STEP}k + {self.FRAME_OFFSET} (e.g. 121)")
+            if width > self.max_width or height > self.max_height:
+                raise ValueError(f"{where}: above the request limits (max_width {self.max_width}, max_height {self.max_height})")
+            longest = self.generated_frames(self.max_seconds, self.max_fps)
+            if frames > longest:
+                raise ValueError(f"{where}: {frames} frames, above the longest request ({longest} frames: max_seconds at max_fps)")
+            tokens = self.latent_frames(frames) * (height // self.SPATIAL_COMPRESSION) * (width // self.SPATIAL_COMPRESSION)
+            if tokens > self.max_latent_tokens:
+                raise ValueError(f"{where}: {tokens} latent tokens, above max_latent_tokens ({self.max_latent_tokens})")
+        return self
+
     @classmethod
     def tiny(cls, **overrides) -> LTX2ModelConfig:
         """Settings that suit the tiny random checkpoint (2 transformer blocks, short clips)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
@@ -47,7 +47,9 @@ from serving.families.ltx2.recipes import (
     load_latent_upsampler,
     recipe_phases,
 )
+from serving.families.ltx2.passes import LTX2Passes, load_transformer
 from serving.families.ltx2.speed import SpeedSettingError, apply_speed, check_speed_settings, warm_up
+from serving.weights import LoadLog
 from serving.protocol import (
     AudioLatents,
     DenoisedLatents,
@@ -164,10 +166,13 @@ class _RequestState:
 
 
 class LTX2StepModel:
-    """The engine's ``StepModel`` for LTX-2: loads the transformer, scheduler config and latent statistics."""
+    """The engine's ``StepModel`` for LTX-2: loads the transformer, scheduler config and latent statistics.
 
-    def __init__(self, config: LTX2ModelConfig):
-        from diffusers import FlowMatchEulerDiscreteScheduler, LTX2VideoTransformer3DModel
+    ``passes``: the transformer already loaded on a rank group (a multi-GPU replica); unset, it is loaded here.
+    """
+
+    def __init__(self, config: LTX2ModelConfig, passes=None):
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.config = config
         self.settings = config.diffusion
@@ -180,16 +185,16 @@ class LTX2StepModel:
                 "model.speed.compile: not with a step cache (model.diffusion.step_cache); its hooks skip blocks per "
                 "step, which the compiled blocks do not follow; turn one of them off"
             )
-        self.transformer = LTX2VideoTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=self.dtype)
-        self.transformer.eval()
-        # Device, attention kernels, FP8 and compilation (model.speed), then the warm-up of its shape buckets.
-        self.speed = apply_speed(self.transformer, config.speed, self.device, self.dtype)
+        if passes is None:  # one GPU: weights straight onto it, then attention kernels, FP8, compilation (model.speed)
+            self.loaded = LoadLog()
+            transformer = load_transformer(config, self.device, self.dtype, self.loaded)
+            passes = LTX2Passes(transformer, apply_speed(transformer, config.speed, self.device, self.dtype))
+        else:
+            self.loaded = passes.loaded
+        self.passes = passes
+        self.transformer, self.speed = passes.transformer, passes.speed
         self.default_guidance = GUIDANCE_OFF if self.settings.runs_without_guidance else Guidance.from_config(config)
         self._check_stg_blocks(self.default_guidance, "model.stg_blocks")
-        if config.speed.shape_buckets:
-            with torch.inference_mode():
-                warm_up(self.transformer, config.speed, self.speed,
-                        stg_blocks=list(self.default_guidance.stg_blocks) or None)
         self._scheduler_class = FlowMatchEulerDiscreteScheduler
         self._scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
         self.latents: LatentSpace = read_latent_space(path, self.transformer.config, self.device)
@@ -199,7 +204,6 @@ class LTX2StepModel:
         self._perturbed_blocks = {
             index for index, block in enumerate(self.transformer.transformer_blocks) if block.perturbed_attn
         }
-        self._cross_modal = _CrossModalSwitch(self.transformer)
         self.step_cache = self.settings.step_cache != "none"
         enable_step_cache(self.transformer, self.settings, recipe_phases(self.settings, config.num_inference_steps)[0].steps)
         self.batchable = not self.step_cache
@@ -481,8 +485,9 @@ class LTX2StepModel:
         if any(isolated) and not all(isolated):
             keep = torch.tensor([0.0 if i else 1.0 for i in isolated], device=self.device, dtype=self.dtype)
         cache = self.transformer.cache_context(first.cache_context) if self.step_cache else nullcontext()
-        with self._cross_modal.keep(keep), cache:
-            video, audio = self.transformer(
+        with cache:
+            video, audio = self.passes(
+                modality_keep=keep,
                 hidden_states=torch.cat([job.video for job in jobs]).to(self.dtype),
                 audio_hidden_states=torch.cat([job.audio for job in jobs]).to(self.dtype),
                 encoder_hidden_states=torch.cat([text.video for text in texts]),
@@ -503,7 +508,6 @@ class LTX2StepModel:
                 spatio_temporal_guidance_blocks=stg_blocks,
                 perturbation_mask=perturbation_mask,
                 use_cross_timestep=True,
-                return_dict=False,
             )
         self.forwards += 1
         self.rows_run += len(chunk)
@@ -570,45 +574,17 @@ def _host_copy(tensor: torch.Tensor) -> HostTensor:
     return HostTensor.of(tensor.detach().to("cpu", copy=True))
 
 
-class _CrossModalSwitch:
-    """Turns audio<->video cross-attention off for chosen rows of a batch (modality isolation).
-
-    A forward hook on each block's ``audio_to_video_attn`` and ``video_to_audio_attn``
-    scales the attention output by ``keep`` ([rows]: 0 isolated, 1 not). The
-    block then adds ``gate * 0`` for isolated rows: exactly what
-    ``isolate_modalities=True`` gives them. Inactive (``keep`` None) it changes nothing.
-    """
-
-    def __init__(self, transformer):
-        self._keep: torch.Tensor | None = None
-        for block in transformer.transformer_blocks:
-            block.audio_to_video_attn.register_forward_hook(self._scale)
-            block.video_to_audio_attn.register_forward_hook(self._scale)
-
-    @contextmanager
-    def keep(self, keep: torch.Tensor | None):
-        self._keep = None if keep is None else keep.view(-1, 1, 1)
-        try:
-            yield
-        finally:
-            self._keep = None
-
-    def _scale(self, module, args, output):
-        if self._keep is None:
-            return None
-        return output * self._keep
-
-
 class LTX2Engine(DiffusionEngine[DenoiseRequest, _RequestState, DenoiseCheckpoint]):
     """The LTX-2 diffusion engine, configured by ``LTX2ModelConfig`` (``model.diffusion`` for the loop)."""
 
-    def __init__(self, config: LTX2ModelConfig):
+    def __init__(self, config: LTX2ModelConfig, passes=None):
         settings = config.diffusion
         super().__init__(
-            LTX2StepModel(config),
+            LTX2StepModel(config, passes),
             batching=settings.batching,
             max_batch_tokens=settings.max_batch_tokens,
             checkpoint_every_steps=settings.checkpoint_every_steps,
+            oom_recovery_steps=settings.oom_recovery_steps,
         )
 
     def total_steps(self, plan: RenderPlan) -> int:
@@ -629,10 +605,20 @@ class LTX2Diffusion:
     decoder.
     """
 
-    def __init__(self, config: LTX2ModelConfig):
+    def __init__(self, config: LTX2ModelConfig, passes=None):
         self.config = config
-        self.engine = LTX2Engine(config)
+        self.engine = LTX2Engine(config, passes)
+        self.loaded = self.engine.model.loaded  # seconds per component loaded
         self._alone = 0  # requests run by ``denoise``
+
+    def warm_up(self) -> dict[str, float]:
+        """Each of ``model.speed.shape_buckets`` once (compile included), on every rank; seconds per pass."""
+        model = self.engine.model
+        if not self.config.speed.shape_buckets:
+            return {}
+        with torch.inference_mode():
+            return warm_up(model.transformer, self.config.speed, model.speed, run_pass=model.passes,
+                           stg_blocks=list(model.default_guidance.stg_blocks) or None)
 
     def request(self, request_id: str, embeddings, condition, plan: RenderPlan) -> DenoiseRequest:
         return DenoiseRequest(request_id, embeddings, condition, plan)

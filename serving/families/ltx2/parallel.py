@@ -25,25 +25,17 @@ the all-to-all (N copies of every audio key). Here the attention processors
 are replaced, nothing else in the model changes, and any attention backend
 chosen by the speed switches still runs the local attention.
 
-``broadcast_pass_inputs`` moves one pass's inputs from rank 0 to the others
-over the same process group (NCCL on GPUs, gloo on CPUs), so a caller only
-ships a small description of them.
+A pass's inputs travel from rank 0 to the others over the same process group
+(``serving.engine.pass_inputs``), so a caller only ships a small description
+of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.distributed as dist
 
-__all__ = [
-    "SequenceParallelTransformer",
-    "PassSpec",
-    "describe_pass_inputs",
-    "broadcast_pass_inputs",
-]
+__all__ = ["SequenceParallelTransformer"]
 
 
 class SequenceParallelTransformer:
@@ -195,37 +187,3 @@ def _all_gather(x: torch.Tensor, dim: int, group, world: int) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
-
-
-# --------------------------------------------------------------------------- moving inputs
-
-
-@dataclass(frozen=True)
-class PassSpec:
-    """A pass's inputs without their data: tensors as (shape, dtype), everything else as values. Small to ship."""
-
-    tensors: tuple[tuple[str, tuple[int, ...], str], ...]
-    values: tuple[tuple[str, Any], ...]
-
-
-def describe_pass_inputs(kwargs: dict) -> PassSpec:
-    tensors = tuple(
-        (name, tuple(value.shape), str(value.dtype).removeprefix("torch."))
-        for name, value in sorted(kwargs.items())
-        if isinstance(value, torch.Tensor)
-    )
-    values = tuple((name, value) for name, value in sorted(kwargs.items()) if not isinstance(value, torch.Tensor))
-    return PassSpec(tensors=tensors, values=values)
-
-
-def broadcast_pass_inputs(
-    spec: PassSpec, kwargs: dict | None, device: torch.device, group: dist.ProcessGroup | None = None, src: int = 0
-) -> dict:
-    """On ``src``: send ``kwargs``' tensors; elsewhere: receive them into new tensors on ``device``. Returns the inputs."""
-    is_source = dist.get_rank(group) == src
-    received = dict(spec.values)
-    for name, shape, dtype in spec.tensors:
-        tensor = kwargs[name].to(device).contiguous() if is_source else torch.empty(shape, dtype=getattr(torch, dtype), device=device)
-        dist.broadcast(tensor, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
-        received[name] = tensor
-    return received

@@ -357,6 +357,7 @@ def warm_up(
     *,
     fps: float = 24.0,
     stg_blocks: list[int] | None = None,
+    run_pass=None,
 ) -> dict[str, float]:
     """Run each shape bucket x batch size once (twice with CUDA graphs: record, then replay) at replica start.
 
@@ -365,6 +366,8 @@ def warm_up(
     pass take other branches through the blocks, so each is its own compiled
     graph. Returns seconds per ``WxHxF/bB/pass`` key and records them on
     ``applied``. Compiled kernels are then saved for the next start.
+    ``run_pass``: what runs a pass (a replica's rank group, so every rank warms
+    up); unset, the transformer itself.
     """
     from serving.families.ltx2.reference import random_transformer_inputs
 
@@ -383,7 +386,7 @@ def warm_up(
             for name, extra in passes.items():
                 start = time.perf_counter()
                 for _ in range(2 if speed.cuda_graphs else 1):
-                    transformer(**inputs, **extra)
+                    (run_pass or transformer)(**inputs, **extra)
                 _synchronize(device)
                 applied.warmup_seconds[f"{bucket}/b{batch}/{name}"] = time.perf_counter() - start
     if speed.compile and speed.shape_buckets:

@@ -1,9 +1,12 @@
 """LTX-2: joint audio + video diffusion, split into stages that run alone.
 
 Each stage loads only its own components with ``from_pretrained(path,
-subfolder=...)`` and runs the diffusers pipeline's own code for its part, so
-running the stages one after another gives exactly what the whole
-``LTX2Pipeline`` / ``LTX2ImageToVideoPipeline`` gives for the same seed.
+subfolder=..., device_map=...)`` (straight onto its device: no whole copy in
+host memory first; each component timed in ``loaded``) and runs the diffusers
+pipeline's own code for its part, so running the stages one after another
+gives exactly what the whole ``LTX2Pipeline`` / ``LTX2ImageToVideoPipeline``
+gives for the same seed. Each has ``warm_up()``: one request of the default
+size, run before its replica takes traffic.
 
 Stage split (diffusers' offload order): text_encoder -> connectors +
 transformer -> vae (decode) -> audio_vae + vocoder. The photo goes through the
@@ -19,7 +22,9 @@ import PIL.Image
 import torch
 
 from serving.devices import resolve_device, resolve_dtype
+from serving.weights import LoadLog, device_map
 from serving.families.ltx2.checkpoint import checkpoint_path, component_config
+from cluster.sizes import parse_size
 from serving.families.ltx2.config import LTX2ModelConfig
 from serving.protocol import (
     AudioLatents,
@@ -51,6 +56,12 @@ class _Placement:
         self.path = checkpoint_path(config)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.device_map = device_map(self.device)
+        width, height = parse_size(config.default_size)
+        # The default request: what warm_up runs.
+        self.plan = RenderPlan.build(width=width, height=height, fps=config.default_fps, seconds=config.default_seconds,
+                                     seed=0, num_inference_steps=config.num_inference_steps,
+                                     frame_step=config.FRAME_STEP, frame_offset=config.FRAME_OFFSET)
 
 
 def _pipeline_class(image_to_video: bool):
@@ -92,17 +103,21 @@ class LTX2TextEncoder:
         self._config = config
         place = _Placement(config)
         self._device = place.device
+        self.loaded = LoadLog()
         _, class_name = DiffusionPipeline.load_config(place.path)["text_encoder"]
         encoder_class = getattr(transformers, class_name)
         self.tokenizer = AutoTokenizer.from_pretrained(place.path, subfolder="tokenizer")
-        text_encoder = encoder_class.from_pretrained(place.path, subfolder="text_encoder", dtype=place.dtype)
-        text_encoder.to(place.device).eval()
-        self.connectors = LTX2TextConnectors.from_pretrained(place.path, subfolder="connectors", torch_dtype=place.dtype)
-        self.connectors.to(place.device).eval()
+        text_encoder = self.loaded.load("text_encoder", lambda: encoder_class.from_pretrained(
+            place.path, subfolder="text_encoder", dtype=place.dtype, device_map=place.device_map)).eval()
+        self.connectors = self.loaded.load("connectors", lambda: LTX2TextConnectors.from_pretrained(
+            place.path, subfolder="connectors", torch_dtype=place.dtype, device_map=place.device_map)).eval()
         self._pipeline = _partial_pipeline(
             _pipeline_class(image_to_video=False), text_encoder=text_encoder, tokenizer=self.tokenizer
         )
         self._negatives: OrderedDict[str, TextEmbeddings] = OrderedDict()
+
+    def warm_up(self) -> None:
+        self.encode("a warm-up prompt", self._config.negative_prompt)
 
     @property
     def guidance_on(self) -> bool:
@@ -163,15 +178,21 @@ class LTX2ImageConditioner:
         from diffusers.pipelines.ltx2.utils import resolve_default_image_crf
 
         place = _Placement(config)
-        self._device, self._dtype = place.device, place.dtype
-        self.vae = AutoencoderKLLTX2Video.from_pretrained(place.path, subfolder="vae", torch_dtype=place.dtype)
+        self._device, self._dtype, self._plan = place.device, place.dtype, place.plan
+        self.loaded = LoadLog()
+        self.vae = self.loaded.load("vae", lambda: AutoencoderKLLTX2Video.from_pretrained(
+            place.path, subfolder="vae", torch_dtype=place.dtype, device_map=place.device_map))
         self.vae.decoder = None  # this stage only encodes
-        self.vae.to(place.device).eval()
+        self.vae.eval()
         self._pipeline = _partial_pipeline(_pipeline_class(image_to_video=True), vae=self.vae)
         # The re-compression strength the checkpoint was trained with depends on its text
         # encoder generation; the config alone tells which.
         text_encoder_config = component_config(place.path, "text_encoder")
         self._crf = resolve_default_image_crf(_ConfigHolder(text_encoder_config))
+
+    def warm_up(self) -> None:
+        self.condition(PIL.Image.new("RGB", (self._plan.width, self._plan.height), (128, 128, 128)),
+                       self._plan.width, self._plan.height)
 
     @torch.no_grad()
     def condition(self, photo: bytes | PIL.Image.Image, width: int, height: int) -> ImageCondition:
@@ -206,12 +227,14 @@ class LTX2VideoDecoder:
         from diffusers import AutoencoderKLLTX2Video
 
         place = _Placement(config)
-        self._device, self._dtype = place.device, place.dtype
-        self.vae = AutoencoderKLLTX2Video.from_pretrained(place.path, subfolder="vae", torch_dtype=place.dtype)
+        self._device, self._dtype, self._plan = place.device, place.dtype, place.plan
+        self.loaded = LoadLog()
+        self.vae = self.loaded.load("vae", lambda: AutoencoderKLLTX2Video.from_pretrained(
+            place.path, subfolder="vae", torch_dtype=place.dtype, device_map=place.device_map))
         self.vae.encoder = None  # this stage only decodes
         if config.vae_tiling:
             self.vae.enable_tiling()
-        self.vae.to(place.device).eval()
+        self.vae.eval()
         self._pipeline = _partial_pipeline(_pipeline_class(image_to_video=False), vae=self.vae)
 
     @torch.no_grad()
@@ -237,6 +260,12 @@ class LTX2VideoDecoder:
 
     _FRAMES_PER_CONVERSION = 8
 
+    def warm_up(self) -> None:
+        plan, ratio = self._plan, int(self.vae.spatial_compression_ratio)
+        frames = (plan.generated_frames - 1) // int(self.vae.temporal_compression_ratio) + 1
+        shape = (1, int(self.vae.config.latent_channels), frames, plan.height // ratio, plan.width // ratio)
+        self.decode(VideoLatents(HostTensor.of(torch.zeros(shape))), plan)
+
     def decode(self, latents: VideoLatents, plan: RenderPlan) -> EncodedVideo:
         """Decoded and compressed here, so frames (324 MB of bytes at 1280x704 x 121) never leave the stage."""
         frames = VideoFrames(pixels=self.decode_pixels(latents)[: plan.output_frames], fps=plan.fps)
@@ -251,14 +280,22 @@ class LTX2AudioDecoder:
         from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 
         place = _Placement(config)
-        self._device, self._dtype = place.device, place.dtype
-        self.audio_vae = AutoencoderKLLTX2Audio.from_pretrained(
-            place.path, subfolder="audio_vae", torch_dtype=place.dtype
-        )
+        self._device, self._dtype, self._plan = place.device, place.dtype, place.plan
+        self.loaded = LoadLog()
+        self.audio_vae = self.loaded.load("audio_vae", lambda: AutoencoderKLLTX2Audio.from_pretrained(
+            place.path, subfolder="audio_vae", torch_dtype=place.dtype, device_map=place.device_map))
         self.audio_vae.encoder = None
-        self.audio_vae.to(place.device).eval()
-        self.vocoder = LTX2Vocoder.from_pretrained(place.path, subfolder="vocoder", torch_dtype=place.dtype)
-        self.vocoder.to(place.device).eval()
+        self.audio_vae.eval()
+        self.vocoder = self.loaded.load("vocoder", lambda: LTX2Vocoder.from_pretrained(
+            place.path, subfolder="vocoder", torch_dtype=place.dtype, device_map=place.device_map)).eval()
+
+    def warm_up(self) -> None:
+        """One decode of the default request's length (the latent frame count as the denoiser computes it)."""
+        config = self.audio_vae.config
+        per_second = config.sample_rate / config.mel_hop_length / float(self.audio_vae.temporal_compression_ratio)
+        frames = round(self._plan.generated_frames / float(self._plan.fps) * per_second)
+        bins = config.mel_bins // int(self.audio_vae.mel_compression_ratio)
+        self.decode(AudioLatents(HostTensor.of(torch.zeros(1, config.latent_channels, frames, bins))))
 
     @torch.no_grad()
     def decode_tensor(self, latents: AudioLatents) -> torch.Tensor:

@@ -392,7 +392,9 @@ class MiniMaxH3Diffusion:
     outputs are the video and the audio latents, each for its own decoder.
     """
 
-    def __init__(self, config: MiniMaxH3ModelConfig):
+    def __init__(self, config: MiniMaxH3ModelConfig, passes=None):
+        if passes is not None:  # the family declares no sequence-parallel pass, so a rank group never reaches here
+            raise ValueError("the minimax-h3 family runs its transformer on one GPU per replica")
         self.config = config
         self.engine = MiniMaxH3Engine(config)
         self._alone = 0

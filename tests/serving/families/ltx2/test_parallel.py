@@ -58,7 +58,8 @@ def _cases(transformer):
 
 
 def _rank(rank: int, port: int, out_dir: str) -> None:
-    from serving.families.ltx2.parallel import SequenceParallelTransformer, broadcast_pass_inputs, describe_pass_inputs
+    from serving.engine.pass_inputs import broadcast_pass_inputs, describe_pass_inputs
+    from serving.families.ltx2.parallel import SequenceParallelTransformer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -98,14 +99,32 @@ def test_warm_up_runs_every_bucket_batch_and_guidance_pass(tiny_transformer):
 
 
 def test_speed_settings_load_from_yaml_style_dicts():
-    config = load_config({"model": {"speed": {"compile": True, "shape_buckets": ["1280x704x121"], "warmup_batch_sizes": [1, 2]}}})
-    assert config.model.speed.compile and config.model.speed.shape_buckets == ["1280x704x121"]
+    config = load_config({"model": {"speed": {"compile": True, "shape_buckets": ["512x512x121"], "warmup_batch_sizes": [1, 2]}}})
+    assert config.model.speed.compile and config.model.speed.shape_buckets == ["512x512x121"]
     with pytest.raises(ValueError, match="WIDTHxHEIGHTxFRAMES"):
         load_config({"model": {"speed": {"shape_buckets": ["1280x704"]}}})
     with pytest.raises(ValueError, match="set compile: true"):
         load_config({"model": {"speed": {"cuda_graphs": True}}})
     with pytest.raises(ValueError, match="extra"):
         load_config({"model": {"speed": {"fp4": True}}})
+
+
+@pytest.mark.parametrize(
+    "bucket, why",
+    [
+        ("1280x704x121", "above the request limits"),  # the tiny model's max_width is 1024
+        ("512x512x257", "above max_latent_tokens"),  # 33 x 16 x 16 latent tokens > 8192
+        ("500x512x121", "multiples of 32"),
+        ("512x512x120", "8k + 1"),
+        ("512x512x1209", "above the longest request"),
+    ],
+)
+def test_a_warmup_shape_above_the_request_limits_is_refused_naming_the_field(bucket, why):
+    from graphs import build_app
+
+    for refuse in (load_config, build_app):
+        with pytest.raises(ValueError, match=rf"model.speed.shape_buckets\[0\] \({bucket}\).*{re.escape(why)}"):
+            refuse({"model": {"speed": {"shape_buckets": [bucket]}}})
 
 
 _COMPILE_RUN = textwrap.dedent(

@@ -1,0 +1,124 @@
+"""Strikes against a job whose stage calls lose their replica; two strikes set it aside (the runner's side,
+stage handles faked in-process)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from cluster.config import JobsConfig
+from serving.errors import ReplicaLost
+from serving.jobs import context as context_module
+from serving.jobs.context import RunnerJobContext
+from serving.jobs.failures import StageFailure, client_safe_error
+from serving.jobs.quarantine import STRIKES, strike_of
+from serving.metrics import StageStats
+from serving.protocol import JobTicket
+
+
+class ActorDiedError(Exception):
+    """Named like Ray's: the replica's process died with the call in flight."""
+
+
+class _Artifacts(dict):
+    def get(self, job_id, name):
+        return super().get((job_id, name))
+
+    def put(self, job_id, name, value):
+        self[(job_id, name)] = value
+
+
+class _Response:
+    """What a handle call returns: awaitable, cancellable."""
+
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    def __await__(self):
+        async def result():
+            if isinstance(self.outcome, BaseException):
+                raise self.outcome
+            return self.outcome
+
+        return result().__await__()
+
+    def cancel(self):
+        pass
+
+
+def _context(artifacts, job_id="video_1"):
+    async def io(method, *args, **kwargs):
+        return method(*args, **kwargs)
+
+    async def never(job_id, timeout):
+        await asyncio.sleep(timeout)
+
+    services = SimpleNamespace(
+        jobs=JobsConfig(stage_retries=2), artifacts=artifacts, io=io, stats=StageStats(stage="orchestrator"),
+        store=SimpleNamespace(is_cancel_requested=lambda job_id: False), events=SimpleNamespace(wait=never),
+    )
+    record = SimpleNamespace(id=job_id, done_stages=[], stage_seconds={})
+    job = SimpleNamespace(job_id=job_id)
+    return RunnerJobContext(services, record, job, JobTicket(job_id, "owner", 1, "a prompt"), writer=None)
+
+
+def _calls(context, outcomes):
+    tickets = []
+
+    def make_call():
+        tickets.append(context.ticket)
+        return _Response(outcomes.pop(0))
+
+    return make_call, tickets
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff(monkeypatch):
+    monkeypatch.setattr(context_module, "LOST_REPLICA_BACKOFF_S", 0)
+
+
+def test_a_job_whose_pass_breaks_two_replicas_is_set_aside():
+    artifacts = _Artifacts()
+    context = _context(artifacts)
+    make_call, tickets = _calls(context, [ReplicaLost("diffusion", "illegal memory access", blamed=True)] * 2)
+    with pytest.raises(StageFailure) as failed:
+        asyncio.run(context._attempt("diffusion", make_call))
+    assert artifacts.get("video_1", STRIKES) == 2
+    assert [t.isolate for t in tickets] == [False, True]  # the retry ran apart from other jobs
+    code, message = client_safe_error(failed.value.error, failed.value.stage)
+    assert code == "poison_input" and "broke 2 diffusion replicas" in message
+
+
+def test_a_batch_mate_is_struck_once_then_runs_apart_and_completes():
+    artifacts = _Artifacts()
+    context = _context(artifacts)
+    outcomes = [ReplicaLost("diffusion", "illegal memory access", blamed=True),  # shared the poisoned pass
+                ReplicaLost("diffusion", "illegal memory access", blamed=False),  # the replica broke by another's pass
+                "denoised"]
+    make_call, tickets = _calls(context, outcomes)
+    assert asyncio.run(context._attempt("diffusion", make_call)) == "denoised"
+    assert artifacts.get("video_1", STRIKES) == 1
+    assert [t.isolate for t in tickets] == [False, True, True]
+
+
+def test_strikes_outlive_the_attempt_and_a_silent_crash_counts():
+    artifacts = _Artifacts()
+    artifacts.put("video_1", STRIKES, 1)  # an earlier attempt (another runner) was struck once
+    context = _context(artifacts)
+    make_call, tickets = _calls(context, [ActorDiedError("the replica died")])
+    with pytest.raises(StageFailure):
+        asyncio.run(context._attempt("diffusion", make_call))
+    assert tickets[0].isolate  # a suspect from its first call
+    assert artifacts.get("video_1", STRIKES) == 2
+    assert strike_of(ValueError("a bad request")) is None
+
+
+def test_other_failures_strike_nothing():
+    artifacts = _Artifacts()
+    context = _context(artifacts)
+    make_call, _ = _calls(context, [ValueError("16 video tokens do not split over 3 ranks")])
+    with pytest.raises(StageFailure):
+        asyncio.run(context._attempt("diffusion", make_call))
+    assert artifacts.get("video_1", STRIKES) is None
