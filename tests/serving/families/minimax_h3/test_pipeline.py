@@ -77,7 +77,8 @@ def run_ours(family, stages, config, plan, inputs, media, tmp_path):
     files = {name: getattr(media, field) for name, _, _, field in inputs}
     context = InProcessContext(family, components, job, files, tmp_path / "out.mp4")
     stored = asyncio.run(family.pipeline(context, job, config))
-    return video.frames, audio.waveform, stored
+    assert stored.num_bytes == (tmp_path / "out.mp4").stat().st_size
+    return video.frames, audio.waveform, tmp_path / "out.mp4"
 
 
 def run_diffusers(pipelines, workflow, plan, inputs, media, tmp_path):
@@ -104,7 +105,7 @@ def run_diffusers(pipelines, workflow, plan, inputs, media, tmp_path):
 def test_stages_equal_diffusers_blocks(workflow, h3_family, h3_stages, h3_config, h3_plan, media, diffusers_pipelines,
                                        tmp_path):
     inputs = WORKFLOW_INPUTS[workflow]
-    frames, waveform, stored = run_ours(h3_family, h3_stages, h3_config, h3_plan, inputs, media, tmp_path)
+    frames, waveform, mp4_path = run_ours(h3_family, h3_stages, h3_config, h3_plan, inputs, media, tmp_path)
     expected_frames, expected_audio = run_diffusers(diffusers_pipelines, workflow, h3_plan, inputs, media, tmp_path)
 
     assert frames.shape == expected_frames.shape == (h3_plan.generated_frames, h3_plan.height, h3_plan.width, 3)
@@ -115,7 +116,7 @@ def test_stages_equal_diffusers_blocks(workflow, h3_family, h3_stages, h3_config
     assert video_error <= TOLERANCE and audio_error <= TOLERANCE
     assert float(expected_frames.std()) > 0  # not a trivially equal blank video
 
-    with av.open(stored.path) as container:  # the muxer's MP4: the H.264 track and the AAC soundtrack
+    with av.open(str(mp4_path)) as container:  # the muxer's MP4: the H.264 track and the AAC soundtrack
         assert container.streams.video[0].frames == h3_plan.output_frames
         assert container.streams.audio[0].codec_context.name == "aac"
 
