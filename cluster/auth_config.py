@@ -43,6 +43,7 @@ __all__ = [
     "AuthConfig",
     "TenantFile",
     "CallbacksConfig",
+    "ReferencesConfig",
     "load_tenants",
     "KeyFileError",
     "REDIS_PASSWORD_ENV",
@@ -278,6 +279,33 @@ class CallbacksConfig(BaseModel):
         if self.backoff_cap_s < self.backoff_base_s:
             raise ValueError("callbacks.backoff_cap_s must be at least backoff_base_s")
         return self
+
+
+class ReferencesConfig(BaseModel):
+    """Media given by URL (a request's first frame, last frame and references): where they may be fetched from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allowed_url_prefixes: list[str] = Field(
+        default_factory=list,
+        description=(
+            "URL prefixes (scheme, host, port and a path prefix, e.g. https://media.example.com/uploads/) a media URL "
+            "must start with to be fetched. Empty: only data: URLs and file uploads are accepted."
+        ),
+    )
+    refuse_private_addresses: bool = Field(
+        True,
+        description=(
+            "Refuse a URL whose host resolves to a loopback, private, link-local or otherwise non-public address (the "
+            "fetch is pinned to the checked address). Turn off only for media servers inside your own network."
+        ),
+    )
+    fetch_timeout_s: float = Field(10.0, gt=0, le=120, description="Longest one fetch may take, connection included.")
+    max_fetch_bytes: int = Field(
+        50_000_000, ge=1024, description="Largest file fetched from a URL; the family's own per-kind caps apply after."
+    )
+
+    _prefixes_are_urls = field_validator("allowed_url_prefixes")(CallbacksConfig._prefixes_are_urls.__func__)
 
 
 def redis_password(environ: dict[str, str] | None = None) -> str | None:

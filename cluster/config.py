@@ -10,7 +10,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from cluster.auth_config import AuthConfig, CallbacksConfig
+from cluster.auth_config import AuthConfig, CallbacksConfig, ReferencesConfig
 from cluster.model_config import EngineLoopConfig, ModelConfigBase
 from cluster.sizes import parse_size
 from cluster.storage_config import StorageConfig
@@ -446,6 +446,10 @@ class ReelserveConfig(BaseModel):
     )
     callbacks: CallbacksConfig = Field(
         default_factory=CallbacksConfig, description="Webhooks: where a job's callback_url may point, and delivery."
+    )
+    references: ReferencesConfig = Field(
+        default_factory=ReferencesConfig,
+        description="Media given by URL: the hosts they may be fetched from, and the fetch's limits.",
     )
     scaling: ScalingConfig = Field(default_factory=lambda: ScalingConfig(), description="How autoscaled stages scale, and admission by expected queue wait.")
     startup: StartupConfig = Field(

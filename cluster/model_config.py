@@ -96,6 +96,16 @@ class ModelConfigBase(BaseModel):
         "auto", description="Weights and compute dtype (auto, float32, bfloat16, float16); auto is bfloat16 on GPUs and float32 on the CPU."
     )
     num_inference_steps: int = Field(30, ge=2, le=200, description="Denoising steps per video.")
+    min_inference_steps: int = Field(
+        2, ge=2, le=200, description="Fewest denoising steps a request may ask for (its num_inference_steps field)."
+    )
+    max_inference_steps: int = Field(
+        100, ge=2, le=200,
+        description=(
+            "Most denoising steps a request may ask for (its num_inference_steps field); admission counts a job's GPU "
+            "time with the steps it asked for."
+        ),
+    )
     negative_prompt: str = Field("", description="Negative prompt used when a request gives none.")
     default_size: str = Field("768x512", description="WIDTHxHEIGHT used when a request gives no size.")
     default_fps: int = Field(24, ge=1, le=60, description="Frame rate used when a request gives none.")
@@ -146,6 +156,11 @@ class ModelConfigBase(BaseModel):
             raise ValueError(f"default_seconds ({self.default_seconds}) exceeds max_seconds ({self.max_seconds})")
         if self.default_fps > self.max_fps:
             raise ValueError(f"default_fps ({self.default_fps}) exceeds max_fps ({self.max_fps})")
+        if not self.min_inference_steps <= self.num_inference_steps <= self.max_inference_steps:
+            raise ValueError(
+                f"num_inference_steps ({self.num_inference_steps}) must lie within min_inference_steps "
+                f"({self.min_inference_steps}) and max_inference_steps ({self.max_inference_steps})"
+            )
         width, height = parse_size(self.default_size)
         default_tokens = self.latent_tokens(width, height, self.default_seconds, self.default_fps)
         if default_tokens > self.max_latent_tokens:
@@ -156,6 +171,11 @@ class ModelConfigBase(BaseModel):
         return self
 
     # ------------------------------------------------------------------ sizes in the family's latent grid
+
+    def shape_problem(self, width: int, height: int, seconds: float) -> tuple[str, str] | None:
+        """``(field, why)`` when the family cannot generate this shape although the shared limits allow it (None:
+        it can). The shared checks (multiples, caps, the latent budget) run first."""
+        return None
 
     def generated_frames(self, seconds: float, fps: int) -> int:
         """Frames the model generates for a clip: the smallest ``k * FRAME_STEP + FRAME_OFFSET`` covering it."""

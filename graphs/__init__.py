@@ -79,7 +79,7 @@ def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
     )
     return serve.deployment(_INGRESS.target).options(**ingress_options(config)).bind(
         config.model, config.jobs, config.rewriter, runner, AdmissionLimits.of(config), config.ingress, config.auth,
-        config.callbacks, config.storage,
+        config.callbacks, config.storage, config.references,
     )
 
 

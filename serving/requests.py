@@ -53,6 +53,9 @@ def validate_request(
     image: bytes | None = None,
     model: Any = None,
     enhance_prompt: Any = None,
+    num_inference_steps: Any = None,
+    guidance_scale: Any = None,
+    num_frames: Any = None,
     enhance_default: bool = False,
     rewriter_available: bool = False,
     count_tokens: Callable[[str], int] | None = None,
@@ -67,7 +70,8 @@ def validate_request(
     """
     names = {"prompt": "prompt", "seconds": "seconds", "size": "size", "fps": "fps", "seed": "seed",
              "negative_prompt": "negative_prompt", "image": "image", "model": "model",
-             "enhance_prompt": "enhance_prompt"}
+             "enhance_prompt": "enhance_prompt", "num_inference_steps": "num_inference_steps",
+             "guidance_scale": "guidance_scale", "num_frames": "num_frames"}
     names.update(field_names or {})
 
     model_name = _check_model(model, config, names["model"])
@@ -76,7 +80,15 @@ def validate_request(
     width, height = _check_size(size, config, limits, names["size"])
     frame_rate = _check_fps(fps, config, names["fps"])
     duration = _check_seconds(seconds, config, names["seconds"])
+    if num_frames is not None and num_frames != "":
+        duration = _seconds_of_frames(num_frames, seconds, frame_rate, config, names["num_frames"])
     _check_budget(width, height, duration, frame_rate, config, limits, names["size"])
+    problem = config.shape_problem(width, height, duration)
+    if problem is not None:
+        field, why = problem
+        raise InvalidRequest(names.get(field, field), why)
+    steps = _check_steps(num_inference_steps, config, names["num_inference_steps"])
+    _check_guidance(guidance_scale, config, names["guidance_scale"])
     seed_value = _check_seed(seed, names["seed"])
     enhance = _check_enhance(enhance_prompt, enhance_default, rewriter_available, names["enhance_prompt"])
     if image is not None and not photo_checked:
@@ -88,7 +100,7 @@ def validate_request(
         fps=frame_rate,
         seconds=duration,
         seed=seed_value,
-        num_inference_steps=config.num_inference_steps,
+        num_inference_steps=steps,
         frame_step=limits.frames_step,
         frame_offset=limits.frame_offset,
     )
@@ -226,6 +238,43 @@ def _check_seconds(seconds: Any, config: ModelConfig, field: str) -> float:
     if value <= 0 or value > config.max_seconds:
         raise InvalidRequest(field, f"{value:g} is out of range; allowed: more than 0 and at most {config.max_seconds:g}")
     return float(value)
+
+
+def _seconds_of_frames(num_frames: Any, seconds: Any, fps: int, config: ModelConfig, field: str) -> float:
+    """The clip length ``num_frames`` asks for at ``fps`` (the MP4 holds exactly that many frames)."""
+    value = _number(num_frames, field, "whole number of frames")
+    longest = math.floor(config.max_seconds * fps)
+    if value != int(value) or not 1 <= value <= longest:
+        raise InvalidRequest(field, f"{value:g} is not allowed; use a whole number from 1 to {longest} "
+                                    f"({config.max_seconds:g} s at {fps} fps)")
+    duration = int(value) / fps
+    if seconds is not None and seconds != "" and abs(float(_number(seconds, "seconds", "number")) - duration) > 0.5 / fps:
+        raise InvalidRequest(field, f"{int(value)} frames at {fps} fps last {duration:g} s, but seconds says "
+                                    f"{seconds}; send one of the two")
+    return duration
+
+
+def _check_steps(steps: Any, config: ModelConfig, field: str) -> int:
+    if steps is None or steps == "":
+        return config.num_inference_steps
+    value = _number(steps, field, "whole number of steps")
+    low, high = config.min_inference_steps, config.max_inference_steps
+    if value != int(value) or not low <= value <= high:
+        raise InvalidRequest(field, f"{value:g} is not allowed; use a whole number from {low} to {high} "
+                                    "(model.min_inference_steps, model.max_inference_steps)")
+    return int(value)
+
+
+def _check_guidance(guidance: Any, config: ModelConfig, field: str) -> None:
+    """Accepted where it is the deployment's own: guidance is set per deployment (step batching runs requests of one
+    guidance together), so another value is refused rather than silently ignored."""
+    if guidance is None or guidance == "":
+        return
+    value = _number(guidance, field, "number")
+    served = float(getattr(config, "guidance_scale", 1.0))  # guidance-distilled families run without guidance
+    if abs(float(value) - served) > 1e-6:
+        raise InvalidRequest(field, f"{value:g} is not served; this deployment runs guidance_scale {served:g} "
+                                    "(model.guidance_scale) for every request: leave it out or send that value")
 
 
 def _check_fps(fps: Any, config: ModelConfig, field: str) -> int:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from serving.families import get_family
 from serving.jobs.record import JobRecord
 from serving.protocol import JobStatus
 
-__all__ = ["video_object", "api_status"]
+__all__ = ["video_object", "api_status", "model_object"]
 
 
 def api_status(status: JobStatus) -> str:
@@ -53,3 +54,19 @@ def video_object(record: JobRecord, queue: dict[str, Any] | None = None) -> dict
         "queue_position": queue.get("queue_position"),
         "estimated_start_at": queue.get("estimated_start_at"),
     }
+
+
+def model_object(config) -> dict[str, Any]:
+    """One served model in OpenAI's model list shape, with its family, workflows and request limits."""
+    family = get_family(config.family)
+    described = family.describe(config) if family.describe is not None else {
+        "workflows": ["t2v", "i2v"],  # text only, or one first frame (input_reference)
+        "limits": {
+            "max_seconds": config.max_seconds, "max_fps": config.max_fps, "size_multiple": config.SPATIAL_COMPRESSION,
+            "max_width": config.max_width, "max_height": config.max_height,
+            "frames": f"{config.FRAME_STEP}n + {config.FRAME_OFFSET}",
+            "max_inference_steps": config.max_inference_steps, "references": None,
+        },
+    }
+    return {"id": config.name, "object": "model", "created": 0, "owned_by": "reelserve", "family": family.name,
+            "default_size": config.default_size, "default_seconds": config.default_seconds, **described}

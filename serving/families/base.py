@@ -34,9 +34,30 @@ __all__ = [
     "DiffusionModel",
     "Family",
     "LazyCallable",
+    "MEDIA_ROLES",
+    "MediaInput",
 ]
 
 StageKind = Literal["model", "diffusion", "muxer"]
+
+# The roles a request's media may play, and the kind of file each is (Seedance's content roles; the OpenAI
+# Videos API's input_reference is the first frame).
+MEDIA_ROLES = {"first_frame": "image", "last_frame": "image", "reference_image": "image",
+               "reference_video": "video", "reference_audio": "audio"}
+
+
+@dataclass(frozen=True)
+class MediaInput:
+    """One file a client sent with a request, as the ingress hands it to a family's ``admit_inputs``.
+
+    ``field`` is how the client named it (``references[2]``, ``last_frame``, ``input_reference``), so a
+    refusal names what the client sent; ``role`` is one of ``MEDIA_ROLES``.
+    """
+
+    field: str
+    role: str
+    data: bytes
+
 
 # Written last into a finished tiny checkpoint: {"family": ..., "tiny": true, ...}.
 TINY_MARKER = "reelserve_tiny.json"
@@ -182,6 +203,12 @@ class Family:
     # (config) -> a picklable ``(device, dtype) -> rank pass`` that every rank of a multi-GPU diffusion replica
     # builds after joining the group (serving.parallel_group); None: the family's transformer runs on one GPU.
     sequence_parallel: Callable[[Any], Any] | None = None
+    # (config, [MediaInput]) -> the InputSpecs to store them under, in order, or InvalidRequest naming the client's
+    # field: every rule on the request's media, checked on headers before any decode. None: the family takes at
+    # most one first-frame photo, which the ingress decodes within its memory budget (LTX-2).
+    admit_inputs: Callable[[Any, Any], Any] | None = None
+    # (config) -> what `GET /v1/models` says of the model beyond its id: its workflows and request limits.
+    describe: Callable[[Any], dict] | None = None
 
     def __post_init__(self):
         names = [stage.name for stage in self.stages]

@@ -9,20 +9,21 @@ UNAVAILABLE, it does not restart the ingress.
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type on routes.
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.admission import AdmissionLimits
-from cluster.auth_config import AuthConfig, CallbacksConfig
+from cluster.auth_config import AuthConfig, CallbacksConfig, ReferencesConfig
 from cluster.config import IngressConfig, JobsConfig, ModelConfig, RewriterConfig, StorageConfig
 from serving.errors import InvalidRequest, NotFound
 from serving.ingress.body_limits import BodySizeLimit
 from serving.ingress.grpc import GrpcVideoMethods
 from serving.ingress.http import CREATE_BODY_SCHEMA, OPENAI_FIELD_NAMES, error_response, parse_create_request
+from serving.ingress.seedance import SeedanceTasks, task_answer, task_error_response
 from serving.ingress.service import VideoService
 from serving.tenancy.auth import Tenant
-from serving.views import video_object
+from serving.views import model_object, video_object
 
 __all__ = ["VideoIngress", "http_app"]
 
@@ -59,12 +60,18 @@ class VideoIngress(GrpcVideoMethods):
         self, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig, orchestrator=None,
         admission: AdmissionLimits | None = None, ingress: IngressConfig | None = None, auth: AuthConfig | None = None,
         callbacks: CallbacksConfig | None = None, storage: StorageConfig | None = None,
+        references: ReferencesConfig | None = None,
     ):
         # Only the config sections it uses: scaling a stage (but diffusion, whose capacity admission reads)
         # changes none of them, so it does not restart this.
         self.model = model
         ingress = ingress or IngressConfig()
-        self.service = VideoService(model, jobs, rewriter, orchestrator, admission, ingress, auth, callbacks, storage)
+        self.service = VideoService(model, jobs, rewriter, orchestrator, admission, ingress, auth, callbacks, storage,
+                                    references)
+        self.tasks = SeedanceTasks(self.service)
+        # The largest file one multipart part may carry: the photo cap, or the family's largest media cap.
+        self._max_file_bytes = max(ingress.max_photo_bytes, *(
+            getattr(model, name, 0) for name in ("max_image_reference_bytes", "max_video_reference_bytes")))
         # Before the first request: bodies over the cap are refused before they are read.
         if not any(middleware.cls is BodySizeLimit for middleware in http_app.user_middleware):
             http_app.add_middleware(BodySizeLimit, max_body_bytes=ingress.max_body_bytes)
@@ -87,10 +94,15 @@ class VideoIngress(GrpcVideoMethods):
     async def healthz(self) -> dict:
         return {"status": "ok"}  # open, and says nothing about jobs
 
+    @http_app.get("/v1/models")
+    async def list_models(self, request: Request):
+        self._tenant(request)
+        return JSONResponse({"object": "list", "data": [model_object(self.model)]})
+
     @http_app.post("/v1/videos", openapi_extra={"requestBody": CREATE_BODY_SCHEMA})
     async def create_video(self, request: Request):
         tenant = self._tenant(request)
-        fields = await parse_create_request(request)
+        fields = await parse_create_request(request, self._max_file_bytes)
         record = await self.service.create(
             tenant, field_names=OPENAI_FIELD_NAMES, idempotency_key=request.headers.get("idempotency-key"), **fields
         )
@@ -131,3 +143,30 @@ class VideoIngress(GrpcVideoMethods):
     async def delete_video(self, request: Request, video_id: str):
         await self.service.delete(video_id, self._tenant(request))
         return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
+
+    # ------------------------------------------------------------------ the Seedance-compatible tasks API
+    # Errors in Seedance's shape: its error codes (InvalidParameter, ...) beside our message and param.
+
+    @http_app.post("/api/v3/contents/generations/tasks")
+    async def create_task(self, request: Request):
+        return await task_answer(lambda: self.tasks.create(self._tenant(request), request))
+
+    @http_app.get("/api/v3/contents/generations/tasks")
+    async def list_tasks(self, request: Request):
+        return await task_answer(lambda: self.tasks.list(self._tenant(request), request))
+
+    @http_app.get("/api/v3/contents/generations/tasks/{task_id}")
+    async def retrieve_task(self, request: Request, task_id: str):
+        return await task_answer(lambda: self.tasks.get(self._tenant(request), request, task_id))
+
+    @http_app.get("/api/v3/contents/generations/tasks/{task_id}/last_frame")
+    async def task_last_frame(self, request: Request, task_id: str):
+        try:
+            png = await self.tasks.last_frame_png(self._tenant(request), task_id)
+        except Exception as error:  # noqa: BLE001 - every error in the API's shape
+            return task_error_response(error)
+        return Response(png, media_type="image/png")
+
+    @http_app.delete("/api/v3/contents/generations/tasks/{task_id}")
+    async def delete_task(self, request: Request, task_id: str):
+        return await task_answer(lambda: self.tasks.delete(self._tenant(request), task_id))

@@ -11,6 +11,7 @@ import logging
 import grpc
 
 from serving.errors import InvalidRequest, NotFound, NotReady, Overloaded, StoreUnavailable
+from serving.ingress.client_media import ClientMedia
 from serving.jobs.record import JobRecord
 from serving.proto import video_pb2
 from serving.storage.errors import StorageFull, StorageUnavailable
@@ -110,6 +111,10 @@ class GrpcVideoMethods:
                 priority=request.priority or None,
                 callback_url=request.callback_url or None,
                 idempotency_key=request.idempotency_key or None,
+                media=_media_of(request),
+                num_inference_steps=request.num_inference_steps if request.HasField("num_inference_steps") else None,
+                guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
+                num_frames=request.num_frames if request.HasField("num_frames") else None,
             )
             return await self._proto(record)
         except Exception as error:  # noqa: BLE001
@@ -159,3 +164,19 @@ class GrpcVideoMethods:
         except Exception as error:  # noqa: BLE001
             _set_error(grpc_context, error)
             raise _Fail() from None
+
+
+_REFERENCE_ROLES = {video_pb2.Reference.IMAGE: "reference_image", video_pb2.Reference.VIDEO: "reference_video",
+                    video_pb2.Reference.AUDIO: "reference_audio"}
+
+
+def _media_of(request: video_pb2.CreateVideoRequest) -> list[ClientMedia]:
+    """The last frame and the references of a create request (the photo, ``image``, is the first frame)."""
+    media = [ClientMedia("last_frame", "last_frame", data=request.last_frame)] if request.last_frame else []
+    for index, reference in enumerate(request.references):
+        field = f"references[{index}]"
+        role = _REFERENCE_ROLES.get(reference.kind)
+        if role is None:
+            raise InvalidRequest(f"{field}.kind", "must be IMAGE, VIDEO or AUDIO")
+        media.append(ClientMedia(field, role, data=reference.data))
+    return media

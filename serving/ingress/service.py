@@ -14,15 +14,16 @@ import asyncio
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from cluster.admission import AdmissionLimits
-from cluster.auth_config import CallbacksConfig
+from cluster.auth_config import CallbacksConfig, ReferencesConfig
 from cluster.config import IngressConfig, JobsConfig, ModelConfig, RewriterConfig, StorageConfig
 from serving import metrics
 from serving.errors import InvalidRequest, NotFound, Overloaded, StoreUnavailable
 from serving.families import get_family
 from serving.ingress.capacity import QueueView
+from serving.ingress.client_media import ClientMedia, MediaFetcher
 from serving.ingress.downloads import StoredVideoFile, VideoDownloads
 from serving.ingress.gate import CreateTicket, TenantGate
 from serving.ingress.photo_limits import DecodeBudget, decode_photo
@@ -30,6 +31,7 @@ from serving.jobs.backends import open_store
 from serving.jobs.events import JobEvents
 from serving.jobs.job_storage import JobStorage
 from serving.jobs.record import PHOTO_INPUT, JobRecord, new_job_id
+from serving.protocol import InputSpec
 from serving.requests import VideoRequest, validate_request
 from serving.storage.keys import check_job_id
 from serving.tenancy.auth import Tenant
@@ -48,8 +50,10 @@ class VideoService:
         self, model: ModelConfig, jobs: JobsConfig, rewriter: RewriterConfig, orchestrator=None,
         limits: AdmissionLimits | None = None, ingress: IngressConfig | None = None, auth=None,
         callbacks: CallbacksConfig | None = None, storage: StorageConfig | None = None,
+        references: ReferencesConfig | None = None,
     ):
         self.model, self.jobs, self.rewriter = model, jobs, rewriter
+        self.fetcher = MediaFetcher(references or ReferencesConfig())
         self.ingress = ingress or IngressConfig()
         family = get_family(model.family)
         self.limits = family.read_limits(model)
@@ -78,34 +82,66 @@ class VideoService:
 
     async def create(
         self, tenant: Tenant, field_names: dict[str, str] | None = None, *, priority: Any = None,
-        callback_url: Any = None, idempotency_key: Any = None, **fields,
+        callback_url: Any = None, idempotency_key: Any = None, media: Sequence[ClientMedia] = (),
+        image: bytes | None = None, max_queue_wait_s: float | None = None, return_last_frame: bool = False, **fields,
     ) -> JobRecord:
+        """Record a job. ``media``: the request's files as the client sent them (``image``: gRPC's photo, the first
+        frame); the cheap fields are checked first, then URLs are fetched and the family checks the files' headers."""
         names = field_names or {}
         ticket = self.gate.check_fields(tenant, priority, callback_url, idempotency_key, names)
-        if fields.get("image") is not None:
-            await decode_photo(fields["image"], self.decodes, max_bytes=self.ingress.max_photo_bytes,
-                               max_pixels=self.ingress.max_photo_pixels, field=names.get("image", "image"),
-                               executor=self._pool)
         request = await self._blocking(self._validate, names, fields)
-        record = _new_record(request, ticket, self.jobs.max_queue_wait_s)
-        signature = {**{k: v for k, v in fields.items() if k != "image"}, "priority": int(ticket.priority),
-                     "callback_url": ticket.callback_url}
-        ticket = await self.gate.reserve(ticket, signature, {"image": request.image}, record.id, self._blocking)
+        media = list(media)
+        if image is not None:
+            media.insert(0, ClientMedia(names.get("image", "image"), "first_frame", data=image))
+        inputs = await self._admit_media(media)
+        queue_wait = self.jobs.max_queue_wait_s  # a client may ask for less (Seedance's execution_expires_after)
+        if max_queue_wait_s is not None:
+            queue_wait = max_queue_wait_s if queue_wait is None else min(queue_wait, max_queue_wait_s)
+        record = _new_record(request, ticket, queue_wait, [spec for spec, _ in inputs])
+        record.return_last_frame = return_last_frame
+        signature = {**fields, "priority": int(ticket.priority), "callback_url": ticket.callback_url,
+                     "max_queue_wait_s": max_queue_wait_s, "return_last_frame": return_last_frame}
+        blobs = {spec.name: data for spec, data in inputs}
+        ticket = await self.gate.reserve(ticket, signature, blobs, record.id, self._blocking)
         if ticket.existing_job_id is not None:  # a retry of a create that already made its job
             return await self.gate.wait_for_first(ticket.existing_job_id, self._get_any)
         try:
-            return await self._record(request, record, ticket)
+            return await self._record(record, ticket, inputs)
         except BaseException:
             await self.gate.release(ticket, record.id, self._blocking)
             raise
 
-    async def _record(self, request: VideoRequest, record: JobRecord, ticket: CreateTicket) -> JobRecord:
+    async def _admit_media(self, media: list[ClientMedia]) -> list[tuple[InputSpec, bytes]]:
+        """The request's files fetched, checked by the family and named for storage, with their bytes."""
+        family = get_family(self.model.family)
+        if family.admit_inputs is None:  # one first-frame photo at most (LTX-2)
+            for item in media:
+                if item.role != "first_frame":
+                    raise InvalidRequest(item.field, f"model '{self.model.name}' animates one first frame (the "
+                                                     "photo); last frames and references need a model that takes "
+                                                     "them (GET /v1/models lists what each model takes)")
+            if len(media) > 1:
+                raise InvalidRequest(media[1].field, "one first frame at most")
+        fetched = await self.fetcher.fetch_all(media)
+        if family.admit_inputs is None:
+            if not fetched:
+                return []
+            photo = fetched[0]
+            await decode_photo(photo.data, self.decodes, max_bytes=self.ingress.max_photo_bytes,
+                               max_pixels=self.ingress.max_photo_pixels, field=photo.field, executor=self._pool)
+            return [(PHOTO_INPUT, photo.data)]
+        inputs = [item.as_input() for item in fetched]
+        specs = await self._blocking(family.admit_inputs, self.model, inputs)
+        return [(spec, item.data) for spec, item in zip(specs, inputs)]
+
+    async def _record(self, record: JobRecord, ticket: CreateTicket,
+                      inputs: list[tuple[InputSpec, bytes]]) -> JobRecord:
         jobs = self.jobs
         await self.queue.admit(self.model.name)
         await self.gate.check_rate(ticket.tenant, self._blocking)
-        if request.image is not None:
-            await self._blocking(self.storage.save_input, record.id, PHOTO_INPUT.name, request.image)
-        else:
+        for spec, data in inputs:
+            await self._blocking(self.storage.save_input, record.id, spec.name, data)
+        if not inputs:
             await self._storage_answers()  # the job's video goes there: no job while it is down
         service_s = self.model.latent_tokens(record.width, record.height, record.seconds, record.fps) * \
             record.total_steps * (await self.queue.current()).seconds_per_token_step
@@ -241,13 +277,14 @@ class VideoService:
             offset += len(chunk)
 
 
-def _new_record(request: VideoRequest, ticket: CreateTicket, max_queue_wait_s: float | None) -> JobRecord:
+def _new_record(request: VideoRequest, ticket: CreateTicket, max_queue_wait_s: float | None,
+                inputs: list[InputSpec]) -> JobRecord:
     plan = request.plan
     return JobRecord(
         id=new_job_id(), model=request.model, prompt=request.prompt, negative_prompt=request.negative_prompt,
         seconds=plan.seconds, width=plan.width, height=plan.height, fps=plan.fps, seed=plan.seed,
-        has_image=request.image is not None, total_steps=plan.num_inference_steps, enhance_prompt=request.enhance_prompt,
-        inputs=[asdict(PHOTO_INPUT)] if request.image is not None else [],
+        has_image=bool(inputs), total_steps=plan.num_inference_steps, enhance_prompt=request.enhance_prompt,
+        num_inference_steps=plan.num_inference_steps, inputs=[asdict(spec) for spec in inputs],
         tenant=ticket.tenant.name, priority=int(ticket.priority), callback_url=ticket.callback_url,
         max_queue_wait_s=max_queue_wait_s,
     )

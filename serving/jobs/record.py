@@ -40,6 +40,7 @@ class JobRecord:
     stage: str = "queued"  # which stage the job is in
     step: int = 0  # finished denoising steps
     total_steps: int = 0
+    num_inference_steps: int | None = None  # what the request asked for (None: the model's configured steps)
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     completed_at: float | None = None
@@ -61,6 +62,7 @@ class JobRecord:
     tenant: str = "default"  # who owns the job (the API key's tenant; "default" when the server runs open)
     priority: int = 1  # within its tenant: 0 low, 1 normal, 2 high
     max_queue_wait_s: float | None = None  # the job expires if still queued this long after it was created
+    return_last_frame: bool = False  # the Seedance-compatible route also offers the video's last frame as PNG
     callback_url: str | None = None  # where its terminal state is POSTed (signed), if anywhere
     webhook: dict | None = None  # delivery state of that POST: delivered, attempts, last_status, owner, lease_until
 

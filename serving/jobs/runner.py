@@ -322,7 +322,7 @@ class JobRunner:
             metrics.first_progress(self.model.name, max(0.0, time.time() - record.created_at))
         if now >= deadline:
             return await self._fail(job, "deadline_exceeded", self._deadline_message())
-        spec = job_spec(record, self.model.num_inference_steps, self.frame_rule)
+        spec = job_spec(record, record.num_inference_steps or self.model.num_inference_steps, self.frame_rule)
         ticket = JobTicket(record.id, job.fence.owner, job.fence.attempt, record.prompt)
         job.context = RunnerJobContext(self.services, record, spec, ticket, job.writer)
         pipeline = self.services.family.pipeline

@@ -50,6 +50,10 @@ __all__ = [
     "verify_webhook",
     "webhook_message_id",
     "check_callback_url",
+    "check_url_prefix",
+    "is_public_address",
+    "pinned_url",
+    "resolve_addresses",
     "DeliveryOutcome",
     "deliver_webhook",
 ]
@@ -168,9 +172,18 @@ def check_callback_url(url: str | None, allowed_prefixes: Sequence[str], field: 
     target = _parse(url)
     if target is None:
         raise InvalidRequest(field, "must be an absolute http(s) URL with a host, no user part and no '.' or '..' segments")
+    check_url_prefix(url, allowed_prefixes, field)
+    return url
+
+
+def check_url_prefix(url: str, allowed_prefixes: Sequence[str], field: str) -> None:
+    """``InvalidRequest`` naming ``field`` unless ``url`` lies under one of ``allowed_prefixes`` (same scheme, host
+    and port; the path within the prefix's path; no user part, no dot segments)."""
+    target = _parse(url)
+    if target is None:
+        raise InvalidRequest(field, "must be an absolute http(s) URL with a host, no user part and no '.' or '..' segments")
     if not any(_within(target, _parse(prefix)) for prefix in allowed_prefixes):
         raise InvalidRequest(field, f"is not under an allowed prefix; allowed: {', '.join(allowed_prefixes)}")
-    return url
 
 
 @dataclass(frozen=True)
@@ -202,19 +215,19 @@ def _within(target: _Url, prefix: _Url | None) -> bool:
     return target.path == prefix.path or target.path.startswith(base)
 
 
-def _is_public(address: str) -> bool:
+def is_public_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%")[0])  # drop an IPv6 zone
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_global and not ip.is_multicast
 
 
-async def _resolve(host: str, port: int) -> list[str]:
+async def resolve_addresses(host: str, port: int) -> list[str]:
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(info[4][0] for info in infos))
 
 
-def _pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, Any]]:
+def pinned_url(url: str, address: str) -> tuple[str, dict[str, str], dict[str, Any]]:
     """The URL aimed at ``address``, with the Host header and TLS server name of the original host."""
     parts = urlsplit(url)
     host_in_url = f"[{address}]" if ":" in address else address
@@ -316,11 +329,11 @@ async def _attempt(client, url: str, body: bytes, signer: WebhookSigner, config:
         target, headers, extensions = url, {}, {}
         if config.refuse_private_addresses:
             parts = urlsplit(url)
-            addresses = await _resolve(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-            if not addresses or not all(_is_public(a) for a in addresses):
+            addresses = await resolve_addresses(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+            if not addresses or not all(is_public_address(a) for a in addresses):
                 return _Attempt(error="refused before sending: callback_url resolves to a non-public address",
                                 final=True, sent=False)
-            target, headers, extensions = _pinned(url, addresses[0])
+            target, headers, extensions = pinned_url(url, addresses[0])
         headers.update(signer.headers(message_id, body))
         headers["content-type"] = "application/json"
         headers["user-agent"] = "reelserve-webhooks/1"

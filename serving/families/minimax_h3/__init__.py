@@ -53,4 +53,6 @@ FAMILY = Family(
     ensure_tiny_checkpoint=_lazy("tiny:ensure_tiny_minimax_h3"),
     pipeline_classes=("MiniMaxH3ModularPipeline",),
     stored_types=_lazy("diffusion:stored_types"),
+    admit_inputs=_lazy("admission:admit_inputs"),
+    describe=_lazy("admission:describe"),
 )

@@ -245,6 +245,15 @@ class MiniMaxH3ModelConfig(ModelConfigBase):
                 "blocks accept"
             )
 
+    def shape_problem(self, width: int, height: int, seconds: float) -> tuple[str, str] | None:
+        problem = self.canvas_problem(width, height)
+        if problem:
+            return "size", problem
+        if seconds < self.min_seconds:
+            return "seconds", (f"{seconds:g} s is too short; MiniMax-H3 generates {self.min_seconds:g} s to "
+                               f"{self.max_seconds:g} s (model.min_seconds)")
+        return None
+
     def canvas_problem(self, width: int, height: int) -> str | None:
         """Why ``width`` x ``height`` is not a canvas this config serves (None when it is)."""
         multiple = self.SPATIAL_COMPRESSION

@@ -30,6 +30,7 @@ import av
 from PIL import Image
 
 from serving.errors import InvalidRequest
+from serving.families.base import MEDIA_ROLES, MediaInput
 
 __all__ = [
     "FIRST_FRAME",
@@ -53,8 +54,7 @@ FIRST_FRAME = "first_frame"
 LAST_FRAME = "last_frame"
 KEYFRAME_ROLES = (FIRST_FRAME, LAST_FRAME)
 REFERENCE_ROLES = ("reference_image", "reference_video", "reference_audio")
-ROLE_KINDS = {FIRST_FRAME: "image", LAST_FRAME: "image", "reference_image": "image", "reference_video": "video",
-              "reference_audio": "audio"}
+ROLE_KINDS = MEDIA_ROLES
 _MAX_ASPECT_RATIO = 4.0  # the blocks refuse reference images and videos outside 1:4 .. 4:1
 _REFERENCE_NAME = re.compile(r"ref-(\d+)")
 
@@ -105,17 +105,7 @@ class ReferenceLimits:
         )
 
 
-@dataclass(frozen=True)
-class ReferenceInput:
-    """One file a client sent, as the ingress hands it to :func:`check_references`.
-
-    ``field`` is how the client named it (``references[2]``, ``first_frame``,
-    ``input_reference``); ``role`` is one of ``ROLE_KINDS``.
-    """
-
-    field: str
-    role: str
-    data: bytes
+ReferenceInput = MediaInput  # one file a client sent: its field as the client named it, its role, its bytes
 
 
 @dataclass(frozen=True)
@@ -159,7 +149,7 @@ def workflow_of(inputs: Iterable) -> str:
     for role in roles:
         if role not in ROLE_KINDS:
             raise InvalidRequest("role", f"unknown role '{role}'; allowed: {', '.join(ROLE_KINDS)}")
-    keyframes = [role for role in roles if role in KEYFRAME_ROLES]
+    keyframes = [getattr(item, "field", item.role) for item in inputs if item.role in KEYFRAME_ROLES]
     references = [role for role in roles if role in REFERENCE_ROLES]
     if keyframes and references:
         raise InvalidRequest(

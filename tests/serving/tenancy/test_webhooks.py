@@ -193,7 +193,7 @@ def test_no_prefixes_means_callbacks_are_off_and_no_url_is_fine():
     ("224.0.0.1", False),
 ])
 def test_only_public_addresses_count_as_public(address, public):
-    assert module._is_public(address) is public
+    assert module.is_public_address(address) is public
 
 
 def test_the_connection_is_pinned_to_the_checked_address_keeping_host_and_tls_name():
