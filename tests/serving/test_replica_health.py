@@ -7,23 +7,21 @@ import asyncio
 import pytest
 import torch
 
-from cluster.config import FaultConfig, JobsConfig
+from cluster.config import FaultConfig, JobsConfig, StorageConfig
 from serving.device_errors import device_failure, injected_device_error
 from serving.errors import ReplicaLost, StageDead, StageOutOfMemory
 from serving.jobs.faults import FaultInjector
+from serving.jobs.job_storage import JobStorage
 from serving.protocol import JobTicket
 from serving.stages import health
 from serving.stages._base import StageRunner
 
-TICKET = JobTicket("video_x", "orchestrator-x", 1, "a prompt [poison]")
+TICKET = JobTicket("video_0123456789abcdef01234567", "orchestrator-x", 1, "a prompt [poison]")
 
 
-class _Artifacts(dict):
-    def get(self, job_id, name):
-        return super().get((job_id, name))
-
-    def put(self, job_id, name, value):
-        self[(job_id, name)] = value
+def _storage(directory):
+    """The job's real storage over local directories (where fault counts are kept)."""
+    return JobStorage(StorageConfig(results_url=str(directory / "results"), artifacts_url=str(directory / "artifacts")))
 
 
 @pytest.mark.parametrize(
@@ -79,20 +77,20 @@ def test_a_broken_device_loses_the_replica_and_out_of_memory_does_not(tmp_path, 
     assert len(ended) == 1  # the process would end now (once)
 
 
-def test_device_faults_strike_inside_the_work_once_or_every_time():
+def test_device_faults_strike_inside_the_work_once_or_every_time(tmp_path):
     once = FaultInjector("diffusion", [FaultConfig(stage="diffusion", kind="device_error", prompt_contains="[poison]",
-                                                   at_step=3)], _Artifacts())
+                                                   at_step=3)], _storage(tmp_path / "once"))
     once.in_pass(TICKET, 2)  # not yet
     with pytest.raises(torch.AcceleratorError):
         once.in_pass(TICKET, 3)
     once.in_pass(TICKET, 3)  # a resumed job is not hit again
     every = FaultInjector("diffusion", [FaultConfig(stage="diffusion", kind="poison_input", prompt_contains="[poison]",
-                                                    at_step=2)], _Artifacts())
+                                                    at_step=2)], _storage(tmp_path / "every"))
     for _ in range(3):  # every run from step 2 on, resumed or not
         with pytest.raises(torch.AcceleratorError):
             every.in_pass(TICKET, 4)
     model = FaultInjector("video_decoder", [FaultConfig(stage="video_decoder", kind="poison_input",
-                                                        prompt_contains="[poison]")], _Artifacts())
+                                                        prompt_contains="[poison]")], _storage(tmp_path / "model"))
     asyncio.run(model.on_entry(TICKET))  # not on entry: inside the model call
     with pytest.raises(torch.AcceleratorError):
         model.in_call(TICKET)

@@ -76,6 +76,10 @@ def _replica_actors(deployment: str) -> list:
     return [a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
 
 
+def _live_diffusion(job_store) -> list:
+    return job_store.live_replicas("diffusion")
+
+
 def _kill(actor: dict) -> None:
     import ray
 
@@ -175,8 +179,10 @@ def test_a_cuda_error_other_than_oom_replaces_the_replica_and_the_job_completes_
                                                                                          figures):
     """An illegal memory access (injected) in the job's pass at step 4: the replica is lost and ends, Serve starts
     another, and the job goes on at once on the other replica from its checkpoint of step 2 (no takeover)."""
-    before = {a["name"] for a in _replica_actors("diffusion")}
-    assert len(before) == 2
+    # Two replicas (an earlier test's killed replica may still be coming back).
+    before = wait_until(lambda: len(now := {a["name"] for a in _replica_actors("diffusion")}) == 2 and now,
+                        timeout_s=120, what="two diffusion replicas")
+    wait_until(lambda: len(_live_diffusion(job_store)) == 2, timeout_s=120, what="both replicas taking jobs")
     created = _create(stub, "a lighthouse in fog [gpu-error]", seed=13)
     watcher = Watcher(stub, created.id)
     final = wait_terminal(stub, created.id)

@@ -83,13 +83,12 @@ def test_no_job_goes_to_a_replica_that_is_still_warming_up(served, stub, figures
 
 
 def test_a_poison_input_is_set_aside_after_two_lost_replicas_and_its_batch_mate_completes(
-    served, stub, job_store, tiny_checkpoint, figures
+    served, served_storage, stub, job_store, tiny_checkpoint, figures
 ):
     """A poisoned job shares a pass with a healthy one and breaks the replica (an illegal memory access, every
     time it runs). Both are suspects then and run apart; the poisoned one breaks the next replica alone and is
     quarantined (poison_input); its batch-mate resumes from its checkpoint on a third replica and completes with
     the output of an uninterrupted run."""
-    from serving.jobs.artifacts import DirectoryArtifacts
     from serving.jobs.quarantine import STRIKES
 
     held = diffusion_autoscaling(served["config"], min_replicas=1, max_replicas=1)
@@ -110,13 +109,15 @@ def test_a_poison_input_is_set_aside_after_two_lost_replicas_and_its_batch_mate_
         assert mate_final.status == video_pb2.COMPLETED, mate_final.error.message
         assert mate_final.HasField("resumed_from_step")  # resumed from a checkpoint, not redone
 
-        artifacts = DirectoryArtifacts(served["results"] / "artifacts")
-        assert artifacts.get(poison.id, STRIKES) == 2
-        assert artifacts.get(mate.id, STRIKES) == 1  # blamed once, as a batch-mate; never again once apart
+        def kept(job_id: str, name: str):
+            return served_storage.load_output(job_id, job_store.get(job_id).attempts, name)
+
+        assert kept(poison.id, STRIKES).strikes == 2
+        assert kept(mate.id, STRIKES).strikes == 1  # blamed once, as a batch-mate; never again once apart
         assert job_store.get(mate.id).attempts == 1  # the stage calls were handed on; the job never failed
-        kept = artifacts.get(mate.id, "video_latents")
+        latents = kept(mate.id, "video_latents")
         expected = _uninterrupted_latents(served, tiny_checkpoint, mate_prompt, seed=21)
-        assert float(np.abs(kept.latents.to().numpy() - expected).max()) <= 1e-4
+        assert float(np.abs(latents.latents.to().numpy() - expected).max()) <= 1e-4
         replicas = wait_until(lambda: len(now := {a["name"] for a in _replica_actors("diffusion")}) == 1 and now,
                               timeout_s=120, what="one diffusion replica again")
         assert replicas.isdisjoint(first)  # the replica that ran both was replaced

@@ -53,9 +53,8 @@ def two_ranks(served):
     return config
 
 
-def test_a_two_rank_replica_serves_a_job_equal_to_one_ranks_output(served, two_ranks, stub, tiny_checkpoint, figures):
-    from serving.jobs.artifacts import DirectoryArtifacts
-
+def test_a_two_rank_replica_serves_a_job_equal_to_one_ranks_output(served, served_storage, two_ranks, stub, job_store,
+                                                                   tiny_checkpoint, figures):
     where = _where()
     assert where["ranks"] == 2
     (worker,) = where["workers"]
@@ -69,7 +68,7 @@ def test_a_two_rank_replica_serves_a_job_equal_to_one_ranks_output(served, two_r
     created = _create(stub, prompt, seed=17)
     final = wait_terminal(stub, created.id)
     assert final.status == video_pb2.COMPLETED, final.error.message
-    kept = DirectoryArtifacts(served["results"] / "artifacts").get(created.id, "video_latents")
+    kept = served_storage.load_output(created.id, job_store.get(created.id).attempts, "video_latents")
     expected = _uninterrupted_latents(served, tiny_checkpoint, prompt, seed=17)  # one rank, in this process
     difference = float(np.abs(kept.latents.to().numpy() - expected).max())
     assert difference <= 1e-4
