@@ -57,12 +57,15 @@ kubectl:
 		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq kubernetes-client >/dev/null; }
 
+# Two runs: the tests that start no Ray cluster on both cores (pytest-xdist), then the cluster tests, which share
+# one session cluster, in one process.
 test: $(STAMP) redis prometheus kubectl
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not cluster" -n 2
+	$(BIN)/python -m pytest -q -m cluster
 
 # The fast tier: everything that starts no Ray cluster (under 3 minutes on 2 cores).
 check: $(STAMP) redis prometheus kubectl
-	$(BIN)/python -m pytest -q -m "not cluster"
+	$(BIN)/python -m pytest -q -m "not cluster" -n 2
 
 # Style, types and the layering (import contracts; no import circles).
 lint: $(STAMP)

@@ -60,7 +60,7 @@ def _expect_413(response) -> None:
 def test_a_body_under_the_cap_reaches_the_route_whole():
     app, _ = make_app()
     with TestClient(app) as client:
-        assert client.post("/v1/videos", json={"prompt": "a cat", "seconds": 4}).json() == {"fields": ["prompt", "seconds"]}
+        assert client.post("/v1/videos", json={"prompt": "a cat", "seconds": 4}).json() == {"fields": ["media", "prompt", "seconds"]}
         assert client.post("/echo-length", content=b"x" * CAP).json() == {"length": CAP}
         assert client.get("/v1/videos").status_code == 405  # other requests untouched
 

@@ -197,10 +197,10 @@ def test_only_public_addresses_count_as_public(address, public):
 
 
 def test_the_connection_is_pinned_to_the_checked_address_keeping_host_and_tls_name():
-    url, headers, extensions = module._pinned("https://hooks.example.com/reelserve/x?a=1", "93.184.216.34")
+    url, headers, extensions = module.pinned_url("https://hooks.example.com/reelserve/x?a=1", "93.184.216.34")
     assert (url, headers, extensions) == ("https://93.184.216.34/reelserve/x?a=1", {"host": "hooks.example.com"},
                                           {"sni_hostname": "hooks.example.com"})
-    url, headers, extensions = module._pinned("http://hooks.example.com:8080/x", "2606:2800:220:1::1")
+    url, headers, extensions = module.pinned_url("http://hooks.example.com:8080/x", "2606:2800:220:1::1")
     assert (url, headers, extensions) == ("http://[2606:2800:220:1::1]:8080/x", {"host": "hooks.example.com:8080"}, {})
 
 
