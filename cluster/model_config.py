@@ -172,7 +172,7 @@ class ModelConfigBase(BaseModel):
 
     # ------------------------------------------------------------------ sizes in the family's latent grid
 
-    def shape_problem(self, width: int, height: int, seconds: float) -> tuple[str, str] | None:
+    def shape_problem(self, width: int, height: int, seconds: float, fps: int) -> tuple[str, str] | None:
         """``(field, why)`` when the family cannot generate this shape although the shared limits allow it (None:
         it can). The shared checks (multiples, caps, the latent budget) run first."""
         return None

@@ -83,7 +83,7 @@ def validate_request(
     if num_frames is not None and num_frames != "":
         duration = _seconds_of_frames(num_frames, seconds, frame_rate, config, names["num_frames"])
     _check_budget(width, height, duration, frame_rate, config, limits, names["size"])
-    problem = config.shape_problem(width, height, duration)
+    problem = config.shape_problem(width, height, duration, frame_rate)
     if problem is not None:
         field, why = problem
         raise InvalidRequest(names.get(field, field), why)
@@ -271,7 +271,12 @@ def _check_guidance(guidance: Any, config: ModelConfig, field: str) -> None:
     if guidance is None or guidance == "":
         return
     value = _number(guidance, field, "number")
-    served = float(getattr(config, "guidance_scale", 1.0))  # guidance-distilled families run without guidance
+    if not hasattr(config, "guidance_scale"):  # a guidance-distilled family: one pass a step, no guidance
+        if abs(float(value) - 1.0) > 1e-6:
+            raise InvalidRequest(field, f"{value:g} is not served; this model is guidance-distilled and runs without "
+                                        "guidance (guidance_scale 1): leave it out or send 1")
+        return
+    served = float(config.guidance_scale)
     if abs(float(value) - served) > 1e-6:
         raise InvalidRequest(field, f"{value:g} is not served; this deployment runs guidance_scale {served:g} "
                                     "(model.guidance_scale) for every request: leave it out or send that value")

@@ -102,6 +102,11 @@ async def _parse_form(request: Request, max_file_bytes: int) -> dict[str, Any]:
         form = await request.form()
     except Exception:
         raise InvalidRequest("body", "is not a readable multipart/form-data or urlencoded form") from None
+    known = set(_CREATE_FIELDS) | {"input_reference", "last_frame"} | set(REFERENCE_FILE_FIELDS)
+    unknown = sorted(set(form.keys()) - known)
+    if unknown:  # e.g. a list an SDK flattened into form fields: refused, never silently dropped
+        raise InvalidRequest(unknown[0], f"unknown form field; allowed: {', '.join(sorted(known))} (references as a "
+                                         "list need a JSON body)")
     fields: dict[str, Any] = {name: form.get(name) for name in _CREATE_FIELDS if form.get(name) is not None}
     media, counts = [], dict.fromkeys(REFERENCE_FILE_FIELDS, 0)
     for name, value in form.multi_items():

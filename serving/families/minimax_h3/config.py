@@ -245,7 +245,9 @@ class MiniMaxH3ModelConfig(ModelConfigBase):
                 "blocks accept"
             )
 
-    def shape_problem(self, width: int, height: int, seconds: float) -> tuple[str, str] | None:
+    def shape_problem(self, width: int, height: int, seconds: float, fps: int) -> tuple[str, str] | None:
+        if fps != FPS:
+            return "fps", f"{fps} is not allowed; MiniMax-H3 generates at {FPS} fps only"
         problem = self.canvas_problem(width, height)
         if problem:
             return "size", problem

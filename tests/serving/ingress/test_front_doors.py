@@ -295,3 +295,14 @@ def test_seedance_resolution_and_ratio_become_a_size_of_the_models_multiple():
     assert task_size("480p", "9:16", "1344x768", 32) == "480x832"
     assert task_size(None, "1:1", "1344x768", 32) == "768x768"
     assert task_size("720p", "adaptive", "1344x768", 32) == "1248x704"
+
+
+def test_multipart_refuses_unknown_fields_and_h3_takes_24_fps_only(h3):
+    _, client = h3
+    flattened = client.post("/v1/videos", data={**{k: str(v) for k, v in H3.items()},
+                                                "references[][type]": "image"})
+    assert flattened.status_code == 400 and flattened.json()["error"]["param"] == "references[][type]"
+    slow = client.post("/v1/videos", json={**H3, "fps": 12})
+    assert slow.status_code == 400 and slow.json()["error"]["param"] == "fps"
+    guided = client.post("/v1/videos", json={**H3, "guidance_scale": 3})
+    assert guided.status_code == 400 and "guidance-distilled" in guided.json()["error"]["message"]
