@@ -129,7 +129,7 @@ def serve_applications(args: dict | ReelserveConfig, overrides: dict[str, dict] 
         config, front_args = ReelserveConfig.model_validate(copy.deepcopy(args)), copy.deepcopy(args)
     overrides = copy.deepcopy(overrides or {})
     front: dict[str, Any] = {
-        "name": config.app_name, "route_prefix": "/", "import_path": "graphs:build_app", "args": front_args,
+        "name": config.app_name, "route_prefix": config.ingress.route_prefix, "import_path": "graphs:build_app", "args": front_args,
     }
     front_overrides = [{"name": name, **options} for name, options in overrides.items()
                        if name in ("ingress", "orchestrator")]

@@ -189,6 +189,16 @@ class IngressConfig(BaseModel):
     host: str = Field("127.0.0.1", description="Interface the HTTP proxy listens on (0.0.0.0 for all).")
     http_port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible Videos API.")
     grpc_port: int = Field(9000, ge=1, le=65535, description="gRPC port (binds all interfaces).")
+    route_prefix: str = Field(
+        "/",
+        pattern=r"^/([A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*)?$",
+        description=(
+            "HTTP path the front application answers under (e.g. /h3: POST /h3/v1/videos). Two deployments of "
+            "different families can share one Ray cluster under different prefixes, each with its own app_name, "
+            "job store and storage. With more than one front application, gRPC clients name theirs in the "
+            "`application` metadata."
+        ),
+    )
     num_replicas: int = Field(1, ge=1, description="Ingress replicas (stateless: any number, any time).")
     num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per ingress replica.")
     max_ongoing_requests: int = Field(256, ge=1, description="Concurrent API calls one ingress replica serves.")

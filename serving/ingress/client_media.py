@@ -16,6 +16,7 @@ format, pixels, duration) the family checks on the header afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
@@ -91,7 +92,7 @@ def _media_of_url(url: str, field: str, role: str) -> ClientMedia:
         raise InvalidRequest(field, f"unknown role '{role}'; allowed: {', '.join(MEDIA_ROLES)}")
     if url.startswith("data:"):
         return ClientMedia(field, role, data=decode_data_url(url, field))
-    if len(url) > _MAX_URL_CHARS or not url.isascii() or not url.isprintable():
+    if len(url) > _MAX_URL_CHARS or not url.isascii() or not url.isprintable() or "\\" in url or " " in url:
         raise InvalidRequest(field, f"must be a data: URL or an http(s) URL of printable ASCII, at most "
                                     f"{_MAX_URL_CHARS} characters")
     if not url.startswith(("https://", "http://")):
@@ -131,7 +132,12 @@ class MediaFetcher:
         target, headers, extensions = url, {}, {}
         if config.refuse_private_addresses:
             target, headers, extensions = await self._pinned_public(url, field)
-        data = await self._download(target, headers, extensions, field)
+        try:  # the whole fetch, however slowly the server sends (httpx's timeout bounds each read)
+            data = await asyncio.wait_for(self._download(target, headers, extensions, field),
+                                          timeout=config.fetch_timeout_s)
+        except asyncio.TimeoutError:
+            raise InvalidRequest(field, f"fetching the URL took over {config.fetch_timeout_s:g} s "
+                                        "(references.fetch_timeout_s)") from None
         return replace(item, data=data, url=None)
 
     async def _pinned_public(self, url: str, field: str) -> tuple[str, dict, dict]:
@@ -147,7 +153,8 @@ class MediaFetcher:
     async def _download(self, url: str, headers: dict, extensions: dict, field: str) -> bytes:
         limit = self.config.max_fetch_bytes
         try:
-            async with httpx.AsyncClient(timeout=self.config.fetch_timeout_s, follow_redirects=False) as client:
+            async with httpx.AsyncClient(timeout=self.config.fetch_timeout_s, follow_redirects=False,
+                                         trust_env=False) as client:  # no proxy around the pinned address
                 async with client.stream("GET", url, headers=headers, extensions=extensions) as response:
                     if response.status_code != 200:
                         raise InvalidRequest(field, f"fetching the URL answered HTTP {response.status_code}")

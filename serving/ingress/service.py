@@ -122,6 +122,9 @@ class VideoService:
                                                      "them (GET /v1/models lists what each model takes)")
             if len(media) > 1:
                 raise InvalidRequest(media[1].field, "one first frame at most")
+        most = _most_media(self.model)
+        if len(media) > most:  # before any fetch or header read
+            raise InvalidRequest("references", f"{len(media)} files; model '{self.model.name}' takes at most {most}")
         fetched = await self.fetcher.fetch_all(media)
         if family.admit_inputs is None:
             if not fetched:
@@ -275,6 +278,11 @@ class VideoService:
         async for chunk in self.downloads.chunks(video):
             yield offset, chunk, video.size
             offset += len(chunk)
+
+
+def _most_media(model: ModelConfig) -> int:
+    """Files a request may carry at all: the family's references plus two keyframes (one photo without references)."""
+    return int(getattr(model, "max_references", 0)) + 2 if hasattr(model, "max_references") else 1
 
 
 def _new_record(request: VideoRequest, ticket: CreateTicket, max_queue_wait_s: float | None,

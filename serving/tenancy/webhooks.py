@@ -215,10 +215,21 @@ def _within(target: _Url, prefix: _Url | None) -> bool:
     return target.path == prefix.path or target.path.startswith(base)
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known NAT64 prefix: its last 32 bits are an IPv4 address
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated IPv4-compatible addresses (::127.0.0.1)
+
+
 def is_public_address(address: str) -> bool:
+    """Whether ``address`` is a global unicast address, IPv4 addresses carried inside IPv6 (mapped, 6to4, NAT64,
+    IPv4-compatible) judged as the IPv4 address they reach."""
     ip = ipaddress.ip_address(address.split("%")[0])  # drop an IPv6 zone
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip in _NAT64 or ip in _IPV4_COMPATIBLE:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return ip.is_global and not ip.is_multicast
 
 

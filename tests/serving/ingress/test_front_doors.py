@@ -306,3 +306,45 @@ def test_multipart_refuses_unknown_fields_and_h3_takes_24_fps_only(h3):
     assert slow.status_code == 400 and slow.json()["error"]["param"] == "fps"
     guided = client.post("/v1/videos", json={**H3, "guidance_scale": 3})
     assert guided.status_code == 400 and "guidance-distilled" in guided.json()["error"]["message"]
+
+
+def test_urls_are_checked_before_any_fetch_and_a_slow_server_is_cut_off(h3, tmp_path):
+    service, client = h3
+    many = [{"type": "image", "url": f"https://media.example.com/{i}.png"} for i in range(40)]
+    answer = client.post("/v1/videos", json={**H3, "references": many})
+    assert answer.status_code == 400 and "at most 14" in answer.json()["error"]["message"]  # no URL was fetched
+    backslash = client.post("/v1/videos", json={**H3, "input_reference": "http://127.0.0.1/media/..\\\\x.png"})
+    assert backslash.status_code == 400 and backslash.json()["error"]["param"] == "input_reference"
+
+
+def test_a_trickling_media_server_is_cut_off_at_the_fetch_timeout(h3, tmp_path):
+    import socket
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def trickle():
+        connection, _ = listener.accept()
+        connection.recv(4096)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(40):  # a byte every 0.1 s: each read is quick, the whole fetch is not
+            try:
+                connection.sendall(b"x")
+            except OSError:
+                break
+            time.sleep(0.1)
+        connection.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    service, _ = h3
+    references = ReferencesConfig(allowed_url_prefixes=[f"http://127.0.0.1:{port}/"], refuse_private_addresses=False,
+                                  fetch_timeout_s=1.0)
+    slow = _app(_service(service.model, tmp_path, references))
+    started = time.monotonic()
+    answer = slow.post("/v1/videos", json={**H3, "input_reference": f"http://127.0.0.1:{port}/a.png"})
+    assert answer.status_code == 400 and "references.fetch_timeout_s" in answer.json()["error"]["message"]
+    assert time.monotonic() - started < 3
+    listener.close()

@@ -191,6 +191,8 @@ def test_no_prefixes_means_callbacks_are_off_and_no_url_is_fine():
     ("172.16.5.4", False), ("192.168.1.1", False), ("169.254.169.254", False), ("100.64.0.1", False),
     ("0.0.0.0", False), ("::1", False), ("fe80::1%eth0", False), ("fd00::1", False), ("::ffff:127.0.0.1", False),
     ("224.0.0.1", False),
+    # IPv4 inside IPv6: judged by the IPv4 address reached (NAT64, 6to4, IPv4-compatible)
+    ("64:ff9b::a9fe:a9fe", False), ("64:ff9b::808:808", True), ("2002:a9fe:a9fe::", False), ("::127.0.0.1", False),
 ])
 def test_only_public_addresses_count_as_public(address, public):
     assert module.is_public_address(address) is public
