@@ -37,9 +37,9 @@ from cluster.config import (
     ReelserveConfig,
     RewriterConfig,
 )
-from cluster.storage_config import StorageConfig
 from cluster.placement import stage_options
 from cluster.startup_config import StageRuntime
+from cluster.storage_config import StorageConfig
 from serving.families import get_family
 from serving.jobs.handles import stage_app_name
 

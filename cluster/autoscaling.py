@@ -44,10 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.sizes import parse_size
 from cluster.load import (
-    STORE_QUEUED_REQUESTS,
-    STORE_QUEUED_TOKEN_STEPS,
     ARRIVALS_PER_S,
     IN_FLIGHT,
     MEAN_REQUEST_TOKEN_STEPS,
@@ -57,7 +54,10 @@ from cluster.load import (
     RUNNING_TOKEN_STEPS,
     SECONDS_PER_TOKEN_STEP,
     SERVICE_SECONDS,
+    STORE_QUEUED_REQUESTS,
+    STORE_QUEUED_TOKEN_STEPS,
 )
+from cluster.sizes import parse_size
 
 __all__ = [
     "DiffusionReplica",

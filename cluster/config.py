@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from cluster.auth_config import AuthConfig, CallbacksConfig, ReferencesConfig
 from cluster.model_config import EngineLoopConfig, ModelConfigBase
 from cluster.sizes import parse_size
-from cluster.storage_config import StorageConfig
 from cluster.startup_config import StartupConfig
+from cluster.storage_config import StorageConfig
 from serving.families import config_classes, family_names, get_family, is_tiny_checkpoint
 
 __all__ = [

@@ -25,8 +25,8 @@ from itertools import islice
 
 from cluster.config import ACCELERATOR_MEMORY_GB, REWRITER_STAGE, NodeType, ReelserveConfig, StageConfig, parse_size
 from cluster.placement import drain_seconds
-from cluster.storage_config import default_results_dir
 from cluster.startup_config import CUDA_CONTEXT_GB
+from cluster.storage_config import default_results_dir
 
 __all__ = ["Plan", "StagePlan", "Problem", "make_plan", "format_plan"]
 

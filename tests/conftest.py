@@ -7,13 +7,12 @@ code and the photos are made from the sample photo shipped in the package.
 from __future__ import annotations
 
 import io
+import shutil
 import struct
+import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import shutil
-import subprocess
 
 import av
 import pytest
@@ -213,7 +212,7 @@ def redis_url(tmp_path_factory):
 # The served modules share one cluster and change it as they go (faults take replicas down, health holds diffusion
 # at one replica, parallel redeploys it over two GPUs): they run in this order, after every other test.
 SERVED_ORDER = ("test_served_app", "test_served_front_doors", "test_served_tenants", "test_served_fuzz", "test_served_faults",
-                "test_served_health", "test_served_parallel")
+                "test_served_health", "test_served_parallel", "test_served_h3")
 
 
 def _served_rank(item) -> int:

@@ -18,14 +18,14 @@ from cluster.auth_config import CallbacksConfig
 from cluster.config import JobsConfig, ModelConfig, OrchestratorConfig, RewriterConfig, StorageConfig
 from serving.errors import StageDead
 from serving.families import get_family
+from serving.jobs.backends import open_store
 from serving.jobs.context import RunnerServices
 from serving.jobs.events import JobEvents
 from serving.jobs.job_storage import JobStorage
 from serving.jobs.progress import ProgressMarks
 from serving.jobs.runner import JobRunner
-from serving.jobs.backends import open_store
-from serving.metrics import StageStats
 from serving.jobs.runner_tenancy import RunnerTenancy
+from serving.metrics import StageStats
 
 __all__ = ["JobRunnerDeployment"]
 

@@ -20,8 +20,8 @@ import asyncio
 import contextlib
 import logging
 
-from serving.tenancy.redis_connection import redis_auth_options
 from serving.jobs.store import JobStore
+from serving.tenancy.redis_connection import redis_auth_options
 
 __all__ = ["JobEvents", "wait_for_event"]
 

@@ -21,7 +21,12 @@ import redis
 
 from serving.jobs.record import RECORD_KEPT_AFTER_EXPIRY_S, JobRecord
 from serving.jobs.store import (
-    ConditionalWrites, QueueSnapshot, StoreUnavailable, TenantCheck, _webhook_due, snapshot_of,
+    ConditionalWrites,
+    QueueSnapshot,
+    StoreUnavailable,
+    TenantCheck,
+    _webhook_due,
+    snapshot_of,
 )
 from serving.protocol import JobStatus
 from serving.tenancy.redis_connection import redis_auth_options

@@ -19,7 +19,12 @@ import platformdirs
 
 from serving.jobs.record import JobRecord
 from serving.jobs.store import (
-    ConditionalWrites, QueueSnapshot, StoreUnavailable, TenantCheck, _webhook_due, snapshot_of,
+    ConditionalWrites,
+    QueueSnapshot,
+    StoreUnavailable,
+    TenantCheck,
+    _webhook_due,
+    snapshot_of,
 )
 from serving.protocol import JobStatus
 

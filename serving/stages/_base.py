@@ -33,9 +33,9 @@ from serving.device_errors import device_failure
 from serving.errors import GenerationFailed, KeptOutputLost, StageOutOfMemory
 from serving.jobs.faults import FaultInjector, InjectedOutOfMemory
 from serving.jobs.job_storage import JobStorage, patiently
-from serving.stages.ledger import StageLedger
 from serving.protocol import Handoff, JobInput, JobTicket
 from serving.stages.health import ReplicaHealth
+from serving.stages.ledger import StageLedger
 
 T = TypeVar("T")
 

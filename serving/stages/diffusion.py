@@ -39,26 +39,25 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
 from typing import Any
 
 from ray import serve
 
 from cluster.config import FaultConfig, JobsConfig, ModelConfig, StorageConfig
-from cluster.startup_config import StageRuntime
 from cluster.load import DiffusionLoad
+from cluster.startup_config import StageRuntime
 from serving import metrics
 from serving.device_errors import device_failure
 from serving.devices import resolve_device, resolve_dtype
 from serving.engine.core import CheckpointReady, RequestFailed, RequestFinished, StepFinished
 from serving.errors import GenerationFailed, JobCancelled, StageDead, StageOutOfMemory
 from serving.families import get_family
+from serving.jobs.backends import open_store
 from serving.jobs.job_storage import patiently, register_stored_types
 from serving.jobs.progress import ProgressMarks
-from serving.jobs.backends import open_store
 from serving.jobs.writer import FencedWriter
-from serving.protocol import DenoiseResult, Handoff, JobTicket
 from serving.parallel_group import ShardedTransformerGroup
+from serving.protocol import DenoiseResult, Handoff, JobTicket
 from serving.stages._base import LoadTimer, StageRunner, free_device_memory, is_out_of_memory, placement
 from serving.stages.ledger import LedgerEntry
 from serving.stages.startup import cap_memory, export_loads, local_weights, warm_up

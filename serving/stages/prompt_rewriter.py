@@ -10,10 +10,10 @@ from pathlib import Path
 from cluster.config import ModelConfig, RewriterConfig
 from serving import metrics
 from serving.families import get_family
-from serving.stages.ledger import StageLedger
 from serving.prompting.rewriter import PromptRewriter, Rewrite
 from serving.prompting.tiny_rewriter import REWRITER_SUBFOLDER
 from serving.stages._base import LoadTimer
+from serving.stages.ledger import StageLedger
 
 __all__ = ["PromptRewriterStage", "rewriter_model_path"]
 

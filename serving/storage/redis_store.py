@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from serving.tenancy.redis_connection import redis_auth_options
 from serving.storage.errors import StorageError, StorageFull, StorageUnavailable
 from serving.storage.keys import check_prefix, parse_key
 from serving.storage.store import (
@@ -34,6 +33,7 @@ from serving.storage.store import (
     _pieces,
     _Upload,
 )
+from serving.tenancy.redis_connection import redis_auth_options
 
 __all__ = ["RedisStorage", "open_redis_storage"]
 

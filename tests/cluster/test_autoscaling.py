@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from cluster.autoscaling import (
-    DiffusionReplica,
     DiffusionPolicySettings,
+    DiffusionReplica,
     FollowerReplica,
     FollowerSettings,
     apply_delays,
@@ -21,8 +21,8 @@ from cluster.autoscaling import (
     queue_wait_s,
 )
 from cluster.config import ReelserveConfig
-from serving.families.ltx2.config import LTX2ModelConfig
 from cluster.placement import stage_options
+from serving.families.ltx2.config import LTX2ModelConfig
 from tests.cluster.scaling_sim import DiffusionDeployment, Job
 
 RATE = 3.5e-4

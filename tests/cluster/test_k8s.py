@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from cluster.k8s import GPU_PRODUCTS, RenderError, render
-from serving.ingress.body_limits import DEFAULT_MAX_BODY_BYTES
 from serving.cli import main
+from serving.ingress.body_limits import DEFAULT_MAX_BODY_BYTES
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILES = sorted(path.stem for path in (REPO / "cluster" / "profiles").glob("*.yaml"))

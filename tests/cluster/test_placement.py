@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from cluster.config import ReelserveConfig
-from cluster.placement import drain_seconds, ingress_options, longest_denoise_seconds, orchestrator_options, stage_options
+from cluster.placement import (
+    drain_seconds,
+    ingress_options,
+    longest_denoise_seconds,
+    orchestrator_options,
+    stage_options,
+)
 
 
 def _options(name: str, **stage) -> dict:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from cluster.k8s import DEFAULT_IMAGE
 
 REPO = Path(__file__).resolve().parents[2]

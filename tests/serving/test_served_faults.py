@@ -22,8 +22,18 @@ import ray
 
 from serving.proto import video_pb2
 from tests.serving.conftest import (
-    LONG, SLOW, SLOWER, STEPS, app_of, bearer, bucket_keys, deploy, diffusion_autoscaling, stage_stats,
-    wait_terminal, wait_until,
+    LONG,
+    SLOW,
+    SLOWER,
+    STEPS,
+    app_of,
+    bearer,
+    bucket_keys,
+    deploy,
+    diffusion_autoscaling,
+    stage_stats,
+    wait_terminal,
+    wait_until,
 )
 
 pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`

@@ -7,15 +7,21 @@ replica taking two jobs at once, so two jobs share its batches.
 
 from __future__ import annotations
 
-import pytest
-
 import time
 
 import numpy as np
+import pytest
 
 from serving.proto import video_pb2
 from tests.serving.conftest import (
-    SLOW, WARMUP_STALL_S, app_of, deploy, diffusion_autoscaling, stage_stats, wait_terminal, wait_until,
+    SLOW,
+    WARMUP_STALL_S,
+    app_of,
+    deploy,
+    diffusion_autoscaling,
+    stage_stats,
+    wait_terminal,
+    wait_until,
 )
 from tests.serving.test_served_faults import SMALL, Watcher, _replica_actors, _uninterrupted_latents
 

@@ -22,7 +22,14 @@ from PIL import Image
 from serving.proto import video_pb2
 from tests.conftest import png_with_claimed_size
 from tests.serving.conftest import (
-    CALLBACK_PREFIX_PORT, KEYS, SLOW, WEBHOOK_SECRET, bearer, grpc_stub, wait_terminal, wait_until,
+    CALLBACK_PREFIX_PORT,
+    KEYS,
+    SLOW,
+    WEBHOOK_SECRET,
+    bearer,
+    grpc_stub,
+    wait_terminal,
+    wait_until,
 )
 
 pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`

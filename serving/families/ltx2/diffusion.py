@@ -33,11 +33,12 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 import torch
 
-from serving.families.ltx2.checkpoint import checkpoint_path
-from serving.families.ltx2.config import LTX2ModelConfig
 from serving.devices import resolve_device, resolve_dtype
 from serving.engine.core import DiffusionEngine, StateUntouchedError
+from serving.families.ltx2.checkpoint import checkpoint_path
+from serving.families.ltx2.config import LTX2ModelConfig
 from serving.families.ltx2.latents import Geometry, LatentSpace, read_latent_space
+from serving.families.ltx2.passes import LTX2Passes, load_transformer
 from serving.families.ltx2.recipes import (
     GUIDANCE_OFF,
     Guidance,
@@ -47,9 +48,7 @@ from serving.families.ltx2.recipes import (
     load_latent_upsampler,
     recipe_phases,
 )
-from serving.families.ltx2.passes import LTX2Passes, load_transformer
 from serving.families.ltx2.speed import SpeedSettingError, apply_speed, check_speed_settings, warm_up
-from serving.weights import LoadLog
 from serving.protocol import (
     AudioLatents,
     DenoisedLatents,
@@ -60,6 +59,7 @@ from serving.protocol import (
     TextEmbeddings,
     VideoLatents,
 )
+from serving.weights import LoadLog
 
 __all__ = ["LTX2Engine", "LTX2Diffusion", "LTX2StepModel", "DenoiseRequest", "DenoiseCheckpoint", "Guidance"]
 

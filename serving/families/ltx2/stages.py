@@ -21,24 +21,24 @@ import numpy as np
 import PIL.Image
 import torch
 
-from serving.devices import resolve_device, resolve_dtype
-from serving.weights import LoadLog, device_map
-from serving.families.ltx2.checkpoint import checkpoint_path, component_config
 from cluster.sizes import parse_size
+from serving.devices import resolve_device, resolve_dtype
+from serving.families.ltx2.checkpoint import checkpoint_path, component_config
 from serving.families.ltx2.config import LTX2ModelConfig
+from serving.media import encode_video, load_photo
 from serving.protocol import (
     AudioLatents,
+    EncodedVideo,
     HostTensor,
     ImageCondition,
     PromptEmbeddings,
     RenderPlan,
-    EncodedVideo,
     TextEmbeddings,
     VideoFrames,
     VideoLatents,
     Waveform,
 )
-from serving.media import encode_video, load_photo
+from serving.weights import LoadLog, device_map
 
 __all__ = [
     "LTX2TextEncoder",

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from serving.storage.store import Storage
-
 from serving.storage.opening import open_storage
+from serving.storage.store import Storage
 from tests.serving.conftest import new_bucket
 
 

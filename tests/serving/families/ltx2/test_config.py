@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from cluster.config import load_config
-from serving.families.ltx2.config import DiffusionEngineConfig, LTX2ModelConfig as ModelConfig
+from serving.families.ltx2.config import DiffusionEngineConfig
+from serving.families.ltx2.config import LTX2ModelConfig as ModelConfig
 
 GUIDANCE_OFF = dict(
     guidance_scale=1, audio_guidance_scale=1, stg_scale=0, audio_stg_scale=0, modality_scale=1, audio_modality_scale=1

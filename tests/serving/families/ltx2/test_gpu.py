@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving.families.ltx2.config import SpeedConfig
 from serving.families.ltx2 import reference as ref
 from serving.families.ltx2 import speed as speed
+from serving.families.ltx2.config import SpeedConfig
 
 pytestmark = pytest.mark.gpu
 

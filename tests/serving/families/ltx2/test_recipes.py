@@ -181,8 +181,8 @@ def test_recipe_equals_diffusers(recipe, mode, tiny_config, tiny_checkpoint, pla
 
 
 def test_two_stage_needs_sizes_in_multiples_of_64(tiny_config):
-    from serving.families.ltx2.config import LTX2ModelConfig as ModelConfig
     from serving.families import get_family
+    from serving.families.ltx2.config import LTX2ModelConfig as ModelConfig
 
     with pytest.raises(ValueError, match="multiple of 64"):
         ModelConfig.tiny(default_size="96x64", diffusion={"recipe": "two_stage"})

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from cluster.config import load_config
-from serving.families.ltx2.config import SpeedConfig
 from serving.families.ltx2 import speed as speed
+from serving.families.ltx2.config import SpeedConfig
 from serving.families.ltx2.reference import random_transformer_inputs
 
 REPO_ROOT = Path(__file__).resolve().parents[4]
