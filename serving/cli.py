@@ -63,6 +63,12 @@ def _build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate one video in this process")
     generate.add_argument("--prompt", required=True, help="what happens in the video")
     generate.add_argument("--image", help="photo to animate (JPEG/PNG/WebP); omit for text-to-video")
+    generate.add_argument("--last-frame", help="image the video ends on (families with keyframes: MiniMax-H3)")
+    generate.add_argument(
+        "--reference", action="append", default=[], metavar="KIND=PATH",
+        help="a reference file, KIND image, video or audio, repeated in the order the model reads them "
+             "(families with references: MiniMax-H3)",
+    )
     generate.add_argument("--out", required=True, help="output file, .mp4")
     generate.add_argument("--seconds", help="clip length (default: the model's)")
     generate.add_argument("--size", help="WIDTHxHEIGHT, multiples of the model's size step (default: the model's)")
@@ -144,14 +150,16 @@ def _make_tiny(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     out = _check_out_path(args.out)  # cheap checks first: no library import for a typo
     image = _read_image_file(args.image) if args.image is not None else None
+    media = _read_media(args)
     _quiet_libraries()
     if args.address:
-        return _generate_remote(args, out, image)
+        return _generate_remote(args, out, image, media)
     if args.enhance_prompt:
         raise UsageError("--enhance-prompt: the prompt rewriter runs in a served cluster; add --address HOST:PORT")
     config = _model_config(args.model, args.steps)
 
     from serving.errors import InvalidRequest
+    from serving.families.base import MediaInput
     from serving.generate import LocalGenerator
 
     try:
@@ -167,26 +175,57 @@ def _generate(args: argparse.Namespace) -> int:
             fps=args.fps,
             seed=args.seed,
             negative_prompt=args.negative_prompt,
-            image=image,
+            image=image if generator.family.admit_inputs is None else None,
             field_names=_CLI_FIELD_NAMES,
         )
+        if image is not None:
+            media.insert(0, MediaInput("--image", "first_frame", image))
+        inputs = generator.admit(media)
     except InvalidRequest as error:
         raise UsageError(str(error)) from None
 
     plan = request.plan
-    mode = "image-to-video" if image is not None else "text-to-video"
+    roles = [spec.role for spec, _ in inputs]
+    mode = ("text-to-video" if not roles else "image-to-video" if roles == ["first_frame"]
+            else f"{len(roles)} files ({', '.join(roles)}) to video")
     print(
         f"{mode}: {plan.width}x{plan.height}, {plan.output_frames} frames at {plan.fps} fps "
         f"({plan.duration_s:.2f} s), {plan.num_inference_steps} steps, seed {plan.seed}",
         file=sys.stderr,
     )
     with _ProgressBar(disabled=args.quiet) as progress:
-        generator.generate(request, out, on_step=progress.update)
+        generator.generate(request, out, on_step=progress.update, inputs=inputs)
     print(out)
     return 0
 
 
-def _generate_remote(args: argparse.Namespace, out: Path, image: bytes | None) -> int:
+def _read_media(args: argparse.Namespace) -> list:
+    """``--last-frame`` and each ``--reference KIND=PATH``, read, in the order given (checked by the model later)."""
+    from serving.families.base import MediaInput
+
+    media = []
+    if args.last_frame is not None:
+        media.append(MediaInput("--last-frame", "last_frame", _read_file(args.last_frame, "--last-frame")))
+    for value in args.reference:
+        kind, separator, name = value.partition("=")
+        if not separator or kind not in _REFERENCE_KINDS:
+            raise UsageError(f"--reference: '{value}' is not KIND=PATH with KIND image, video or audio")
+        media.append(MediaInput(f"--reference {value}", _REFERENCE_KINDS[kind], _read_file(name, "--reference")))
+    return media
+
+
+_REFERENCE_KINDS = {"image": "reference_image", "video": "reference_video", "audio": "reference_audio"}
+_PROTO_KINDS = {"reference_image": 1, "reference_video": 2, "reference_audio": 3}  # video_pb2.Reference.Kind
+
+
+def _read_file(name: str, flag: str) -> bytes:
+    path = Path(name)
+    if not path.is_file():
+        raise UsageError(f"{flag}: no file '{name}'")
+    return path.read_bytes()
+
+
+def _generate_remote(args: argparse.Namespace, out: Path, image: bytes | None, media: list) -> int:
     """Submit over gRPC, follow WatchVideo with a progress bar, download the MP4."""
     import grpc
 
@@ -206,6 +245,9 @@ def _generate_remote(args: argparse.Namespace, out: Path, image: bytes | None) -
         video = client.create(
             prompt=args.prompt, image=image, seconds=seconds, size=args.size, fps=fps, seed=seed,
             negative_prompt=args.negative_prompt, model=args.model, enhance_prompt=args.enhance_prompt,
+            last_frame=next((item.data for item in media if item.role == "last_frame"), None),
+            references=[video_pb2.Reference(kind=_PROTO_KINDS[item.role], data=item.data)
+                        for item in media if item.role in _PROTO_KINDS],
         )
         print(f"job {video.id}: {video.size}, {video.seconds:g} s at {video.fps} fps, seed {video.seed}", file=sys.stderr)
         with _ProgressBar(disabled=args.quiet, desc="generating", unit="%") as progress:
@@ -471,8 +513,11 @@ def _model_config(model: str | None, steps: int | None):
 def _check_model_location(model: str) -> None:
     """A local-looking path must be a diffusers checkpoint folder; anything else is taken as a hub id."""
     looks_local = os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1
-    if looks_local and not (Path(model).expanduser() / "model_index.json").is_file():
-        raise UsageError(f"--model: '{model}' is not a checkpoint folder (no model_index.json in it)")
+    folder = Path(model).expanduser()
+    indexes = ("model_index.json", "modular_model_index.json")  # a pipeline's, or modular blocks' (MiniMax-H3)
+    if looks_local and not any((folder / index).is_file() for index in indexes):
+        raise UsageError(f"--model: '{model}' is not a checkpoint folder (no model_index.json or "
+                         "modular_model_index.json in it)")
 
 
 class _ProgressBar:

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cluster.config import ModelConfig
+from serving.errors import InvalidRequest
 from serving.families import get_family
+from serving.families.base import MediaInput
 from serving.jobs.record import PHOTO_INPUT
 from serving.media import mux_mp4
-from serving.protocol import JobInput, JobSpec, StoredVideo
+from serving.protocol import InputSpec, JobInput, JobSpec, StoredVideo
 from serving.requests import VideoRequest, validate_request
 
 __all__ = ["LocalGenerator", "InProcessContext"]
@@ -49,20 +51,35 @@ class LocalGenerator:
             elif spec.kind == "diffusion":
                 self._components[spec.name] = self.family.diffusion_model(self.config)
 
+    def admit(self, media: list[MediaInput]) -> list[tuple[InputSpec, bytes]]:
+        """The request's files checked by the family and named as the served path stores them (``InvalidRequest``
+        naming the file otherwise); a family without ``admit_inputs`` takes one first-frame photo."""
+        if self.family.admit_inputs is not None:
+            specs = self.family.admit_inputs(self.config, media)
+            return [(spec, item.data) for spec, item in zip(specs, media)]
+        for item in media[1:] if media and media[0].role == "first_frame" else media:
+            raise InvalidRequest(item.field, f"model '{self.config.name}' animates one first frame (the photo); last "
+                                             "frames and references need a model that takes them")
+        return [(PHOTO_INPUT, media[0].data)] if media else []
+
     def generate(
         self,
         request: VideoRequest,
         out_path: str | Path,
         on_step: StepListener | None = None,
         on_stage: StageListener | None = None,
+        inputs: list[tuple[InputSpec, bytes]] | None = None,
     ) -> Path:
+        """``inputs``: what ``admit`` returned (default: the request's photo, if any)."""
         self.load()
-        inputs = {PHOTO_INPUT.name: request.image} if request.image is not None else {}
+        if inputs is None:
+            inputs = [(PHOTO_INPUT, request.image)] if request.image is not None else []
         job = JobSpec(
             job_id="local", prompt=request.prompt, negative_prompt=request.negative_prompt, plan=request.plan,
-            inputs=(PHOTO_INPUT,) if request.image is not None else (),
+            inputs=tuple(spec for spec, _ in inputs),
         )
-        context = InProcessContext(self.family, self._components, job, inputs, Path(out_path), on_step, on_stage)
+        files = {spec.name: data for spec, data in inputs}
+        context = InProcessContext(self.family, self._components, job, files, Path(out_path), on_step, on_stage)
         asyncio.run(self.family.pipeline(context, job, self.config))
         return Path(out_path)
 

@@ -257,3 +257,35 @@ def test_no_command_prints_help_and_exits_2(cache_home):
     result = _run([], cache_home)
     assert result.returncode == 2
     assert "generate" in result.stderr and "make-tiny" in result.stderr
+
+
+def test_generate_with_references_and_a_last_frame_on_minimax_h3(tmp_path, cache_home, probe_mp4):
+    """The H3 family in one process: references and keyframes from files, checked by the family first."""
+    import numpy as np
+
+    from serving.families.minimax_h3.tiny import build_tiny_minimax_h3
+    from tests.serving.families.minimax_h3.conftest import encode_image, encode_wav
+
+    checkpoint = build_tiny_minimax_h3(tmp_path / "h3")
+    image, audio = tmp_path / "ref.png", tmp_path / "ref.wav"
+    image.write_bytes(encode_image(np.random.default_rng(1).integers(0, 255, (32, 64, 3), dtype=np.uint8)))
+    audio.write_bytes(encode_wav(1.0))
+    out = tmp_path / "h3.mp4"
+    result = _run(["generate", "--model", checkpoint, "--prompt", "a cat purrs", "--reference", f"image={image}",
+                   "--reference", f"audio={audio}", "--out", out, "--seed", "2", "--quiet"], cache_home)
+    assert result.returncode == 0, result.stderr
+    assert "2 files (reference_image, reference_audio) to video: 64x32" in result.stderr
+    info = probe_mp4(out)
+    assert (info["video_streams"], info["audio_streams"], info["width"], info["height"]) == (1, 1, 64, 32)
+
+    mixed = _run(["generate", "--model", checkpoint, "--prompt", "x", "--image", image, "--reference",
+                  f"image={image}", "--out", tmp_path / "no.mp4"], cache_home)
+    assert mixed.returncode == 2 and "--image: a first or last frame cannot be combined" in mixed.stderr
+    alone = _run(["generate", "--model", checkpoint, "--prompt", "x", "--reference", f"audio={audio}",
+                  "--out", tmp_path / "no.mp4"], cache_home)
+    assert alone.returncode == 2 and "audio references need" in alone.stderr
+    ltx = _run(["generate", "--prompt", "x", "--last-frame", image, "--out", tmp_path / "no.mp4"], cache_home)
+    assert ltx.returncode == 2 and "--last-frame: model 'ltx-2-tiny' animates one first frame" in ltx.stderr
+    bad = _run(["generate", "--prompt", "x", "--reference", "picture=a.png", "--out", tmp_path / "no.mp4"],
+               cache_home)
+    assert bad.returncode == 2 and "--reference: 'picture=a.png' is not KIND=PATH" in bad.stderr
