@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from serving.client import api_key_metadata
 from serving.loadtest.mix import RequestShape
 
 __all__ = ["Refused", "SubmitFailed", "Outcome", "GrpcJobClient", "HttpJobClient", "make_client"]
@@ -56,6 +57,7 @@ class GrpcJobClient:
         self._grpc = grpc
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = video_pb2_grpc.VideoServiceStub(self._channel)
+        self._metadata = api_key_metadata()
 
     async def submit(self, shape: RequestShape, seed: int) -> str:
         from serving.proto import video_pb2
@@ -70,8 +72,17 @@ class GrpcJobClient:
         photo = shape.photo_bytes()
         if photo is not None:
             fields["image"] = photo
+        if shape.model:
+            fields["model"] = shape.model
+        for name, kind, data in shape.media_files():
+            if name == "last_frame":
+                fields["last_frame"] = data
+            else:
+                fields.setdefault("references", []).append(
+                    video_pb2.Reference(kind=video_pb2.Reference.Kind.Value(kind.upper()), data=data))
         try:
-            video = await self._stub.CreateVideo(video_pb2.CreateVideoRequest(**fields), timeout=60)
+            video = await self._stub.CreateVideo(video_pb2.CreateVideoRequest(**fields), timeout=60,
+                                                metadata=self._metadata)
         except self._grpc.aio.AioRpcError as error:
             code = error.code().name.lower()
             if error.code() == self._grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -86,7 +97,8 @@ class GrpcJobClient:
         last = None
         try:
             stream = self._stub.WatchVideo(
-                video_pb2.WatchVideoRequest(id=job_id), timeout=max(1.0, deadline - time.monotonic())
+                video_pb2.WatchVideoRequest(id=job_id), timeout=max(1.0, deadline - time.monotonic()),
+                metadata=self._metadata,
             )
             async for event in stream:
                 last = event.video
@@ -98,7 +110,8 @@ class GrpcJobClient:
             if time.monotonic() >= deadline:
                 return Outcome("unfinished", "unfinished", first_progress_at=first_progress)
             try:
-                last = await self._stub.GetVideo(video_pb2.GetVideoRequest(id=job_id), timeout=30)
+                last = await self._stub.GetVideo(video_pb2.GetVideoRequest(id=job_id), timeout=30,
+                                                 metadata=self._metadata)
             except self._grpc.aio.AioRpcError as error:
                 return Outcome("failed", error.code().name.lower(), first_progress_at=first_progress)
             if first_progress is None and _started(last.status, last.progress):
@@ -113,7 +126,8 @@ class GrpcJobClient:
         from serving.proto import video_pb2
 
         try:
-            await self._stub.CancelVideo(video_pb2.CancelVideoRequest(id=job_id), timeout=10)
+            await self._stub.CancelVideo(video_pb2.CancelVideoRequest(id=job_id), timeout=10,
+                                           metadata=self._metadata)
         except self._grpc.aio.AioRpcError:
             pass
 
@@ -141,7 +155,9 @@ class HttpJobClient:
 
         self._httpx = httpx
         base = address if address.startswith(("http://", "https://")) else f"http://{address}"
-        self._client = httpx.AsyncClient(base_url=base.rstrip("/"), timeout=60, limits=httpx.Limits(max_connections=None))
+        key = dict(api_key_metadata()).get("authorization")
+        self._client = httpx.AsyncClient(base_url=base.rstrip("/"), timeout=60, limits=httpx.Limits(max_connections=None),
+                                         headers={"Authorization": key} if key else None)
         self._poll_s = poll_s
 
     async def submit(self, shape: RequestShape, seed: int) -> str:
@@ -152,8 +168,12 @@ class HttpJobClient:
             fields["seconds"] = f"{shape.seconds:g}"
         if shape.enhance_prompt is not None:
             fields["enhance_prompt"] = "true" if shape.enhance_prompt else "false"
+        if shape.model:
+            fields["model"] = shape.model
         photo = shape.photo_bytes()
-        files = {"input_reference": ("photo.jpg", photo, "image/jpeg")} if photo is not None else None
+        files = [("input_reference", ("photo.jpg", photo, "image/jpeg"))] if photo is not None else []
+        files += [(name, (f"{name}-{index}", data, "application/octet-stream"))
+                  for index, (name, _, data) in enumerate(shape.media_files())]
         try:
             if files:
                 response = await self._client.post("/v1/videos", data=fields, files=files)

@@ -13,19 +13,30 @@
   seconds: 1
   photo: false
   prompt: "a drone flies over a misty forest at dawn; wind and birdsong"
+- name: omni-reference         # a MiniMax-H3 deployment: references in the order the model reads them
+  model: minimax-h3
+  size: 1344x768
+  seconds: 5
+  photo: false
+  references:
+    - {kind: image, path: refs/character.png}
+    - {kind: audio, path: refs/voice.wav}
 ```
+
+`reelserve loadtest --model ID` names the served model for every shape that names none.
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from cluster.config import parse_size
 
-__all__ = ["RequestShape", "load_mix", "default_mix", "MixError", "SAMPLE_PHOTO", "pick"]
+__all__ = ["RequestShape", "ReferenceFile", "load_mix", "default_mix", "MixError", "SAMPLE_PHOTO", "pick"]
 
 SAMPLE_PHOTO = Path(__file__).resolve().parents[1] / "assets" / "sample_photo.jpg"
 DEFAULT_PROMPT = "The cat looks around, blinks and purrs softly; warm afternoon light, quiet room tone."
@@ -33,6 +44,15 @@ DEFAULT_PROMPT = "The cat looks around, blinks and purrs softly; warm afternoon 
 
 class MixError(ValueError):
     """The mix file is unreadable or invalid; the message names the entry and field."""
+
+
+class ReferenceFile(BaseModel):
+    """One reference file sent with each request of a shape."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["image", "video", "audio"] = Field(description="What the file is.")
+    path: str = Field(description="The file to send.")
 
 
 class RequestShape(BaseModel):
@@ -47,6 +67,11 @@ class RequestShape(BaseModel):
     photo: bool | str = Field(True, description="Send a photo: true (the packaged sample), false, or a file path.")
     enhance_prompt: bool | None = Field(None, description="Ask for prompt rewriting; unset: the server's default.")
     prompt: str = Field(DEFAULT_PROMPT, min_length=1, description="The prompt sent.")
+    model: str | None = Field(None, description="The served model id to ask for; unset: --model, else the server's.")
+    last_frame: str | None = Field(None, description="An image file the video ends on (families with keyframes).")
+    references: list[ReferenceFile] = Field(
+        default_factory=list, description="Reference files in the order the model reads them (MiniMax-H3)."
+    )
 
     @field_validator("size")
     @classmethod
@@ -54,6 +79,18 @@ class RequestShape(BaseModel):
         if value is not None:
             parse_size(value)
         return value
+
+    @model_validator(mode="after")
+    def _keyframes_or_references(self) -> RequestShape:
+        if self.references and (self.photo is not False or self.last_frame):
+            raise ValueError("references cannot be sent with a photo or a last frame (set photo: false)")
+        return self
+
+    def media_files(self) -> list[tuple[str, str, bytes]]:
+        """``(field, kind, bytes)`` of the last frame and the references, in order (the photo apart)."""
+        files = [("last_frame", "image", Path(self.last_frame).read_bytes())] if self.last_frame else []
+        files += [(f"reference_{item.kind}s", item.kind, Path(item.path).read_bytes()) for item in self.references]
+        return files
 
     def photo_bytes(self) -> bytes | None:
         if self.photo is False:
@@ -90,6 +127,9 @@ def load_mix(path: str | Path) -> list[RequestShape]:
     for shape in shapes:
         if isinstance(shape.photo, str) and not Path(shape.photo).is_file():
             raise MixError(f"entry {shape.name}: photo: no such file '{shape.photo}'")
+        for field, name in [("last_frame", shape.last_frame)] + [("references", r.path) for r in shape.references]:
+            if name is not None and not Path(name).is_file():
+                raise MixError(f"entry {shape.name}: {field}: no such file '{name}'")
     names = [shape.name for shape in shapes]
     if len(names) != len(set(names)):
         raise MixError("entry names must be unique")

@@ -67,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", help=f"closed loop: jobs in flight at once (1-{LIMITS['concurrency']})")
     parser.add_argument("--rate", help=f"open loop: mean arrivals per second, Poisson (up to {LIMITS['rate']:g})")
     parser.add_argument("--duration", help=f"open loop: seconds of arrivals (up to {LIMITS['duration']:g})")
+    parser.add_argument("--model", help="the served model id every request asks for (a mix entry's model wins)")
     parser.add_argument("--mix", help="YAML/JSON list of request shapes with weights (default: image-to-video at the server's defaults)")
     parser.add_argument("--slo-seconds", help="end-to-end latency goal; the report's goodput counts jobs within it")
     parser.add_argument("--out", default="loadtest-out", help="folder for report.json and the PNGs (default: loadtest-out)")
@@ -116,6 +117,8 @@ def settings_from_args(args: argparse.Namespace) -> LoadTestSettings:
         mix = load_mix(args.mix) if args.mix else default_mix()
     except MixError as error:
         raise SettingsError(f"--mix: {error}") from None
+    if args.model:
+        mix = [shape if shape.model else shape.model_copy(update={"model": args.model}) for shape in mix]
     host = args.address.split("//")[-1].rsplit(":", 1)[0]
     return LoadTestSettings(
         address=args.address,

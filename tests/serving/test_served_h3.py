@@ -241,3 +241,33 @@ def test_a_diffusion_replica_killed_mid_denoise_resumes_and_cancel_and_oom_name_
     failed = _wait(h3_http, oom)
     assert failed["status"] == "failed" and failed["error"]["code"] == "resource_exhausted"
     assert "diffusion" in failed["error"]["message"]
+
+
+def test_loadtest_drives_h3_with_a_reference_mix(h3_served, h3_media, tmp_path):
+    """`reelserve loadtest --model` over HTTP with references in the mix, the key from REELSERVE_API_KEY."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    (tmp_path / "ref.png").write_bytes(h3_media["image"])
+    (tmp_path / "ref.wav").write_bytes(h3_media["audio"])
+    (tmp_path / "mix.yaml").write_text(
+        "- name: omni\n  size: 64x32\n  seconds: 5\n  photo: false\n  references:\n"
+        f"    - {{kind: image, path: {tmp_path / 'ref.png'}}}\n    - {{kind: audio, path: {tmp_path / 'ref.wav'}}}\n"
+        "- name: keyframes\n  size: 64x32\n  seconds: 5\n"
+    )
+    address = h3_served["http"].removeprefix("http://")
+    result = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "loadtest", "--protocol", "http", "--address", address, "--model",
+         "minimax-h3-tiny", "--requests", "4", "--concurrency", "2", "--mix", str(tmp_path / "mix.yaml"),
+         "--out", str(tmp_path / "out"), "--quiet"],
+        cwd=REPO_ROOT, env={**os.environ, "REELSERVE_API_KEY": KEYS["tests"]}, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["jobs"]["completed"] == 4, report["errors_by_code"]
+    assert set(report["by_shape"]) <= {"omni", "keyframes"} and report["by_shape"]
