@@ -154,7 +154,9 @@ class DiffusionModel(Protocol):
     """What a family gives the diffusion stage: its engine, and how a stage call becomes an engine request.
 
     The stage owns the loop's thread, progress, cancellation and checkpoint
-    storage; this object owns the model's step math (inside ``engine``).
+    storage; this object owns the model's step math (inside ``engine``). The
+    engine's checkpoints carry ``finished_steps``: the stage keys them by it and
+    reports it as the job's ``resumed_from_step``.
     """
 
     engine: "DiffusionEngine"

@@ -112,6 +112,11 @@ class DenoiseCheckpoint:
     def nbytes(self) -> int:
         return self.video_rows.nbytes + self.audio_rows.nbytes
 
+    @property
+    def finished_steps(self) -> int:
+        """Steps finished, as the diffusion stage keys and reports checkpoints (H3 runs one phase: ``step_index``)."""
+        return self.step_index
+
 
 class _Job:
     """One request's state between steps."""

@@ -76,7 +76,7 @@ def test_a_checkpoint_taken_mid_denoise_resumes_to_the_same_output(diffusion, en
     checkpoint = engine.checkpoint("cut")
     engine.abort("cut")
     engine.step()
-    assert checkpoint.step_index == 2 and checkpoint.total_steps == STEPS - 1 and checkpoint.workflow == "ref2va"
+    assert checkpoint.step_index == checkpoint.finished_steps == 2 and checkpoint.total_steps == STEPS - 1 and checkpoint.workflow == "ref2va"
 
     resumed = drain(engine, [DenoiseRequest("resumed", text, references, plan(3))], resume_from=checkpoint)["resumed"]
     assert equal(resumed, whole)
