@@ -434,7 +434,7 @@ def test_the_ingress_redeployed_mid_job(served, stub, job_store):
 
 def test_the_orchestrators_redeployed_mid_job_hand_the_job_over(served, stub, job_store, figures):
     created = _create(stub, f"a market at noon {SLOWER}", seed=6)
-    wait_until(lambda: job_store.get(created.id).step >= 3, what="three denoising steps")
+    wait_until(lambda: job_store.get(created.id).step >= 1, what="denoising under way")
     step_at_rollout = job_store.get(created.id).step
     _override(served, "orchestrator", ray_actor_options={"num_cpus": 0.11})
     final = wait_terminal(stub, created.id)
