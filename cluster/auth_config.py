@@ -300,9 +300,14 @@ class ReferencesConfig(BaseModel):
             "fetch is pinned to the checked address). Turn off only for media servers inside your own network."
         ),
     )
-    fetch_timeout_s: float = Field(10.0, gt=0, le=120, description="Longest one fetch may take, connection included.")
+    fetch_timeout_s: float = Field(
+        10.0, gt=0, le=120,
+        description="Longest the fetches of one request may take together, connections included.",
+    )
     max_fetch_bytes: int = Field(
-        50_000_000, ge=1024, description="Largest file fetched from a URL; the family's own per-kind caps apply after."
+        50_000_000, ge=1024,
+        description="Most bytes fetched from URLs for one request, all its files together; the family's own per-kind "
+                    "caps apply after.",
     )
 
     _prefixes_are_urls = field_validator("allowed_url_prefixes")(CallbacksConfig._prefixes_are_urls.__func__)

@@ -122,7 +122,7 @@ def _check_prompt(prompt: Any, field: str, limits: ModelLimits, count_tokens) ->
         raise InvalidRequest(field, "is required: a non-empty description of the video")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidRequest(field, "must be a non-empty description of the video")
-    text = prompt.strip()
+    text = _valid_text(prompt.strip(), field)
     if len(text) > MAX_PROMPT_CHARS:
         raise InvalidRequest(field, f"is {len(text)} characters; at most {MAX_PROMPT_CHARS} are allowed")
     if count_tokens is not None:
@@ -134,12 +134,21 @@ def _check_prompt(prompt: Any, field: str, limits: ModelLimits, count_tokens) ->
     return text
 
 
+def _valid_text(text: str, field: str) -> str:
+    """``text`` if it is valid Unicode (JSON may carry lone surrogates, which no tokenizer or store takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(field, "must be valid Unicode text (it holds a lone surrogate)") from None
+    return text
+
+
 def _check_negative_prompt(negative_prompt: Any, config: ModelConfig, field: str, limits, count_tokens) -> str:
     if negative_prompt is None:
         return config.negative_prompt
     if not isinstance(negative_prompt, str):
         raise InvalidRequest(field, "must be text")
-    text = negative_prompt.strip()
+    text = _valid_text(negative_prompt.strip(), field)
     if len(text) > MAX_PROMPT_CHARS:
         raise InvalidRequest(field, f"is {len(text)} characters; at most {MAX_PROMPT_CHARS} are allowed")
     if count_tokens is not None and text:

@@ -56,13 +56,15 @@ def video_object(record: JobRecord, queue: dict[str, Any] | None = None) -> dict
     }
 
 
-def model_object(config) -> dict[str, Any]:
-    """One served model in OpenAI's model list shape, with its family, workflows and request limits."""
+def model_object(config, limits=None) -> dict[str, Any]:
+    """One served model in OpenAI's model list shape, with its family, workflows and request limits (``limits``: the
+    checkpoint's ``ModelLimits``, whose size multiple a recipe may raise)."""
     family = get_family(config.family)
     described = family.describe(config) if family.describe is not None else {
         "workflows": ["t2v", "i2v"],  # text only, or one first frame (input_reference)
         "limits": {
-            "max_seconds": config.max_seconds, "max_fps": config.max_fps, "size_multiple": config.SPATIAL_COMPRESSION,
+            "max_seconds": config.max_seconds, "max_fps": config.max_fps,
+            "size_multiple": limits.size_multiple if limits is not None else config.SPATIAL_COMPRESSION,
             "max_width": config.max_width, "max_height": config.max_height,
             "frames": f"{config.FRAME_STEP}n + {config.FRAME_OFFSET}",
             "max_inference_steps": config.max_inference_steps, "references": None,

@@ -121,9 +121,23 @@ class MediaFetcher:
         self.config = config
 
     async def fetch_all(self, media: list[ClientMedia]) -> list[ClientMedia]:
-        return [item if item.data is not None else await self.fetch(item) for item in media]
+        """Every URL of one request, within one time limit and one byte budget for all of them together."""
+        fetched, budget = [], self.config.max_fetch_bytes
+        try:
+            async with asyncio.timeout(self.config.fetch_timeout_s):
+                for item in media:
+                    if item.data is None:
+                        item = await self.fetch(item, budget)
+                        budget -= len(item.data or b"")
+                    fetched.append(item)
+        except TimeoutError:
+            field = next((item.field for item in media if item.data is None), "references")
+            raise InvalidRequest(field, f"fetching the request's URLs took over {self.config.fetch_timeout_s:g} s "
+                                        "(references.fetch_timeout_s)") from None
+        return fetched
 
-    async def fetch(self, item: ClientMedia) -> ClientMedia:
+    async def fetch(self, item: ClientMedia, budget: int | None = None) -> ClientMedia:
+        """One URL's bytes, at most ``budget`` (default: ``references.max_fetch_bytes``)."""
         config, url, field = self.config, item.url or "", item.field
         if not config.allowed_url_prefixes:
             raise InvalidRequest(field, "this server fetches no URLs (references.allowed_url_prefixes is empty); "
@@ -132,8 +146,9 @@ class MediaFetcher:
         target, headers, extensions = url, {}, {}
         if config.refuse_private_addresses:
             target, headers, extensions = await self._pinned_public(url, field)
+        limit = config.max_fetch_bytes if budget is None else budget
         try:  # the whole fetch, however slowly the server sends (httpx's timeout bounds each read)
-            data = await asyncio.wait_for(self._download(target, headers, extensions, field),
+            data = await asyncio.wait_for(self._download(target, headers, extensions, field, limit),
                                           timeout=config.fetch_timeout_s)
         except asyncio.TimeoutError:
             raise InvalidRequest(field, f"fetching the URL took over {config.fetch_timeout_s:g} s "
@@ -150,8 +165,7 @@ class MediaFetcher:
             raise InvalidRequest(field, "the URL's host resolves to a private or otherwise non-public address")
         return pinned_url(url, addresses[0])
 
-    async def _download(self, url: str, headers: dict, extensions: dict, field: str) -> bytes:
-        limit = self.config.max_fetch_bytes
+    async def _download(self, url: str, headers: dict, extensions: dict, field: str, limit: int) -> bytes:
         try:
             async with httpx.AsyncClient(timeout=self.config.fetch_timeout_s, follow_redirects=False,
                                          trust_env=False) as client:  # no proxy around the pinned address
@@ -162,7 +176,8 @@ class MediaFetcher:
                     async for chunk in response.aiter_bytes():
                         size += len(chunk)
                         if size > limit:
-                            raise InvalidRequest(field, f"the file at the URL is over {limit} bytes "
+                            raise InvalidRequest(field, f"the request's files from URLs are over "
+                                                        f"{self.config.max_fetch_bytes} bytes in all "
                                                         "(references.max_fetch_bytes)")
                         chunks.append(chunk)
         except httpx.TimeoutException:

@@ -7,6 +7,8 @@ UNAVAILABLE, it does not restart the ingress.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type on routes.
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -97,7 +99,7 @@ class VideoIngress(GrpcVideoMethods):
     @http_app.get("/v1/models")
     async def list_models(self, request: Request):
         self._tenant(request)
-        return JSONResponse({"object": "list", "data": [model_object(self.model)]})
+        return JSONResponse({"object": "list", "data": [model_object(self.model, self.service.limits)]})
 
     @http_app.post("/v1/videos", openapi_extra={"requestBody": CREATE_BODY_SCHEMA})
     async def create_video(self, request: Request):
@@ -111,7 +113,7 @@ class VideoIngress(GrpcVideoMethods):
     @http_app.get("/v1/videos")
     async def list_videos(self, request: Request, after: str | None = None, limit: str = "20", order: str = "desc"):
         tenant = self._tenant(request)
-        if not limit.strip().isdigit():
+        if re.fullmatch(r"[0-9]{1,6}", limit.strip()) is None:
             raise InvalidRequest("limit", f"'{limit}' is not a whole number; allowed: 1 to 100")
         records, has_more = await self.service.list(tenant, after, int(limit), order)
         data = [video_object(r, await self.service.queue_of(r)) for r in records]

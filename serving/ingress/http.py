@@ -74,7 +74,7 @@ CREATE_BODY_SCHEMA = {
 async def parse_create_request(request: Request, max_file_bytes: int = MAX_PHOTO_BYTES) -> dict[str, Any]:
     """Fields of ``POST /v1/videos`` from JSON or multipart; the files (first frame, last frame, references) as
     ``media``, a list of ``ClientMedia`` in the order the model reads them."""
-    content_type = request.headers.get("content-type", "")
+    content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data") or content_type.startswith("application/x-www-form-urlencoded"):
         return await _parse_form(request, max_file_bytes)
     try:

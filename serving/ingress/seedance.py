@@ -123,13 +123,16 @@ class SeedanceTasks:
         if "resolution" in settings or "ratio" in settings:
             resolution = settings.get("resolution")
             size = task_size(None if resolution is None else str(resolution), str(settings.get("ratio", "adaptive")),
-                             model.default_size, model.SPATIAL_COMPRESSION)
+                             model.default_size, self.service.limits.size_multiple)
         duration = settings.get("duration")
         if duration in (-1, "-1"):
             duration = None  # Seedance's "let the model choose": the model's default length
+        seed = settings.get("seed")
+        if seed in (-1, "-1"):
+            seed = None  # Seedance's "random seed"
         record = await self.service.create(
             tenant, field_names={"seconds": "duration", "size": "resolution", "image": "content"}, prompt=prompt,
-            model=settings.get("model"), seconds=duration, size=size, seed=settings.get("seed"),
+            model=settings.get("model"), seconds=duration, size=size, seed=seed,
             priority=_priority(settings), callback_url=settings.get("callback_url"), media=media,
             max_queue_wait_s=_expires_after(settings.get("execution_expires_after")),
             return_last_frame=_flag(settings.get("return_last_frame", False), "return_last_frame"),
@@ -177,11 +180,11 @@ class SeedanceTasks:
     async def _recent(self, tenant: Tenant) -> list[JobRecord]:
         records, after = [], None
         while len(records) < _SCAN_LIMIT:
-            page, has_more = await self.service.list(tenant, after, 100, "desc")
+            page, has_more, last_id = await self.service.list_page(tenant, after, 100)
             records.extend(page)
-            if not has_more or not page:
+            if not has_more or last_id is None:
                 break
-            after = page[-1].id
+            after = last_id  # the store's own last id: a page whose records were all filtered out goes on
         return records
 
     async def _task(self, record: JobRecord, request: Request) -> dict[str, Any]:
@@ -289,7 +292,7 @@ def _flag(value: Any, field: str) -> bool:
 
 
 def _page_number(text: str, field: str, low: int, high: int) -> int:
-    if not text.strip().isdigit() or not low <= int(text) <= high:
+    if re.fullmatch(r"[0-9]{1,6}", text.strip()) is None or not low <= int(text) <= high:
         raise InvalidRequest(field, f"'{text}' is not allowed; use a whole number from {low} to {high}")
     return int(text)
 

@@ -220,6 +220,15 @@ class VideoService:
         )
         return [r for r in records if not r.delete_requested], has_more
 
+    async def list_page(self, tenant: Tenant, after: str | None, limit: int) -> tuple[list[JobRecord], bool, str | None]:
+        """Newest first, like ``list``; also the id of the last record the store returned (before the ones being
+        deleted were left out), to page on from."""
+        records, has_more = await self._blocking(
+            self.store.list, after=after or None, limit=limit, order="desc", tenant=tenant.name
+        )
+        last_id = records[-1].id if records else None
+        return [r for r in records if not r.delete_requested], has_more, last_id
+
     async def cancel(self, job_id: str, tenant: Tenant) -> JobRecord:
         """Stop the job: at once if nobody claimed it yet, else its runner stops it within one denoising step."""
         await self.get(job_id, tenant)

@@ -144,7 +144,7 @@ def _started(status: int, progress: int) -> bool:
 def _grpc_terminal(status: int) -> bool:
     from serving.proto import video_pb2
 
-    return status in (video_pb2.COMPLETED, video_pb2.FAILED, video_pb2.CANCELLED)
+    return status in (video_pb2.COMPLETED, video_pb2.FAILED, video_pb2.CANCELLED, video_pb2.EXPIRED)
 
 
 class HttpJobClient:

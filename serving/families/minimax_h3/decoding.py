@@ -133,7 +133,7 @@ def decode_video(data: bytes, name: str, limits: ReferenceLimits, *, num_frames:
                  sample_rate: int) -> MiniMaxH3VideoReference:
     """The video's frames on the ``fps`` grid (at most ``num_frames``) and its soundtrack, as a diffusers reference."""
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(io.BytesIO(data), metadata_errors="replace") as container:
             if not container.streams.video:
                 raise InvalidReference(name, "the file has no video stream")
             stream = container.streams.video[0]
@@ -142,7 +142,7 @@ def decode_video(data: bytes, name: str, limits: ReferenceLimits, *, num_frames:
             if container.streams.audio:
                 container.seek(0)  # the frames drained the container; the soundtrack is a second pass
                 soundtrack = _waveform(container, container.streams.audio[0], name, num_frames / fps, sample_rate)
-    except av.FFmpegError as error:
+    except (av.FFmpegError, UnicodeDecodeError, ValueError, AttributeError) as error:
         raise InvalidReference(name, f"the video does not decode ({_reason(error)})") from None
     if len(frames) < min(num_frames, 13):
         raise InvalidReference(name, f"only {len(frames)} frames decode; a video reference needs at least 13")
@@ -194,11 +194,11 @@ def decode_audio(data: bytes, name: str, limits: ReferenceLimits, *, seconds: fl
                  sample_rate: int) -> MiniMaxH3AudioReference:
     """An audio clip (or a video's soundtrack) as a diffusers reference, at ``sample_rate``, at most ``seconds``."""
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(io.BytesIO(data), metadata_errors="replace") as container:
             if not container.streams.audio:
                 raise InvalidReference(name, "the file has no audio stream")
             waveform = _waveform(container, container.streams.audio[0], name, seconds, sample_rate)
-    except av.FFmpegError as error:
+    except (av.FFmpegError, UnicodeDecodeError, ValueError, AttributeError) as error:
         raise InvalidReference(name, f"the audio does not decode ({_reason(error)})") from None
     return MiniMaxH3AudioReference(audio=waveform, sample_rate=sample_rate)
 

@@ -190,6 +190,7 @@ def _inspect_image(data: bytes, limits: ReferenceLimits, field: str) -> tuple[fl
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel cap below is lower
             with Image.open(io.BytesIO(data)) as image:  # reads the header only
                 image_format, (width, height) = (image.format or "").lower(), image.size
+                image_format = "jpeg" if image_format == "mpo" else image_format  # a phone camera's multi-picture JPEG
     except Image.DecompressionBombError:
         raise InvalidRequest(field, f"the image has too many pixels; at most {limits.max_image_pixels} "
                                     "(model.max_image_reference_pixels)") from None
@@ -215,7 +216,7 @@ def _inspect_stream(kind: str, data: bytes, limits: ReferenceLimits, field: str)
     _check_bytes(data, cap, kind, field, setting)
     allowed = limits.video_formats if kind == "video" else limits.audio_formats
     try:
-        with av.open(io.BytesIO(data), options=_CONTAINER_OPTIONS) as container:
+        with av.open(io.BytesIO(data), options=_CONTAINER_OPTIONS, metadata_errors="replace") as container:
             format_name = container.format.name
             names = set(format_name.split(","))
             streams = container.streams.video if kind == "video" else container.streams.audio
@@ -223,9 +224,12 @@ def _inspect_stream(kind: str, data: bytes, limits: ReferenceLimits, field: str)
                 raise InvalidRequest(field, f"the file has no {kind} stream")
             stream = streams[0]
             duration = header_seconds(container, stream)
-            width = int(stream.codec_context.width or 0) if kind == "video" else 0
-            height = int(stream.codec_context.height or 0) if kind == "video" else 0
-    except av.FFmpegError:
+            codec = stream.codec_context
+            if codec is None:  # a stream of a codec FFmpeg does not know
+                raise InvalidRequest(field, f"the {kind} stream's codec cannot be read")
+            width = int(codec.width or 0) if kind == "video" else 0
+            height = int(codec.height or 0) if kind == "video" else 0
+    except (av.FFmpegError, UnicodeDecodeError, ValueError, AttributeError, TypeError):  # whatever a broken header
         raise InvalidRequest(field, f"not a {kind} file of an allowed format ({', '.join(allowed)})") from None
     if not names & set(allowed):
         raise InvalidRequest(

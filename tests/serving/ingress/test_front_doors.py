@@ -348,3 +348,29 @@ def test_a_trickling_media_server_is_cut_off_at_the_fetch_timeout(h3, tmp_path):
     assert answer.status_code == 400 and "references.fetch_timeout_s" in answer.json()["error"]["message"]
     assert time.monotonic() - started < 3
     listener.close()
+
+
+def test_inputs_that_once_broke_the_create_path_are_400s(h3, tmp_path):
+    """A lone surrogate in the prompt, a video whose header is not UTF-8 or whose codec is unknown, odd page
+    numbers and Seedance's own -1 seed."""
+    service, client = h3
+    surrogate = client.post("/v1/videos", content=b'{"prompt": "\\ud800 cat"}',
+                            headers={"content-type": "application/json"})
+    assert surrogate.status_code == 400 and surrogate.json()["error"]["param"] == "prompt"
+    broken = bytearray(VIDEO)
+    at = broken.find(b"mdat") + 16
+    broken[at:at + 8] = b"\xff" * 8  # mangled sample data; the header still parses
+    mangled_meta = VIDEO.replace(b"Lavf", b"\xff\xfe\xfd\xfc", 1)  # the encoder tag, no longer UTF-8
+    for data in (bytes(broken), mangled_meta, b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64):
+        answer = client.post("/v1/videos", json={**H3, "references": [
+            {"type": "image", "url": IMAGE_URL}, {"type": "video", "url": data_url(data, "video/mp4")}]})
+        assert answer.status_code in (200, 400), answer.text
+    for page in ("\u00b2", "9" * 5000, "-1"):
+        listed = client.get("/api/v3/contents/generations/tasks", params={"page_num": page})
+        assert listed.status_code == 400 and listed.json()["error"]["param"] == "page_num"
+    seeded = client.post("/api/v3/contents/generations/tasks", json={
+        "content": [{"type": "text", "text": "a cat --seed -1"}], "resolution": "64x32", "seed": -1})
+    assert seeded.status_code == 200, seeded.text
+    upper = client.post("/v1/videos", data={k: str(v) for k, v in H3.items()},
+                        headers={"content-type": "MULTIPART/FORM-DATA; boundary=x"})
+    assert upper.status_code == 400  # read as a form (and refused as one), not as JSON
