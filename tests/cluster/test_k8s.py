@@ -445,6 +445,8 @@ def test_the_readme_section_matches_the_manifests(profile, rendered):
     names = {o["metadata"]["name"] for o in objects if o["kind"] in ("Service", "PersistentVolumeClaim")}
     service = _rayservice(files)
     names.add(service["spec"]["serveService"]["metadata"]["name"])
+    # Secrets the pods read (by secretName or secretKeyRef) are named in the manifests, not created by them.
+    names |= set(re.findall(r"(?:secretName|name): (reelserve-[a-z-]+)", "\n".join(files.values())))
     tiny = "path" not in yaml.safe_load((REPO / _source(profile)).read_text())["model"]
     assert ("reelserve-models" in names) != tiny and "(not in `local-cpu`, whose tiny checkpoint each pod builds)" in section
     for mentioned in set(re.findall(r"`(reelserve-[a-z-]+)`", section)) - ({"reelserve-models"} if tiny else set()):
