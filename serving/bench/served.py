@@ -60,7 +60,7 @@ def _workload(profile) -> Workload:
     from PIL import Image
 
     from cluster.config import parse_size
-    from serving.families.ltx2 import center_crop_to_aspect
+    from serving.families.ltx2.stages import center_crop_to_aspect
     from serving.loadtest.mix import SAMPLE_PHOTO
 
     width, height = parse_size(profile.size)
