@@ -159,8 +159,8 @@ def deploy(applications: list[dict], timeout_s: float = 600, wait: bool = True) 
     Applications whose ``args`` did not change keep their replicas (only their options are applied); those no
     longer listed are removed. Needs a connected Ray with Serve started. ``wait`` False: return at once.
     """
-    from ray.serve.context import _get_global_client  # the Python side of Serve's declarative API (no dashboard)
-    from ray.serve.schema import ServeDeploySchema
+    from ray.serve.context import _get_global_client  # noqa: PLC0415 - Ray only where a cluster is reached; the Python side of Serve's declarative API (no dashboard)
+    from ray.serve.schema import ServeDeploySchema  # noqa: PLC0415 - Ray only where a cluster is reached
 
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": applications}))
     if wait:
@@ -169,7 +169,7 @@ def deploy(applications: list[dict], timeout_s: float = 600, wait: bool = True) 
 
 def wait_until_running(names: list[str], timeout_s: float = 600) -> None:
     """Every application named is RUNNING with every deployment HEALTHY; raises naming the one that failed."""
-    from ray import serve  # heavy: only where a cluster is reached
+    from ray import serve  # noqa: PLC0415 - Ray only where a cluster is reached
 
     deadline = time.time() + timeout_s
     time.sleep(1)  # the controller has taken the new config; statuses now describe it

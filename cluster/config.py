@@ -6,8 +6,11 @@ config is built, never at request time.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Annotated, Literal, Union
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from cluster.auth_config import AuthConfig, CallbacksConfig, ReferencesConfig
@@ -542,8 +545,6 @@ class ReelserveConfig(BaseModel):
 
     @model_validator(mode="after")
     def _rewriter_needs_vllm(self) -> ReelserveConfig:
-        import importlib.util
-
         has_vllm = importlib.util.find_spec("vllm") is not None
         has_model = self.rewriter.model_path is not None or self.model.uses_tiny_checkpoint or _has_tiny_rewriter(self)
         if self.rewriter.enabled == "auto":
@@ -558,8 +559,6 @@ class ReelserveConfig(BaseModel):
 
 def _has_tiny_rewriter(config: ReelserveConfig) -> bool:
     """A local tiny checkpoint (served by path) carries its own rewriter model."""
-    from pathlib import Path
-
     path = config.model.path
     return path is not None and (Path(path) / "prompt_rewriter" / "config.json").is_file()
 
@@ -593,7 +592,6 @@ def load_config(source: str | dict | None = None) -> ReelserveConfig:
         return ReelserveConfig()
     if isinstance(source, dict):
         return ReelserveConfig.model_validate(source)
-    import yaml
 
     with open(source) as handle:
         return ReelserveConfig.model_validate(yaml.safe_load(handle) or {})

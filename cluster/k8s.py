@@ -54,6 +54,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -65,6 +66,7 @@ from cluster.auth_config import REDIS_PASSWORD_ENV, WEBHOOK_SECRET_ENV
 from cluster.config import NodeType, ReelserveConfig
 from cluster.local import GRPC_SERVICER
 from cluster.placement import drain_seconds, orchestrator_options
+from cluster.plan import make_plan
 
 __all__ = ["render", "write", "k8s_args", "DEFAULT_IMAGE", "RenderError", "SECRETS", "API_KEYS_MOUNT", "MAX_REQUEST_BYTES"]
 
@@ -326,9 +328,7 @@ def group_drain_seconds(config: ReelserveConfig, node: NodeType) -> float:
 def _disruption_budgets(name: str, config: ReelserveConfig) -> list[dict]:
     """A PodDisruptionBudget per worker group whose pods hold stages' minimum replicas: maintenance evicts pods
     one group's spare at a time, never below what the minimum replicas need."""
-    # The plan's GPU counts at the minimum replicas (it imports the families: kept out of every render's import).
-    from cluster.plan import make_plan
-
+    # The plan's GPU counts at the minimum replicas.
     plan = make_plan(config)
     budgets = []
     for node in config.nodes or [CPU_NODE]:
@@ -614,8 +614,6 @@ def _redis_address(url: str, flag: str) -> str:
 
 
 def _check_name(value: str, field: str) -> None:
-    import re
-
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?", value):
         raise RenderError(
             f"{field}: '{value}' is not a Kubernetes name; use lowercase letters, digits and '-' (at most 42)"

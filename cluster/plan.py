@@ -27,6 +27,7 @@ from cluster.config import ACCELERATOR_MEMORY_GB, REWRITER_STAGE, NodeType, Reel
 from cluster.placement import drain_seconds
 from cluster.startup_config import CUDA_CONTEXT_GB
 from cluster.storage_config import default_results_dir
+from serving.families import get_family
 
 __all__ = ["Plan", "StagePlan", "Problem", "make_plan", "format_plan"]
 
@@ -85,8 +86,6 @@ class Plan:
 
 def make_plan(config: ReelserveConfig, size: str | None = None, seconds: float | None = None) -> Plan:
     """The plan for ``config``; hand-offs are sized for ``size`` x ``seconds`` (default: the model's defaults)."""
-    from serving.families import get_family
-
     family = get_family(config.model.family)
     width, height = parse_size(size or config.model.default_size)
     seconds = seconds or config.model.default_seconds

@@ -46,6 +46,7 @@ from cluster.admission import AdmissionLimits
 from cluster.apps import StageSection
 from cluster.config import ReelserveConfig
 from cluster.placement import ingress_options, orchestrator_options
+from cluster.plan import make_plan
 from serving.families.base import LazyCallable
 from serving.jobs.handles import StageHandles
 from serving.jobs.runner_tenancy import RunnerTenancy
@@ -104,7 +105,6 @@ def _refuse_what_cannot_fit(config: ReelserveConfig) -> None:
     sized = config.nodes or any(s.gpus_per_replica > 0 or s.memory_gb for s in config.stages.values())
     if not sized:
         return
-    from cluster.plan import make_plan
 
     problems = make_plan(config).problems
     if problems:

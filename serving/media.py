@@ -66,7 +66,7 @@ def fit_audio(waveform: Waveform, duration_s: float) -> np.ndarray:
 
 def encode_video(frames: VideoFrames, crf: int = 18) -> EncodedVideo:
     """Compress frames to H.264 (yuv420p) in an in-memory MP4 holding only the video track."""
-    import av
+    import av  # noqa: PLC0415 - PyAV only where a video is encoded
 
     pixels = frames.pixels
     num_frames, height, width, _ = pixels.shape
@@ -112,7 +112,7 @@ def write_mp4(path: str | Path, frames: VideoFrames, waveform: Waveform, crf: in
 
 
 def _mux(partial: Path, video: EncodedVideo, audio: np.ndarray, layout: str, sample_rate: int) -> None:
-    import av
+    import av  # noqa: PLC0415 - PyAV only where a video is encoded
 
     with av.open(io.BytesIO(video.data), mode="r") as source, av.open(str(partial), mode="w", format="mp4") as target:
         source_stream = source.streams.video[0]

@@ -18,11 +18,17 @@ import threading
 import time
 from pathlib import Path
 
+import ray
+from ray import serve
+
+from cluster.apps import deploy, serve_applications
+from cluster.local import GRPC_SERVICER
+
 __all__ = ["main"]
 
 
 def _torch_threads() -> int:
-    import torch
+    import torch  # noqa: PLC0415 - runs in a Ray worker: torch only there
 
     return torch.get_num_threads()
 
@@ -32,12 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     config_path, ready_path = Path(argv[0]), Path(argv[1])
     settings = json.loads(config_path.read_text())
     app_config, cluster = settings["app"], settings["cluster"]
-
-    import ray
-    from ray import serve
-
-    from cluster.apps import deploy, serve_applications
-    from cluster.local import GRPC_SERVICER
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

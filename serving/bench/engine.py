@@ -31,6 +31,10 @@ from pathlib import Path
 import torch
 
 from serving.bench.registry import BenchContext, SectionResult, register_section
+from serving.engine.core import RequestFailed, RequestFinished, StepFinished
+from serving.families.ltx2.config import LTX2ModelConfig
+from serving.protocol import HostTensor, PromptEmbeddings, RenderPlan, TextEmbeddings
+from serving.storage.codec import codec
 
 __all__ = ["run", "PROFILES", "BenchProfile", "engine_section"]
 
@@ -114,8 +118,6 @@ def run(profile: str = "cpu", out_dir: Path = Path("bench-out"), *, threads: int
 
 class _Bench:
     def __init__(self, checkpoint: Path, settings: BenchProfile):
-        from serving.families.ltx2.config import LTX2ModelConfig
-
         self.settings = settings
         self.base = LTX2ModelConfig(
             path=str(checkpoint),
@@ -137,8 +139,6 @@ class _Bench:
         return self.base.model_copy(update=update)
 
     def _plan(self, seed: int, steps: int):
-        from serving.protocol import RenderPlan
-
         s = self.settings
         return RenderPlan.build(
             width=s.width, height=s.height, fps=s.fps, seconds=s.seconds, seed=seed, num_inference_steps=steps,
@@ -146,14 +146,14 @@ class _Bench:
         )
 
     def _requests(self, count: int, steps: int, prefix: str):
-        from serving.families.ltx2.diffusion import DenoiseRequest
+        from serving.families.ltx2.diffusion import DenoiseRequest  # noqa: PLC0415 - torch and diffusers only when this section runs
 
         return [DenoiseRequest(f"{prefix}-{i}", self.embeddings, None, self._plan(100 + i, steps)) for i in range(count)]
 
     # ------------------------------------------------------------------ batching
 
     def batching(self) -> dict:
-        from serving.families.ltx2.diffusion import LTX2Engine
+        from serving.families.ltx2.diffusion import LTX2Engine  # noqa: PLC0415 - torch and diffusers only when this section runs
 
         steps = self.settings.batching_steps
         engines = {on: LTX2Engine(self._config(steps=steps, batching=on)) for on in (False, True)}
@@ -194,7 +194,7 @@ class _Bench:
     # ------------------------------------------------------------------ recipes
 
     def recipes(self) -> dict:
-        from serving.families.ltx2.diffusion import LTX2Engine
+        from serving.families.ltx2.diffusion import LTX2Engine  # noqa: PLC0415 - torch and diffusers only when this section runs
 
         configs = {
             "dev": self._config("dev"),
@@ -231,9 +231,7 @@ class _Bench:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_cost(self) -> dict:
-        from serving.engine.core import StepFinished
-        from serving.families.ltx2.diffusion import LTX2Engine, stored_types
-        from serving.storage.codec import codec
+        from serving.families.ltx2.diffusion import LTX2Engine, stored_types  # noqa: PLC0415 - torch and diffusers only when this section runs
 
         for cls in stored_types():
             codec.register(cls)
@@ -261,8 +259,8 @@ class _Bench:
     # ------------------------------------------------------------------ step caches
 
     def step_caches(self) -> dict:
-        from serving.families.ltx2.diffusion import LTX2Engine
-        from serving.families.ltx2.recipes import MagRatioRecorder
+        from serving.families.ltx2.diffusion import LTX2Engine  # noqa: PLC0415 - torch and diffusers only when this section runs
+        from serving.families.ltx2.recipes import MagRatioRecorder  # noqa: PLC0415 - torch and diffusers only when this section runs
 
         steps = self.settings.dev_steps
         request = self._requests(1, steps, "cache")[0]
@@ -319,8 +317,6 @@ def _count_calls(module) -> list[int]:
 
 
 def _drain(engine, requests) -> dict:
-    from serving.engine.core import RequestFailed, RequestFinished
-
     for request in requests:
         engine.add(request)
     results = {}
@@ -341,8 +337,6 @@ def _drain_timed(engine, requests) -> tuple[float, float]:
 
 
 def _random_embeddings(settings: BenchProfile):
-    from serving.protocol import HostTensor, PromptEmbeddings, TextEmbeddings
-
     generator = torch.Generator().manual_seed(0)
 
     def text():
@@ -363,13 +357,13 @@ def _random_embeddings(settings: BenchProfile):
 
 def _build_checkpoint(directory: Path, settings: BenchProfile) -> Path:
     """Transformer, scheduler, VAE configs with latent statistics, and the latent upsampler; random weights."""
-    from diffusers import (
+    from diffusers import (  # noqa: PLC0415 - torch and diffusers only when this section runs
         AutoencoderKLLTX2Audio,
         AutoencoderKLLTX2Video,
         FlowMatchEulerDiscreteScheduler,
         LTX2VideoTransformer3DModel,
     )
-    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel  # noqa: PLC0415 - torch and diffusers only when this section runs
 
     torch.manual_seed(0)
     video_width = settings.heads * settings.head_dim

@@ -39,12 +39,17 @@ import platform
 import statistics
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from serving.bench.gpu_kernels import kernel_variants
+from serving.bench.gpu_multi import sequence_parallel_seconds
+from serving.bench.gpu_pipeline import bare_pipeline_seconds
 from serving.bench.gpu_profiles import BenchProfile, get_profile
+from serving.bench.registry import SectionResult, register_section
 from serving.families.ltx2 import flops as flops
 from serving.families.ltx2 import reference as ref
 
@@ -365,8 +370,6 @@ class _Bench:
         return self._pass_cache[key]
 
     def diffusers(self) -> dict:
-        from serving.bench.gpu_pipeline import bare_pipeline_seconds
-
         p, shape = self.profile, self.profile.small_shape
         other = self._per_job_other_seconds(shape)
         text = self._pass_cache[("text", shape)]
@@ -387,13 +390,9 @@ class _Bench:
         }
 
     def kernels(self) -> dict:
-        from serving.bench.gpu_kernels import kernel_variants
-
         return kernel_variants(self)
 
     def multi_gpu(self) -> dict:
-        from serving.bench.gpu_multi import sequence_parallel_seconds
-
         return sequence_parallel_seconds(self)
 
 
@@ -402,8 +401,6 @@ def _shape_name(shape) -> str:
 
 
 def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:
@@ -439,8 +436,6 @@ def _flatten(section: dict, prefix: str = ""):
 
 def _register() -> None:
     """``reelserve bench``'s GPU section (where a GPU exists); importing the registry needs nothing heavy."""
-    from serving.bench.registry import SectionResult, register_section
-
     @register_section("gpu", title="GPU: LTX-2 19B dims with random weights", needs_gpu=True)
     def gpu_section(context) -> SectionResult:
         report = run("ltx2-19b-random", Path(context.out_dir) / "gpu")

@@ -20,6 +20,9 @@ import asyncio
 import contextlib
 import logging
 
+import redis.asyncio as aioredis
+
+from serving.jobs.redis_store import EVENTS_CHANNEL
 from serving.jobs.store import JobStore
 from serving.tenancy.redis_connection import redis_auth_options
 
@@ -92,10 +95,6 @@ class JobEvents:
             self._listener = asyncio.get_running_loop().create_task(listen())
 
     async def _listen_redis(self) -> None:
-        import redis.asyncio as aioredis
-
-        from serving.jobs.redis_store import EVENTS_CHANNEL
-
         while True:
             client = aioredis.Redis.from_url(
                 self._store.url, decode_responses=True, socket_connect_timeout=2, **redis_auth_options(self._store.url)

@@ -49,16 +49,16 @@ class GrpcJobClient:
     """CreateVideo, then WatchVideo until the last event (GetVideo polling if the stream breaks)."""
 
     def __init__(self, address: str):
-        import grpc
+        import grpc  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for the gRPC client)
 
-        from serving.proto import video_pb2_grpc
+        from serving.proto import video_pb2_grpc  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for the gRPC client)
 
         self._grpc = grpc
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = video_pb2_grpc.VideoServiceStub(self._channel)
 
     async def submit(self, shape: RequestShape, seed: int) -> str:
-        from serving.proto import video_pb2
+        from serving.proto import video_pb2  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for the gRPC client)
 
         fields = dict(prompt=shape.prompt, seed=seed)
         if shape.size:
@@ -80,7 +80,7 @@ class GrpcJobClient:
         return video.id
 
     async def follow(self, job_id: str, deadline: float) -> Outcome:
-        from serving.proto import video_pb2
+        from serving.proto import video_pb2  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for the gRPC client)
 
         first_progress = None
         last = None
@@ -110,7 +110,7 @@ class GrpcJobClient:
         return Outcome(status, code, dict(last.stage_seconds), first_progress)
 
     async def cancel(self, job_id: str) -> None:
-        from serving.proto import video_pb2
+        from serving.proto import video_pb2  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for the gRPC client)
 
         try:
             await self._stub.CancelVideo(video_pb2.CancelVideoRequest(id=job_id), timeout=10)
@@ -122,13 +122,13 @@ class GrpcJobClient:
 
 
 def _started(status: int, progress: int) -> bool:
-    from serving.proto import video_pb2
+    from serving.proto import video_pb2  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for the gRPC client)
 
     return progress > 0 or status != video_pb2.QUEUED
 
 
 def _grpc_terminal(status: int) -> bool:
-    from serving.proto import video_pb2
+    from serving.proto import video_pb2  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for the gRPC client)
 
     return status in (video_pb2.COMPLETED, video_pb2.FAILED, video_pb2.CANCELLED)
 
@@ -137,7 +137,7 @@ class HttpJobClient:
     """``POST /v1/videos`` (multipart with the photo), then ``GET /v1/videos/{id}`` every ``poll_s``."""
 
     def __init__(self, address: str, poll_s: float = 0.5):
-        import httpx
+        import httpx  # noqa: PLC0415 - httpx is not a declared dependency; only this client needs it
 
         self._httpx = httpx
         base = address if address.startswith(("http://", "https://")) else f"http://{address}"

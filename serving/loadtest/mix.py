@@ -21,6 +21,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from cluster.config import parse_size
@@ -68,8 +69,6 @@ def default_mix() -> list[RequestShape]:
 
 
 def load_mix(path: str | Path) -> list[RequestShape]:
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise MixError(f"no such file '{path}'")

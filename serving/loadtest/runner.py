@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.loadtest.clients import Refused, SubmitFailed, make_client
-from serving.loadtest.mix import RequestShape, default_mix, load_mix, pick
+from serving.loadtest.mix import MixError, RequestShape, default_mix, load_mix, pick
+from serving.loadtest.plots import draw_plots
 from serving.loadtest.report import JobTrace, build_report
 from serving.loadtest.sampler import MetricsSampler
 
@@ -98,8 +99,6 @@ def _number(text: str | None, flag: str, kind, low, high):
 
 def settings_from_args(args: argparse.Namespace) -> LoadTestSettings:
     """Check the flags (cheap checks, no network) and build the settings; raises ``SettingsError``."""
-    from serving.loadtest.mix import MixError
-
     if args.protocol not in ("grpc", "http"):
         raise SettingsError(f"--protocol: '{args.protocol}' is not allowed; use grpc or http")
     if ":" not in args.address.split("//")[-1]:
@@ -241,8 +240,6 @@ async def measure(settings: LoadTestSettings) -> dict:
 
 def run_loadtest(settings: LoadTestSettings) -> dict:
     """Run the test, write ``report.json`` and the PNGs under ``settings.out_dir``; return the report."""
-    from serving.loadtest.plots import draw_plots
-
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(measure(settings))
     report["plots"] = [str(path) for path in draw_plots(report, settings.out_dir)]

@@ -8,12 +8,15 @@ reason instead of a text, and the job goes on with the user's prompt.
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import os
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from PIL import Image, ImageOps
 
 from cluster.config import RewriterConfig
 
@@ -53,9 +56,9 @@ def clean_answer(text: str) -> str:
 class PromptRewriter:
     def __init__(self, config: RewriterConfig, model_path: str):
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM must not reconfigure our logging
-        from transformers import AutoTokenizer
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+        from transformers import AutoTokenizer  # noqa: PLC0415 - transformers only when the rewriter loads
+        from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: PLC0415 - vLLM is optional (the gpu extra)
+        from vllm.v1.engine.async_llm import AsyncLLM  # noqa: PLC0415 - vLLM is optional (the gpu extra)
 
         self.config = config
         self.system_prompt = load_system_prompt(config.system_prompt_version)
@@ -92,7 +95,7 @@ class PromptRewriter:
         return self._result(cleaned, None, tokens, started)
 
     async def _generate(self, prompt: str, seed: int, photo: bytes | None, request_id: str) -> tuple[str, int]:
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # noqa: PLC0415 - vLLM is optional (the gpu extra)
 
         params = SamplingParams(
             max_tokens=self.config.max_new_tokens, temperature=self.config.temperature, top_p=0.95, seed=seed
@@ -106,8 +109,6 @@ class PromptRewriter:
     def _engine_input(self, prompt: str, photo: bytes | None) -> dict:
         if photo is not None and self.config.multimodal:
             # Multimodal checkpoints (e.g. Gemma 3 4B-27B instruct) see the photo itself.
-            from PIL import Image, ImageOps
-
             content = [{"type": "image"}, {"type": "text", "text": prompt}]
             text = self.tokenizer.apply_chat_template(
                 [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": content}],
@@ -136,12 +137,10 @@ class PromptRewriter:
         if engine is not None:
             engine.shutdown()
             del engine  # let vLLM's own __del__ run now, not during interpreter teardown
-            import gc
-
             gc.collect()
 
 
 def _cuda_available() -> bool:
-    import torch
+    import torch  # noqa: PLC0415 - torch only when the rewriter loads
 
     return torch.cuda.is_available()

@@ -23,8 +23,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 from typing import Any, Callable, TypeVar
+
+import torch
 
 from cluster.config import FaultConfig, JobsConfig, StorageConfig
 from cluster.load import StageLoad
@@ -46,15 +49,11 @@ logger = logging.getLogger("ray.serve.reelserve.stage")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    import torch
-
     return isinstance(error, (torch.OutOfMemoryError, InjectedOutOfMemory)) or "out of memory" in str(error).lower()
 
 
 def free_device_memory() -> None:
     """Give back what a failed request held, so the replica can take the next one."""
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -62,9 +61,7 @@ def free_device_memory() -> None:
 
 def placement(device: str | None) -> dict:
     """Where this replica really runs: what Ray gave it and the device its model computes on."""
-    import os
-
-    import ray
+    import ray  # noqa: PLC0415 - Ray only inside a replica
 
     context = ray.get_runtime_context()
     return {
@@ -129,7 +126,7 @@ class StageRunner:
 
     async def publish(self, ticket: JobTicket, name: str, payload: Any) -> Handoff:
         """Put the payload where the next stage reads it, and keep a copy for a takeover."""
-        import ray
+        import ray  # noqa: PLC0415 - Ray only inside a replica
 
         ref = ray.put(payload)
         kept = True
@@ -144,7 +141,7 @@ class StageRunner:
 
     async def receive(self, handoff: Handoff) -> Any:
         """The payload: from the Ray object, or from the kept copy when there is none or it is gone."""
-        import ray
+        import ray  # noqa: PLC0415 - Ray only inside a replica
 
         if handoff.ref is not None:
             try:

@@ -30,6 +30,9 @@ import time
 from collections.abc import Callable, Mapping
 from urllib.parse import urlparse
 
+import botocore.exceptions
+import botocore.session
+
 from serving.storage.errors import StorageError, StorageUnavailable
 from serving.storage.keys import (
     AREAS,
@@ -80,8 +83,6 @@ def install_expiration_rules(storage: Storage, ttl_by_area: Mapping[Area, float]
     """
     if storage.backend != "s3":
         return False
-    import botocore.exceptions
-    import botocore.session
 
     bucket = urlparse(storage.url).netloc
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"

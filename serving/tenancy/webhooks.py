@@ -298,7 +298,7 @@ async def deliver_webhook(
     at most ``max_elapsed_s + timeout_s``. ``client`` may be a shared ``httpx.AsyncClient`` (it must
     not follow redirects); otherwise one is made for this delivery.
     """
-    import httpx
+    import httpx  # noqa: PLC0415 - httpx is not a declared dependency; only this client needs it
 
     body = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
     started, attempts = clock(), 0

@@ -32,6 +32,8 @@ from typing import Callable, Hashable, Sequence
 
 import numpy as np
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.ltx2.pipeline_ltx2 import calculate_shift, rescale_noise_cfg
 
 from serving.devices import resolve_device, resolve_dtype
 from serving.engine.core import DiffusionEngine, StateUntouchedError
@@ -172,8 +174,6 @@ class LTX2StepModel:
     """
 
     def __init__(self, config: LTX2ModelConfig, passes=None):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         self.config = config
         self.settings = config.diffusion
         path = checkpoint_path(config)
@@ -334,8 +334,6 @@ class LTX2StepModel:
 
     def _set_schedule(self, job: _RequestState, begin: int) -> None:
         """The phase's video and audio schedulers (the pipeline keeps a copy for audio), positioned at ``begin``."""
-        from diffusers.pipelines.ltx2.pipeline_ltx2 import calculate_shift
-
         phase, config = job.phase, self._scheduler_config
         if phase.sigmas is None:
             scheduler = self._scheduler_class.from_config(config)
@@ -515,8 +513,6 @@ class LTX2StepModel:
 
     def _take_step(self, job: _RequestState, predictions: dict) -> None:
         """Combine the rows' predictions as the pipeline does (in x0 space), then one Euler step."""
-        from diffusers.pipelines.ltx2.pipeline_ltx2 import rescale_noise_cfg
-
         guidance, index = job.active_guidance, job.step_index
         video_velocity = _guided_velocity(
             job.video,

@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, LTX2ImageToVideoPipeline, LTX2Pipeline
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
 
 __all__ = ["LatentSpace", "Geometry", "PhaseLatents", "read_latent_space"]
 
@@ -194,9 +197,6 @@ def read_latent_space(path: str, transformer_config, device: torch.device) -> La
 
 def _latent_statistics_only(path: str):
     """Video and audio VAEs with real configs and latent statistics but no weights in memory."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
-
     loaded = []
     for cls, subfolder in ((AutoencoderKLLTX2Video, "vae"), (AutoencoderKLLTX2Audio, "audio_vae")):
         with init_empty_weights(include_buffers=False):
@@ -210,9 +210,6 @@ def _latent_statistics_only(path: str):
 
 def _read_tensors(path: str, subfolder: str, names: list[str]) -> dict[str, torch.Tensor]:
     """Read a few named tensors from a component's safetensors shards."""
-    from huggingface_hub import snapshot_download
-    from safetensors import safe_open
-
     root = Path(path)
     if not root.is_dir():
         root = Path(snapshot_download(path, allow_patterns=[f"{subfolder}/*.json", f"{subfolder}/*.safetensors"]))

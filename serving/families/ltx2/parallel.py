@@ -98,7 +98,7 @@ class _UlyssesSelfAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  query_rotary_emb=None, key_rotary_emb=None, perturbation_mask=None, all_perturbed=None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: PLC0415 - diffusers only when the transformer runs
 
         if attention_mask is not None:
             raise ValueError("sequence-parallel self-attention takes no attention mask")
@@ -130,7 +130,7 @@ class _GatheredKeysAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  query_rotary_emb=None, key_rotary_emb=None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: PLC0415 - diffusers only when the transformer runs
 
         if attention_mask is not None:
             raise ValueError("sequence-parallel video->audio attention takes no attention mask")
@@ -149,7 +149,7 @@ class _GatheredKeysAttention:
 
 def _rotate(attn, query, key, query_rotary_emb, key_rotary_emb):
     """The model's own rotary embedding, as its processor applies it."""
-    from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb, apply_split_rotary_emb
+    from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb, apply_split_rotary_emb  # noqa: PLC0415 - diffusers only when the transformer runs
 
     if query_rotary_emb is None:
         return query, key

@@ -279,11 +279,11 @@ def component_class(name: str) -> type:
     """The diffusers / transformers class of one component."""
     name = _checked_name(name)
     if name == "text_encoder":
-        from transformers import Gemma3ForConditionalGeneration
+        from transformers import Gemma3ForConditionalGeneration  # noqa: PLC0415 - transformers and diffusers only when a reference component is built
 
         return Gemma3ForConditionalGeneration
-    import diffusers
-    from diffusers.pipelines import ltx2
+    import diffusers  # noqa: PLC0415 - transformers and diffusers only when a reference component is built
+    from diffusers.pipelines import ltx2  # noqa: PLC0415 - transformers and diffusers only when a reference component is built
 
     classes = {
         "transformer": diffusers.LTX2VideoTransformer3DModel,
@@ -341,7 +341,7 @@ def build_meta(name: str, overrides: dict | None = None) -> torch.nn.Module:
 
 
 def _gemma3_config(config: dict):
-    from transformers import Gemma3Config
+    from transformers import Gemma3Config  # noqa: PLC0415 - transformers and diffusers only when a reference component is built
 
     return Gemma3Config(**config)
 

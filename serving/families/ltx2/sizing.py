@@ -22,6 +22,7 @@ from pathlib import Path
 from cluster.config import ReelserveConfig
 from serving.families.ltx2.checkpoint import checkpoint_path
 from serving.families.ltx2.config import LTX2ModelConfig
+from serving.families.ltx2.reference import build_meta, component_config
 
 __all__ = ["MemoryEstimate", "HandoffSizes", "stage_memory", "handoff_sizes", "checkpoint_source"]
 
@@ -100,8 +101,6 @@ def checkpoint_source(model: LTX2ModelConfig) -> str:
 
 def _component_config(source: str, component: str) -> dict:
     if source == "reference":
-        from serving.families.ltx2.reference import component_config
-
         config = component_config(component)
     else:
         config = json.loads((Path(source) / component / "config.json").read_text())
@@ -126,8 +125,6 @@ def _header_elements(source: str, component: str, prefix: str | None) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _reference_elements(component: str, prefix: str | None) -> int:
-    from serving.families.ltx2.reference import build_meta
-
     model = build_meta(component)
     if prefix is not None:
         model = getattr(model, prefix.rstrip("."))

@@ -22,10 +22,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import platformdirs
 import torch
 
 from cluster.sizes import parse_shape_bucket
 from serving.families.ltx2.config import SpeedConfig
+from serving.families.ltx2.reference import random_transformer_inputs
 
 __all__ = [
     "SpeedSettingError",
@@ -141,7 +143,7 @@ def apply_speed(
 
 
 def _known_backends() -> set[str]:
-    from diffusers.models.attention_dispatch import AttentionBackendName
+    from diffusers.models.attention_dispatch import AttentionBackendName  # noqa: PLC0415 - diffusers only when attention backends are chosen
 
     return {member.value for member in AttentionBackendName}
 
@@ -197,7 +199,7 @@ def choose_attention_backends(
 
 
 def _unusable_reason(name: str) -> str | None:
-    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements  # noqa: PLC0415 - diffusers only when attention backends are chosen
 
     try:
         _check_attention_backend_requirements(AttentionBackendName(name))
@@ -213,7 +215,7 @@ def _probe(
 
     ``masked``: text cross-attention's layout instead (1024 keys, half of them masked out by a bias).
     """
-    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn  # noqa: PLC0415 - diffusers only when attention backends are chosen
 
     heads, head_dim = heads_and_dim
     keys = 1024 if masked else tokens
@@ -262,7 +264,7 @@ def _probe_width(transformer) -> tuple[int, int]:
 
 def _set_attention_backends(transformer: torch.nn.Module, choice: AttentionChoice) -> None:
     """Each attention processor gets its own backend: masked text cross-attention may need another kernel."""
-    from diffusers.models.attention_dispatch import AttentionBackendName
+    from diffusers.models.attention_dispatch import AttentionBackendName  # noqa: PLC0415 - diffusers only when attention backends are chosen
 
     for name, module in transformer.named_modules():
         processor = getattr(module, "processor", None)
@@ -278,7 +280,7 @@ def _set_attention_backends(transformer: torch.nn.Module, choice: AttentionChoic
 
 def _import_torchao():
     try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_  # noqa: PLC0415 - torchao is optional (the gpu extra)
     except ImportError as error:
         raise SpeedSettingError(
             "model.speed.fp8 needs torchao: install the GPU extra (pip install 'reelserve[gpu]')"
@@ -306,7 +308,6 @@ def _quantize_fp8(transformer: torch.nn.Module) -> None:
 def compile_cache_dir(speed: SpeedConfig) -> Path:
     if speed.compile_cache_dir:
         return Path(speed.compile_cache_dir)
-    import platformdirs
 
     return Path(platformdirs.user_cache_dir("reelserve")) / "compile"
 
@@ -369,8 +370,6 @@ def warm_up(
     ``run_pass``: what runs a pass (a replica's rank group, so every rank warms
     up); unset, the transformer itself.
     """
-    from serving.families.ltx2.reference import random_transformer_inputs
-
     device = torch.device(applied.device)
     dtype = getattr(torch, applied.dtype)
     passes = {"plain": {}}
