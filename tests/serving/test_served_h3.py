@@ -16,8 +16,14 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 
+from cluster.apps import deploy, serve_applications
+from cluster.config import ReelserveConfig
+from serving.families import get_family
+from serving.jobs.job_storage import JobStorage, register_stored_types
 from tests.serving.conftest import BUCKET, KEYS, bearer, wait_until
+from tests.serving.families.minimax_h3.conftest import encode_image, encode_mp4, encode_wav
 
 pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
 
@@ -40,8 +46,7 @@ def data_url(data: bytes, kind: str) -> str:
 @pytest.fixture(scope="module")
 def h3_served(served, tmp_path_factory):
     """The H3 applications deployed beside the session's LTX-2 ones; removed again at the end."""
-    from cluster.apps import deploy, serve_applications
-    from serving.families.minimax_h3.tiny import build_tiny_minimax_h3
+    from serving.families.minimax_h3.tiny import build_tiny_minimax_h3  # noqa: PLC0415 - keeps collection of `make check` fast
 
     checkpoint = build_tiny_minimax_h3(tmp_path_factory.mktemp("h3-served"))
     base = served["config"]
@@ -83,10 +88,6 @@ def h3_http(h3_served):
 
 @pytest.fixture(scope="module")
 def h3_storage(h3_served):
-    from cluster.config import ReelserveConfig
-    from serving.families import get_family
-    from serving.jobs.job_storage import JobStorage, register_stored_types
-
     config = ReelserveConfig.model_validate(h3_served["config"])
     register_stored_types(get_family("minimax_h3"))
     return JobStorage(config.storage, config.jobs.redis_url)
@@ -94,8 +95,6 @@ def h3_storage(h3_served):
 
 @pytest.fixture(scope="module")
 def h3_media():
-    from tests.serving.families.minimax_h3.conftest import encode_image, encode_mp4, encode_wav
-
     rng = np.random.default_rng(3)
     return {"image": encode_image(rng.integers(0, 255, (32, 64, 3), dtype=np.uint8)),
             "last": encode_image(rng.integers(0, 255, (32, 64, 3), dtype=np.uint8)),
@@ -125,14 +124,13 @@ def _workflow_bodies(media) -> dict[str, dict]:
 
 def _diffusers_audio(checkpoint, workflow: str, media, tmp_path) -> np.ndarray:
     """diffusers' own MiniMax-H3 pipeline on the same checkpoint, seed and inputs: its soundtrack."""
-    import torch
-    from diffusers import ModularPipeline
-    from diffusers.modular_pipelines.minimax_h3 import (
+    from diffusers import ModularPipeline  # noqa: PLC0415 - keeps collection of `make check` fast
+    from diffusers.modular_pipelines.minimax_h3 import (  # noqa: PLC0415 - keeps collection of `make check` fast
         MiniMaxH3AudioReference,
         MiniMaxH3ImageReference,
         MiniMaxH3VideoReference,
     )
-    from diffusers.utils import load_image
+    from diffusers.utils import load_image  # noqa: PLC0415 - keeps collection of `make check` fast
 
     files = {}
     for name, suffix in (("image", "png"), ("last", "png"), ("video", "mp4"), ("audio", "wav")):
@@ -196,7 +194,7 @@ def test_limits_answer_400_before_any_work_and_models_say_what_h3_takes(h3_http,
 
 
 def test_seedance_route_and_openai_sdk_drive_h3(h3_served, h3_http, h3_media):
-    from openai import OpenAI
+    from openai import OpenAI  # noqa: PLC0415 - keeps collection of `make check` fast
 
     task = h3_http.post("/api/v3/contents/generations/tasks", json={
         "model": "minimax-h3-tiny",
