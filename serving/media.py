@@ -34,7 +34,7 @@ def load_photo(data: bytes, field: str = "image") -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         raise InvalidRequest(field, f"the image is too large; at most {MAX_PHOTO_PIXELS} pixels are allowed") from None
-    except Exception:
+    except Exception:  # noqa: BLE001 - Pillow raises many types for a bad file; each is the client's error
         raise InvalidRequest(field, "not an image this server can read; send a JPEG, PNG or WebP photo") from None
     if image.format not in _ALLOWED_FORMATS:
         raise InvalidRequest(field, f"{image.format} images are not accepted; allowed: {', '.join(_ALLOWED_FORMATS)}")
@@ -48,7 +48,7 @@ def load_photo(data: bytes, field: str = "image") -> Image.Image:
     try:
         image.load()
         return ImageOps.exif_transpose(image).convert("RGB")  # phone photos: honour the orientation tag
-    except Exception:
+    except Exception:  # noqa: BLE001 - Pillow raises many types for bad pixel data; each is the client's error
         raise InvalidRequest(field, "the image data is corrupt or truncated; send a complete JPEG, PNG or WebP photo") from None
 
 

@@ -91,7 +91,7 @@ def run(
         started = time.perf_counter()
         try:
             report["sections"][name] = getattr(bench, name)()
-        except Exception as error:  # one failed section is reported; the others still run
+        except Exception as error:  # noqa: BLE001 - one failed section is reported; the others still run
             report["sections"][name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
         report["sections"][name]["section_seconds"] = round(time.perf_counter() - started, 2)
         bench.models.clear()

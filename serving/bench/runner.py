@@ -196,7 +196,7 @@ def update_benchmarks_file(path: Path, blocks: list[tuple[str, str]]) -> None:
     for key, block in blocks:
         pattern = re.compile(rf"<!-- bench:{re.escape(key)} -->.*?<!-- /bench:{re.escape(key)} -->\n?", re.S)
         if pattern.search(text):
-            text = pattern.sub(lambda _: block, text)
+            text = pattern.sub(lambda _, block=block: block, text)
         else:
             text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text)

@@ -213,7 +213,7 @@ class SeedanceTasks:
 async def _json_body(request: Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except Exception:
+    except Exception:  # noqa: BLE001 - any unreadable body is the client's error
         raise InvalidRequest("body", "must be a JSON object") from None
     if not isinstance(body, dict):
         raise InvalidRequest("body", "must be a JSON object")

@@ -230,7 +230,7 @@ def _probe(
     try:
         out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend)
         _synchronize(device)
-    except Exception as error:  # any kernel failure means "not this one"
+    except Exception as error:  # noqa: BLE001 - any kernel failure means "not this one"
         return f"failed on a probe: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", None
     reference = torch.nn.functional.scaled_dot_product_attention(
         *(t.transpose(1, 2).float() for t in (query, key, value)), attn_mask=None if mask is None else mask.float()

@@ -632,7 +632,7 @@ def test_sqlite_threads_claiming_through_two_stores_one_winner(tmp_path):
             results: dict[str, bool] = {}
             errors: list[BaseException] = []
 
-            def contend(index: int) -> None:
+            def contend(index: int, barrier=barrier, record=record, results=results, errors=errors) -> None:
                 try:
                     barrier.wait(timeout=10)
                     won = stores[index % 2].claim(record.id, f"owner-{index}", 10.0) is not None

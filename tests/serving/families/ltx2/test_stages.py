@@ -419,7 +419,7 @@ def test_step_callback_reports_every_step(stages, tiny_config):
     embeddings = stages.text_encoder.encode(PROMPT, tiny_config.negative_prompt)
     for steps in (2, 5):
         calls = []
-        stages.denoiser.denoise(embeddings, None, _plan_with_steps(steps), on_step=lambda k, n: calls.append((k, n)))
+        stages.denoiser.denoise(embeddings, None, _plan_with_steps(steps), on_step=lambda k, n, calls=calls: calls.append((k, n)))
         assert calls == [(k, steps) for k in range(1, steps + 1)]
         assert all(a[0] < b[0] for a, b in zip(calls, calls[1:]))
 
