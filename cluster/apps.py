@@ -162,7 +162,9 @@ def deploy(applications: list[dict], timeout_s: float = 600, wait: bool = True) 
     from ray.serve.context import _get_global_client  # noqa: PLC0415 - Ray only where a cluster is reached; the Python side of Serve's declarative API (no dashboard)
     from ray.serve.schema import ServeDeploySchema  # noqa: PLC0415 - Ray only where a cluster is reached
 
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": applications}))
+    client = _get_global_client()
+    assert client is not None  # it raises instead when no controller runs
+    client.deploy_apps(ServeDeploySchema.model_validate({"applications": applications}))
     if wait:
         wait_until_running([application["name"] for application in applications], timeout_s)
 
@@ -179,7 +181,7 @@ def wait_until_running(names: list[str], timeout_s: float = 600) -> None:
         for name in names:
             app = applications.get(name)
             status = str(getattr(app.status, "value", app.status)) if app is not None else "MISSING"
-            if status == "DEPLOY_FAILED":
+            if status == "DEPLOY_FAILED" and app is not None:
                 first = (str(app.message).strip().splitlines() or ["no details"])[0]
                 raise RuntimeError(f"deploying {name} failed: {first}")
             healthy = app is not None and all(

@@ -305,7 +305,9 @@ class ReferencesConfig(BaseModel):
         50_000_000, ge=1024, description="Largest file fetched from a URL; the family's own per-kind caps apply after."
     )
 
-    _prefixes_are_urls = field_validator("allowed_url_prefixes")(CallbacksConfig._prefixes_are_urls.__func__)
+    _prefixes_are_urls = field_validator("allowed_url_prefixes")(
+        CallbacksConfig._prefixes_are_urls.__func__  # type: ignore[attr-defined]  # the classmethod's function
+    )
 
 
 def redis_password(environ: dict[str, str] | None = None) -> str | None:

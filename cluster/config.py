@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Literal, Union, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -60,8 +60,12 @@ def _model_config_union():
     return Annotated[Union[classes], Field(discriminator="family")]  # type: ignore[valid-type]
 
 
-# What `model:` validates as: one family's config, chosen by its `family` field.
-AnyModelConfig = _model_config_union()
+# What `model:` validates as: one family's config, chosen by its `family` field (built from the families at import
+# time; to mypy, the base every family's config extends).
+if TYPE_CHECKING:
+    AnyModelConfig = ModelConfigBase
+else:
+    AnyModelConfig = _model_config_union()
 
 
 def stage_names(family: str) -> tuple[str, ...]:
@@ -172,7 +176,7 @@ class StageConfig(BaseModel):
     def gpus_per_replica(self) -> float:
         """The GPU share Ray reserves per replica (gpu_memory_gb turned into a fraction of the accelerator)."""
         if self.gpu_memory_gb is not None:
-            return round(self.gpu_memory_gb / ACCELERATOR_MEMORY_GB[self.accelerator_type], 4)
+            return round(self.gpu_memory_gb / ACCELERATOR_MEMORY_GB[cast(str, self.accelerator_type)], 4)
         return self.num_gpus
 
 

@@ -78,7 +78,7 @@ def ray_environment(config: ReelserveConfig | None = None) -> dict[str, str]:
 def _apply_ray_environment(config: ReelserveConfig | None = None) -> None:
     os.environ.update(ray_environment(config))
     if "ray" in sys.modules:  # already imported: make it re-read the auth settings
-        from ray._raylet import Config  # noqa: PLC0415 - only where Ray is already imported (the line above)
+        from ray._raylet import Config  # type: ignore[attr-defined]  # noqa: PLC0415 - only where Ray is already imported (the line above)
 
         Config.initialize("")
 
@@ -151,11 +151,13 @@ def _field(config: ReelserveConfig, dotted: str):
     return value.model_dump() if hasattr(value, "model_dump") else value
 
 
-def _running_args() -> dict[str, dict]:
+def _running_args() -> dict[str, dict | None]:
     """The args each running application was deployed with (what Serve compares to decide a restart)."""
     from ray.serve.context import _get_global_client  # noqa: PLC0415 - Ray only where a cluster is reached; the declarative config Serve keeps (no dashboard needed)
 
-    applications = _get_global_client().get_serve_details().get("applications", {})
+    client = _get_global_client()
+    assert client is not None  # it raises instead when no controller runs
+    applications = client.get_serve_details().get("applications", {})
     return {name: (app.get("deployed_app_config") or {}).get("args") for name, app in applications.items()}
 
 

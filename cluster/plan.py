@@ -22,6 +22,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import cast
 
 from cluster.config import ACCELERATOR_MEMORY_GB, REWRITER_STAGE, NodeType, ReelserveConfig, StageConfig, parse_size
 from cluster.placement import drain_seconds
@@ -364,7 +365,8 @@ def _gpus_available(nodes: list[NodeType]) -> dict[str, int]:
     available: dict[str, int] = {}
     for node in nodes:
         if node.gpus > 0:
-            available[node.accelerator_type] = available.get(node.accelerator_type, 0) + node.gpus * node.max_nodes
+            accelerator = cast(str, node.accelerator_type)  # set wherever gpus > 0 (NodeType checks it)
+            available[accelerator] = available.get(accelerator, 0) + node.gpus * node.max_nodes
     return available
 
 
@@ -400,7 +402,7 @@ def format_plan(plan: Plan) -> str:
     lines += [f"storage: {line}" for line in plan.storage]
     loading = [s for s in plan.stages if s.load_s is not None]
     if loading:
-        slowest = max(loading, key=lambda s: s.load_s)
+        slowest = max(loading, key=lambda s: cast(float, s.load_s))
         lines.append(
             f"start: weights load in up to {slowest.load_s:.1f} s ({slowest.name}, {slowest.weights_gb:.1f} GB at "
             f"startup.shared_read_gb_per_s), {slowest.cached_load_s:.1f} s from a node-local copy "

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, NoReturn
 
 import yaml
 from pydantic import ValidationError
@@ -30,7 +31,7 @@ EXIT_BAD_INPUT = 2
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line and exits 2."""
 
-    def error(self, message: str) -> None:  # noqa: D401 - argparse API
+    def error(self, message: str) -> NoReturn:  # noqa: D401 - argparse API
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
@@ -467,7 +468,7 @@ class _ProgressBar:
     def __init__(self, disabled: bool, desc: str = "denoising", unit: str = "step"):
         self._disabled = disabled
         self._desc, self._unit = desc, unit
-        self._bar = None
+        self._bar: Any = None  # a tqdm bar, made on the first update
 
     def __enter__(self):
         return self

@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Literal, Protocol
+from typing import Any, Iterable, Literal, Protocol, cast
 
 __all__ = [
     "StageStats",
@@ -293,7 +293,7 @@ class RayMetricsExporter:
                 elif spec.kind == "gauge":
                     metric = ray_metrics.Gauge(spec.name, spec.description, spec.labels)
                 else:
-                    metric = ray_metrics.Histogram(spec.name, spec.description, list(spec.buckets), spec.labels)
+                    metric = ray_metrics.Histogram(spec.name, spec.description, list(cast(tuple, spec.buckets)), spec.labels)
                 self._metrics[spec.name] = metric
             return metric
 

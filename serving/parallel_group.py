@@ -94,6 +94,7 @@ class ShardWorker:
 
     def run_pass(self, spec) -> None:
         inputs = broadcast_pass_inputs(spec, None, self.device)
+        assert self.passes is not None  # join made them
         with torch.inference_mode():
             self.passes(**inputs)
 
@@ -153,7 +154,8 @@ class ShardedTransformerGroup:
             )
         address, port = ray.util.get_node_ip_address(), _free_port()
         dtype_name = str(dtype).removeprefix("torch.")
-        workers, names = [], []
+        workers: list[Any] = []  # Ray actor handles
+        names: list[str] = []
         for rank in range(1, degree):
             bundle = group.bundle_specs[rank]
             options = dict(

@@ -41,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+
+    def stop_when_stdin_closes() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=stop_when_stdin_closes, daemon=True).start()
     ray.init(address="local", num_cpus=cluster["num_cpus"], include_dashboard=False,
              object_store_memory=cluster["object_store_mb"] * 1024**2, log_to_driver=False)
     try:

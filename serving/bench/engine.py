@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -96,7 +97,7 @@ def run(profile: str = "cpu", out_dir: Path = Path("bench-out"), *, threads: int
     with tempfile.TemporaryDirectory(prefix="reelserve-bench-") as scratch:
         checkpoint = _build_checkpoint(Path(scratch), settings)
         bench = _Bench(checkpoint, settings)
-        results = {
+        results: dict[str, Any] = {
             "profile": profile,
             "settings": asdict(settings),
             "machine": _machine(),
@@ -131,7 +132,7 @@ class _Bench:
         self.embeddings = _random_embeddings(settings)
 
     def _config(self, recipe: str = "dev", steps: int | None = None, guidance_off: bool = False, **diffusion):
-        update = {"diffusion": self.base.diffusion.model_copy(update={"recipe": recipe, **diffusion})}
+        update: dict[str, Any] = {"diffusion": self.base.diffusion.model_copy(update={"recipe": recipe, **diffusion})}
         if steps is not None:
             update["num_inference_steps"] = steps
         if guidance_off:
@@ -160,7 +161,7 @@ class _Bench:
         for on, engine in engines.items():
             _drain_timed(engine, self._requests(1, 2, f"warm-{on}"))
         rows = []
-        best = {}
+        best: dict[tuple[int, bool], tuple[float, float, int]] = {}
         for repeat in range(self.settings.repeats):
             for count in CONCURRENCY:
                 for on in (False, True):
@@ -269,7 +270,7 @@ class _Bench:
             started, cpu_started = time.perf_counter(), time.process_time()
             reference = _drain(uncached_engine, [request])[request.request_id]
             uncached = (time.perf_counter() - started, time.process_time() - cpu_started)
-        variants = {
+        variants: dict[str, dict[str, Any]] = {
             "first_block (threshold 0.05)": dict(step_cache="first_block"),
             "first_block (threshold 0.2)": dict(step_cache="first_block", step_cache_threshold=0.2),
             "mag (calibrated ratios)": dict(step_cache="mag", mag_ratios=recorder.ratios),

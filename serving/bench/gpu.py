@@ -41,7 +41,7 @@ import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -80,7 +80,7 @@ def run(
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
     bench = _Bench(settings, repeats or settings.repeats)
-    report = {
+    report: dict[str, Any] = {
         "profile": settings.name,
         "description": settings.description,
         "command": command,
@@ -110,14 +110,14 @@ class _Models:
 
     def __init__(self, profile: BenchProfile, device: torch.device, dtype: torch.dtype):
         self.profile, self.device, self.dtype = profile, device, dtype
-        self._built: dict[str, torch.nn.Module] = {}
+        self._built: dict[str, Any] = {}  # diffusers and transformers models: callers read their configs
 
-    def get(self, name: str) -> torch.nn.Module:
+    def get(self, name: str) -> Any:
         if name not in self._built:
             self._built[name] = self.build(name)
         return self._built[name]
 
-    def build(self, name: str) -> torch.nn.Module:
+    def build(self, name: str) -> Any:
         return ref.build_component(name, device=self.device, dtype=self.dtype, overrides=self.profile.overrides.get(name))
 
     def drop(self, *names: str) -> None:

@@ -15,6 +15,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from serving.bench.gpu_profiles import PROFILES as GPU_PROFILES
 from serving.bench.profiles import PROFILES, get_profile, machine_info, prepare_checkpoint
@@ -190,13 +191,18 @@ def _block(result: SectionResult, profile: str, machine: dict, command: str, wal
     return key, text
 
 
+def _literally(replacement: str) -> Callable[[re.Match[str]], str]:
+    """A ``re.sub`` replacement that puts ``replacement`` in as it is (no backslash escapes)."""
+    return lambda _: replacement
+
+
 def update_benchmarks_file(path: Path, blocks: list[tuple[str, str]]) -> None:
     """Replace each block (by its section:profile key) in ``path``, or append it."""
     text = path.read_text() if path.exists() else _HEADER
     for key, block in blocks:
         pattern = re.compile(rf"<!-- bench:{re.escape(key)} -->.*?<!-- /bench:{re.escape(key)} -->\n?", re.S)
         if pattern.search(text):
-            text = pattern.sub(lambda _, block=block: block, text)
+            text = pattern.sub(_literally(block), text)
         else:
             text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text)

@@ -70,9 +70,9 @@ def _workload(profile) -> Workload:
     from serving.families.ltx2.stages import center_crop_to_aspect  # noqa: PLC0415 - torch only when this section runs
 
     width, height = parse_size(profile.size)
-    with Image.open(SAMPLE_PHOTO) as photo:
+    with Image.open(SAMPLE_PHOTO) as source:
         # Cropped and resized up front, so both paths see the same pixels with no crop to make.
-        photo = center_crop_to_aspect(photo.convert("RGB"), width, height).resize((width, height), Image.BICUBIC)
+        photo = center_crop_to_aspect(source.convert("RGB"), width, height).resize((width, height), Image.Resampling.BICUBIC)
         buffer = io.BytesIO()
         photo.save(buffer, format="JPEG", quality=95)
     return Workload(profile.prompt, buffer.getvalue(), width, height, profile.seconds, profile.fps, profile.steps,
@@ -110,7 +110,7 @@ def served_vs_bare(context: BenchContext) -> SectionResult:
         ratios.append({
             "concurrency": concurrency,
             "throughput_ratio": round(s.jobs_per_min / b.jobs_per_min, 3) if b.jobs_per_min else None,
-            "p50_overhead_s": round(s.p50_s - b.p50_s, 3) if None not in (s.p50_s, b.p50_s) else None,
+            "p50_overhead_s": round(s.p50_s - b.p50_s, 3) if s.p50_s is not None and b.p50_s is not None else None,
         })
     table = markdown_table(rows, [
         ("path", "path"), ("concurrency", "concurrency"), ("jobs", "jobs"), ("completed", "completed"),
@@ -233,7 +233,7 @@ class _ServedPath:
     def __init__(self, context: BenchContext, workload: Workload, config):
         self.context, self.workload, self.config = context, workload, config
         self.scratch = Path(tempfile.mkdtemp(prefix="bench-served-", dir=context.out_dir))
-        self.process = None
+        self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> _ServedPath:
         profile, workload = self.context.profile, self.workload
@@ -292,6 +292,7 @@ class _ServedPath:
 
     def __exit__(self, *exc) -> None:
         if self.process is not None and self.process.poll() is None:
+            assert self.process.stdin is not None  # opened with stdin=PIPE
             self.process.stdin.close()  # the cluster process shuts Serve and Ray down, then exits
             try:
                 self.process.wait(timeout=120)

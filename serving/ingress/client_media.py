@@ -129,7 +129,9 @@ class MediaFetcher:
             raise InvalidRequest(field, "this server fetches no URLs (references.allowed_url_prefixes is empty); "
                                         "send the file as a data: URL or a file upload")
         check_url_prefix(url, config.allowed_url_prefixes, field)
-        target, headers, extensions = url, {}, {}
+        headers: dict = {}
+        extensions: dict = {}
+        target = url
         if config.refuse_private_addresses:
             target, headers, extensions = await self._pinned_public(url, field)
         try:  # the whole fetch, however slowly the server sends (httpx's timeout bounds each read)

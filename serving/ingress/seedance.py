@@ -24,6 +24,7 @@ model's default aspect.
 
 from __future__ import annotations
 
+import builtins
 import io
 import json
 import re
@@ -174,8 +175,9 @@ class SeedanceTasks:
         data = b"".join([chunk async for _, chunk, _ in self.service.read_chunks(task_id, tenant)])
         return await self.service._blocking(_last_frame_png, data)
 
-    async def _recent(self, tenant: Tenant) -> list[JobRecord]:
-        records, after = [], None
+    async def _recent(self, tenant: Tenant) -> builtins.list[JobRecord]:
+        records: builtins.list[JobRecord] = []
+        after: str | None = None
         while len(records) < _SCAN_LIMIT:
             page, has_more = await self.service.list(tenant, after, 100, "desc")
             records.extend(page)
@@ -296,7 +298,7 @@ def _page_number(text: str, field: str, low: int, high: int) -> int:
 
 def _last_frame_png(mp4: bytes) -> bytes:
     last = None
-    with av.open(io.BytesIO(mp4)) as container:
+    with av.open(io.BytesIO(mp4), mode="r") as container:
         for frame in container.decode(video=0):
             last = frame
     if last is None:

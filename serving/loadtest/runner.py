@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from serving.loadtest.clients import Refused, SubmitFailed, make_client
 from serving.loadtest.mix import MixError, RequestShape, default_mix, load_mix, pick
@@ -176,7 +177,9 @@ class _Run:
             trace.first_progress_s = round(outcome.first_progress_at - submitted, 4)
 
     async def closed_loop(self) -> None:
-        remaining = self.settings.requests
+        # A closed loop has both (settings_from_args).
+        concurrency, requests = cast(int, self.settings.concurrency), cast(int, self.settings.requests)
+        remaining = requests
 
         async def worker():
             nonlocal remaining
@@ -184,16 +187,17 @@ class _Run:
                 remaining -= 1
                 await self.one_job()
 
-        await asyncio.gather(*(worker() for _ in range(min(self.settings.concurrency, self.settings.requests))))
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, requests))))
 
     async def open_loop(self) -> None:
-        tasks = []
-        end = self.settings.duration
-        next_at = self.rng.expovariate(self.settings.rate)
+        tasks: list[asyncio.Future] = []
+        end = cast(float, self.settings.duration)
+        rate = cast(float, self.settings.rate)  # an open loop has one (settings_from_args)
+        next_at = self.rng.expovariate(rate)
         while next_at < end and len(tasks) < LIMITS["requests"]:
             await asyncio.sleep(max(0.0, next_at - self.now()))
             tasks.append(asyncio.ensure_future(self.one_job()))
-            next_at += self.rng.expovariate(self.settings.rate)
+            next_at += self.rng.expovariate(rate)
         self.planned = len(tasks)
         await asyncio.gather(*tasks)
 

@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps
 
@@ -75,7 +76,7 @@ class PromptRewriter:
             **({"kv_cache_memory_bytes": config.kv_cache_memory_mb * 1024**2} if on_cpu else
                {"gpu_memory_utilization": config.gpu_memory_utilization}),
         )
-        self.engine = AsyncLLM.from_engine_args(args)
+        self.engine: Any = AsyncLLM.from_engine_args(args)  # None once shut down
 
     async def rewrite(self, prompt: str, seed: int, photo: bytes | None = None) -> Rewrite:
         started = time.perf_counter()
@@ -103,6 +104,7 @@ class PromptRewriter:
         final = None
         async for output in self.engine.generate(self._engine_input(prompt, photo), params, request_id=request_id):
             final = output
+        assert final is not None  # vLLM yields at least the finished output
         completion = final.outputs[0]
         return completion.text, len(completion.token_ids)
 

@@ -25,7 +25,8 @@ import gc
 import logging
 import os
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Sequence
+from typing import Any, Callable, TypeVar, cast
 
 import torch
 
@@ -74,7 +75,7 @@ def placement(device: str | None) -> dict:
 
 
 class StageRunner:
-    def __init__(self, stage: str, jobs: JobsConfig, faults: list[FaultConfig] = (), model: str = "unknown",
+    def __init__(self, stage: str, jobs: JobsConfig, faults: Sequence[FaultConfig] = (), model: str = "unknown",
                  storage: StorageConfig | None = None, load: StageLoad | None | bool = True):
         """``load``: the autoscaling tracker the ledger feeds (True: a ``StageLoad``; None: the stage keeps its own)."""
         self.stage = stage
@@ -145,7 +146,7 @@ class StageRunner:
 
         if handoff.ref is not None:
             try:
-                return await handoff.ref
+                return await cast(Any, handoff.ref)  # a Ray ObjectRef
             except ray.exceptions.RayError as error:
                 logger.info("job %s: the %s object is gone (%s); reading the kept copy",
                             handoff.job_id, handoff.name, type(error).__name__)

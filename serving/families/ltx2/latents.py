@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from accelerate import init_empty_weights
@@ -128,7 +129,7 @@ class LatentSpace:
     ) -> PhaseLatents:
         """The previous phase's latents, upsampled x2 and re-noised as the pipelines' 5-D-latents input path does."""
         video_5d, audio_4d = self.denormalised(video, audio, before)
-        upsampled = upsampler(video_5d.to(upsampler.dtype)).to(torch.float32)
+        upsampled = upsampler(video_5d.to(cast(torch.dtype, upsampler.dtype))).to(torch.float32)
         expected = (after.latent_frames, after.latent_height, after.latent_width)
         if tuple(upsampled.shape[2:]) != expected:
             made = tuple(upsampled.shape[2:])

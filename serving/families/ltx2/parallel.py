@@ -32,6 +32,8 @@ of them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -41,7 +43,7 @@ __all__ = ["SequenceParallelTransformer"]
 class SequenceParallelTransformer:
     """Wraps a loaded LTX-2 transformer so one call runs sharded over ``group`` (all ranks call it)."""
 
-    def __init__(self, transformer: torch.nn.Module, group: dist.ProcessGroup | None = None):
+    def __init__(self, transformer: Any, group: dist.ProcessGroup | None = None):  # a diffusers LTX2 transformer
         self.transformer = transformer
         self.group = group
         self.world = dist.get_world_size(group)

@@ -18,6 +18,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from cluster.config import ReelserveConfig
 from serving.families.ltx2.checkpoint import checkpoint_path
@@ -206,9 +207,10 @@ def stage_memory(config: ReelserveConfig, stage: str) -> MemoryEstimate:
     if dtype == "auto":
         dtype = "bfloat16" if stage_model.device.startswith("cuda") else "float32"
     element_bytes = _TORCH_BYTES[dtype]
-    source = checkpoint_source(config.model)
+    model = cast(LTX2ModelConfig, config.model)  # a family sizes its own config
+    source = checkpoint_source(model)
     concurrent = config.stages[stage].max_ongoing_requests
-    activations, note = _activations(stage, config.model, source, element_bytes, concurrent)
+    activations, note = _activations(stage, model, source, element_bytes, concurrent)
     return MemoryEstimate(weights=_weights(source, stage, element_bytes), activations=activations, note=note)
 
 

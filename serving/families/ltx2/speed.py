@@ -21,6 +21,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 import torch
@@ -232,13 +233,14 @@ def _probe(
         _synchronize(device)
     except Exception as error:  # noqa: BLE001 - any kernel failure means "not this one"
         return f"failed on a probe: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", None
+    math_query, math_key, math_value = (t.transpose(1, 2).float() for t in (query, key, value))
     reference = torch.nn.functional.scaled_dot_product_attention(
-        *(t.transpose(1, 2).float() for t in (query, key, value)), attn_mask=None if mask is None else mask.float()
+        math_query, math_key, math_value, attn_mask=None if mask is None else mask.float()
     ).transpose(1, 2)
-    error = (out.float() - reference).abs().max().item() / reference.abs().max().item()
+    deviation = (out.float() - reference).abs().max().item() / reference.abs().max().item()
     tolerance = _PROBE_TOLERANCE.get(name, _DEFAULT_PROBE_TOLERANCE)
-    if not error <= tolerance:
-        return f"probe differs from math attention by {error:.3g} (allowed {tolerance})", None
+    if not deviation <= tolerance:
+        return f"probe differs from math attention by {deviation:.3g} (allowed {tolerance})", None
     return None, _time(lambda: dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend), device)
 
 
@@ -312,7 +314,7 @@ def compile_cache_dir(speed: SpeedConfig) -> Path:
     return Path(platformdirs.user_cache_dir("reelserve")) / "compile"
 
 
-def _compile_blocks(transformer: torch.nn.Module, speed: SpeedConfig) -> None:
+def _compile_blocks(transformer: Any, speed: SpeedConfig) -> None:  # a diffusers transformer
     """Compile the repeated block once; every block instance reuses it (its weights are graph inputs)."""
     directory = compile_cache_dir(speed)
     directory.mkdir(parents=True, exist_ok=True)
@@ -372,7 +374,7 @@ def warm_up(
     """
     device = torch.device(applied.device)
     dtype = getattr(torch, applied.dtype)
-    passes = {"plain": {}}
+    passes: dict[str, dict[str, Any]] = {"plain": {}}
     if stg_blocks:
         passes |= {"stg": {"spatio_temporal_guidance_blocks": list(stg_blocks)}, "isolated": {"isolate_modalities": True}}
     for bucket in speed.shape_buckets:

@@ -133,7 +133,7 @@ def decode_video(data: bytes, name: str, limits: ReferenceLimits, *, num_frames:
                  sample_rate: int) -> MiniMaxH3VideoReference:
     """The video's frames on the ``fps`` grid (at most ``num_frames``) and its soundtrack, as a diffusers reference."""
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
                 raise InvalidReference(name, "the file has no video stream")
             stream = container.streams.video[0]

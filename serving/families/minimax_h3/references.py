@@ -25,6 +25,7 @@ import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import av
 from PIL import Image
@@ -223,8 +224,9 @@ def _inspect_stream(kind: str, data: bytes, limits: ReferenceLimits, field: str)
                 raise InvalidRequest(field, f"the file has no {kind} stream")
             stream = streams[0]
             duration = header_seconds(container, stream)
-            width = int(stream.codec_context.width or 0) if kind == "video" else 0
-            height = int(stream.codec_context.height or 0) if kind == "video" else 0
+            codec: Any = stream.codec_context  # a video stream's, when kind is video
+            width = int(codec.width or 0) if kind == "video" else 0
+            height = int(codec.height or 0) if kind == "video" else 0
     except av.FFmpegError:
         raise InvalidRequest(field, f"not a {kind} file of an allowed format ({', '.join(allowed)})") from None
     if not names & set(allowed):
