@@ -159,17 +159,19 @@ def deploy(applications: list[dict], timeout_s: float = 600, wait: bool = True) 
     Applications whose ``args`` did not change keep their replicas (only their options are applied); those no
     longer listed are removed. Needs a connected Ray with Serve started. ``wait`` False: return at once.
     """
-    from ray.serve.context import _get_global_client  # the Python side of Serve's declarative API (no dashboard)
-    from ray.serve.schema import ServeDeploySchema
+    from ray.serve.context import _get_global_client  # noqa: PLC0415 - Ray only where a cluster is reached; the Python side of Serve's declarative API (no dashboard)
+    from ray.serve.schema import ServeDeploySchema  # noqa: PLC0415 - Ray only where a cluster is reached
 
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": applications}))
+    client = _get_global_client()
+    assert client is not None  # it raises instead when no controller runs
+    client.deploy_apps(ServeDeploySchema.model_validate({"applications": applications}))
     if wait:
         wait_until_running([application["name"] for application in applications], timeout_s)
 
 
 def wait_until_running(names: list[str], timeout_s: float = 600) -> None:
     """Every application named is RUNNING with every deployment HEALTHY; raises naming the one that failed."""
-    from ray import serve  # heavy: only where a cluster is reached
+    from ray import serve  # noqa: PLC0415 - Ray only where a cluster is reached
 
     deadline = time.time() + timeout_s
     time.sleep(1)  # the controller has taken the new config; statuses now describe it
@@ -179,7 +181,7 @@ def wait_until_running(names: list[str], timeout_s: float = 600) -> None:
         for name in names:
             app = applications.get(name)
             status = str(getattr(app.status, "value", app.status)) if app is not None else "MISSING"
-            if status == "DEPLOY_FAILED":
+            if status == "DEPLOY_FAILED" and app is not None:
                 first = (str(app.message).strip().splitlines() or ["no details"])[0]
                 raise RuntimeError(f"deploying {name} failed: {first}")
             healthy = app is not None and all(

@@ -310,7 +310,9 @@ class ReferencesConfig(BaseModel):
                     "caps apply after.",
     )
 
-    _prefixes_are_urls = field_validator("allowed_url_prefixes")(CallbacksConfig._prefixes_are_urls.__func__)
+    _prefixes_are_urls = field_validator("allowed_url_prefixes")(
+        CallbacksConfig._prefixes_are_urls.__func__  # type: ignore[attr-defined]  # the classmethod's function
+    )
 
 
 def redis_password(environ: dict[str, str] | None = None) -> str | None:

@@ -6,8 +6,11 @@ config is built, never at request time.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal, Union, cast
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from cluster.auth_config import AuthConfig, CallbacksConfig, ReferencesConfig
@@ -57,8 +60,12 @@ def _model_config_union():
     return Annotated[Union[classes], Field(discriminator="family")]  # type: ignore[valid-type]
 
 
-# What `model:` validates as: one family's config, chosen by its `family` field.
-AnyModelConfig = _model_config_union()
+# What `model:` validates as: one family's config, chosen by its `family` field (built from the families at import
+# time; to mypy, the base every family's config extends).
+if TYPE_CHECKING:
+    AnyModelConfig = ModelConfigBase
+else:
+    AnyModelConfig = _model_config_union()
 
 
 def stage_names(family: str) -> tuple[str, ...]:
@@ -169,7 +176,7 @@ class StageConfig(BaseModel):
     def gpus_per_replica(self) -> float:
         """The GPU share Ray reserves per replica (gpu_memory_gb turned into a fraction of the accelerator)."""
         if self.gpu_memory_gb is not None:
-            return round(self.gpu_memory_gb / ACCELERATOR_MEMORY_GB[self.accelerator_type], 4)
+            return round(self.gpu_memory_gb / ACCELERATOR_MEMORY_GB[cast(str, self.accelerator_type)], 4)
         return self.num_gpus
 
 
@@ -542,8 +549,6 @@ class ReelserveConfig(BaseModel):
 
     @model_validator(mode="after")
     def _rewriter_needs_vllm(self) -> ReelserveConfig:
-        import importlib.util
-
         has_vllm = importlib.util.find_spec("vllm") is not None
         has_model = self.rewriter.model_path is not None or self.model.uses_tiny_checkpoint or _has_tiny_rewriter(self)
         if self.rewriter.enabled == "auto":
@@ -558,8 +563,6 @@ class ReelserveConfig(BaseModel):
 
 def _has_tiny_rewriter(config: ReelserveConfig) -> bool:
     """A local tiny checkpoint (served by path) carries its own rewriter model."""
-    from pathlib import Path
-
     path = config.model.path
     return path is not None and (Path(path) / "prompt_rewriter" / "config.json").is_file()
 
@@ -593,7 +596,6 @@ def load_config(source: str | dict | None = None) -> ReelserveConfig:
         return ReelserveConfig()
     if isinstance(source, dict):
         return ReelserveConfig.model_validate(source)
-    import yaml
 
     with open(source) as handle:
         return ReelserveConfig.model_validate(yaml.safe_load(handle) or {})

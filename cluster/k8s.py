@@ -54,8 +54,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlparse
 
 import yaml
@@ -65,6 +67,7 @@ from cluster.auth_config import REDIS_PASSWORD_ENV, WEBHOOK_SECRET_ENV
 from cluster.config import NodeType, ReelserveConfig
 from cluster.local import GRPC_SERVICER
 from cluster.placement import drain_seconds, orchestrator_options
+from cluster.plan import make_plan
 
 __all__ = ["render", "write", "k8s_args", "DEFAULT_IMAGE", "RenderError", "SECRETS", "API_KEYS_MOUNT", "MAX_REQUEST_BYTES"]
 
@@ -148,7 +151,7 @@ def render(raw: dict, source: str, image: str = DEFAULT_IMAGE, redis_url: str | 
     name = config.app_name
     _check_name(name, "app_name")
     managed_redis = redis_url is not None
-    if managed_redis:
+    if redis_url is not None:
         _redis_address(redis_url, "--redis-url")
         gcs_address = _redis_address(gcs_redis_url or redis_url, "--gcs-redis-url" if gcs_redis_url else "--redis-url")
     else:
@@ -287,7 +290,7 @@ def _worker_group(pods: _PodSettings, node: NodeType, index: int) -> dict:
                  "terminationGracePeriodSeconds": drain + STOP_MARGIN_S}
     start: dict = {}
     if node.gpus:
-        products = GPU_PRODUCTS.get(node.accelerator_type)
+        products = GPU_PRODUCTS.get(cast(str, node.accelerator_type))
         if products is None:
             raise RenderError(
                 f"nodes[{index}].accelerator_type: no GPU product labels known for '{node.accelerator_type}'; "
@@ -326,14 +329,12 @@ def group_drain_seconds(config: ReelserveConfig, node: NodeType) -> float:
 def _disruption_budgets(name: str, config: ReelserveConfig) -> list[dict]:
     """A PodDisruptionBudget per worker group whose pods hold stages' minimum replicas: maintenance evicts pods
     one group's spare at a time, never below what the minimum replicas need."""
-    # The plan's GPU counts at the minimum replicas (it imports the families: kept out of every render's import).
-    from cluster.plan import make_plan
-
+    # The plan's GPU counts at the minimum replicas.
     plan = make_plan(config)
     budgets = []
     for node in config.nodes or [CPU_NODE]:
         if node.gpus:
-            needed = math.ceil(plan.gpus_at_min.get(node.accelerator_type, 0) / node.gpus)
+            needed = math.ceil(plan.gpus_at_min.get(cast(str, node.accelerator_type), 0) / node.gpus)
         else:
             needed = 1  # the ingress, the orchestrators and the CPU stages
         needed = min(needed, node.max_nodes)
@@ -357,7 +358,7 @@ def _ray_container(pods: _PodSettings, container_name: str, cpus: float, memory_
     limits = {"cpu": _quantity(cpus), "memory": f"{memory_gb}Gi"}
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)
-    mounts = [{"name": "results", "mountPath": RESULTS_MOUNT}, {"name": "shm", "mountPath": "/dev/shm"}]
+    mounts: list[dict[str, object]] = [{"name": "results", "mountPath": RESULTS_MOUNT}, {"name": "shm", "mountPath": "/dev/shm"}]
     if _uses_model_volume(config):
         mounts.append({"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True})
     if pods.api_keys_secret is not None:
@@ -384,7 +385,7 @@ def _ray_container(pods: _PodSettings, container_name: str, cpus: float, memory_
 
 
 def _secret_env(variable: str, secret: str, key: str, optional: bool = False) -> dict:
-    reference = {"name": secret, "key": key}
+    reference: dict[str, object] = {"name": secret, "key": key}
     if optional:
         reference["optional"] = True
     return {"name": variable, "valueFrom": {"secretKeyRef": reference}}
@@ -526,7 +527,7 @@ def _pods(name: str, *components: str) -> dict:
 def _ray_network_policy(name: str, config: ReelserveConfig) -> dict:
     """Who reaches the Ray pods: anyone the API ports; Ray pods everything; the operator; Prometheus the metrics."""
     api_ports = [{"protocol": "TCP", "port": config.ingress.http_port}, {"protocol": "TCP", "port": config.ingress.grpc_port}]
-    anywhere = {"namespaceSelector": {}}
+    anywhere: dict[str, dict] = {"namespaceSelector": {}}
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -614,8 +615,6 @@ def _redis_address(url: str, flag: str) -> str:
 
 
 def _check_name(value: str, field: str) -> None:
-    import re
-
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?", value):
         raise RenderError(
             f"{field}: '{value}' is not a Kubernetes name; use lowercase letters, digits and '-' (at most 42)"

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import platformdirs
+import psutil
 
 from cluster import apps
 from cluster.config import ReelserveConfig
@@ -38,8 +42,6 @@ def default_config_path() -> Path:
 
 
 def state_dir() -> Path:
-    import platformdirs
-
     path = Path(os.environ.get("REELSERVE_STATE_DIR") or platformdirs.user_state_dir("reelserve"))
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -76,7 +78,7 @@ def ray_environment(config: ReelserveConfig | None = None) -> dict[str, str]:
 def _apply_ray_environment(config: ReelserveConfig | None = None) -> None:
     os.environ.update(ray_environment(config))
     if "ray" in sys.modules:  # already imported: make it re-read the auth settings
-        from ray._raylet import Config
+        from ray._raylet import Config  # type: ignore[attr-defined]  # noqa: PLC0415 - only where Ray is already imported (the line above)
 
         Config.initialize("")
 
@@ -85,8 +87,8 @@ def serve_app(config: ReelserveConfig, address: str | None, args: dict | None = 
     """Connect to (or start) Ray, start Serve with HTTP and gRPC, and deploy the app (``args``: the config as
     written, else ``config``)."""
     _apply_ray_environment(config)  # before Ray reads its config
-    import ray
-    from ray import serve
+    import ray  # noqa: PLC0415 - Ray reads the environment set just above when it is imported
+    from ray import serve  # noqa: PLC0415 - Ray reads the environment set just above when it is imported
 
     if not ray.is_initialized():
         if address:
@@ -128,7 +130,7 @@ def update(state: ClusterState, config: ReelserveConfig, args: dict | None = Non
             if _field(before, field) != _field(config, field):
                 raise ClusterError(f"{field}: cannot change on a running cluster; run `reelserve down` first")
     _apply_ray_environment(config)  # before Ray reads its config
-    import ray
+    import ray  # noqa: PLC0415 - Ray reads the environment set just above when it is imported
 
     ray.init(address=state.address, log_to_driver=False)
     try:
@@ -149,11 +151,13 @@ def _field(config: ReelserveConfig, dotted: str):
     return value.model_dump() if hasattr(value, "model_dump") else value
 
 
-def _running_args() -> dict[str, dict]:
+def _running_args() -> dict[str, dict | None]:
     """The args each running application was deployed with (what Serve compares to decide a restart)."""
-    from ray.serve.context import _get_global_client  # the declarative config Serve keeps (no dashboard needed)
+    from ray.serve.context import _get_global_client  # noqa: PLC0415 - Ray only where a cluster is reached; the declarative config Serve keeps (no dashboard needed)
 
-    applications = _get_global_client().get_serve_details().get("applications", {})
+    client = _get_global_client()
+    assert client is not None  # it raises instead when no controller runs
+    applications = client.get_serve_details().get("applications", {})
     return {name: (app.get("deployed_app_config") or {}).get("args") for name, app in applications.items()}
 
 
@@ -218,8 +222,8 @@ def read_state() -> ClusterState | None:
 def status(state: ClusterState) -> dict:
     """Application and deployment statuses of a running cluster."""
     _apply_ray_environment()  # before Ray reads its config
-    import ray
-    from ray import serve
+    import ray  # noqa: PLC0415 - Ray reads the environment set just above when it is imported
+    from ray import serve  # noqa: PLC0415 - Ray reads the environment set just above when it is imported
 
     ray.init(address=state.address, log_to_driver=False)
     try:
@@ -243,7 +247,7 @@ def status(state: ClusterState) -> dict:
 
 def _replica_ids(applications: set[str]) -> dict[str, list[str]]:
     """Each deployment's running replica ids (Serve names a replica's actor ``SERVE_REPLICA::app#deployment#id``)."""
-    import ray
+    import ray  # noqa: PLC0415 - Ray only where a cluster is reached
 
     replicas: dict[str, list[str]] = {}
     for actor in ray.util.list_named_actors(all_namespaces=True):
@@ -261,7 +265,7 @@ def metrics_url(config: ReelserveConfig) -> str:
 
 def metrics_endpoints() -> list[str]:
     """Every live node's Prometheus endpoint in the connected cluster (what Prometheus should scrape)."""
-    import ray
+    import ray  # noqa: PLC0415 - Ray only where a cluster is reached
 
     return sorted(
         f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
@@ -277,8 +281,8 @@ def _enum_text(value) -> str:
 def stop(state: ClusterState) -> None:
     """Shut Serve down and, if ``up`` started the Ray head, stop Ray on this machine."""
     _apply_ray_environment()  # before Ray reads its config
-    import ray
-    from ray import serve
+    import ray  # noqa: PLC0415 - Ray reads the environment set just above when it is imported
+    from ray import serve  # noqa: PLC0415 - Ray reads the environment set just above when it is imported
 
     try:
         ray.init(address=state.address, log_to_driver=False)
@@ -303,10 +307,6 @@ def head_processes(gcs_port: int) -> list:
     (renamed ``ray::...``) are the raylet's children. The client server is nobody's child once ``ray start`` has
     exited: it is found by its own command line.
     """
-    import re
-
-    import psutil
-
     ours = re.compile(rf"--(gcs[-_])?address=\S+:{gcs_port}(\s|$)|--gcs_server_port={gcs_port}(\s|$)")
     found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter(["pid", "cmdline"]):
@@ -322,8 +322,6 @@ def head_processes(gcs_port: int) -> list:
 def _stop_head_processes(gcs_port: int, grace_s: float = 10.0) -> None:
     """Stop the Ray processes of the head listening on ``gcs_port``, and nothing else (``ray stop`` would end
     every Ray cluster on the machine)."""
-    import psutil
-
     victims = head_processes(gcs_port)
     for process in victims:
         try:

@@ -8,6 +8,7 @@ drain time) is derived here from the one ``ReelserveConfig``. Hand-written
 
 from __future__ import annotations
 
+from cluster.autoscaling import autoscaling_config
 from cluster.config import ReelserveConfig, StageConfig
 
 __all__ = ["stage_options", "ingress_options", "orchestrator_options", "drain_seconds", "longest_denoise_seconds"]
@@ -82,8 +83,6 @@ def _resources(stage: StageConfig) -> dict:
 
 
 def _scaling(name: str, config: ReelserveConfig) -> dict:
-    from cluster.autoscaling import autoscaling_config
-
     stage = config.stages[name]
     if stage.num_replicas is not None:
         return {"num_replicas": stage.num_replicas}

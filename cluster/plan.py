@@ -22,11 +22,13 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import cast
 
 from cluster.config import ACCELERATOR_MEMORY_GB, REWRITER_STAGE, NodeType, ReelserveConfig, StageConfig, parse_size
 from cluster.placement import drain_seconds
 from cluster.startup_config import CUDA_CONTEXT_GB
 from cluster.storage_config import default_results_dir
+from serving.families import get_family
 
 __all__ = ["Plan", "StagePlan", "Problem", "make_plan", "format_plan"]
 
@@ -85,8 +87,6 @@ class Plan:
 
 def make_plan(config: ReelserveConfig, size: str | None = None, seconds: float | None = None) -> Plan:
     """The plan for ``config``; hand-offs are sized for ``size`` x ``seconds`` (default: the model's defaults)."""
-    from serving.families import get_family
-
     family = get_family(config.model.family)
     width, height = parse_size(size or config.model.default_size)
     seconds = seconds or config.model.default_seconds
@@ -365,7 +365,8 @@ def _gpus_available(nodes: list[NodeType]) -> dict[str, int]:
     available: dict[str, int] = {}
     for node in nodes:
         if node.gpus > 0:
-            available[node.accelerator_type] = available.get(node.accelerator_type, 0) + node.gpus * node.max_nodes
+            accelerator = cast(str, node.accelerator_type)  # set wherever gpus > 0 (NodeType checks it)
+            available[accelerator] = available.get(accelerator, 0) + node.gpus * node.max_nodes
     return available
 
 
@@ -401,7 +402,7 @@ def format_plan(plan: Plan) -> str:
     lines += [f"storage: {line}" for line in plan.storage]
     loading = [s for s in plan.stages if s.load_s is not None]
     if loading:
-        slowest = max(loading, key=lambda s: s.load_s)
+        slowest = max(loading, key=lambda s: cast(float, s.load_s))
         lines.append(
             f"start: weights load in up to {slowest.load_s:.1f} s ({slowest.name}, {slowest.weights_gb:.1f} GB at "
             f"startup.shared_read_gb_per_s), {slowest.cached_load_s:.1f} s from a node-local copy "

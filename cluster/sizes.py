@@ -40,4 +40,5 @@ def parse_shape_bucket(text: str) -> tuple[int, int, int]:
     match = re.fullmatch(r"\s*([0-9]{1,5})\s*[xX]\s*([0-9]{1,5})\s*[xX]\s*([0-9]{1,4})\s*", str(text))
     if match is None or 0 in (values := tuple(int(g) for g in match.groups())):
         raise ValueError(f"'{text}' is not a shape bucket; write WIDTHxHEIGHTxFRAMES, e.g. 1280x704x121")
-    return values
+    width, height, frames = values
+    return width, height, frames

@@ -46,6 +46,7 @@ from cluster.admission import AdmissionLimits
 from cluster.apps import StageSection
 from cluster.config import ReelserveConfig
 from cluster.placement import ingress_options, orchestrator_options
+from cluster.plan import make_plan
 from serving.families.base import LazyCallable
 from serving.jobs.handles import StageHandles
 from serving.jobs.runner_tenancy import RunnerTenancy
@@ -74,10 +75,11 @@ def build_app(args: dict[str, Any] | ReelserveConfig | None = None):
     _refuse_what_cannot_fit(config)
     handles = StageHandles(config.app_name, config.stage_names)
     tenancy = RunnerTenancy(config.auth, config.callbacks, config.stages["diffusion"].max_ongoing_requests)
-    runner = serve.deployment(_RUNNER.target).options(**orchestrator_options(config)).bind(
+    # Ray annotates serve.deployment as the decorator form only; called on a class it returns the Deployment.
+    runner = serve.deployment(_RUNNER.target).options(**orchestrator_options(config)).bind(  # type: ignore[attr-defined]
         config.orchestrator, config.model, config.jobs, config.rewriter, handles, tenancy, config.storage
     )
-    return serve.deployment(_INGRESS.target).options(**ingress_options(config)).bind(
+    return serve.deployment(_INGRESS.target).options(**ingress_options(config)).bind(  # type: ignore[attr-defined]
         config.model, config.jobs, config.rewriter, runner, AdmissionLimits.of(config), config.ingress, config.auth,
         config.callbacks, config.storage, config.references,
     )
@@ -90,7 +92,7 @@ def build_stage_app(args: dict[str, Any] | StageSection):
     (``cluster.apps``), so changing them restarts nothing that need not restart.
     """
     section = args if isinstance(args, StageSection) else StageSection.model_validate(args)
-    deployment = serve.deployment(_STAGE_CLASSES[section.kind].target).options(name=section.stage)
+    deployment = serve.deployment(_STAGE_CLASSES[section.kind].target).options(name=section.stage)  # type: ignore[attr-defined]
     if section.kind == "rewriter":
         return deployment.bind(section.rewriter, section.model)
     if section.kind == "muxer":
@@ -104,7 +106,6 @@ def _refuse_what_cannot_fit(config: ReelserveConfig) -> None:
     sized = config.nodes or any(s.gpus_per_replica > 0 or s.memory_gb for s in config.stages.values())
     if not sized:
         return
-    from cluster.plan import make_plan
 
     problems = make_plan(config).problems
     if problems:

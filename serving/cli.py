@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+from pydantic import ValidationError
+
+from cluster.config import load_config, parse_model_config, parse_size
+from cluster.plan import format_plan, make_plan
+from serving.bench.runner import BenchError, command_line, run_bench
+from serving.bench.runner import add_arguments as add_bench_arguments
+from serving.errors import InvalidRequest
+from serving.families import checkpoint_family
+from serving.families.base import MediaInput
+from serving.loadtest.runner import SettingsError, run_loadtest, settings_from_args
+from serving.loadtest.runner import add_arguments as add_loadtest_arguments
+from serving.tenancy.auth import new_api_key
 
 __all__ = ["main"]
 
@@ -16,7 +32,7 @@ EXIT_BAD_INPUT = 2
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line and exits 2."""
 
-    def error(self, message: str) -> None:  # noqa: D401 - argparse API
+    def error(self, message: str) -> NoReturn:  # noqa: D401 - argparse API
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
@@ -41,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reelserve {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as error:  # noqa: BLE001 - one line for the user, not a traceback
-        from cluster.local import ClusterError
+        from cluster.local import ClusterError  # noqa: PLC0415 - keeps `reelserve --help` fast
 
         if not isinstance(error, ClusterError):
             raise
@@ -124,13 +140,9 @@ def _build_parser() -> argparse.ArgumentParser:
     new_key.add_argument("--tenant", default="my-team", help="the tenant's name, for the config snippet printed")
     new_key.set_defaults(handler=_new_key)
 
-    from serving.loadtest.runner import add_arguments as add_loadtest_arguments
-
     loadtest = commands.add_parser("loadtest", help="load-test a deployment; JSON report and PNGs")
     add_loadtest_arguments(loadtest)
     loadtest.set_defaults(handler=_loadtest)
-
-    from serving.bench.runner import add_arguments as add_bench_arguments
 
     bench = commands.add_parser("bench", help="benchmark the served graph against the bare pipeline; BENCHMARKS.md")
     add_bench_arguments(bench)
@@ -140,7 +152,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _make_tiny(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from serving.families.ltx2.tiny import build_tiny_ltx2
+    from serving.families.ltx2.tiny import build_tiny_ltx2  # noqa: PLC0415 - torch and diffusers only for this command
 
     path = build_tiny_ltx2(args.directory)
     print(path)
@@ -158,9 +170,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise UsageError("--enhance-prompt: the prompt rewriter runs in a served cluster; add --address HOST:PORT")
     config = _model_config(args.model, args.steps)
 
-    from serving.errors import InvalidRequest
-    from serving.families.base import MediaInput
-    from serving.generate import LocalGenerator
+    from serving.generate import LocalGenerator  # noqa: PLC0415 - torch and diffusers only for this command
 
     try:
         generator = LocalGenerator(config)
@@ -201,8 +211,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _read_media(args: argparse.Namespace) -> list:
     """``--last-frame`` and each ``--reference KIND=PATH``, read, in the order given (checked by the model later)."""
-    from serving.families.base import MediaInput
-
     media = []
     if args.last_frame is not None:
         media.append(MediaInput("--last-frame", "last_frame", _read_file(args.last_frame, "--last-frame")))
@@ -227,10 +235,10 @@ def _read_file(name: str, flag: str) -> bytes:
 
 def _generate_remote(args: argparse.Namespace, out: Path, image: bytes | None, media: list) -> int:
     """Submit over gRPC, follow WatchVideo with a progress bar, download the MP4."""
-    import grpc
+    import grpc  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for --address)
 
-    from serving.client import RemoteError, RemoteGenerator
-    from serving.proto import video_pb2
+    from serving.client import RemoteError, RemoteGenerator  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for --address)
+    from serving.proto import video_pb2  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for --address)
 
     if args.model and "/" in args.model:
         raise UsageError("--model: with --address, name the served model id, not a path")
@@ -298,10 +306,7 @@ def _int_in_range(text: str | None, flag: str, low: int, high: int) -> int | Non
 
 
 def _load_cluster_config(path: str | None):
-    from pydantic import ValidationError
-
-    from cluster.config import load_config
-    from cluster.local import default_config_path
+    from cluster.local import default_config_path  # noqa: PLC0415 - keeps `reelserve --help` fast
 
     source = path or str(default_config_path())
     if not Path(source).is_file():
@@ -317,9 +322,7 @@ def _load_cluster_config(path: str | None):
 
 
 def _up(args: argparse.Namespace) -> int:
-    import yaml
-
-    from cluster import local
+    from cluster import local  # noqa: PLC0415 - keeps `reelserve --help` fast
 
     config = _load_cluster_config(args.config)
     raw = yaml.safe_load(Path(args.config or local.default_config_path()).read_text()) or {}
@@ -353,14 +356,14 @@ def _up(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
+        from ray import serve  # noqa: PLC0415 - Ray only where a cluster is reached
 
         serve.shutdown()
     return 0
 
 
 def _down(args: argparse.Namespace) -> int:
-    from cluster import local
+    from cluster import local  # noqa: PLC0415 - keeps `reelserve --help` fast
 
     state = local.read_state()
     if state is None:
@@ -372,9 +375,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import json
-
-    from cluster import local
+    from cluster import local  # noqa: PLC0415 - keeps `reelserve --help` fast
 
     state = local.read_state()
     if state is None:
@@ -385,9 +386,6 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from cluster.config import parse_size
-    from cluster.plan import format_plan, make_plan
-
     config = _load_cluster_config(args.config)
     if args.size is not None:
         try:
@@ -402,8 +400,6 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _new_key(args: argparse.Namespace) -> int:
-    from serving.tenancy.auth import new_api_key
-
     key, digest = new_api_key()
     print(f"API key (give it to the tenant; it is not stored anywhere): {key}")
     print("config (auth.tenants, or the key file):")
@@ -412,9 +408,7 @@ def _new_key(args: argparse.Namespace) -> int:
 
 
 def _k8s_render(args: argparse.Namespace) -> int:
-    import yaml
-
-    from cluster.k8s import DEFAULT_IMAGE, RenderError, render, write
+    from cluster.k8s import DEFAULT_IMAGE, RenderError, render, write  # noqa: PLC0415 - keeps `reelserve --help` fast
 
     _load_cluster_config(args.config)  # names the field of a config that does not validate
     raw = yaml.safe_load(Path(args.config).read_text()) or {}
@@ -430,8 +424,6 @@ def _k8s_render(args: argparse.Namespace) -> int:
 
 
 def _loadtest(args: argparse.Namespace) -> int:
-    from serving.loadtest.runner import SettingsError, run_loadtest, settings_from_args
-
     try:
         settings = settings_from_args(args)
     except SettingsError as error:
@@ -447,8 +439,6 @@ def _loadtest(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from serving.bench.runner import BenchError, command_line, run_bench
-
     try:
         run_bench(args, command_line(_argv), before_work=_quiet_libraries)
     except BenchError as error:
@@ -492,11 +482,6 @@ def _read_image_file(name: str) -> bytes:
 
 
 def _model_config(model: str | None, steps: int | None):
-    from pydantic import ValidationError
-
-    from cluster.config import parse_model_config
-    from serving.families import checkpoint_family
-
     overrides = {} if steps is None else {"num_inference_steps": steps}
     try:
         if model is None:
@@ -526,7 +511,7 @@ class _ProgressBar:
     def __init__(self, disabled: bool, desc: str = "denoising", unit: str = "step"):
         self._disabled = disabled
         self._desc, self._unit = desc, unit
-        self._bar = None
+        self._bar: Any = None  # a tqdm bar, made on the first update
 
     def __enter__(self):
         return self
@@ -535,7 +520,7 @@ class _ProgressBar:
         if self._disabled:
             return
         if self._bar is None:
-            from tqdm import tqdm
+            from tqdm import tqdm  # noqa: PLC0415 - keeps `reelserve --help` fast
 
             self._bar = tqdm(total=total, desc=self._desc, unit=self._unit, file=sys.stderr)
         self._bar.update(finished - self._bar.n)
@@ -549,8 +534,8 @@ def _quiet_libraries() -> None:
     """Keep library progress bars and chatter off the terminal; our own output stays readable."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import diffusers
-    import transformers
+    import diffusers  # noqa: PLC0415 - after the variables above, and only for the commands that load a model
+    import transformers  # noqa: PLC0415 - after the variables above, and only for the commands that load a model
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()

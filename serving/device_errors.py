@@ -53,7 +53,7 @@ _GROUP_MARKERS = (
 _DEAD_ACTOR_TYPES = {"ActorDiedError", "ActorUnavailableError", "RayActorError", "WorkerCrashedError", "GetTimeoutError"}
 
 
-def device_failure(error: BaseException) -> DeviceFailure | None:
+def device_failure(error: BaseException | None) -> DeviceFailure | None:
     """``"device"``, ``"group"`` or ``None`` for a per-request error (out of memory included)."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:

@@ -47,6 +47,7 @@ class LocalGenerator:
             if spec.name in self._components:
                 continue
             if spec.kind == "model":
+                assert spec.component is not None  # a model stage declares its component
                 self._components[spec.name] = spec.component(self.config)
             elif spec.kind == "diffusion":
                 self._components[spec.name] = self.family.diffusion_model(self.config)

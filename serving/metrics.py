@@ -39,10 +39,11 @@ tenant's name) for job outcomes and refusals, and ``resolution`` for step time; 
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Literal, Protocol
+from typing import Any, Iterable, Literal, Protocol, cast
 
 __all__ = [
     "StageStats",
@@ -285,14 +286,14 @@ class RayMetricsExporter:
         with self._lock:
             metric = self._metrics.get(spec.name)
             if metric is None:
-                from ray.util import metrics as ray_metrics
+                from ray.util import metrics as ray_metrics  # noqa: PLC0415 - Ray only inside a replica
 
                 if spec.kind == "counter":
                     metric = ray_metrics.Counter(spec.name, spec.description, spec.labels)
                 elif spec.kind == "gauge":
                     metric = ray_metrics.Gauge(spec.name, spec.description, spec.labels)
                 else:
-                    metric = ray_metrics.Histogram(spec.name, spec.description, list(spec.buckets), spec.labels)
+                    metric = ray_metrics.Histogram(spec.name, spec.description, list(cast(tuple, spec.buckets)), spec.labels)
                 self._metrics[spec.name] = metric
             return metric
 
@@ -444,8 +445,6 @@ def gpu_memory(stage: str, model: str, allocated: int, peak: int) -> None:
 
 def record_gpu_memory(stage: str, model: str) -> None:
     """``gpu_memory`` from torch's allocator, when this process uses CUDA; nothing otherwise."""
-    import sys
-
     torch = sys.modules.get("torch")  # never import torch just to find out there is no GPU
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return

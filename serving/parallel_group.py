@@ -94,6 +94,7 @@ class ShardWorker:
 
     def run_pass(self, spec) -> None:
         inputs = broadcast_pass_inputs(spec, None, self.device)
+        assert self.passes is not None  # join made them
         with torch.inference_mode():
             self.passes(**inputs)
 
@@ -102,7 +103,7 @@ class ShardWorker:
 
     def placement(self) -> dict:
         """Where this rank really runs: what Ray gave it and the device it computes on."""
-        import ray  # a worker is a Ray actor
+        import ray  # noqa: PLC0415 - a worker is a Ray actor
 
         context = ray.get_runtime_context()
         return {"rank": self.rank, "device": str(self.device), "backend": self.backend,
@@ -142,8 +143,8 @@ class ShardedTransformerGroup:
         device, backend = _device_and_backend()
         if degree == 1:
             return cls(passes=passes(device, dtype), workers=[], device=device, timeout_s=timeout_s)
-        import ray  # only a multi-rank replica needs Ray here
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        import ray  # noqa: PLC0415 - only a multi-rank replica needs Ray here
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: PLC0415 - Ray only inside a replica
 
         group = placement_group or (ray.util.get_current_placement_group() if ray.is_initialized() else None)
         if group is None or len(group.bundle_specs) < degree:
@@ -153,7 +154,8 @@ class ShardedTransformerGroup:
             )
         address, port = ray.util.get_node_ip_address(), _free_port()
         dtype_name = str(dtype).removeprefix("torch.")
-        workers, names = [], []
+        workers: list[Any] = []  # Ray actor handles
+        names: list[str] = []
         for rank in range(1, degree):
             bundle = group.bundle_specs[rank]
             options = dict(
@@ -189,7 +191,7 @@ class ShardedTransformerGroup:
         kwargs.pop("return_dict", None)
         if not self.workers:
             return self.passes(**kwargs)
-        import ray  # a multi-rank group exists only inside Ray
+        import ray  # noqa: PLC0415 - a multi-rank group exists only inside Ray
 
         spec = describe_pass_inputs(kwargs)
         running = [worker.run_pass.remote(spec) for worker in self.workers]
@@ -202,7 +204,7 @@ class ShardedTransformerGroup:
         """Each worker rank's ``placement`` (rank 1 first)."""
         if not self.workers:
             return []
-        import ray  # a multi-rank group exists only inside Ray
+        import ray  # noqa: PLC0415 - a multi-rank group exists only inside Ray
 
         return ray.get([worker.placement.remote() for worker in self.workers], timeout=timeout_s)
 
@@ -210,7 +212,7 @@ class ShardedTransformerGroup:
         """Every worker answers (a dead one raises at once; a hung one times out)."""
         if not self.workers:
             return True
-        import ray  # a multi-rank group exists only inside Ray
+        import ray  # noqa: PLC0415 - a multi-rank group exists only inside Ray
 
         try:
             ray.get([worker.ping.remote() for worker in self.workers], timeout=timeout_s)
@@ -221,7 +223,7 @@ class ShardedTransformerGroup:
     def close(self) -> None:
         if not self.workers:
             return
-        import ray  # a multi-rank group exists only inside Ray
+        import ray  # noqa: PLC0415 - a multi-rank group exists only inside Ray
 
         ray.get([worker.leave.remote() for worker in self.workers], timeout=60)
         if dist.is_initialized():

@@ -443,8 +443,9 @@ class JobContext(Protocol):
     def call(self, stage: str, method: str, *args: Any) -> Awaitable[Any]:
         """Run ``method`` of ``stage`` on ``args`` (hand-offs, ``JobInput`` names, plain values)."""
 
-    async def gather(self, *calls: Awaitable[Any] | None) -> tuple[Any, ...]:
-        """Run calls side by side (``None`` entries give ``None``); the first failure cancels the others."""
+    async def gather(self, *calls: Awaitable[Any] | None, label: str | None = None) -> tuple[Any, ...]:
+        """Run calls side by side (``None`` entries give ``None``); the first failure cancels the others. ``label``
+        names them together in the job's record."""
 
     def job_input(self, name: str) -> JobInput:
         """A reference to one of the job's stored inputs, for a stage to read."""

@@ -7,17 +7,23 @@ code and the photos are made from the sample photo shipped in the package.
 from __future__ import annotations
 
 import io
+import os
+import secrets
 import shutil
 import struct
 import subprocess
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import pytest
+import torch
 from PIL import Image
 
+from serving.families import get_family
+from serving.families.ltx2.config import LTX2ModelConfig
 from tests.helpers import free_port, wait_for_redis
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -29,10 +35,6 @@ def _explicit_ray_auth() -> None:
     Ray reads these once, when it is first imported; set later (e.g. in a fixture) they are
     ignored in a process that already imported Ray, and the cluster refuses the connection.
     """
-    import os
-    import secrets
-    import tempfile
-
     token = Path(tempfile.mkdtemp(prefix="reelserve-ray-")) / "auth_token"
     token.write_text(secrets.token_hex(32))
     os.environ["RAY_AUTH_MODE"] = "token"
@@ -46,7 +48,7 @@ SAMPLE_PHOTO = REPO_ROOT / "serving" / "assets" / "sample_photo.jpg"
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """The tiny random LTX-2 checkpoint, saved once for the whole session."""
-    from serving.families.ltx2.tiny import build_tiny_ltx2
+    from serving.families.ltx2.tiny import build_tiny_ltx2  # noqa: PLC0415 - keeps collection of `make check` fast
 
     return build_tiny_ltx2(tmp_path_factory.mktemp("tiny-ltx2"))
 
@@ -54,15 +56,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_config(tiny_checkpoint):
     """``LTX2ModelConfig.tiny`` pointing at the session's tiny checkpoint."""
-    from serving.families.ltx2.config import LTX2ModelConfig
-
     return LTX2ModelConfig.tiny(path=str(tiny_checkpoint))
 
 
 @pytest.fixture(scope="session")
 def tiny_limits(tiny_config):
-    from serving.families import get_family
-
     return get_family(tiny_config.family).read_limits(tiny_config)
 
 
@@ -223,8 +221,6 @@ def _served_rank(item) -> int:
 def pytest_collection_modifyitems(config, items):
     """Served modules in ``SERVED_ORDER``; ``gpu``-marked tests run where CUDA exists, elsewhere they are reported
     as skipped, with the reason."""
-    import torch
-
     items.sort(key=_served_rank)  # stable: every other test keeps its place
     if torch.cuda.is_available():
         return

@@ -6,6 +6,8 @@ import socket
 import subprocess
 import time
 
+import redis
+
 __all__ = ["free_port", "wait_for_redis"]
 
 
@@ -18,8 +20,6 @@ def free_port() -> int:
 
 def wait_for_redis(process: subprocess.Popen, url: str, timeout_s: float = 15) -> None:
     """Until the redis-server ``process`` answers PING at ``url``; fails if it exits or stays silent."""
-    import redis
-
     client = redis.Redis.from_url(url, socket_timeout=1)
     deadline = time.monotonic() + timeout_s
     try:

@@ -18,11 +18,17 @@ import threading
 import time
 from pathlib import Path
 
+import ray
+from ray import serve
+
+from cluster.apps import deploy, serve_applications
+from cluster.local import GRPC_SERVICER
+
 __all__ = ["main"]
 
 
 def _torch_threads() -> int:
-    import torch
+    import torch  # noqa: PLC0415 - runs in a Ray worker: torch only there
 
     return torch.get_num_threads()
 
@@ -33,15 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = json.loads(config_path.read_text())
     app_config, cluster = settings["app"], settings["cluster"]
 
-    import ray
-    from ray import serve
-
-    from cluster.apps import deploy, serve_applications
-    from cluster.local import GRPC_SERVICER
-
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+
+    def stop_when_stdin_closes() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=stop_when_stdin_closes, daemon=True).start()
     ray.init(address="local", num_cpus=cluster["num_cpus"], include_dashboard=False,
              object_store_memory=cluster["object_store_mb"] * 1024**2, log_to_driver=False)
     try:

@@ -27,10 +27,15 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from serving.bench.registry import BenchContext, SectionResult, register_section
+from serving.engine.core import RequestFailed, RequestFinished, StepFinished
+from serving.families.ltx2.config import LTX2ModelConfig
+from serving.protocol import HostTensor, PromptEmbeddings, RenderPlan, TextEmbeddings
+from serving.storage.codec import codec
 
 __all__ = ["run", "PROFILES", "BenchProfile", "engine_section"]
 
@@ -92,7 +97,7 @@ def run(profile: str = "cpu", out_dir: Path = Path("bench-out"), *, threads: int
     with tempfile.TemporaryDirectory(prefix="reelserve-bench-") as scratch:
         checkpoint = _build_checkpoint(Path(scratch), settings)
         bench = _Bench(checkpoint, settings)
-        results = {
+        results: dict[str, Any] = {
             "profile": profile,
             "settings": asdict(settings),
             "machine": _machine(),
@@ -114,8 +119,6 @@ def run(profile: str = "cpu", out_dir: Path = Path("bench-out"), *, threads: int
 
 class _Bench:
     def __init__(self, checkpoint: Path, settings: BenchProfile):
-        from serving.families.ltx2.config import LTX2ModelConfig
-
         self.settings = settings
         self.base = LTX2ModelConfig(
             path=str(checkpoint),
@@ -129,7 +132,7 @@ class _Bench:
         self.embeddings = _random_embeddings(settings)
 
     def _config(self, recipe: str = "dev", steps: int | None = None, guidance_off: bool = False, **diffusion):
-        update = {"diffusion": self.base.diffusion.model_copy(update={"recipe": recipe, **diffusion})}
+        update: dict[str, Any] = {"diffusion": self.base.diffusion.model_copy(update={"recipe": recipe, **diffusion})}
         if steps is not None:
             update["num_inference_steps"] = steps
         if guidance_off:
@@ -137,8 +140,6 @@ class _Bench:
         return self.base.model_copy(update=update)
 
     def _plan(self, seed: int, steps: int):
-        from serving.protocol import RenderPlan
-
         s = self.settings
         return RenderPlan.build(
             width=s.width, height=s.height, fps=s.fps, seconds=s.seconds, seed=seed, num_inference_steps=steps,
@@ -146,21 +147,21 @@ class _Bench:
         )
 
     def _requests(self, count: int, steps: int, prefix: str):
-        from serving.families.ltx2.diffusion import DenoiseRequest
+        from serving.families.ltx2.diffusion import DenoiseRequest  # noqa: PLC0415 - torch and diffusers only when this section runs
 
         return [DenoiseRequest(f"{prefix}-{i}", self.embeddings, None, self._plan(100 + i, steps)) for i in range(count)]
 
     # ------------------------------------------------------------------ batching
 
     def batching(self) -> dict:
-        from serving.families.ltx2.diffusion import LTX2Engine
+        from serving.families.ltx2.diffusion import LTX2Engine  # noqa: PLC0415 - torch and diffusers only when this section runs
 
         steps = self.settings.batching_steps
         engines = {on: LTX2Engine(self._config(steps=steps, batching=on)) for on in (False, True)}
         for on, engine in engines.items():
             _drain_timed(engine, self._requests(1, 2, f"warm-{on}"))
         rows = []
-        best = {}
+        best: dict[tuple[int, bool], tuple[float, float, int]] = {}
         for repeat in range(self.settings.repeats):
             for count in CONCURRENCY:
                 for on in (False, True):
@@ -194,7 +195,7 @@ class _Bench:
     # ------------------------------------------------------------------ recipes
 
     def recipes(self) -> dict:
-        from serving.families.ltx2.diffusion import LTX2Engine
+        from serving.families.ltx2.diffusion import LTX2Engine  # noqa: PLC0415 - torch and diffusers only when this section runs
 
         configs = {
             "dev": self._config("dev"),
@@ -231,9 +232,7 @@ class _Bench:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_cost(self) -> dict:
-        from serving.engine.core import StepFinished
-        from serving.families.ltx2.diffusion import LTX2Engine, stored_types
-        from serving.storage.codec import codec
+        from serving.families.ltx2.diffusion import LTX2Engine, stored_types  # noqa: PLC0415 - torch and diffusers only when this section runs
 
         for cls in stored_types():
             codec.register(cls)
@@ -261,8 +260,8 @@ class _Bench:
     # ------------------------------------------------------------------ step caches
 
     def step_caches(self) -> dict:
-        from serving.families.ltx2.diffusion import LTX2Engine
-        from serving.families.ltx2.recipes import MagRatioRecorder
+        from serving.families.ltx2.diffusion import LTX2Engine  # noqa: PLC0415 - torch and diffusers only when this section runs
+        from serving.families.ltx2.recipes import MagRatioRecorder  # noqa: PLC0415 - torch and diffusers only when this section runs
 
         steps = self.settings.dev_steps
         request = self._requests(1, steps, "cache")[0]
@@ -271,7 +270,7 @@ class _Bench:
             started, cpu_started = time.perf_counter(), time.process_time()
             reference = _drain(uncached_engine, [request])[request.request_id]
             uncached = (time.perf_counter() - started, time.process_time() - cpu_started)
-        variants = {
+        variants: dict[str, dict[str, Any]] = {
             "first_block (threshold 0.05)": dict(step_cache="first_block"),
             "first_block (threshold 0.2)": dict(step_cache="first_block", step_cache_threshold=0.2),
             "mag (calibrated ratios)": dict(step_cache="mag", mag_ratios=recorder.ratios),
@@ -319,8 +318,6 @@ def _count_calls(module) -> list[int]:
 
 
 def _drain(engine, requests) -> dict:
-    from serving.engine.core import RequestFailed, RequestFinished
-
     for request in requests:
         engine.add(request)
     results = {}
@@ -341,8 +338,6 @@ def _drain_timed(engine, requests) -> tuple[float, float]:
 
 
 def _random_embeddings(settings: BenchProfile):
-    from serving.protocol import HostTensor, PromptEmbeddings, TextEmbeddings
-
     generator = torch.Generator().manual_seed(0)
 
     def text():
@@ -363,13 +358,13 @@ def _random_embeddings(settings: BenchProfile):
 
 def _build_checkpoint(directory: Path, settings: BenchProfile) -> Path:
     """Transformer, scheduler, VAE configs with latent statistics, and the latent upsampler; random weights."""
-    from diffusers import (
+    from diffusers import (  # noqa: PLC0415 - torch and diffusers only when this section runs
         AutoencoderKLLTX2Audio,
         AutoencoderKLLTX2Video,
         FlowMatchEulerDiscreteScheduler,
         LTX2VideoTransformer3DModel,
     )
-    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel  # noqa: PLC0415 - torch and diffusers only when this section runs
 
     torch.manual_seed(0)
     video_width = settings.heads * settings.head_dim

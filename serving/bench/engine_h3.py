@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -103,7 +104,7 @@ def run(profile: str = "cpu", out_dir: Path = Path("bench-out"), *, threads: int
     out_dir.mkdir(parents=True, exist_ok=True)
     started, load_before = time.time(), os.getloadavg()
     bench = _Bench(settings)
-    results = {
+    results: dict[str, Any] = {
         "profile": profile,
         "settings": {**asdict(settings), "widths": asdict(settings.widths)},
         "machine": _machine(),

@@ -39,12 +39,17 @@ import platform
 import statistics
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from serving.bench.gpu_kernels import kernel_variants
+from serving.bench.gpu_multi import sequence_parallel_seconds
+from serving.bench.gpu_pipeline import bare_pipeline_seconds
 from serving.bench.gpu_profiles import BenchProfile, get_profile
+from serving.bench.registry import SectionResult, register_section
 from serving.families.ltx2 import flops as flops
 from serving.families.ltx2 import reference as ref
 
@@ -75,7 +80,7 @@ def run(
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
     bench = _Bench(settings, repeats or settings.repeats)
-    report = {
+    report: dict[str, Any] = {
         "profile": settings.name,
         "description": settings.description,
         "command": command,
@@ -86,7 +91,7 @@ def run(
         started = time.perf_counter()
         try:
             report["sections"][name] = getattr(bench, name)()
-        except Exception as error:  # one failed section is reported; the others still run
+        except Exception as error:  # noqa: BLE001 - one failed section is reported; the others still run
             report["sections"][name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
         report["sections"][name]["section_seconds"] = round(time.perf_counter() - started, 2)
         bench.models.clear()
@@ -105,14 +110,14 @@ class _Models:
 
     def __init__(self, profile: BenchProfile, device: torch.device, dtype: torch.dtype):
         self.profile, self.device, self.dtype = profile, device, dtype
-        self._built: dict[str, torch.nn.Module] = {}
+        self._built: dict[str, Any] = {}  # diffusers and transformers models: callers read their configs
 
-    def get(self, name: str) -> torch.nn.Module:
+    def get(self, name: str) -> Any:
         if name not in self._built:
             self._built[name] = self.build(name)
         return self._built[name]
 
-    def build(self, name: str) -> torch.nn.Module:
+    def build(self, name: str) -> Any:
         return ref.build_component(name, device=self.device, dtype=self.dtype, overrides=self.profile.overrides.get(name))
 
     def drop(self, *names: str) -> None:
@@ -365,8 +370,6 @@ class _Bench:
         return self._pass_cache[key]
 
     def diffusers(self) -> dict:
-        from serving.bench.gpu_pipeline import bare_pipeline_seconds
-
         p, shape = self.profile, self.profile.small_shape
         other = self._per_job_other_seconds(shape)
         text = self._pass_cache[("text", shape)]
@@ -387,13 +390,9 @@ class _Bench:
         }
 
     def kernels(self) -> dict:
-        from serving.bench.gpu_kernels import kernel_variants
-
         return kernel_variants(self)
 
     def multi_gpu(self) -> dict:
-        from serving.bench.gpu_multi import sequence_parallel_seconds
-
         return sequence_parallel_seconds(self)
 
 
@@ -402,8 +401,6 @@ def _shape_name(shape) -> str:
 
 
 def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:
@@ -439,8 +436,6 @@ def _flatten(section: dict, prefix: str = ""):
 
 def _register() -> None:
     """``reelserve bench``'s GPU section (where a GPU exists); importing the registry needs nothing heavy."""
-    from serving.bench.registry import SectionResult, register_section
-
     @register_section("gpu", title="GPU: LTX-2 19B dims with random weights", needs_gpu=True)
     def gpu_section(context) -> SectionResult:
         report = run("ltx2-19b-random", Path(context.out_dir) / "gpu")

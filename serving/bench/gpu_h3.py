@@ -37,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,7 +69,7 @@ def run(profile: str, out_dir: Path, *, sections: list[str] | None = None, repea
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
     bench = _Bench(settings, repeats or settings.repeats)
-    report = {
+    report: dict[str, Any] = {
         "profile": settings.name, "description": settings.description, "command": command,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "sections": {},
     }
@@ -122,7 +123,7 @@ class _Bench:
         torch.cuda.reset_peak_memory_stats(self.device)
         return round(peak, 2)
 
-    def build(self, name: str) -> torch.nn.Module:
+    def build(self, name: str) -> Any:
         return reference.build_component(name, self.device, self.dtype, self.profile.overrides.get(name))
 
     def drop_transformer(self) -> None:
@@ -177,7 +178,7 @@ class _Bench:
 
     def step(self) -> dict:
         shape, steps = self.profile.main_shape, self.profile.dev_steps
-        figures = {"shape": "x".join(map(str, shape)), "how": f"eager {self.profile.dtype}, native SDPA, median of "
+        figures: dict[str, Any] = {"shape": "x".join(map(str, shape)), "how": f"eager {self.profile.dtype}, native SDPA, median of "
                    f"{self.repeats} after a warm-up pass; a denoising step is one pass (guidance-distilled)"}
         for workflow, references in (("t2va", False), ("ref2va", True)):
             seconds, inputs = self.pass_seconds(shape, references=references)

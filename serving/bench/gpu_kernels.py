@@ -13,7 +13,7 @@ from serving.families.ltx2.speed import SpeedSettingError, apply_speed, check_sp
 __all__ = ["kernel_variants", "VARIANTS"]
 
 # name -> SpeedConfig settings; each on top of eager bf16.
-VARIANTS = {
+VARIANTS: dict[str, dict] = {
     "attention_auto": {"attention_backend": "auto"},
     "compile": {"attention_backend": "auto", "compile": True},
     "fp8_compile": {"attention_backend": "auto", "compile": True, "fp8": True},

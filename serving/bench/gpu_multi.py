@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from serving.families.ltx2 import reference as ref
+from serving.families.ltx2.parallel import SequenceParallelTransformer
 
 __all__ = ["sequence_parallel_seconds", "WORLD"]
 
@@ -26,7 +29,6 @@ def sequence_parallel_seconds(bench) -> dict:
         return {"skipped": f"needs {WORLD} GPUs; this machine has {torch.cuda.device_count()}"}
     single = bench.pass_seconds(profile.main_shape)
     bench.models.drop("transformer")
-    import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="reelserve-sp-") as scratch:
         out = Path(scratch) / "rank0.json"
@@ -48,10 +50,6 @@ def sequence_parallel_seconds(bench) -> dict:
 
 
 def _rank(rank: int, port: int, profile, repeats: int, out: str) -> None:
-    import torch.distributed as dist
-
-    from serving.families.ltx2.parallel import SequenceParallelTransformer
-
     cuda = profile.device == "cuda"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:

@@ -17,7 +17,7 @@ def bare_pipeline_seconds(models, profile, shape, *, repeats: int, timed: Callab
     The pipeline gets the Gemma hidden states directly (no text encoder in
     memory next to the 19B transformer); the caller adds text encoding time.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline  # noqa: PLC0415 - torch and diffusers only when this section runs
 
     names = ("transformer", "connectors", "vae", "audio_vae", "vocoder")
     parts = {name: models.get(name) for name in names}

@@ -52,7 +52,7 @@ _TINY_TEXT = {
     "image_token_index": 502,
 }
 
-_TINY = {
+_TINY: dict[str, dict] = {
     "transformer": dict(
         in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
         audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=4,
@@ -102,7 +102,7 @@ PROFILES = {
 
 
 # MiniMax-H3: the tiny profile keeps the structure (packed layout, both references, the decoders) at CPU widths.
-_H3_TINY = {
+_H3_TINY: dict[str, dict] = {
     "transformer": {"num_attention_heads": 2, "attention_head_dim": 96, "hidden_size": 64, "num_layers": 2,
                     "num_refiner_layers": 1, "ffn_dim": 128, "text_dim": 5120, "freq_dim": 32,
                     "time_embed_hidden_dim": 64, "time_embed_dim": 32},

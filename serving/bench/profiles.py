@@ -8,9 +8,11 @@ checkpoint given with ``--model``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,7 +43,7 @@ class BenchProfile:
         """The ``TransformerWidths`` of the checkpoint this profile builds (imported late: it pulls in torch)."""
         if self.transformer is None:
             return None
-        from serving.families.ltx2.tiny import TransformerWidths
+        from serving.families.ltx2.tiny import TransformerWidths  # noqa: PLC0415 - keeps `reelserve --help` fast (the CLI's parser imports this module)
 
         return TransformerWidths(**self.transformer)
 
@@ -92,11 +94,8 @@ def prepare_checkpoint(profile: BenchProfile, model: str | None, cache_dir: Path
         return model
     if profile.widths is None:
         raise ValueError(f"--model: the {profile.name} profile needs a checkpoint; give --model PATH")
-    import hashlib
-    import json
-    from dataclasses import asdict
 
-    from serving.families.ltx2.tiny import _TINY_VERSION, ensure_tiny_ltx2
+    from serving.families.ltx2.tiny import _TINY_VERSION, ensure_tiny_ltx2  # noqa: PLC0415 - keeps `reelserve --help` fast (the CLI's parser imports this module)
 
     key = hashlib.sha1(json.dumps([_TINY_VERSION, asdict(profile.widths)]).encode()).hexdigest()[:8]
     return str(ensure_tiny_ltx2(cache_dir / f"ltx2-{profile.name}-{key}", profile.widths))
@@ -104,7 +103,7 @@ def prepare_checkpoint(profile: BenchProfile, model: str | None, cache_dir: Path
 
 def machine_info() -> dict:
     """The machine a run measured, for BENCHMARKS.md."""
-    import torch
+    import torch  # noqa: PLC0415 - keeps `reelserve --help` fast (the CLI's parser imports this module)
 
     info = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -118,8 +117,8 @@ def machine_info() -> dict:
         # Other work on the machine skews every figure: the 1-minute load average when the run began.
         "load_average_at_start": round(os.getloadavg()[0], 1),
     }
-    import diffusers
-    import ray
+    import diffusers  # noqa: PLC0415 - keeps `reelserve --help` fast (the CLI's parser imports this module)
+    import ray  # noqa: PLC0415 - keeps `reelserve --help` fast (the CLI's parser imports this module)
 
     info.update(ray=ray.__version__, diffusers=diffusers.__version__)
     return info

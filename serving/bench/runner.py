@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from serving.bench.gpu_profiles import PROFILES as GPU_PROFILES
 from serving.bench.profiles import PROFILES, get_profile, machine_info, prepare_checkpoint
@@ -47,9 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace, command: str, before_work=lambda: None) -> dict:
-    import os
-
-    from cluster.local import ray_environment
+    from cluster.local import ray_environment  # noqa: PLC0415 - keeps `reelserve --help` fast (the CLI's parser imports this module)
 
     os.environ.update(ray_environment())  # explicit token auth for our cluster, before anything imports Ray
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")  # a busy machine registers the node slowly
@@ -69,7 +69,7 @@ def run_bench(args: argparse.Namespace, command: str, before_work=lambda: None) 
     if unknown:
         raise BenchError(f"--section: {unknown[0]} is not a section; sections: {', '.join(available)}")
     before_work()
-    import torch
+    import torch  # noqa: PLC0415 - keeps `reelserve --help` fast (the CLI's parser imports this module)
 
     profile = get_profile(args.profile or ("gpu" if torch.cuda.is_available() else "cpu-small"))
     if profile.device == "cuda" and not torch.cuda.is_available():
@@ -110,7 +110,7 @@ def run_bench(args: argparse.Namespace, command: str, before_work=lambda: None) 
 def _run_real_dims(args: argparse.Namespace, command: str) -> dict:
     """The real-dims benchmark as ``reelserve bench --profile ltx2-19b-random`` (``serving.bench.gpu``) or
     ``--profile minimax-h3-random`` (``serving.bench.gpu_h3``)."""
-    from serving.bench import gpu, gpu_h3
+    from serving.bench import gpu, gpu_h3  # noqa: PLC0415 - torch and diffusers only for the real-dims profiles
 
     if GPU_PROFILES[args.profile].family == "minimax_h3":
         return _run_h3_real_dims(args, command, gpu_h3)
@@ -161,7 +161,7 @@ def _run_h3_real_dims(args: argparse.Namespace, command: str, gpu_h3) -> dict:
 
 
 def _cache_dir() -> Path:
-    import platformdirs
+    import platformdirs  # noqa: PLC0415 - keeps `reelserve --help` fast (the CLI's parser imports this module)
 
     return Path(platformdirs.user_cache_dir("reelserve")) / "bench"
 
@@ -191,13 +191,18 @@ def _block(result: SectionResult, profile: str, machine: dict, command: str, wal
     return key, text
 
 
+def _literally(replacement: str) -> Callable[[re.Match[str]], str]:
+    """A ``re.sub`` replacement that puts ``replacement`` in as it is (no backslash escapes)."""
+    return lambda _: replacement
+
+
 def update_benchmarks_file(path: Path, blocks: list[tuple[str, str]]) -> None:
     """Replace each block (by its section:profile key) in ``path``, or append it."""
     text = path.read_text() if path.exists() else _HEADER
     for key, block in blocks:
         pattern = re.compile(rf"<!-- bench:{re.escape(key)} -->.*?<!-- /bench:{re.escape(key)} -->\n?", re.S)
         if pattern.search(text):
-            text = pattern.sub(lambda _: block, text)
+            text = pattern.sub(_literally(block), text)
         else:
             text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text)

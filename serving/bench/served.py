@@ -10,7 +10,12 @@ minute over the level's wall time. One untimed job warms each path first.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -18,8 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from PIL import Image
+
+from cluster.config import parse_model_config, parse_size
 from serving.bench.registry import BenchContext, SectionResult, markdown_table, register_section
+from serving.loadtest.mix import SAMPLE_PHOTO, RequestShape
 from serving.loadtest.report import percentiles
+from serving.loadtest.runner import LoadTestSettings, measure
 
 __all__ = ["served_vs_bare", "LevelResult"]
 
@@ -57,16 +67,12 @@ class Workload:
 
 
 def _workload(profile) -> Workload:
-    from PIL import Image
-
-    from cluster.config import parse_size
-    from serving.families.ltx2 import center_crop_to_aspect
-    from serving.loadtest.mix import SAMPLE_PHOTO
+    from serving.families.ltx2.stages import center_crop_to_aspect  # noqa: PLC0415 - torch only when this section runs
 
     width, height = parse_size(profile.size)
-    with Image.open(SAMPLE_PHOTO) as photo:
+    with Image.open(SAMPLE_PHOTO) as source:
         # Cropped and resized up front, so both paths see the same pixels with no crop to make.
-        photo = center_crop_to_aspect(photo.convert("RGB"), width, height).resize((width, height), Image.BICUBIC)
+        photo = center_crop_to_aspect(source.convert("RGB"), width, height).resize((width, height), Image.Resampling.BICUBIC)
         buffer = io.BytesIO()
         photo.save(buffer, format="JPEG", quality=95)
     return Workload(profile.prompt, buffer.getvalue(), width, height, profile.seconds, profile.fps, profile.steps,
@@ -104,7 +110,7 @@ def served_vs_bare(context: BenchContext) -> SectionResult:
         ratios.append({
             "concurrency": concurrency,
             "throughput_ratio": round(s.jobs_per_min / b.jobs_per_min, 3) if b.jobs_per_min else None,
-            "p50_overhead_s": round(s.p50_s - b.p50_s, 3) if None not in (s.p50_s, b.p50_s) else None,
+            "p50_overhead_s": round(s.p50_s - b.p50_s, 3) if s.p50_s is not None and b.p50_s is not None else None,
         })
     table = markdown_table(rows, [
         ("path", "path"), ("concurrency", "concurrency"), ("jobs", "jobs"), ("completed", "completed"),
@@ -134,8 +140,6 @@ def served_vs_bare(context: BenchContext) -> SectionResult:
 
 
 def _model_config(context: BenchContext):
-    from cluster.config import parse_model_config
-
     overrides = context.profile.model_overrides()
     return parse_model_config({"path": context.model_path, "name": "bench", **overrides})
 
@@ -156,11 +160,10 @@ class _BarePath:
     """``LTX2ImageToVideoPipeline`` in this process, one copy per concurrent job, then the MP4 writer."""
 
     def __init__(self, context: BenchContext, workload: Workload, config):
-        import torch
-        from diffusers import LTX2ImageToVideoPipeline
-        from PIL import Image
+        import torch  # noqa: PLC0415 - torch and diffusers only when this section runs
+        from diffusers import LTX2ImageToVideoPipeline  # noqa: PLC0415 - torch and diffusers only when this section runs
 
-        from serving.devices import resolve_device, resolve_dtype
+        from serving.devices import resolve_device, resolve_dtype  # noqa: PLC0415 - torch and diffusers only when this section runs
 
         self.context, self.workload, self.config = context, workload, config
         self.device = resolve_device(config.device)
@@ -186,10 +189,10 @@ class _BarePath:
         return _level("bare", concurrency, latencies, len(seeds), time.perf_counter() - started)
 
     def job(self, seed: int) -> float:
-        import torch
+        import torch  # noqa: PLC0415 - torch and diffusers only when this section runs
 
-        from serving.media import write_mp4
-        from serving.protocol import RenderPlan, VideoFrames, Waveform
+        from serving.media import write_mp4  # noqa: PLC0415 - torch and diffusers only when this section runs
+        from serving.protocol import RenderPlan, VideoFrames, Waveform  # noqa: PLC0415 - torch and diffusers only when this section runs
 
         workload, config = self.workload, self.config
         with self.lock:
@@ -230,15 +233,9 @@ class _ServedPath:
     def __init__(self, context: BenchContext, workload: Workload, config):
         self.context, self.workload, self.config = context, workload, config
         self.scratch = Path(tempfile.mkdtemp(prefix="bench-served-", dir=context.out_dir))
-        self.process = None
+        self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> _ServedPath:
-        import json
-        import subprocess
-        import sys
-
-        from serving.loadtest.mix import RequestShape
-
         profile, workload = self.context.profile, self.workload
         photo = self.scratch / "photo.jpg"
         photo.write_bytes(workload.photo_jpeg)
@@ -287,10 +284,6 @@ class _ServedPath:
         return _level("served", concurrency, latencies, count, report["wall_seconds"])
 
     def _closed_loop(self, count: int, concurrency: int, seed: int) -> dict:
-        import asyncio
-
-        from serving.loadtest.runner import LoadTestSettings, measure
-
         settings = LoadTestSettings(
             address=self.grpc, requests=count, concurrency=concurrency, mix=[self.shape],
             seed=seed, metrics_urls=[], quiet=True, timeout_s=600,
@@ -298,9 +291,8 @@ class _ServedPath:
         return asyncio.run(measure(settings))
 
     def __exit__(self, *exc) -> None:
-        import subprocess
-
         if self.process is not None and self.process.poll() is None:
+            assert self.process.stdin is not None  # opened with stdin=PIPE
             self.process.stdin.close()  # the cluster process shuts Serve and Ray down, then exits
             try:
                 self.process.wait(timeout=120)
@@ -310,8 +302,6 @@ class _ServedPath:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

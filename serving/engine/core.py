@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 RequestT = TypeVar("RequestT")
+RequestT_contra = TypeVar("RequestT_contra", contravariant=True)  # a StepModel only takes requests
 StateT = TypeVar("StateT")
 CheckpointT = TypeVar("CheckpointT")
 
@@ -100,15 +101,15 @@ class StateUntouchedError(Exception):
         self.cause = cause
 
 
-class StepModel(Protocol[RequestT, StateT, CheckpointT]):
+class StepModel(Protocol[RequestT_contra, StateT, CheckpointT]):
     """What the engine needs from a model family's step math."""
 
     batchable: bool  # False when requests must run alone (e.g. a step cache with per-request state)
 
-    def check(self, request: RequestT, resume_from: CheckpointT | None) -> None:
+    def check(self, request: RequestT_contra, resume_from: CheckpointT | None) -> None:
         """Raise ``ValueError`` for a request (or checkpoint) that cannot run; cheap, no tensors."""
 
-    def start(self, request: RequestT, resume_from: CheckpointT | None) -> StateT:
+    def start(self, request: RequestT_contra, resume_from: CheckpointT | None) -> StateT:
         """The request's state before its first (or next, when resumed) step."""
 
     def request_id(self, state: StateT) -> str: ...
@@ -314,7 +315,8 @@ class DiffusionEngine(Generic[RequestT, StateT, CheckpointT]):
             buckets[key].append(state)
         batches = []
         for members in buckets.values():
-            batch, tokens = [], 0
+            batch: list[StateT] = []
+            tokens = 0
             for state in members:
                 cost = self.model.cost(state)
                 if batch and tokens + cost > self._token_budget:

@@ -8,7 +8,7 @@ the plain values: a few hundred bytes); the tensors themselves go out by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,7 @@ def broadcast_pass_inputs(
     is_source = dist.get_rank(group) == src
     received = dict(spec.values)
     for name, shape, dtype in spec.tensors:
-        tensor = kwargs[name].to(device).contiguous() if is_source else torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        tensor = cast(dict, kwargs)[name].to(device).contiguous() if is_source else torch.empty(shape, dtype=getattr(torch, dtype), device=device)
         dist.broadcast(tensor, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
         received[name] = tensor
     return received

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol
 
 if TYPE_CHECKING:  # the declaration stays importable without torch
+    from cluster.model_config import ModelConfigBase
     from serving.engine.core import DiffusionEngine
     from serving.protocol import RenderPlan
 
@@ -74,7 +75,7 @@ class LazyCallable:
         self._target: Callable | None = None
 
     @property
-    def target(self) -> Callable:
+    def target(self) -> Any:
         if self._target is None:
             module, _, attribute = self.import_path.partition(":")
             self._target = getattr(importlib.import_module(module), attribute)
@@ -188,7 +189,7 @@ class Family:
     """
 
     name: str
-    config_class: type
+    config_class: type[ModelConfigBase]
     stages: tuple[StageSpec, ...]
     pipeline: Callable[..., Any]
     read_limits: Callable[[Any], ModelLimits]

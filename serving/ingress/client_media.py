@@ -143,7 +143,9 @@ class MediaFetcher:
             raise InvalidRequest(field, "this server fetches no URLs (references.allowed_url_prefixes is empty); "
                                         "send the file as a data: URL or a file upload")
         check_url_prefix(url, config.allowed_url_prefixes, field)
-        target, headers, extensions = url, {}, {}
+        headers: dict = {}
+        extensions: dict = {}
+        target = url
         if config.refuse_private_addresses:
             target, headers, extensions = await self._pinned_public(url, field)
         limit = config.max_fetch_bytes if budget is None else budget

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 from serving.errors import Expired, NotFound, NotReady
 from serving.jobs.job_storage import JobStorage
@@ -83,7 +84,7 @@ class VideoDownloads:
             await asyncio.to_thread(self.storage.remove_job, record.id)
         except Exception as error:  # noqa: BLE001 - the sweeps remove them
             logger.info("removing the objects of expired job %s failed: %r", record.id, error)
-        when = datetime.fromtimestamp(expires_at(record, self.storage.config.results_ttl_s), tz=UTC)
+        when = datetime.fromtimestamp(cast(float, expires_at(record, self.storage.config.results_ttl_s)), tz=UTC)
         raise Expired(f"video '{record.id}' expired at {when:%Y-%m-%dT%H:%M:%SZ}; its content is no longer kept")
 
     async def chunks(self, video: StoredVideoFile) -> AsyncIterator[bytes]:
@@ -93,7 +94,7 @@ class VideoDownloads:
                 while chunk := await asyncio.to_thread(handle.read, self.chunk_bytes):
                     yield chunk
             return
-        stream = await self.storage.results.stream_async(video.key, self.chunk_bytes)
+        stream = await self.storage.results.stream_async(cast(str, video.key), self.chunk_bytes)  # no path: a key
         if stream is None:
             raise NotFound("the content of this video is no longer stored")
         async for chunk in stream:

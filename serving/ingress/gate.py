@@ -63,6 +63,8 @@ class TenantGate:
         if self.authenticator.open:
             logger.warning("no auth configured: the API is open and every job belongs to the tenant 'default'")
         # Rates and idempotency keys live with the jobs: the same Redis, or the same SQLite file (tables of their own).
+        self._rates: RedisRateLimiter | SQLiteRateLimiter
+        self._keys: RedisIdempotencyStore | SQLiteIdempotencyStore
         if jobs.backend == "redis":
             self._rates = RedisRateLimiter(jobs.redis_url)
             self._keys = RedisIdempotencyStore(jobs.redis_url, ttl_s=int(jobs.idempotency_ttl_s))

@@ -7,6 +7,7 @@ escapes (Ray would send the traceback as the details).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -17,6 +18,9 @@ from serving.proto import video_pb2
 from serving.storage.errors import StorageFull, StorageUnavailable
 from serving.tenancy.auth import Tenant
 from serving.tenancy.errors import IdempotencyConflict, Unauthenticated
+
+if TYPE_CHECKING:
+    from serving.ingress.service import VideoService
 
 __all__ = ["GrpcVideoMethods", "to_proto"]
 
@@ -86,6 +90,8 @@ def _set_error(grpc_context, error: Exception) -> None:
 
 class GrpcVideoMethods:
     """Mixed into the ingress deployment; expects ``self.service`` (a ``VideoService``)."""
+
+    service: VideoService
 
     def _grpc_tenant(self, grpc_context) -> Tenant:
         metadata = grpc_context.invocation_metadata() if grpc_context is not None else None

@@ -79,7 +79,7 @@ async def parse_create_request(request: Request, max_file_bytes: int = MAX_PHOTO
         return await _parse_form(request, max_file_bytes)
     try:
         body = await request.json()
-    except Exception:
+    except Exception:  # noqa: BLE001 - any unreadable body is the client's error
         raise InvalidRequest("body", "must be JSON or multipart/form-data") from None
     if not isinstance(body, dict):
         raise InvalidRequest("body", "must be a JSON object")
@@ -100,7 +100,7 @@ async def parse_create_request(request: Request, max_file_bytes: int = MAX_PHOTO
 async def _parse_form(request: Request, max_file_bytes: int) -> dict[str, Any]:
     try:
         form = await request.form()
-    except Exception:
+    except Exception:  # noqa: BLE001 - any unreadable form is the client's error
         raise InvalidRequest("body", "is not a readable multipart/form-data or urlencoded form") from None
     known = set(_CREATE_FIELDS) | {"input_reference", "last_frame"} | set(REFERENCE_FILE_FIELDS)
     unknown = sorted(set(form.keys()) - known)

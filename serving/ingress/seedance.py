@@ -24,6 +24,7 @@ model's default aspect.
 
 from __future__ import annotations
 
+import builtins
 import io
 import json
 import re
@@ -177,8 +178,9 @@ class SeedanceTasks:
         data = b"".join([chunk async for _, chunk, _ in self.service.read_chunks(task_id, tenant)])
         return await self.service._blocking(_last_frame_png, data)
 
-    async def _recent(self, tenant: Tenant) -> list[JobRecord]:
-        records, after = [], None
+    async def _recent(self, tenant: Tenant) -> builtins.list[JobRecord]:
+        records: builtins.list[JobRecord] = []
+        after: str | None = None
         while len(records) < _SCAN_LIMIT:
             page, has_more, last_id = await self.service.list_page(tenant, after, 100)
             records.extend(page)
@@ -216,7 +218,7 @@ class SeedanceTasks:
 async def _json_body(request: Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except Exception:
+    except Exception:  # noqa: BLE001 - any unreadable body is the client's error
         raise InvalidRequest("body", "must be a JSON object") from None
     if not isinstance(body, dict):
         raise InvalidRequest("body", "must be a JSON object")
@@ -299,7 +301,7 @@ def _page_number(text: str, field: str, low: int, high: int) -> int:
 
 def _last_frame_png(mp4: bytes) -> bytes:
     last = None
-    with av.open(io.BytesIO(mp4)) as container:
+    with av.open(io.BytesIO(mp4), mode="r") as container:
         for frame in container.decode(video=0):
             last = frame
     if last is None:

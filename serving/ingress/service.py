@@ -101,7 +101,7 @@ class VideoService:
         record.return_last_frame = return_last_frame
         signature = {**fields, "priority": int(ticket.priority), "callback_url": ticket.callback_url,
                      "max_queue_wait_s": max_queue_wait_s, "return_last_frame": return_last_frame}
-        blobs = {spec.name: data for spec, data in inputs}
+        blobs: dict[str, bytes | None] = {spec.name: data for spec, data in inputs}
         ticket = await self.gate.reserve(ticket, signature, blobs, record.id, self._blocking)
         if ticket.existing_job_id is not None:  # a retry of a create that already made its job
             return await self.gate.wait_for_first(ticket.existing_job_id, self._get_any)
@@ -130,6 +130,7 @@ class VideoService:
             if not fetched:
                 return []
             photo = fetched[0]
+            assert photo.data is not None  # fetch_all fetched it
             await decode_photo(photo.data, self.decodes, max_bytes=self.ingress.max_photo_bytes,
                                max_pixels=self.ingress.max_photo_pixels, field=photo.field, executor=self._pool)
             return [(PHOTO_INPUT, photo.data)]
@@ -220,7 +221,8 @@ class VideoService:
         )
         return [r for r in records if not r.delete_requested], has_more
 
-    async def list_page(self, tenant: Tenant, after: str | None, limit: int) -> tuple[list[JobRecord], bool, str | None]:
+    async def list_page(self, tenant: Tenant, after: str | None,
+                        limit: int) -> tuple[Sequence[JobRecord], bool, str | None]:
         """Newest first, like ``list``; also the id of the last record the store returned (before the ones being
         deleted were left out), to page on from."""
         records, has_more = await self._blocking(

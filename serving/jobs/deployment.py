@@ -100,7 +100,7 @@ class JobRunnerDeployment:
 def _replica_name() -> str | None:
     """The job owner's name: this replica's id, so an operator can tell which replica holds a job."""
     try:
-        from ray import serve
+        from ray import serve  # noqa: PLC0415 - Ray only inside a replica
 
         return f"orchestrator-{serve.get_replica_context().replica_id.unique_id}"
     except Exception:  # noqa: BLE001 - outside a Serve replica: a random name

@@ -19,9 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import TYPE_CHECKING, cast
 
+import redis.asyncio as aioredis
+
+from serving.jobs.redis_store import EVENTS_CHANNEL
 from serving.jobs.store import JobStore
 from serving.tenancy.redis_connection import redis_auth_options
+
+if TYPE_CHECKING:
+    from serving.jobs.redis_store import RedisJobStore
+    from serving.jobs.sqlite_store import SQLiteJobStore
 
 __all__ = ["JobEvents", "wait_for_event"]
 
@@ -92,14 +100,9 @@ class JobEvents:
             self._listener = asyncio.get_running_loop().create_task(listen())
 
     async def _listen_redis(self) -> None:
-        import redis.asyncio as aioredis
-
-        from serving.jobs.redis_store import EVENTS_CHANNEL
-
         while True:
-            client = aioredis.Redis.from_url(
-                self._store.url, decode_responses=True, socket_connect_timeout=2, **redis_auth_options(self._store.url)
-            )
+            url = cast("RedisJobStore", self._store).url
+            client = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, **redis_auth_options(url))
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(EVENTS_CHANNEL)
@@ -119,13 +122,14 @@ class JobEvents:
                     await client.aclose()
 
     async def _listen_sqlite(self) -> None:
-        seq = await asyncio.to_thread(self._store.latest_seq)
+        store = cast("SQLiteJobStore", self._store)
+        seq = await asyncio.to_thread(store.latest_seq)
         while True:
             await asyncio.sleep(_SQLITE_POLL_S)
             if not self._waiters:
                 continue
             try:
-                seq, changed = await asyncio.to_thread(self._store.changed_since, seq)
+                seq, changed = await asyncio.to_thread(store.changed_since, seq)
             except Exception as error:  # noqa: BLE001 - a busy database: try again next tick
                 logger.info("job events: reading changes failed (%s)", type(error).__name__)
                 continue

@@ -31,7 +31,7 @@ class StageHandles(Mapping):
             raise KeyError(stage)
         handle = self._handles.get(stage)
         if handle is None:
-            from ray import serve  # inside a replica only
+            from ray import serve  # noqa: PLC0415 - inside a replica only
 
             # Not checked against the controller: a stage application deployed in the same config may still be
             # building; calls wait in the handle until its replicas are up.

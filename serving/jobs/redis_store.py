@@ -14,8 +14,10 @@ TTL: it goes ``RECORD_KEPT_AFTER_EXPIRY_S`` after its ``expires_at``.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import json
+from typing import Any
 
 import redis
 
@@ -78,7 +80,8 @@ class RedisJobStore(ConditionalWrites):
         self.url = url
         # Fail fast when Redis is down: callers retry on their own schedule. The password, if any, comes from the
         # environment (a Kubernetes Secret), never from the config.
-        self._redis = redis.Redis.from_url(
+        # Any: redis-py annotates replies for every mode (async, RESP3); with decode_responses they are str.
+        self._redis: Any = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2, **redis_auth_options(url)
         )
 
@@ -215,7 +218,7 @@ class RedisJobStore(ConditionalWrites):
         pipe.execute()
 
     @_unavailable_on_connection_errors
-    def live_replicas(self, stage: str) -> list[dict]:
+    def live_replicas(self, stage: str) -> builtins.list[dict]:
         now = self.now()
         gone = self._redis.zrangebyscore(_REPLICAS + stage, "-inf", now)
         if gone:  # forget replicas whose heartbeat lapsed (they died or stopped)
@@ -235,11 +238,11 @@ class RedisJobStore(ConditionalWrites):
         pipe.execute()
 
     @_unavailable_on_connection_errors
-    def webhooks_pending(self, limit: int = 100) -> list[str]:
+    def webhooks_pending(self, limit: int = 100) -> builtins.list[str]:
         return sorted(self._redis.smembers(_WEBHOOKS))[:limit]
 
     @_unavailable_on_connection_errors
-    def claimable(self, grace_s: float, limit: int = 100) -> list[str]:
+    def claimable(self, grace_s: float, limit: int = 100) -> builtins.list[str]:
         now = self.now()
         ids = list(self._redis.smembers(_ACTIVE))
         pipe = self._redis.pipeline(transaction=False)
@@ -257,7 +260,7 @@ class RedisJobStore(ConditionalWrites):
         return [job_id for _, job_id in sorted(found)[:limit]]
 
     @_unavailable_on_connection_errors
-    def active_records(self, limit: int = 1000) -> list[JobRecord]:
+    def active_records(self, limit: int = 1000) -> builtins.list[JobRecord]:
         ids = list(self._redis.smembers(_ACTIVE))[:limit]
         pipe = self._redis.pipeline(transaction=False)
         for job_id in ids:

@@ -22,13 +22,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import cast
 
 from cluster.config import JobsConfig
 from serving.jobs.job_storage import JobStorage
 from serving.jobs.record import RECORD_KEPT_AFTER_EXPIRY_S, JobRecord
 from serving.jobs.store import JobStore
 from serving.protocol import JobStatus
-from serving.storage.keys import AREAS, ParsedKey, area_prefix, parse_key
+from serving.storage.keys import AREAS, Area, ParsedKey, area_prefix, parse_key
 from serving.storage.lifecycle import install_expiration_rules, sweep_staging
 
 __all__ = ["Retention", "SweepCounts", "expires_at", "is_expired"]
@@ -72,7 +73,7 @@ class Retention:
         """S3 lifecycle rules for every area of our stores (a backstop: whole days, later than the record's
         expiry); ``False`` where a store has none (local, GCS, Redis, memory: the sweeps do it all)."""
         slack = self.jobs.job_timeout_s  # an object may be written that long before its job ends
-        ttl = {"inputs": self.ttl_s + slack, "results": self.ttl_s + slack,
+        ttl: dict[Area, float] = {"inputs": self.ttl_s + slack, "results": self.ttl_s + slack,
                "artifacts": self.storage.config.artifacts_ttl_s + slack}
         results, artifacts = self.storage.results, self.storage.artifacts
         if artifacts is results:
@@ -111,7 +112,7 @@ class Retention:
             if not is_expired(record, self.ttl_s, now):
                 continue
             counts.objects += self.storage.remove_job(record.id)
-            if now >= expires_at(record, self.ttl_s) + RECORD_KEPT_AFTER_EXPIRY_S:
+            if now >= cast(float, expires_at(record, self.ttl_s)) + RECORD_KEPT_AFTER_EXPIRY_S:
                 counts.records += bool(self.store.delete(record.id))
 
     # ------------------------------------------------------------------ objects

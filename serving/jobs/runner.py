@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import secrets
@@ -264,7 +265,11 @@ class JobRunner:
         task = asyncio.get_running_loop().create_task(self._run(job_id))
         self._running[job_id] = task
         self._claiming.add(job_id)
-        task.add_done_callback(lambda _: (self._running.pop(job_id, None), self._claiming.discard(job_id)))
+        task.add_done_callback(functools.partial(self._forget, job_id))
+
+    def _forget(self, job_id: str, _task: asyncio.Task) -> None:
+        self._running.pop(job_id, None)
+        self._claiming.discard(job_id)
 
     # ------------------------------------------------------------------ one job
 
@@ -286,6 +291,7 @@ class JobRunner:
             return  # another runner has it
         fence = Fence(job_id, self.owner, record.attempts)
         this_task = asyncio.current_task()
+        assert this_task is not None  # _run runs as a task (_spawn)
         writer = FencedWriter(self.store, fence, self._io, on_lost=this_task.cancel, lease_s=self.jobs.lease_s)
         job = ClaimedJob(record=record, fence=fence, writer=writer)
         writer.start()

@@ -8,6 +8,7 @@ number, which is how watchers learn what changed (``changed_since``).
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import threading
@@ -147,7 +148,7 @@ class SQLiteJobStore(ConditionalWrites):
         rows = self._read("SELECT cancel FROM jobs WHERE id = ?", (job_id,))
         return not rows or bool(rows[0][0])  # a deleted job is as good as cancelled
 
-    def claimable(self, grace_s: float, limit: int = 100) -> list[str]:
+    def claimable(self, grace_s: float, limit: int = 100) -> builtins.list[str]:
         rows = self._read(
             "SELECT id FROM jobs WHERE status < ? AND (owner IS NULL OR lease_until + ? < ?) ORDER BY created_at LIMIT ?",
             (_TERMINAL, grace_s, self.now(), limit),
@@ -157,7 +158,7 @@ class SQLiteJobStore(ConditionalWrites):
     def count_active(self) -> int:
         return self._read("SELECT COUNT(*) FROM jobs WHERE status < ?", (_TERMINAL,))[0][0]
 
-    def active_records(self, limit: int = 1000) -> list[JobRecord]:
+    def active_records(self, limit: int = 1000) -> builtins.list[JobRecord]:
         rows = self._read("SELECT data FROM jobs WHERE status < ? ORDER BY created_at LIMIT ?", (_TERMINAL, limit))
         return [JobRecord.from_dict(json.loads(r[0])) for r in rows]
 
@@ -171,7 +172,7 @@ class SQLiteJobStore(ConditionalWrites):
                 (stage, replica, self.now() + ttl_s, json.dumps(info)),
             )
 
-    def live_replicas(self, stage: str) -> list[dict]:
+    def live_replicas(self, stage: str) -> builtins.list[dict]:
         rows = self._read("SELECT info FROM replicas WHERE stage = ? AND expires_at > ?", (stage, self.now()))
         return [json.loads(row[0]) for row in rows]
 
@@ -179,10 +180,10 @@ class SQLiteJobStore(ConditionalWrites):
         with self._transaction() as db:
             db.execute("DELETE FROM replicas WHERE stage = ? AND replica = ?", (stage, replica))
 
-    def webhooks_pending(self, limit: int = 100) -> list[str]:
+    def webhooks_pending(self, limit: int = 100) -> builtins.list[str]:
         return [row[0] for row in self._read("SELECT id FROM jobs WHERE webhook_due = 1 ORDER BY id LIMIT ?", (limit,))]
 
-    def changed_since(self, seq: int) -> tuple[int, list[str]]:
+    def changed_since(self, seq: int) -> tuple[int, builtins.list[str]]:
         """Jobs written after sequence number ``seq``, and the newest number (what watchers poll)."""
         rows = self._read("SELECT id, seq FROM jobs WHERE seq > ? ORDER BY seq", (seq,))
         if not rows:

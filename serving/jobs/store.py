@@ -16,8 +16,9 @@ Redis (cluster mode). Rules both enforce atomically:
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from serving.errors import StoreUnavailable
 from serving.jobs.record import JobRecord
@@ -79,13 +80,13 @@ class JobStore(Protocol):
     def heartbeat(self, stage: str, replica: str, info: dict, ttl_s: float) -> None:
         """A live replica of ``stage`` says it is ready (``info``: its slots, measured rates) for ``ttl_s``."""
 
-    def live_replicas(self, stage: str) -> list[dict]:
+    def live_replicas(self, stage: str) -> builtins.list[dict]:
         """The ``info`` of every replica of ``stage`` whose heartbeat has not lapsed."""
 
     def forget_replica(self, stage: str, replica: str) -> None:
         """A replica that stops says so: it no longer counts as capacity (no wait for its heartbeat to lapse)."""
 
-    def webhooks_pending(self, limit: int = 100) -> list[str]:
+    def webhooks_pending(self, limit: int = 100) -> builtins.list[str]:
         """Ended jobs whose callback still has to be delivered."""
 
     def claim(self, job_id: str, owner: str, lease_s: float, grace_s: float | None = None) -> JobRecord | None:
@@ -120,13 +121,16 @@ class JobStore(Protocol):
     def delete(self, job_id: str) -> bool:
         """Remove the record."""
 
-    def claimable(self, grace_s: float, limit: int = 100) -> list[str]:
+    def expire(self, job_id: str) -> JobRecord | None:
+        """A queued job past its queue wait becomes expired (None: it is not one)."""
+
+    def claimable(self, grace_s: float, limit: int = 100) -> builtins.list[str]:
         """Active jobs nobody holds: queued, handed over, or whose owner's lease expired ``grace_s`` ago (oldest first)."""
 
     def count_active(self) -> int:
         """Jobs queued or in progress."""
 
-    def active_records(self, limit: int = 1000) -> list[JobRecord]:
+    def active_records(self, limit: int = 1000) -> builtins.list[JobRecord]:
         """Jobs queued or in progress (what admission sizes the backlog from)."""
 
     def close(self) -> None:
@@ -220,7 +224,7 @@ class ConditionalWrites:
 
     def request_cancel(self, job_id: str, delete: bool = False) -> JobRecord | None:
         def decide(record: JobRecord, now: float) -> dict:
-            changes = {"cancel_requested": True}
+            changes: dict[str, Any] = {"cancel_requested": True}
             if delete:
                 changes["delete_requested"] = True
             if record.status == JobStatus.QUEUED and record.owner is None and record.attempts == 0:

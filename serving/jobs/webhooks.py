@@ -12,6 +12,7 @@ runs beside everything else, after the job ended.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any, Iterable
 
@@ -36,7 +37,10 @@ class WebhookSender:
             if job_id not in self._delivering:
                 task = asyncio.get_running_loop().create_task(self._deliver(job_id))
                 self._delivering[job_id] = task
-                task.add_done_callback(lambda _, job_id=job_id: self._delivering.pop(job_id, None))
+                task.add_done_callback(functools.partial(self._delivered, job_id))
+
+    def _delivered(self, job_id: str, _task: asyncio.Task) -> None:
+        self._delivering.pop(job_id, None)
 
     async def stop(self) -> None:
         """Leave unfinished deliveries to their lease: another runner takes them over when it lapses."""

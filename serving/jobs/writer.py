@@ -38,7 +38,7 @@ class FencedWriter:
         store: JobStore,
         fence: Fence,
         io: Callable[..., Awaitable[Any]],
-        on_lost: Callable[[], None],
+        on_lost: Callable[[], object],
         *,
         lease_s: float | None = None,
         on_cancel_requested: Callable[[], None] | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from serving.client import api_key_metadata
 from serving.loadtest.mix import RequestShape
@@ -50,9 +50,9 @@ class GrpcJobClient:
     """CreateVideo, then WatchVideo until the last event (GetVideo polling if the stream breaks)."""
 
     def __init__(self, address: str):
-        import grpc
+        import grpc  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for the gRPC client)
 
-        from serving.proto import video_pb2_grpc
+        from serving.proto import video_pb2_grpc  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for the gRPC client)
 
         self._grpc = grpc
         self._channel = grpc.aio.insecure_channel(address)
@@ -60,9 +60,9 @@ class GrpcJobClient:
         self._metadata = api_key_metadata()
 
     async def submit(self, shape: RequestShape, seed: int) -> str:
-        from serving.proto import video_pb2
+        from serving.proto import video_pb2  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for the gRPC client)
 
-        fields = dict(prompt=shape.prompt, seed=seed)
+        fields: dict[str, Any] = dict(prompt=shape.prompt, seed=seed)
         if shape.size:
             fields["size"] = shape.size
         if shape.seconds:
@@ -91,7 +91,7 @@ class GrpcJobClient:
         return video.id
 
     async def follow(self, job_id: str, deadline: float) -> Outcome:
-        from serving.proto import video_pb2
+        from serving.proto import video_pb2  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for the gRPC client)
 
         first_progress = None
         last = None
@@ -123,7 +123,7 @@ class GrpcJobClient:
         return Outcome(status, code, dict(last.stage_seconds), first_progress)
 
     async def cancel(self, job_id: str) -> None:
-        from serving.proto import video_pb2
+        from serving.proto import video_pb2  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for the gRPC client)
 
         try:
             await self._stub.CancelVideo(video_pb2.CancelVideoRequest(id=job_id), timeout=10,
@@ -136,13 +136,13 @@ class GrpcJobClient:
 
 
 def _started(status: int, progress: int) -> bool:
-    from serving.proto import video_pb2
+    from serving.proto import video_pb2  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for the gRPC client)
 
     return progress > 0 or status != video_pb2.QUEUED
 
 
 def _grpc_terminal(status: int) -> bool:
-    from serving.proto import video_pb2
+    from serving.proto import video_pb2  # noqa: PLC0415 - keeps `reelserve --help` fast (grpc and protobuf only for the gRPC client)
 
     return status in (video_pb2.COMPLETED, video_pb2.FAILED, video_pb2.CANCELLED, video_pb2.EXPIRED)
 
@@ -151,7 +151,7 @@ class HttpJobClient:
     """``POST /v1/videos`` (multipart with the photo), then ``GET /v1/videos/{id}`` every ``poll_s``."""
 
     def __init__(self, address: str, poll_s: float = 0.5):
-        import httpx
+        import httpx  # noqa: PLC0415 - httpx is not a declared dependency; only this client needs it
 
         self._httpx = httpx
         base = address if address.startswith(("http://", "https://")) else f"http://{address}"

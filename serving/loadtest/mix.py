@@ -32,6 +32,7 @@ import random
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from cluster.config import parse_size
@@ -105,8 +106,6 @@ def default_mix() -> list[RequestShape]:
 
 
 def load_mix(path: str | Path) -> list[RequestShape]:
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise MixError(f"no such file '{path}'")

@@ -10,10 +10,10 @@ _COLORS = {"completed": "tab:green", "failed": "tab:red", "rejected": "tab:gray"
 
 
 def draw_plots(report: dict, out_dir: Path) -> list[Path]:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - matplotlib only when plots are drawn
 
     matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - matplotlib only when plots are drawn
 
     paths = [
         _latency_over_time(plt, report, out_dir / "latency.png"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 from serving.loadtest.sampler import MetricsSample
 
@@ -57,7 +58,7 @@ def build_report(
     completed = [t for t in traces if t.outcome == "completed"]
     failed = [t for t in traces if t.outcome == "failed"]
     rejected = [t for t in traces if t.outcome == "rejected"]
-    latencies = [t.latency_s for t in completed]
+    latencies = [cast(float, t.latency_s) for t in completed]  # a completed job has one
     minutes = max(wall_seconds, 1e-9) / 60
     report = {
         "settings": settings,
@@ -80,7 +81,7 @@ def build_report(
         "traces": [{**asdict(t), "latency_s": None if t.latency_s is None else round(t.latency_s, 4)} for t in traces],
     }
     if slo_seconds is not None:
-        within = [t for t in completed if t.latency_s <= slo_seconds]
+        within = [t for t in completed if cast(float, t.latency_s) <= slo_seconds]
         report["goodput"] = {
             "slo_seconds": slo_seconds,
             "within_slo": len(within),

@@ -17,9 +17,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from serving.loadtest.clients import Refused, SubmitFailed, make_client
-from serving.loadtest.mix import RequestShape, default_mix, load_mix, pick
+from serving.loadtest.mix import MixError, RequestShape, default_mix, load_mix, pick
+from serving.loadtest.plots import draw_plots
 from serving.loadtest.report import JobTrace, build_report
 from serving.loadtest.sampler import MetricsSampler
 
@@ -99,8 +101,6 @@ def _number(text: str | None, flag: str, kind, low, high):
 
 def settings_from_args(args: argparse.Namespace) -> LoadTestSettings:
     """Check the flags (cheap checks, no network) and build the settings; raises ``SettingsError``."""
-    from serving.loadtest.mix import MixError
-
     if args.protocol not in ("grpc", "http"):
         raise SettingsError(f"--protocol: '{args.protocol}' is not allowed; use grpc or http")
     if ":" not in args.address.split("//")[-1]:
@@ -180,7 +180,9 @@ class _Run:
             trace.first_progress_s = round(outcome.first_progress_at - submitted, 4)
 
     async def closed_loop(self) -> None:
-        remaining = self.settings.requests
+        # A closed loop has both (settings_from_args).
+        concurrency, requests = cast(int, self.settings.concurrency), cast(int, self.settings.requests)
+        remaining = requests
 
         async def worker():
             nonlocal remaining
@@ -188,16 +190,17 @@ class _Run:
                 remaining -= 1
                 await self.one_job()
 
-        await asyncio.gather(*(worker() for _ in range(min(self.settings.concurrency, self.settings.requests))))
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, requests))))
 
     async def open_loop(self) -> None:
-        tasks = []
-        end = self.settings.duration
-        next_at = self.rng.expovariate(self.settings.rate)
+        tasks: list[asyncio.Future] = []
+        end = cast(float, self.settings.duration)
+        rate = cast(float, self.settings.rate)  # an open loop has one (settings_from_args)
+        next_at = self.rng.expovariate(rate)
         while next_at < end and len(tasks) < LIMITS["requests"]:
             await asyncio.sleep(max(0.0, next_at - self.now()))
             tasks.append(asyncio.ensure_future(self.one_job()))
-            next_at += self.rng.expovariate(self.settings.rate)
+            next_at += self.rng.expovariate(rate)
         self.planned = len(tasks)
         await asyncio.gather(*tasks)
 
@@ -244,8 +247,6 @@ async def measure(settings: LoadTestSettings) -> dict:
 
 def run_loadtest(settings: LoadTestSettings) -> dict:
     """Run the test, write ``report.json`` and the PNGs under ``settings.out_dir``; return the report."""
-    from serving.loadtest.plots import draw_plots
-
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(measure(settings))
     report["plots"] = [str(path) for path in draw_plots(report, settings.out_dir)]

@@ -34,7 +34,7 @@ def canonical_name(name: str) -> str:
 
 def stage_load_from_text(texts: list[str]) -> dict[str, StageSample]:
     """Queue depth, in-flight requests and replica count per stage, from metrics endpoint texts."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415 - keeps `reelserve --help` fast
 
     stages: dict[str, StageSample] = defaultdict(StageSample)
     replicas: dict[str, set] = defaultdict(set)
@@ -67,7 +67,7 @@ class MetricsSampler:
         self._started = started
 
     async def run(self, stop: asyncio.Event) -> None:
-        import httpx
+        import httpx  # noqa: PLC0415 - httpx is not a declared dependency; only this sampler needs it
 
         if not self.urls:
             return

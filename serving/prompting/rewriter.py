@@ -8,12 +8,16 @@ reason instead of a text, and the job goes on with the user's prompt.
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import os
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
 
 from cluster.config import RewriterConfig
 
@@ -53,9 +57,9 @@ def clean_answer(text: str) -> str:
 class PromptRewriter:
     def __init__(self, config: RewriterConfig, model_path: str):
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM must not reconfigure our logging
-        from transformers import AutoTokenizer
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+        from transformers import AutoTokenizer  # noqa: PLC0415 - transformers only when the rewriter loads
+        from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: PLC0415 - vLLM is optional (the gpu extra)
+        from vllm.v1.engine.async_llm import AsyncLLM  # noqa: PLC0415 - vLLM is optional (the gpu extra)
 
         self.config = config
         self.system_prompt = load_system_prompt(config.system_prompt_version)
@@ -72,7 +76,7 @@ class PromptRewriter:
             **({"kv_cache_memory_bytes": config.kv_cache_memory_mb * 1024**2} if on_cpu else
                {"gpu_memory_utilization": config.gpu_memory_utilization}),
         )
-        self.engine = AsyncLLM.from_engine_args(args)
+        self.engine: Any = AsyncLLM.from_engine_args(args)  # None once shut down
 
     async def rewrite(self, prompt: str, seed: int, photo: bytes | None = None) -> Rewrite:
         started = time.perf_counter()
@@ -92,7 +96,7 @@ class PromptRewriter:
         return self._result(cleaned, None, tokens, started)
 
     async def _generate(self, prompt: str, seed: int, photo: bytes | None, request_id: str) -> tuple[str, int]:
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # noqa: PLC0415 - vLLM is optional (the gpu extra)
 
         params = SamplingParams(
             max_tokens=self.config.max_new_tokens, temperature=self.config.temperature, top_p=0.95, seed=seed
@@ -100,14 +104,13 @@ class PromptRewriter:
         final = None
         async for output in self.engine.generate(self._engine_input(prompt, photo), params, request_id=request_id):
             final = output
+        assert final is not None  # vLLM yields at least the finished output
         completion = final.outputs[0]
         return completion.text, len(completion.token_ids)
 
     def _engine_input(self, prompt: str, photo: bytes | None) -> dict:
         if photo is not None and self.config.multimodal:
             # Multimodal checkpoints (e.g. Gemma 3 4B-27B instruct) see the photo itself.
-            from PIL import Image, ImageOps
-
             content = [{"type": "image"}, {"type": "text", "text": prompt}]
             text = self.tokenizer.apply_chat_template(
                 [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": content}],
@@ -136,12 +139,10 @@ class PromptRewriter:
         if engine is not None:
             engine.shutdown()
             del engine  # let vLLM's own __del__ run now, not during interpreter teardown
-            import gc
-
             gc.collect()
 
 
 def _cuda_available() -> bool:
-    import torch
+    import torch  # noqa: PLC0415 - torch only when the rewriter loads
 
     return torch.cuda.is_available()

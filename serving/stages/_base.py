@@ -23,8 +23,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Sequence
+from typing import Any, Callable, TypeVar, cast
+
+import torch
 
 from cluster.config import FaultConfig, JobsConfig, StorageConfig
 from cluster.load import StageLoad
@@ -46,15 +50,11 @@ logger = logging.getLogger("ray.serve.reelserve.stage")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    import torch
-
     return isinstance(error, (torch.OutOfMemoryError, InjectedOutOfMemory)) or "out of memory" in str(error).lower()
 
 
 def free_device_memory() -> None:
     """Give back what a failed request held, so the replica can take the next one."""
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -62,9 +62,7 @@ def free_device_memory() -> None:
 
 def placement(device: str | None) -> dict:
     """Where this replica really runs: what Ray gave it and the device its model computes on."""
-    import os
-
-    import ray
+    import ray  # noqa: PLC0415 - Ray only inside a replica
 
     context = ray.get_runtime_context()
     return {
@@ -77,7 +75,7 @@ def placement(device: str | None) -> dict:
 
 
 class StageRunner:
-    def __init__(self, stage: str, jobs: JobsConfig, faults: list[FaultConfig] = (), model: str = "unknown",
+    def __init__(self, stage: str, jobs: JobsConfig, faults: Sequence[FaultConfig] = (), model: str = "unknown",
                  storage: StorageConfig | None = None, load: StageLoad | None | bool = True):
         """``load``: the autoscaling tracker the ledger feeds (True: a ``StageLoad``; None: the stage keeps its own)."""
         self.stage = stage
@@ -129,7 +127,7 @@ class StageRunner:
 
     async def publish(self, ticket: JobTicket, name: str, payload: Any) -> Handoff:
         """Put the payload where the next stage reads it, and keep a copy for a takeover."""
-        import ray
+        import ray  # noqa: PLC0415 - Ray only inside a replica
 
         ref = ray.put(payload)
         kept = True
@@ -144,11 +142,11 @@ class StageRunner:
 
     async def receive(self, handoff: Handoff) -> Any:
         """The payload: from the Ray object, or from the kept copy when there is none or it is gone."""
-        import ray
+        import ray  # noqa: PLC0415 - Ray only inside a replica
 
         if handoff.ref is not None:
             try:
-                return await handoff.ref
+                return await cast(Any, handoff.ref)  # a Ray ObjectRef
             except ray.exceptions.RayError as error:
                 logger.info("job %s: the %s object is gone (%s); reading the kept copy",
                             handoff.job_id, handoff.name, type(error).__name__)

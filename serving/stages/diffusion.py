@@ -37,9 +37,10 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ray import serve
 
@@ -47,7 +48,7 @@ from cluster.config import FaultConfig, JobsConfig, ModelConfig, StorageConfig
 from cluster.load import DiffusionLoad
 from cluster.startup_config import StageRuntime
 from serving import metrics
-from serving.device_errors import device_failure
+from serving.device_errors import DeviceFailure, device_failure
 from serving.devices import resolve_device, resolve_dtype
 from serving.engine.core import CheckpointReady, RequestFailed, RequestFinished, StepFinished
 from serving.errors import GenerationFailed, JobCancelled, StageDead, StageOutOfMemory
@@ -89,7 +90,7 @@ class _Request:
 
 
 class DiffusionStage:
-    def __init__(self, stage: str, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = (),
+    def __init__(self, stage: str, model: ModelConfig, jobs: JobsConfig, faults: Sequence[FaultConfig] = (),
                  storage: StorageConfig | None = None, runtime: StageRuntime | None = None):
         family = get_family(model.family)
         register_stored_types(family)
@@ -124,7 +125,7 @@ class DiffusionStage:
         self._step_seconds = 0.0  # the last engine step's wall time (every request in it took that long)
         self._stop_requests: set[str] = set()  # abort these before the next step (checkpointing first if asked)
         self._wake = threading.Condition()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set when the first request comes
         self._thread: threading.Thread | None = None
         self._replica = _replica_id()
         self._latent_tokens = model.latent_tokens
@@ -270,7 +271,7 @@ class DiffusionStage:
             failed = list(self._engine.active_requests)
             for engine_id in failed:
                 self._engine.abort(engine_id)  # so it does not run (and fail) again
-            events = [_EngineFailure(engine_id, error) for engine_id in failed]
+            events = [_EngineFailure(engine_id, error) for engine_id in failed]  # type: ignore[misc]  # handled as RequestFailed
         self._step_seconds = time.perf_counter() - started
         if self._lost_in(events):
             return
@@ -302,7 +303,7 @@ class DiffusionStage:
         broken = next((e.error for e in failed if device_failure(e.error) is not None), None)
         if broken is None:
             return False
-        code = device_failure(broken)
+        code = cast(DeviceFailure, device_failure(broken))  # not None: that is how broken was chosen
         health = self._runner.health
         health.lose(f"{type(broken).__name__}: {str(broken)[:200]}", code)
         # The batch that raised it first shares that very error object; later batches of the step, on a broken
@@ -344,8 +345,8 @@ class DiffusionStage:
         elif isinstance(event, RequestFinished):
             self._resolve(engine_id, result=event.output)
         elif isinstance(event, (RequestFailed, _EngineFailure)):
-            error = event.error
-            self._resolve(engine_id, error=StageOutOfMemory(self._name) if is_out_of_memory(error) else error)
+            failure = event.error
+            self._resolve(engine_id, error=StageOutOfMemory(self._name) if is_out_of_memory(failure) else failure)
 
     def _resolve(self, engine_id: str, result=None, error: BaseException | None = None) -> None:
         request = self._requests.pop(engine_id, None)
@@ -372,6 +373,7 @@ class DiffusionStage:
             self._runner.ledger.started(request.entry)
             request.entry.started = request.first_step_at or request.entry.started
         progress = self._marks.within(self._name, finished, total)
+        assert request.writer is not None  # a request in the engine has its writer
         request.writer.note(step=finished, total_steps=total, progress=progress)
         metrics.job_progressed(self._model)
 

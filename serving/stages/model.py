@@ -13,6 +13,7 @@ then the component's warm-up; Serve routes nothing to the replica before it retu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from cluster.config import FaultConfig, JobsConfig, ModelConfig, StorageConfig
@@ -29,7 +30,7 @@ __all__ = ["ModelStage"]
 
 
 class ModelStage:
-    def __init__(self, stage: str, model: ModelConfig, jobs: JobsConfig, faults: list[FaultConfig] = (),
+    def __init__(self, stage: str, model: ModelConfig, jobs: JobsConfig, faults: Sequence[FaultConfig] = (),
                  storage: StorageConfig | None = None, runtime: StageRuntime | None = None):
         family = get_family(model.family)
         self._spec = family.stage(stage)
@@ -82,4 +83,5 @@ class ModelStage:
         self._runner.health.check()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
+        assert self._runner.load is not None  # a StageRunner tracks load unless told not to
         return self._runner.load.report()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from cluster.config import FaultConfig, JobsConfig, StorageConfig
@@ -34,7 +35,7 @@ class StaleAttempt(GenerationFailed):
 
 
 class MuxerStage:
-    def __init__(self, jobs: JobsConfig, faults: list[FaultConfig] = (), model_name: str = "unknown",
+    def __init__(self, jobs: JobsConfig, faults: Sequence[FaultConfig] = (), model_name: str = "unknown",
                  storage: StorageConfig | None = None):
         self._runner = StageRunner("muxer", jobs, faults, model_name, storage)
         self._store = open_store(jobs.backend, sqlite_path=jobs.sqlite_path, redis_url=jobs.redis_url)
@@ -84,4 +85,5 @@ class MuxerStage:
         return placement(None)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
+        assert self._runner.load is not None  # a StageRunner tracks load unless told not to
         return self._runner.load.report()

@@ -92,7 +92,7 @@ class Codec:
         Nested dataclasses must be registered first. Returns ``cls`` (usable as a decorator).
         """
         name = name or cls.__name__
-        if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
+        if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
             raise TypeError(f"{cls.__qualname__} is not a frozen dataclass")
         if self._names.get(cls) == name:
             return cls

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 __all__ = [
     "AREAS",
@@ -177,11 +177,12 @@ def parse_key(key: object) -> ParsedKey:
     match = re.fullmatch(_KEY, key) if isinstance(key, str) else None
     if match is None:
         raise ValueError(f"not an object key of the layout: {_shown(key)}")
+    text = cast(str, key)  # it matched: a str
     if match["area"]:
-        return ParsedKey(key, "inputs", match["job"], None, match["name"])
+        return ParsedKey(text, "inputs", match["job"], None, match["name"])
     if match["area_r"]:
-        return ParsedKey(key, "results", match["job_r"], int(match["attempt_r"]), match["name_r"])
-    return ParsedKey(key, "artifacts", match["job_a"], int(match["attempt_a"]), match["name_a"])
+        return ParsedKey(text, "results", match["job_r"], int(match["attempt_r"]), match["name_r"])
+    return ParsedKey(text, "artifacts", match["job_a"], int(match["attempt_a"]), match["name_a"])
 
 
 def check_prefix(prefix: object) -> str:

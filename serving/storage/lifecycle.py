@@ -28,7 +28,11 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
+from typing import Any, Literal, cast
 from urllib.parse import urlparse
+
+import botocore.exceptions
+import botocore.session
 
 from serving.storage.errors import StorageError, StorageUnavailable
 from serving.storage.keys import (
@@ -64,7 +68,7 @@ def _days(ttl_s: float) -> int:
     return max(1, math.ceil(ttl_s / _DAY_S))
 
 
-def _rules(storage: Storage, ttl_by_area: Mapping[Area, float]) -> dict[str, str]:
+def _rules(storage: Storage, ttl_by_area: Mapping[Area, float]) -> dict[Area, str]:
     """Rule id -> full key prefix in the bucket (the store's own prefix included)."""
     base = urlparse(storage.url).path.strip("/")
     return {area: f"{base}/{area_prefix(area)}" if base else area_prefix(area) for area in ttl_by_area}
@@ -80,14 +84,12 @@ def install_expiration_rules(storage: Storage, ttl_by_area: Mapping[Area, float]
     """
     if storage.backend != "s3":
         return False
-    import botocore.exceptions
-    import botocore.session
 
     bucket = urlparse(storage.url).netloc
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     client = botocore.session.get_session().create_client("s3", endpoint_url=storage.endpoint_url, region_name=region)
     # One rule per prefix, named after it: stores in one bucket under different prefixes keep each other's rules.
-    ours = [
+    ours: list[dict[str, Any]] = [
         {
             "ID": f"{RULE_ID_PREFIX}{area}@{prefix}",
             "Filter": {"Prefix": prefix},
@@ -177,8 +179,9 @@ def delete_job(storage: Storage, job_id: str) -> int:
 def delete_other_attempts(storage: Storage, job_id: str, accepted_attempt: int) -> int:
     """Delete results and artifacts of every attempt of the job but ``accepted_attempt``; returns how many."""
     removed = 0
-    for area in ("results", "artifacts"):
-        attempts = {parse_key(info.key).attempt for info in storage.list(job_prefix(area, job_id))}
+    areas: tuple[Literal["results", "artifacts"], ...] = ("results", "artifacts")
+    for area in areas:
+        attempts = {cast(int, parse_key(info.key).attempt) for info in storage.list(job_prefix(area, job_id))}
         for attempt in attempts - {accepted_attempt}:
             removed += storage.delete_prefix(attempt_prefix(area, job_id, attempt))
     return removed

@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from obstore.store import GCSStore, LocalStore, MemoryStore, S3Store
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, RetryConfig, S3Config
 
 from serving.storage.redis_store import open_redis_storage
 from serving.storage.store import Storage
@@ -45,19 +49,19 @@ def open_storage(
     if scheme in ("redis", "rediss"):
         return open_redis_storage(url, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
     if scheme in ("s3", "gs"):
-        client = {
+        client: ClientConfig = {
             "connect_timeout": timedelta(seconds=connect_timeout_s),
             "read_timeout": timedelta(seconds=read_timeout_s),
             "timeout": timedelta(seconds=request_timeout_s),
         }
-        retry = {
+        retry: RetryConfig = {
             "max_retries": max_retries,
             "retry_timeout": timedelta(seconds=retry_timeout_s),
             "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2), "base": 2},
         }
         if scheme == "gs":
             return Storage(GCSStore.from_url(url, client_options=client, retry_config=retry), "gcs", url)
-        config = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+        config: S3Config = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
         if s3_endpoint_url:
             config["endpoint"] = s3_endpoint_url
             client["allow_http"] = s3_endpoint_url.startswith("http://")

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+import redis
+
 from serving.storage.errors import StorageError, StorageFull, StorageUnavailable
 from serving.storage.keys import check_prefix, parse_key
 from serving.storage.store import (
@@ -144,8 +146,6 @@ class RedisStorage(Storage):
 
     @contextmanager
     def _redis_errors(self, operation: str, key: str):
-        import redis
-
         where = f"{operation} {key!r} on the redis store"
         try:
             yield
@@ -159,8 +159,6 @@ class RedisStorage(Storage):
 
 def open_redis_storage(url: str, *, connect_timeout_s: float = 5.0, read_timeout_s: float = 20.0) -> RedisStorage:
     """A ``RedisStorage`` on the Redis at ``url`` (``redis://host:port/db``), e.g. the job store's."""
-    import redis
-
     client = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=read_timeout_s,
                                   **redis_auth_options(url))
     parsed = urlparse(url)

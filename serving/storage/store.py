@@ -36,9 +36,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import obstore
+
+if TYPE_CHECKING:
+    from obstore import ObjectMeta
 
 from serving.storage.errors import (
     SigningNotSupported,
@@ -300,7 +303,7 @@ class Storage:
 
     def _put_options(self, key: str, upload: _Upload) -> dict:
         if upload.whole:
-            options = {"chunk_size": _SINGLE_PUT_UP_TO}
+            options: dict[str, Any] = {"chunk_size": _SINGLE_PUT_UP_TO}
         else:
             options = {"chunk_size": _STREAMED_PART, "max_concurrency": 4}
         if self.backend != "local":  # a file has no content type (obstore refuses attributes there)
@@ -353,11 +356,12 @@ class _Upload:
     def __init__(self, data: Data):
         self.size = 0
         self.whole = True
+        self.body: Any  # a Path, a byte view, or an iterator of chunks
         if isinstance(data, Path):
             self.body, self.size = data, data.stat().st_size
             return
         try:
-            view = memoryview(data)
+            view = memoryview(data)  # type: ignore[arg-type]  # an iterable of buffers raises TypeError here
         except TypeError:  # not a buffer: an iterable of buffers
             self.body, self.whole = self._counted(data), False
             return
@@ -378,11 +382,11 @@ def _pieces(chunk, size: int) -> Iterator[bytes]:
         yield bytes(view[start : start + size])
 
 
-def _info(meta: dict) -> ObjectInfo:
+def _info(meta: ObjectMeta) -> ObjectInfo:
     return ObjectInfo(key=meta["path"], size=int(meta["size"]), modified_at=meta["last_modified"].timestamp())
 
 
-def _ours(chunk: Iterable[dict]) -> Iterator[ObjectInfo]:
+def _ours(chunk: Iterable[ObjectMeta]) -> Iterator[ObjectInfo]:
     """The listed objects whose keys are of the layout; anything else in the store is left alone."""
     for meta in chunk:
         try:

@@ -94,9 +94,9 @@ def estimate_queue(
     duration = service_s if callable(service_s) else (lambda job: service_s)
     counts: dict[str, int] = defaultdict(int)
     ends: list[tuple[float, str]] = []
-    for job in running:
-        counts[job.tenant] += 1
-        heapq.heappush(ends, (max(now, job.expected_end_at), job.tenant))
+    for run in running:
+        counts[run.tenant] += 1
+        heapq.heappush(ends, (max(now, run.expected_end_at), run.tenant))
     states = {name: _with_running(tenants.get(name, TenantState()), counts.get(name, 0))
               for name in set(tenants) | set(counts)}
     queue = _FairQueue(queued, states)

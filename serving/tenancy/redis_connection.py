@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 from urllib.parse import urlsplit
 
+import redis
+
 from cluster.auth_config import redis_password
 from serving.errors import StoreUnavailable
 
@@ -28,8 +30,6 @@ def redis_auth_options(url: str) -> dict:
 
 def connect_redis(url: str | None, *, field: str = "jobs.redis_url"):
     """A ``redis.Redis`` client (decoded responses) for ``url``, authenticated from the environment when needed."""
-    import redis
-
     if not url:
         raise ValueError(f"{field}: required for the redis backend (e.g. redis://localhost:6380/0)")
     return redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2,
@@ -41,8 +41,6 @@ def unavailable_on_redis_errors(method):
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
-        import redis
-
         try:
             return method(*args, **kwargs)
         except redis.RedisError as error:  # unreachable, wrong password, read-only after a failover, out of memory

@@ -36,7 +36,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from cluster.auth_config import CallbacksConfig
@@ -205,7 +205,7 @@ def _parse(url: str) -> _Url | None:
     path = parts.path or "/"
     if any(unquote(segment) in (".", "..") for segment in path.split("/")) or "%2f" in path.lower():
         return None
-    return _Url(parts.scheme, parts.hostname.rstrip(".").lower(), port, path)
+    return _Url(parts.scheme, parts.hostname.rstrip(".").lower(), cast(int, port), path)  # the scheme gave one
 
 
 def _within(target: _Url, prefix: _Url | None) -> bool:
@@ -235,7 +235,7 @@ def is_public_address(address: str) -> bool:
 
 async def resolve_addresses(host: str, port: int) -> list[str]:
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def pinned_url(url: str, address: str) -> tuple[str, dict[str, str], dict[str, Any]]:
@@ -298,7 +298,7 @@ async def deliver_webhook(
     at most ``max_elapsed_s + timeout_s``. ``client`` may be a shared ``httpx.AsyncClient`` (it must
     not follow redirects); otherwise one is made for this delivery.
     """
-    import httpx
+    import httpx  # noqa: PLC0415 - httpx is not a declared dependency; only this client needs it
 
     body = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
     started, attempts = clock(), 0
@@ -337,10 +337,12 @@ async def _attempt(client, url: str, body: bytes, signer: WebhookSigner, config:
     except InvalidRequest as error:
         return _Attempt(error=f"refused before sending: callback_url {error.message}", final=True, sent=False)
     try:
-        target, headers, extensions = url, {}, {}
+        headers: dict = {}
+        extensions: dict = {}
+        target = url
         if config.refuse_private_addresses:
             parts = urlsplit(url)
-            addresses = await resolve_addresses(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+            addresses = await resolve_addresses(cast(str, parts.hostname), parts.port or (443 if parts.scheme == "https" else 80))
             if not addresses or not all(is_public_address(a) for a in addresses):
                 return _Attempt(error="refused before sending: callback_url resolves to a non-public address",
                                 final=True, sent=False)

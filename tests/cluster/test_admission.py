@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.admission import AdmissionLimits, JobLoad, StepRate, admit, backlog_token_steps, estimated_queue_wait_s
+from cluster.config import ReelserveConfig, load_config
 from serving.families.ltx2.config import LTX2ModelConfig
 
 RATE = 3.5e-4
@@ -57,8 +58,6 @@ def test_the_step_rate_moves_from_the_prior_to_what_finished_jobs_measured():
 
 
 def test_the_default_bound_admits_a_full_default_queue_on_the_8x_h100_profile():
-    from cluster.config import load_config
-
     config = load_config("cluster/profiles/8x-h100.yaml")
     jobs = [JobLoad(BIG, 30)] * config.jobs.max_active_jobs  # 64 default jobs queued
     answer = admit(backlog_token_steps(jobs), config.model.seconds_per_token_step,
@@ -77,8 +76,6 @@ def _admit(config, jobs: list[JobLoad], rate: StepRate):
 
 
 def test_admission_reads_the_bound_replicas_and_retry_floor_from_the_config():
-    from cluster.config import ReelserveConfig
-
     config = ReelserveConfig(
         stages={"diffusion": {"num_replicas": None, "max_replicas": 2}},
         jobs={"retry_after_s": 30, "max_queue_wait_s": 300},

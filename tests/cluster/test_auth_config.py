@@ -6,7 +6,7 @@ import hashlib
 import json
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cluster.auth_config import (
     AuthConfig,
@@ -73,8 +73,6 @@ def test_a_plain_key_pasted_as_a_hash_is_never_echoed():
 
 
 def test_a_config_containing_auth_must_hide_inputs_too():
-    from pydantic import BaseModel, ConfigDict
-
     class Leaky(BaseModel):
         auth: AuthConfig | None = None
 

@@ -19,7 +19,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from cluster.config import ReelserveConfig
 from cluster.k8s import GPU_PRODUCTS, RenderError, render
+from cluster.placement import drain_seconds
+from cluster.plan import make_plan
 from serving.cli import main
 from serving.ingress.body_limits import DEFAULT_MAX_BODY_BYTES
 
@@ -121,11 +124,10 @@ def test_the_pod_templates_validate_as_core_pods(profile, rendered):
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_serve_config_validates_with_rays_schema_and_its_apps_build(profile, rendered):
-    from ray.serve._private.build_app import build_app as build_deployments
-    from ray.serve.schema import ServeDeploySchema
+    from ray.serve._private.build_app import build_app as build_deployments  # noqa: PLC0415 - keeps collection of `make check` fast
+    from ray.serve.schema import ServeDeploySchema  # noqa: PLC0415 - keeps collection of `make check` fast
 
-    from cluster.config import ReelserveConfig
-    from graphs import build_app, build_stage_app
+    from graphs import build_app, build_stage_app  # noqa: PLC0415 - keeps collection of `make check` fast
 
     serve_config = ServeDeploySchema.model_validate(yaml.safe_load(_rayservice(rendered[profile])["spec"]["serveConfigV2"]))
     assert serve_config.grpc_options.grpc_servicer_functions == [
@@ -157,10 +159,6 @@ def test_serve_config_validates_with_rays_schema_and_its_apps_build(profile, ren
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_worker_pods_keep_the_drain_and_budgets_keep_the_minimum_replicas(profile, rendered):
-    from cluster.config import ReelserveConfig
-    from cluster.placement import drain_seconds
-    from cluster.plan import make_plan
-
     config = ReelserveConfig.model_validate(yaml.safe_load((REPO / _source(profile)).read_text()))
     groups = _rayservice(rendered[profile])["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     longest = drain_seconds("diffusion", config)

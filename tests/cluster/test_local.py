@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.config import all_stage_names
+from cluster.local import _stop_head_processes, head_processes
+from cluster.observability import build_dashboard, dashboard_queries
+from serving.loadtest.sampler import canonical_name
 from serving.metrics import METRICS
 from tests.helpers import free_port
+from tests.prometheus import OBSERVABILITY, promtool, start_prometheus, substitute_dashboard_variables
 
 pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
 
@@ -166,8 +176,6 @@ LOAD_MIX = """
 
 @pytest.fixture(scope="module")
 def prometheus(cluster, tmp_path_factory):
-    from tests.prometheus import start_prometheus
-
     server = start_prometheus(tmp_path_factory.mktemp("prometheus"), targets=[cluster["metrics_target"]])
     yield server
     server.stop()
@@ -184,7 +192,6 @@ def loadtest(cluster, prometheus, tmp_path_factory):
          "--slo-seconds", "30", "--metrics-url", cluster["metrics"], "--sample-interval", "1", "--out", str(out)],
         cluster["env"], timeout=480,
     )
-    import time
 
     time.sleep(4)  # two Ray export intervals and a few scrapes after the last job
     return {"result": result, "out": out}
@@ -216,18 +223,12 @@ def test_loadtest_accounts_for_every_job_and_writes_the_report_and_plots(loadtes
 
 
 def _scrape(cluster) -> str:
-    import urllib.request
-
     with urllib.request.urlopen(cluster["metrics"], timeout=10) as response:
         return response.read().decode()
 
 
 def _families(text: str) -> dict:
     """Our metric families by their reelserve_* name (Ray exports them as ray_reelserve_*)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from serving.loadtest.sampler import canonical_name
-
     families = {}
     for family in text_string_to_metric_families(text):
         name = canonical_name(family.name)
@@ -265,10 +266,6 @@ def test_every_wired_metric_is_exported_with_its_type_and_counts_for_each_stage(
 
 
 def test_promtool_finds_no_problem_in_our_scraped_metrics(cluster, loadtest):
-    import re
-
-    from tests.prometheus import promtool
-
     ours, keep = [], False
     for line in _scrape(cluster).splitlines():
         if line.startswith(("# HELP ", "# TYPE ")):
@@ -287,12 +284,6 @@ def test_promtool_finds_no_problem_in_our_scraped_metrics(cluster, loadtest):
 
 
 def test_prometheus_scrapes_the_cluster_and_every_query_is_valid(cluster, loadtest, prometheus):
-    import yaml
-
-    from cluster.config import all_stage_names
-    from cluster.observability import build_dashboard, dashboard_queries
-    from tests.prometheus import OBSERVABILITY, substitute_dashboard_variables
-
     assert [t["scrapeUrl"] for t in prometheus.targets_up()] == [cluster["metrics"]]
     # the relabeling gives our metrics their names back
     stored = prometheus.query('sum by (stage) (reelserve_stage_requests_total{status="ok"})')["data"]["result"]
@@ -325,10 +316,6 @@ def test_prometheus_scrapes_the_cluster_and_every_query_is_valid(cluster, loadte
 
 def test_down_stops_every_process_up_started(cluster, loadtest):
     """Ray's client server (port 10001) included: it is nobody's child once `ray start` exited."""
-    import time
-
-    from cluster.local import head_processes
-
     running = head_processes(cluster["gcs_port"])
     titles = [" ".join(p.cmdline()) for p in running]
     assert any("ray.util.client.server" in title for title in titles), titles
@@ -343,18 +330,12 @@ def test_down_stops_every_process_up_started(cluster, loadtest):
 
 def test_down_stops_only_the_processes_of_its_own_head(tmp_path):
     """`reelserve down` must not end other Ray clusters on the machine (as `ray stop` would)."""
-    import time
-
-    from cluster.local import _stop_head_processes
-
     ours_port, theirs_port = free_port(), free_port()
     # A stand-in for a raylet of each cluster, each with a child (a worker renamed ray::..., found as a child).
     script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
     ours = subprocess.Popen([sys.executable, "-c", script, f"--gcs-address=10.0.0.1:{ours_port}"])
     theirs = subprocess.Popen([sys.executable, "-c", script, f"--gcs-address=10.0.0.1:{theirs_port}"])
     try:
-        import psutil
-
         deadline = time.monotonic() + 20
         while not (psutil.Process(ours.pid).children() and psutil.Process(theirs.pid).children()):
             assert time.monotonic() < deadline, "the stand-in processes did not start their children"

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cluster.config import ReelserveConfig, load_config
-from cluster.plan import format_plan, make_plan
+from cluster.plan import _first_fit, format_plan, make_plan, worst_first_fit
+from serving.families import get_family
 
 PROFILES = Path(__file__).resolve().parents[2] / "cluster" / "profiles"
 MB = 1e6
@@ -89,8 +91,6 @@ def test_a_rewriter_taking_more_than_its_share_is_refused():
 
 
 def test_shared_gpus_are_counted_for_every_start_order():
-    from cluster.plan import _first_fit, worst_first_fit
-
     shares = [0.4, 0.5, 0.6, 0.5]
     assert _first_fit(sorted(shares, reverse=True)) == 2  # largest first: 0.6 + 0.4, 0.5 + 0.5
     assert _first_fit([0.4, 0.5, 0.6, 0.5]) == 3  # Ray, in this start order: 0.4 + 0.5, then 0.6, then 0.5
@@ -145,8 +145,6 @@ def test_the_plan_prints_the_expected_load_time_from_the_weight_bytes():
 
 
 def test_the_cli_prints_the_plan_and_exits_2_naming_the_field(tmp_path):
-    import yaml
-
     good = subprocess.run(
         [sys.executable, "-m", "serving.cli", "plan", "--config", str(PROFILES / "1x-h100.yaml")],
         capture_output=True, text=True, timeout=120,
@@ -169,7 +167,7 @@ def test_the_cli_prints_the_plan_and_exits_2_naming_the_field(tmp_path):
 
 def test_real_size_hand_offs_stay_under_40_mb_per_job():
     """1280x704 x 121 frames with the published LTX-2 19B configs (no checkpoint here: the reference sizes)."""
-    from serving.families.ltx2.sizing import checkpoint_source, handoff_sizes
+    from serving.families.ltx2.sizing import checkpoint_source, handoff_sizes  # noqa: PLC0415 - keeps collection of `make check` fast
 
     config = load_config(str(PROFILES / "1x-h100.yaml"))
     assert checkpoint_source(config.model) == "reference"
@@ -185,9 +183,9 @@ def test_real_size_hand_offs_stay_under_40_mb_per_job():
 
 def test_the_connectors_really_produce_those_shapes_at_real_size():
     """The real LTX2TextConnectors, built from the published config on the meta device (no weights)."""
-    import torch
+    import torch  # noqa: PLC0415 - keeps collection of `make check` fast
 
-    from serving.families.ltx2.reference import build_meta
+    from serving.families.ltx2.reference import build_meta  # noqa: PLC0415 - keeps collection of `make check` fast
 
     connectors = build_meta("connectors")
     hidden = torch.empty(1, 1024, 3840 * 49, device="meta", dtype=torch.bfloat16)
@@ -199,9 +197,8 @@ def test_the_connectors_really_produce_those_shapes_at_real_size():
 
 def test_sizes_match_what_the_tiny_stages_produce(tiny_config, tiny_checkpoint, sample_photo):
     """The sizing arithmetic against the stages' real hand-offs (tiny checkpoint, float32 on the CPU)."""
-    from serving.families import get_family
-    from serving.families.ltx2.sizing import handoff_sizes, stage_memory
-    from serving.protocol import RenderPlan
+    from serving.families.ltx2.sizing import handoff_sizes, stage_memory  # noqa: PLC0415 - keeps collection of `make check` fast
+    from serving.protocol import RenderPlan  # noqa: PLC0415 - keeps collection of `make check` fast
 
     family = get_family("ltx2")
     width, height, seconds, fps = 96, 64, 1.0, 24

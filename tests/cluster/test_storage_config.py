@@ -6,7 +6,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from cluster.config import ReelserveConfig
+from cluster.plan import format_plan, make_plan
 from cluster.storage_config import StorageConfig
+from serving.storage.opening import open_storage
 
 ISSUE_YAML = """
 storage:
@@ -62,8 +65,6 @@ def test_wrong_settings_are_refused(values):
 
 
 def test_the_options_open_a_store(tmp_path):
-    from serving.storage.opening import open_storage
-
     config = StorageConfig(results_url=str(tmp_path))
     storage = open_storage(config.results_url, **config.client_options())
     assert storage.backend == "local"
@@ -81,8 +82,6 @@ def test_stage_outputs_in_the_job_stores_redis():
 
 
 def test_the_older_job_settings_are_the_storage_defaults():
-    from cluster.config import ReelserveConfig
-
     config = ReelserveConfig.model_validate(
         {"jobs": {"backend": "redis", "redis_url": "redis://r:6380/1", "results_dir": "/shared/reelserve",
                   "artifacts": "redis"}}
@@ -96,9 +95,6 @@ def test_the_older_job_settings_are_the_storage_defaults():
 
 
 def test_plan_prints_where_things_are_stored():
-    from cluster.config import ReelserveConfig
-    from cluster.plan import format_plan, make_plan
-
     config = ReelserveConfig.model_validate({"storage": yaml.safe_load(ISSUE_YAML)["storage"]})
     printed = format_plan(make_plan(config))
     assert "storage: results: s3://videos/reelserve at http://127.0.0.1:9100, kept 604800 s, downloads signed-URL redirects" in printed

@@ -12,17 +12,26 @@ marker run normally.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
+import grpc
 import pytest
 
+from cluster.apps import deploy as deploy_applications
+from cluster.apps import serve_applications, stage_app_name
+from cluster.autoscaling import autoscaling_config
 from cluster.config import ReelserveConfig
+from cluster.local import GRPC_SERVICER
 from serving.families import get_family
 from serving.jobs.job_storage import JobStorage, register_stored_types
+from serving.jobs.redis_store import RedisJobStore
+from serving.proto import video_pb2, video_pb2_grpc
 from tests.helpers import free_port, wait_for_redis
 from tests.s3_server import CREDENTIALS, S3Server
 
@@ -180,10 +189,8 @@ def served(tiny_checkpoint, tmp_path_factory, aws_environment):
     Ray's token auth settings come from ``tests/conftest.py``; ``address="local"`` keeps the tests on a
     cluster of their own even when another one runs on the machine.
     """
-    import ray
-    from ray import serve
-
-    from cluster.local import GRPC_SERVICER
+    import ray  # noqa: PLC0415 - keeps collection of `make check` fast
+    from ray import serve  # noqa: PLC0415 - keeps collection of `make check` fast
 
     redis = DurableRedis(tmp_path_factory.mktemp("redis"))
     redis.start()
@@ -239,9 +246,6 @@ def diffusion_autoscaling(config: dict, **bounds) -> dict:
 
     The policy and its settings stay the same whatever the bounds (Serve reads the bounds from the config it is
     given), so changing them never rebuilds the app."""
-    from cluster.autoscaling import autoscaling_config
-    from cluster.config import ReelserveConfig
-
     return {**autoscaling_config("diffusion", ReelserveConfig.model_validate(config)), **bounds}
 
 
@@ -250,25 +254,16 @@ def deploy(config: dict, overrides: dict[str, dict] | None = None, timeout_s: fl
     config as ``args``, one application per stage with its own section, and per-deployment overrides (options by
     deployment name). Changing only overrides (replicas, resources of one deployment) updates just those
     deployments; a config change restarts only the applications whose args it changes."""
-    from cluster.apps import deploy as deploy_applications
-    from cluster.apps import serve_applications
-
     deploy_applications(serve_applications(config, overrides), timeout_s=timeout_s, wait=wait)
 
 
 def app_of(deployment: str) -> str:
     """The Serve application holding ``deployment`` (the front's two, or the stage's own)."""
-    from cluster.apps import stage_app_name
-
     return APP if deployment in ("ingress", "orchestrator") else stage_app_name(APP, deployment)
 
 
 def grpc_stub(address: str, tenant: str | None = "tests"):
     """A VideoService stub whose every call carries the tenant's key (None: no key), and its channel."""
-    import grpc
-
-    from serving.proto import video_pb2_grpc
-
     channel = grpc.insecure_channel(address)
     if tenant is not None:
         channel = grpc.intercept_channel(channel, _KeyInterceptor(KEYS[tenant]))
@@ -279,8 +274,6 @@ class _KeyInterceptor:
     """Adds ``authorization: Bearer <key>`` to every call's metadata (unary and streaming)."""
 
     def __init__(self, key: str):
-        import grpc
-
         self._metadata = (("authorization", f"Bearer {key}"),)
 
         class Details(grpc.ClientCallDetails):
@@ -301,8 +294,6 @@ class _KeyInterceptor:
 
 
 def _as_interceptor(cls):
-    import grpc
-
     return type(cls.__name__, (cls, grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor), {})
 
 
@@ -319,7 +310,7 @@ def stub(served):
 @pytest.fixture(scope="session")
 def http(served):
     """An HTTP client of the session app, calling as the tenant "tests"."""
-    import httpx
+    import httpx  # noqa: PLC0415 - keeps collection of `make check` fast
 
     with httpx.Client(base_url=served["http"], headers=bearer(), timeout=60) as client:
         yield client
@@ -327,15 +318,13 @@ def http(served):
 
 @pytest.fixture(scope="session")
 def openai_client(served):
-    from openai import OpenAI
+    from openai import OpenAI  # noqa: PLC0415 - keeps collection of `make check` fast
 
     return OpenAI(base_url=served["http"] + "/v1", api_key=KEYS["tests"], max_retries=0)
 
 
 @pytest.fixture(scope="session")
 def job_store(served):
-    from serving.jobs.redis_store import RedisJobStore
-
     store = RedisJobStore(served["redis_url"])
     yield store
     store.close()
@@ -344,9 +333,6 @@ def job_store(served):
 @pytest.fixture(scope="session")
 def figures():
     """Measurements the fault tests take (takeover delay, resume steps), written to out/reliability-figures.json."""
-    import json
-    from pathlib import Path
-
     measured: dict = {}
     yield measured
     if measured:
@@ -356,8 +342,6 @@ def figures():
 
 
 def wait_terminal(stub, job_id: str, timeout_s: float = 180):
-    from serving.proto import video_pb2
-
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         video = stub.GetVideo(video_pb2.GetVideoRequest(id=job_id))
@@ -378,7 +362,7 @@ def wait_until(predicate, timeout_s: float = 60, interval_s: float = 0.1, what: 
 
 
 def stage_stats(stage: str) -> dict:
-    from ray import serve
+    from ray import serve  # noqa: PLC0415 - keeps collection of `make check` fast
 
     return serve.get_deployment_handle(stage, app_of(stage)).stats.remote().result()
 

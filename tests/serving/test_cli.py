@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from serving.cli import main
+from serving.families.minimax_h3.tiny import build_tiny_minimax_h3
 from tests.conftest import REPO_ROOT, SAMPLE_PHOTO
+from tests.serving.families.minimax_h3.conftest import encode_image, encode_wav
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -86,7 +92,7 @@ def test_generate_text_to_video(tmp_path, cache_home, tiny_checkpoint, probe_mp4
 
 
 def test_generate_without_model_uses_tiny_checkpoint_in_user_cache(tmp_path, tmp_path_factory, probe_mp4):
-    from serving.families.ltx2.tiny import default_tiny_dir, is_complete_checkpoint
+    from serving.families.ltx2.tiny import default_tiny_dir, is_complete_checkpoint  # noqa: PLC0415 - keeps collection of `make check` fast
 
     cache = tmp_path_factory.mktemp("fresh-cache")
     out = tmp_path / "default.mp4"
@@ -107,10 +113,6 @@ def test_generate_without_model_uses_tiny_checkpoint_in_user_cache(tmp_path, tmp
 
 
 def test_make_tiny(tmp_path, cache_home, tiny_checkpoint):
-    import json
-
-    from safetensors.torch import load_file
-
     target = tmp_path / "made" / "tiny"
     result = _run(["make-tiny", target], cache_home)
     assert result.returncode == 0, result.stderr
@@ -234,8 +236,6 @@ def test_bad_input_exits_2_with_one_line(case, bad_input_results):
 
 @pytest.mark.parametrize("case", list(MORE_BAD_INPUT))
 def test_more_bad_input_exits_2_with_one_line(case, tmp_path, tiny_checkpoint, photo_files, capsys):
-    from serving.cli import main
-
     build, flag = MORE_BAD_INPUT[case]
     argv = ["generate", *map(str, build(_context(tmp_path, tiny_checkpoint, photo_files)))]
     capsys.readouterr()
@@ -261,11 +261,6 @@ def test_no_command_prints_help_and_exits_2(cache_home):
 
 def test_generate_with_references_and_a_last_frame_on_minimax_h3(tmp_path, cache_home, probe_mp4):
     """The H3 family in one process: references and keyframes from files, checked by the family first."""
-    import numpy as np
-
-    from serving.families.minimax_h3.tiny import build_tiny_minimax_h3
-    from tests.serving.families.minimax_h3.conftest import encode_image, encode_wav
-
     checkpoint = build_tiny_minimax_h3(tmp_path / "h3")
     image, audio = tmp_path / "ref.png", tmp_path / "ref.wav"
     image.write_bytes(encode_image(np.random.default_rng(1).integers(0, 255, (32, 64, 3), dtype=np.uint8)))

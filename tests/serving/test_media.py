@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.errors import InvalidRequest
+from serving.errors import GenerationFailed, InvalidRequest
 from serving.media import MAX_PHOTO_BYTES, fit_audio, load_photo, write_mp4
 from serving.protocol import VideoFrames, Waveform
 
@@ -185,8 +185,6 @@ def test_load_photo_applies_the_exif_orientation():
 
 
 def test_write_mp4_refuses_non_finite_audio_and_leaves_nothing_behind(tmp_path):
-    from serving.errors import GenerationFailed
-
     samples = np.zeros((2, 16000), dtype=np.float32)
     samples[0, 100] = np.nan
     out = tmp_path / "nan.mp4"

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from cluster.config import JobsConfig
 from serving import metrics
 from serving.metrics import METRICS, SECONDS_BUCKETS, MetricSpec, RecordingExporter
-from serving.protocol import JobTicket
+from serving.protocol import ImageCondition, JobTicket
 from serving.stages._base import LoadTimer, StageRunner
 
 
@@ -100,8 +101,6 @@ def test_resolution_buckets_follow_the_short_side(size, bucket):
 
 
 def test_handoff_bytes_count_tensors_arrays_and_bytes_inside_outputs():
-    from serving.protocol import ImageCondition
-
     condition = ImageCondition(latents=torch.zeros(1, 8, 1, 2, 2), width=64, height=64)
     assert metrics.handoff_nbytes(condition) == 8 * 4 * 4
     assert metrics.handoff_nbytes({"a": np.zeros(10, dtype=np.uint8), "b": [b"xyz", None]}) == 13
@@ -109,8 +108,6 @@ def test_handoff_bytes_count_tensors_arrays_and_bytes_inside_outputs():
 
 
 def _runner(stage: str, tmp_path, model: str = "unknown") -> StageRunner:
-    from cluster.config import JobsConfig
-
     return StageRunner(stage, JobsConfig(results_dir=str(tmp_path)), (), model)
 
 

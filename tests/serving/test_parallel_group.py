@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from serving.families.ltx2.passes import LoaderPasses, TinyTransformerLoader
+from serving.families.ltx2.reference import random_transformer_inputs
 from serving.parallel_group import ShardedTransformerGroup, replica_placement
 
 
@@ -30,8 +31,6 @@ def test_a_group_without_bundles_is_refused():
 
 
 def test_a_group_of_one_runs_the_pass_in_this_process():
-    from serving.families.ltx2.reference import random_transformer_inputs
-
     group = ShardedTransformerGroup.start(LoaderPasses(TinyTransformerLoader()), degree=1, dtype=torch.float32)
     assert group.degree == 1 and group.alive() and group.placements() == []
     inputs = random_transformer_inputs(group.transformer.config, 64, 64, 9, text_tokens=8, dtype=torch.float32, seed=1,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -71,7 +72,6 @@ def test_a_broken_device_loses_the_replica_and_out_of_memory_does_not(tmp_path, 
             runner.health.check()
 
     asyncio.run(scenario())
-    import time
 
     time.sleep(0.1)
     assert len(ended) == 1  # the process would end now (once)

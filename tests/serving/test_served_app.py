@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import random
 import time
 from urllib.parse import quote
 
@@ -18,6 +19,7 @@ import pytest
 import redis
 
 from serving.jobs.record import JobRecord, new_job_id
+from serving.jobs.redis_store import RedisJobStore
 from serving.proto import video_pb2
 from serving.protocol import JobStatus
 from tests.serving.conftest import (
@@ -207,8 +209,6 @@ def test_http_delete_cancels_a_running_job_and_removes_it(served, stub):
     assert response.status_code == 200
     assert response.json() == {"id": created.id, "object": "video.deleted", "deleted": True}
     assert _http.get(f"{served['http']}/v1/videos/{created.id}").status_code == 404
-
-    from serving.jobs.redis_store import RedisJobStore
 
     store = RedisJobStore(served["redis_url"])
     deadline = time.time() + 30
@@ -438,7 +438,7 @@ def test_a_path_or_key_forged_into_a_record_is_refused(served, stub, job_store, 
 
 def test_a_job_runs_on_while_the_ingress_replica_is_killed(served, stub, job_store):
     """The ingress only records jobs: losing it loses nothing, and no orchestrator has to take the job over."""
-    import ray
+    import ray  # noqa: PLC0415 - keeps collection of `make check` fast
 
     created = stub.CreateVideo(video_pb2.CreateVideoRequest(prompt=f"a lighthouse at dusk {SLOW}", **SMALL))
     wait_until(lambda: job_store.get(created.id).owner, what="an orchestrator claiming the job")
@@ -493,9 +493,6 @@ def test_malformed_json_fields_are_a_400_naming_the_field(served, body, field):
 
 def test_no_request_shape_reaches_a_5xx(served):
     """Random bodies, content types and query strings: every answer is below 500."""
-    import json
-    import random
-
     rng = random.Random(20261122)
     base = served["http"] + "/v1/videos"
     values = [None, True, -1, 0, 2**70, 1e308, float("nan"), "", "x" * 5000, "64x64", "1", [], {}, [1, "a"],
@@ -528,7 +525,7 @@ def test_replicas_get_the_resources_and_devices_the_config_names(served):
     """Asked of the running replicas, not of the options: a GPU share, a GB budget turned into a share of the
     named accelerator, and stages without a reservation that see no GPU (and compute on the CPU) although the
     node has GPUs."""
-    from ray import serve
+    from ray import serve  # noqa: PLC0415 - keeps collection of `make check` fast
 
     def where(stage: str) -> dict:
         return serve.get_deployment_handle(stage, app_of(stage)).placement.remote().result()

@@ -20,7 +20,10 @@ import numpy as np
 import pytest
 import ray
 
+from cluster.config import ReelserveConfig
+from serving.families import get_family
 from serving.proto import video_pb2
+from serving.protocol import RenderPlan
 from tests.serving.conftest import (
     LONG,
     SLOW,
@@ -81,8 +84,6 @@ def _create(stub, prompt: str, **fields) -> video_pb2.Video:
 
 
 def _replica_actors(deployment: str) -> list:
-    import ray
-
     return [a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
 
 
@@ -91,8 +92,6 @@ def _live_diffusion(job_store) -> list:
 
 
 def _kill(actor: dict) -> None:
-    import ray
-
     ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
 
 
@@ -172,10 +171,6 @@ def test_a_diffusion_replica_killed_mid_denoise_resumes_from_its_checkpoint(serv
 
 def _uninterrupted_latents(served, tiny_checkpoint, prompt: str, seed: int) -> np.ndarray:
     """The same job run in this process from start to end, with the served model settings."""
-    from cluster.config import ReelserveConfig
-    from serving.families import get_family
-    from serving.protocol import RenderPlan
-
     config = ReelserveConfig.model_validate(served["config"])
     model = config.stage_model("diffusion")
     family = get_family(model.family)
@@ -447,7 +442,7 @@ def test_the_orchestrators_redeployed_mid_job_hand_the_job_over(served, stub, jo
 
 
 def test_scaling_diffusion_down_while_both_replicas_run_jobs(served, stub, job_store):
-    from ray import serve
+    from ray import serve  # noqa: PLC0415 - keeps collection of `make check` fast
 
     jobs = [_create(stub, f"a field of sunflowers {SLOW}", seed=seed) for seed in (1, 2)]
     wait_until(lambda: all(job_store.get(j.id).step >= 1 for j in jobs), what="both jobs denoising")
@@ -474,7 +469,7 @@ def test_a_burst_scales_diffusion_up_and_back_and_the_removed_replica_finishes_i
     down delay; Serve stops the newest replica, the one running D, which drains: D completes there. B lasts
     long enough that D, started after it, still runs a down delay after A ends.
     """
-    from ray import serve
+    from ray import serve  # noqa: PLC0415 - keeps collection of `make check` fast
 
     _override(served, "diffusion", autoscaling_config=diffusion_autoscaling(served["config"], min_replicas=1,
                                                                              max_replicas=2))
@@ -513,8 +508,6 @@ def test_a_burst_scales_diffusion_up_and_back_and_the_removed_replica_finishes_i
 
 def _ran_on(job_id: str) -> str:
     """The diffusion replica that denoised the job, from the replicas' own logs (Serve names them by replica)."""
-    import ray
-
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
     hosts = [f.stem.rsplit("_", 1)[-1] for f in logs.glob("replica_*_diffusion_*.log")
              if f"job {job_id} denoised" in f.read_text(errors="ignore")]

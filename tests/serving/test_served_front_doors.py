@@ -3,6 +3,7 @@ video and its last frame, `GET /v1/models`, the openai SDK's `extra_body` fields
 
 from __future__ import annotations
 
+import base64
 import io
 import time
 
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from serving.proto import video_pb2
-from tests.serving.conftest import bearer
+from tests.serving.conftest import bearer, grpc_stub
 
 pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
 
@@ -30,8 +31,6 @@ def _wait_task(http, task_id: str, timeout_s: float = 180) -> dict:
 
 
 def test_seedance_task_runs_to_succeeded_with_its_video_and_last_frame(http, photos, probe_mp4, tmp_path):
-    import base64
-
     photo = "data:image/jpeg;base64," + base64.b64encode(photos.jpeg).decode()
     created = http.post(TASKS, json={
         "model": "ltx-2-tiny",
@@ -91,8 +90,6 @@ def test_openai_sdk_extra_body_steps_and_frames(openai_client, job_store):
 
 
 def test_grpc_refuses_what_ltx2_does_not_take(served):
-    from tests.serving.conftest import grpc_stub
-
     stub, channel = grpc_stub(served["grpc"])
     try:
         with pytest.raises(grpc.RpcError) as refused:

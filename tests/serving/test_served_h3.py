@@ -11,13 +11,24 @@ have to name theirs.
 from __future__ import annotations
 
 import base64
+import json
+import os
+import subprocess
+import sys
 import time
 
 import httpx
 import numpy as np
 import pytest
+import torch
 
+from cluster.apps import deploy, serve_applications
+from cluster.config import ReelserveConfig
+from serving.families import get_family
+from serving.jobs.job_storage import JobStorage, register_stored_types
+from tests.conftest import REPO_ROOT
 from tests.serving.conftest import BUCKET, KEYS, bearer, wait_until
+from tests.serving.families.minimax_h3.conftest import encode_image, encode_mp4, encode_wav
 
 pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
 
@@ -40,8 +51,7 @@ def data_url(data: bytes, kind: str) -> str:
 @pytest.fixture(scope="module")
 def h3_served(served, tmp_path_factory):
     """The H3 applications deployed beside the session's LTX-2 ones; removed again at the end."""
-    from cluster.apps import deploy, serve_applications
-    from serving.families.minimax_h3.tiny import build_tiny_minimax_h3
+    from serving.families.minimax_h3.tiny import build_tiny_minimax_h3  # noqa: PLC0415 - keeps collection of `make check` fast
 
     checkpoint = build_tiny_minimax_h3(tmp_path_factory.mktemp("h3-served"))
     base = served["config"]
@@ -83,10 +93,6 @@ def h3_http(h3_served):
 
 @pytest.fixture(scope="module")
 def h3_storage(h3_served):
-    from cluster.config import ReelserveConfig
-    from serving.families import get_family
-    from serving.jobs.job_storage import JobStorage, register_stored_types
-
     config = ReelserveConfig.model_validate(h3_served["config"])
     register_stored_types(get_family("minimax_h3"))
     return JobStorage(config.storage, config.jobs.redis_url)
@@ -94,8 +100,6 @@ def h3_storage(h3_served):
 
 @pytest.fixture(scope="module")
 def h3_media():
-    from tests.serving.families.minimax_h3.conftest import encode_image, encode_mp4, encode_wav
-
     rng = np.random.default_rng(3)
     return {"image": encode_image(rng.integers(0, 255, (32, 64, 3), dtype=np.uint8)),
             "last": encode_image(rng.integers(0, 255, (32, 64, 3), dtype=np.uint8)),
@@ -125,14 +129,13 @@ def _workflow_bodies(media) -> dict[str, dict]:
 
 def _diffusers_audio(checkpoint, workflow: str, media, tmp_path) -> np.ndarray:
     """diffusers' own MiniMax-H3 pipeline on the same checkpoint, seed and inputs: its soundtrack."""
-    import torch
-    from diffusers import ModularPipeline
-    from diffusers.modular_pipelines.minimax_h3 import (
+    from diffusers import ModularPipeline  # noqa: PLC0415 - keeps collection of `make check` fast
+    from diffusers.modular_pipelines.minimax_h3 import (  # noqa: PLC0415 - keeps collection of `make check` fast
         MiniMaxH3AudioReference,
         MiniMaxH3ImageReference,
         MiniMaxH3VideoReference,
     )
-    from diffusers.utils import load_image
+    from diffusers.utils import load_image  # noqa: PLC0415 - keeps collection of `make check` fast
 
     files = {}
     for name, suffix in (("image", "png"), ("last", "png"), ("video", "mp4"), ("audio", "wav")):
@@ -196,7 +199,7 @@ def test_limits_answer_400_before_any_work_and_models_say_what_h3_takes(h3_http,
 
 
 def test_seedance_route_and_openai_sdk_drive_h3(h3_served, h3_http, h3_media):
-    from openai import OpenAI
+    from openai import OpenAI  # noqa: PLC0415 - keeps collection of `make check` fast
 
     task = h3_http.post("/api/v3/contents/generations/tasks", json={
         "model": "minimax-h3-tiny",
@@ -245,13 +248,6 @@ def test_a_diffusion_replica_killed_mid_denoise_resumes_and_cancel_and_oom_name_
 
 def test_loadtest_drives_h3_with_a_reference_mix(h3_served, h3_media, tmp_path):
     """`reelserve loadtest --model` over HTTP with references in the mix, the key from REELSERVE_API_KEY."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO_ROOT
-
     (tmp_path / "ref.png").write_bytes(h3_media["image"])
     (tmp_path / "ref.wav").write_bytes(h3_media["audio"])
     (tmp_path / "mix.yaml").write_text(

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from serving.jobs.quarantine import STRIKES
 from serving.proto import video_pb2
 from tests.serving.conftest import (
     SLOWER,
@@ -39,7 +40,7 @@ def _override(served, deployment: str, wait: bool = True, **options) -> None:
 
 
 def _replica_states(deployment: str) -> dict:
-    from ray import serve
+    from ray import serve  # noqa: PLC0415 - keeps collection of `make check` fast
 
     return dict(serve.status().applications[app_of(deployment)].deployments[deployment].replica_states)
 
@@ -95,8 +96,6 @@ def test_a_poison_input_is_set_aside_after_two_lost_replicas_and_its_batch_mate_
     time it runs). Both are suspects then and run apart; the poisoned one breaks the next replica alone and is
     quarantined (poison_input); its batch-mate resumes from its checkpoint on a third replica and completes with
     the output of an uninterrupted run."""
-    from serving.jobs.quarantine import STRIKES
-
     held = diffusion_autoscaling(served["config"], min_replicas=1, max_replicas=1)
     _override(served, "diffusion", autoscaling_config=held, max_ongoing_requests=2)  # options: no restart
     first = {a["name"] for a in _replica_actors("diffusion")}

@@ -13,7 +13,10 @@ import copy
 
 import numpy as np
 import pytest
+import ray
 
+from cluster.apps import deploy as deploy_applications
+from cluster.apps import serve_applications
 from serving.proto import video_pb2
 from tests.serving.conftest import SLOW, app_of, stage_stats, wait_terminal, wait_until
 from tests.serving.test_served_faults import SMALL, Watcher, _replica_actors, _uninterrupted_latents
@@ -26,7 +29,7 @@ def _create(stub, prompt: str, **fields) -> video_pb2.Video:
 
 
 def _where() -> dict:
-    from ray import serve
+    from ray import serve  # noqa: PLC0415 - keeps collection of `make check` fast
 
     return serve.get_deployment_handle("diffusion", app_of("diffusion")).placement.remote().result()
 
@@ -37,9 +40,6 @@ def two_ranks(served):
 
     Only that application: the front keeps the session's config (a config edit would rebuild it too, and its
     rolling restart is what the other modules test), so this costs one diffusion start."""
-    from cluster.apps import deploy as deploy_applications
-    from cluster.apps import serve_applications
-
     others = {name: [a["name"] for a in _replica_actors(name)] for name in ("text_encoder", "video_decoder", "ingress")}
     config = copy.deepcopy(served["config"])
     config["stages"]["diffusion"] = {"num_gpus": 2, "device": "cpu", "num_replicas": 1, "max_ongoing_requests": 1,
@@ -78,8 +78,6 @@ def test_a_two_rank_replica_serves_a_job_equal_to_one_ranks_output(served, serve
 def test_losing_a_worker_rank_replaces_the_replica_and_the_job_resumes_from_its_checkpoint(
     served, two_ranks, stub, job_store, figures
 ):
-    import ray
-
     before = {a["name"] for a in _replica_actors("diffusion")}
     (worker,) = stage_stats("diffusion")["rank_workers"]
     created = _create(stub, f"a slow tide {SLOW}", seed=18)

@@ -7,6 +7,7 @@ team-a and team-b are set against each other here, team-c has a tight rate limit
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import socket
@@ -16,10 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import httpx
+import psutil
 import pytest
 from PIL import Image
 
 from serving.proto import video_pb2
+from serving.tenancy.webhooks import verify_webhook
 from tests.conftest import png_with_claimed_size
 from tests.serving.conftest import (
     CALLBACK_PREFIX_PORT,
@@ -116,8 +119,6 @@ def test_fair_share_the_store_side_queue_and_heartbeats(clients, job_store, figu
     """team-a submits 8 jobs, then team-b 1: of the jobs that start after b's was created, b's is among the first
     two (two orchestrators may each claim from a look at the queue taken just before). Meanwhile the waiting jobs
     stay queued in the store, each with its own queue position, and a waiting job's stream hears a heartbeat."""
-    import concurrent.futures
-
     http, stubs = clients
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:  # a's 8 jobs at once, then b's
         a_ids = [job["id"] for job in pool.map(lambda i: _create(http["team-a"], f"a fox runs {i} {SLOW}"), range(8))]
@@ -217,7 +218,7 @@ def test_priority_callback_and_idempotency_fields_are_checked_before_any_work(cl
 
 def test_an_sdk_retry_after_a_dropped_response_returns_the_same_job(served, clients):
     """A proxy forwards the first create but drops its answer; the openai SDK retries with the same key."""
-    from openai import OpenAI
+    from openai import OpenAI  # noqa: PLC0415 - keeps collection of `make check` fast
 
     http, _ = clients
     proxy = _DroppingProxy(served["http"].rsplit(":", 1)[1])
@@ -239,8 +240,6 @@ def test_an_sdk_retry_after_a_dropped_response_returns_the_same_job(served, clie
 
 
 def test_a_callback_reaches_a_receiver_that_fails_twice_signed(clients):
-    from serving.tenancy.webhooks import verify_webhook
-
     http, stubs = clients
     received = []
 
@@ -358,10 +357,6 @@ def _read_http_message(sock: socket.socket) -> bytes:
 def test_a_burst_of_40_photo_uploads_stays_within_the_decode_budget(served, clients, figures):
     """40 uploads of a 12-megapixel photo at once: decodes wait for room in the ingress's memory budget
     (ingress.decode_memory_mb), so the replica's memory grows by about the budget, not 40 decodes."""
-    import concurrent.futures
-
-    import psutil
-
     http, _ = clients
     ingress = next(p for p in psutil.process_iter(["cmdline"])
                    if "ServeReplica:reelserve:ingress" in " ".join(p.info["cmdline"] or []))

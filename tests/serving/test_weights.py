@@ -12,6 +12,8 @@ import torch
 from cluster.startup_config import CUDA_CONTEXT_GB, StageRuntime, StartupConfig
 from serving.families import get_family
 from serving.families.ltx2.config import LTX2ModelConfig
+from serving.jobs.faults import FaultInjector
+from serving.metrics import RecordingExporter, set_exporter
 from serving.stages import startup
 from serving.weights import checkpoint_bytes, device_map, local_copy
 
@@ -77,9 +79,6 @@ def test_a_shared_gpu_is_capped_at_its_share_less_the_cuda_context(monkeypatch):
 
 
 def test_the_warm_up_is_timed_and_can_be_turned_off(monkeypatch):
-    from serving.jobs.faults import FaultInjector
-    from serving.metrics import RecordingExporter, set_exporter
-
     recorded = RecordingExporter()
     previous = set_exporter(recorded)
     try:

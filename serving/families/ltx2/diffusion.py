@@ -28,10 +28,12 @@ import copy
 import itertools
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.ltx2.pipeline_ltx2 import calculate_shift, rescale_noise_cfg
 
 from serving.devices import resolve_device, resolve_dtype
 from serving.engine.core import DiffusionEngine, StateUntouchedError
@@ -130,12 +132,13 @@ class _RequestState:
         self.negative: _Text | None = negative
         self.phase_index = 0
         self.step_index = 0
-        self.geometry: Geometry | None = None
-        self.video: torch.Tensor | None = None
-        self.audio: torch.Tensor | None = None
+        # Set when the first phase starts (``LTX2StepModel.start``), before anything reads them.
+        self.geometry: Geometry = None  # type: ignore[assignment]
+        self.video: torch.Tensor = None  # type: ignore[assignment]
+        self.audio: torch.Tensor = None  # type: ignore[assignment]
         self.condition_mask: torch.Tensor | None = None
-        self.video_scheduler = None
-        self.audio_scheduler = None
+        self.video_scheduler: Any = None  # diffusers schedulers
+        self.audio_scheduler: Any = None
         self.video_coords: torch.Tensor | None = None
         self.audio_coords: torch.Tensor | None = None
         self.rows: tuple[str, ...] = ()
@@ -172,8 +175,6 @@ class LTX2StepModel:
     """
 
     def __init__(self, config: LTX2ModelConfig, passes=None):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         self.config = config
         self.settings = config.diffusion
         path = checkpoint_path(config)
@@ -198,7 +199,7 @@ class LTX2StepModel:
         self._scheduler_class = FlowMatchEulerDiscreteScheduler
         self._scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
         self.latents: LatentSpace = read_latent_space(path, self.transformer.config, self.device)
-        self.upsampler = None
+        self.upsampler: Any = None  # the latent upsampler, for the two_stage recipe
         if self.settings.recipe == "two_stage":
             self.upsampler = load_latent_upsampler(self.settings, path, self.device, self.dtype)
         self._perturbed_blocks = {
@@ -288,7 +289,8 @@ class LTX2StepModel:
 
     def _enter_first_phase(self, job: _RequestState) -> None:
         self._set_geometry(job, 0)
-        photo = job.request.condition.latents.to(self.device, torch.float32) if job.conditioned else None
+        condition = job.request.condition
+        photo = condition.latents.to(self.device, torch.float32) if condition is not None else None
         start = self.latents.noise(job.geometry, photo, job.generator)
         job.video, job.audio, job.condition_mask = start.video, start.audio, start.condition_mask
         self._set_schedule(job, begin=0)
@@ -334,12 +336,10 @@ class LTX2StepModel:
 
     def _set_schedule(self, job: _RequestState, begin: int) -> None:
         """The phase's video and audio schedulers (the pipeline keeps a copy for audio), positioned at ``begin``."""
-        from diffusers.pipelines.ltx2.pipeline_ltx2 import calculate_shift
-
         phase, config = job.phase, self._scheduler_config
         if phase.sigmas is None:
             scheduler = self._scheduler_class.from_config(config)
-            sigmas = np.linspace(1.0, 1 / phase.steps, phase.steps)
+            sigmas: np.ndarray | list[float] = np.linspace(1.0, 1 / phase.steps, phase.steps)
             mu = calculate_shift(
                 job.geometry.video_tokens,
                 config.get("base_image_seq_len", 1024),
@@ -445,7 +445,9 @@ class LTX2StepModel:
         if self.step_cache:
             # A step cache keeps one state per request: all of a request's rows in one pass under its context.
             return [list(group) for _, group in itertools.groupby(rows, key=lambda row: id(row[0]))]
-        chunks, chunk, tokens = [], [], 0
+        chunks: list[list] = []
+        chunk: list = []
+        tokens = 0
         for row in rows:
             cost = row[0].geometry.tokens
             stg_clash = row[1] == "spatio_temporal" and any(
@@ -515,8 +517,6 @@ class LTX2StepModel:
 
     def _take_step(self, job: _RequestState, predictions: dict) -> None:
         """Combine the rows' predictions as the pipeline does (in x0 space), then one Euler step."""
-        from diffusers.pipelines.ltx2.pipeline_ltx2 import rescale_noise_cfg
-
         guidance, index = job.active_guidance, job.step_index
         video_velocity = _guided_velocity(
             job.video,
@@ -576,6 +576,8 @@ def _host_copy(tensor: torch.Tensor) -> HostTensor:
 
 class LTX2Engine(DiffusionEngine[DenoiseRequest, _RequestState, DenoiseCheckpoint]):
     """The LTX-2 diffusion engine, configured by ``LTX2ModelConfig`` (``model.diffusion`` for the loop)."""
+
+    model: LTX2StepModel
 
     def __init__(self, config: LTX2ModelConfig, passes=None):
         settings = config.diffusion

@@ -16,7 +16,7 @@ model, or a CPU benchmark profile.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 __all__ = [
     "PassShape",
@@ -180,7 +180,7 @@ class _Dims:
     """The widths a pass depends on, read from a transformer config."""
 
     def __init__(self, config: Mapping):
-        get = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
+        get: Callable[..., Any] = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
         self.layers = int(get("num_layers"))
         self.video_heads = int(get("num_attention_heads"))
         self.video = self.video_heads * int(get("attention_head_dim"))

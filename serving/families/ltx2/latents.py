@@ -18,10 +18,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
-from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, LTX2ImageToVideoPipeline, LTX2Pipeline
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
 
 __all__ = ["LatentSpace", "Geometry", "PhaseLatents", "read_latent_space"]
 
@@ -125,7 +129,7 @@ class LatentSpace:
     ) -> PhaseLatents:
         """The previous phase's latents, upsampled x2 and re-noised as the pipelines' 5-D-latents input path does."""
         video_5d, audio_4d = self.denormalised(video, audio, before)
-        upsampled = upsampler(video_5d.to(upsampler.dtype)).to(torch.float32)
+        upsampled = upsampler(video_5d.to(cast(torch.dtype, upsampler.dtype))).to(torch.float32)
         expected = (after.latent_frames, after.latent_height, after.latent_width)
         if tuple(upsampled.shape[2:]) != expected:
             made = tuple(upsampled.shape[2:])
@@ -194,9 +198,6 @@ def read_latent_space(path: str, transformer_config, device: torch.device) -> La
 
 def _latent_statistics_only(path: str):
     """Video and audio VAEs with real configs and latent statistics but no weights in memory."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
-
     loaded = []
     for cls, subfolder in ((AutoencoderKLLTX2Video, "vae"), (AutoencoderKLLTX2Audio, "audio_vae")):
         with init_empty_weights(include_buffers=False):
@@ -210,9 +211,6 @@ def _latent_statistics_only(path: str):
 
 def _read_tensors(path: str, subfolder: str, names: list[str]) -> dict[str, torch.Tensor]:
     """Read a few named tensors from a component's safetensors shards."""
-    from huggingface_hub import snapshot_download
-    from safetensors import safe_open
-
     root = Path(path)
     if not root.is_dir():
         root = Path(snapshot_download(path, allow_patterns=[f"{subfolder}/*.json", f"{subfolder}/*.safetensors"]))

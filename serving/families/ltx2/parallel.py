@@ -32,6 +32,8 @@ of them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -41,7 +43,7 @@ __all__ = ["SequenceParallelTransformer"]
 class SequenceParallelTransformer:
     """Wraps a loaded LTX-2 transformer so one call runs sharded over ``group`` (all ranks call it)."""
 
-    def __init__(self, transformer: torch.nn.Module, group: dist.ProcessGroup | None = None):
+    def __init__(self, transformer: Any, group: dist.ProcessGroup | None = None):  # a diffusers LTX2 transformer
         self.transformer = transformer
         self.group = group
         self.world = dist.get_world_size(group)
@@ -98,7 +100,7 @@ class _UlyssesSelfAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  query_rotary_emb=None, key_rotary_emb=None, perturbation_mask=None, all_perturbed=None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: PLC0415 - diffusers only when the transformer runs
 
         if attention_mask is not None:
             raise ValueError("sequence-parallel self-attention takes no attention mask")
@@ -130,7 +132,7 @@ class _GatheredKeysAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  query_rotary_emb=None, key_rotary_emb=None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: PLC0415 - diffusers only when the transformer runs
 
         if attention_mask is not None:
             raise ValueError("sequence-parallel video->audio attention takes no attention mask")
@@ -149,7 +151,7 @@ class _GatheredKeysAttention:
 
 def _rotate(attn, query, key, query_rotary_emb, key_rotary_emb):
     """The model's own rotary embedding, as its processor applies it."""
-    from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb, apply_split_rotary_emb
+    from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb, apply_split_rotary_emb  # noqa: PLC0415 - diffusers only when the transformer runs
 
     if query_rotary_emb is None:
         return query, key

@@ -24,7 +24,9 @@ import torch.distributed as dist
 from serving.families.ltx2.checkpoint import checkpoint_path
 from serving.families.ltx2.config import LTX2ModelConfig
 from serving.families.ltx2.parallel import SequenceParallelTransformer
+from serving.families.ltx2.reference import build_component
 from serving.families.ltx2.speed import AppliedSpeed, apply_speed
+from serving.families.ltx2.tiny import tiny_ltx2_components
 from serving.weights import LoadLog, device_map
 
 __all__ = [
@@ -35,7 +37,7 @@ __all__ = [
 
 def load_transformer(config: LTX2ModelConfig, device: torch.device, dtype: torch.dtype, log: LoadLog):
     """The checkpoint's transformer, read straight onto ``device`` (no whole copy in host memory first)."""
-    from diffusers import LTX2VideoTransformer3DModel  # noqa: I001 - heavy: imported where a transformer is built
+    from diffusers import LTX2VideoTransformer3DModel  # noqa: I001, PLC0415 - diffusers only where a transformer is built
 
     return log.load("transformer", lambda: LTX2VideoTransformer3DModel.from_pretrained(
         checkpoint_path(config), subfolder="transformer", torch_dtype=dtype, device_map=device_map(device),
@@ -115,10 +117,6 @@ class TinyTransformerLoader:
     """The tiny checkpoint's transformer, built in code (deterministic: identical on every rank)."""
 
     def __call__(self, device, dtype):
-        from serving.families.ltx2.tiny import (
-            tiny_ltx2_components,  # builds diffusers models
-        )
-
         return tiny_ltx2_components()["transformer"].to(device=device, dtype=dtype).eval()
 
 
@@ -130,10 +128,6 @@ class ReferenceTransformerLoader:
     overrides: dict = field(default_factory=dict)
 
     def __call__(self, device, dtype):
-        from serving.families.ltx2.reference import (
-            build_component,  # builds diffusers models
-        )
-
         return build_component("transformer", device=device, dtype=dtype, seed=self.seed, overrides=self.overrides)
 
 

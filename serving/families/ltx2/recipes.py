@@ -130,7 +130,7 @@ def load_latent_upsampler(settings: DiffusionEngineConfig, model_path: str, devi
     activation is [1, 1024, 16, 22, 40] (29 MB in bf16). Running it inside the
     diffusion stage keeps the latents on the GPU between the two phases.
     """
-    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel  # noqa: PLC0415 - diffusers only when a recipe is applied
 
     path = settings.upsampler_path or model_path
     try:
@@ -154,7 +154,7 @@ def enable_step_cache(transformer, settings: DiffusionEngineConfig, expected_ste
     """
     if settings.step_cache == "none":
         return
-    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig  # noqa: PLC0415 - diffusers only when a recipe is applied
 
     _register_ltx2_block()
     if settings.step_cache == "first_block":
@@ -236,8 +236,8 @@ def _register_ltx2_block() -> None:
     as the "encoder" stream and read its input by that name, so map the name to
     the block's ``audio_hidden_states`` argument.
     """
-    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
-    from diffusers.models.transformers.transformer_ltx2 import LTX2VideoTransformerBlock
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry  # noqa: PLC0415 - diffusers only when a recipe is applied
+    from diffusers.models.transformers.transformer_ltx2 import LTX2VideoTransformerBlock  # noqa: PLC0415 - diffusers only when a recipe is applied
 
     class _AudioAsSecondStream(TransformerBlockMetadata):
         def _get_parameter_from_args_kwargs(self, identifier: str, args=(), kwargs=None):

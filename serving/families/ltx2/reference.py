@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -60,7 +61,7 @@ DISTILLED_REFINE_SIGMAS = (0.909375, 0.725, 0.421875, 0.0)
 
 # --------------------------------------------------------------------------- the configs
 
-_TRANSFORMER = {
+_TRANSFORMER: dict[str, Any] = {
     # Video stream: 32 heads x 128 = 4096 wide; latent channels 128 (the video VAE's).
     "in_channels": 128,
     "out_channels": 128,
@@ -102,7 +103,7 @@ _TRANSFORMER = {
     "rope_type": "split",
 }
 
-_CONNECTORS = {
+_CONNECTORS: dict[str, Any] = {
     "caption_channels": 3840,  # Gemma 3 12B hidden size
     "text_proj_in_factor": 49,  # 48 Gemma layers + the embedding layer, stacked: 49 x 3840 = 188160 features
     "video_connector_num_attention_heads": 30,  # 30 x 128 = 3840
@@ -121,7 +122,7 @@ _CONNECTORS = {
     "rope_type": "split",
 }
 
-_VAE = {
+_VAE: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
     "latent_channels": 128,
@@ -152,7 +153,7 @@ _VAE = {
     "temporal_compression_ratio": 8,
 }
 
-_AUDIO_VAE = {
+_AUDIO_VAE: dict[str, Any] = {
     # Identical to the class defaults and the conversion script.
     "base_channels": 128,
     "output_channels": 2,
@@ -173,7 +174,7 @@ _AUDIO_VAE = {
     "double_z": True,
 }
 
-_VOCODER = {
+_VOCODER: dict[str, Any] = {
     # Identical to the class defaults and the conversion script: 2 channels x 64 mel bins in,
     # 6*5*2*2*2 = 240x upsampling of 100 mel frames/s = 24 kHz stereo out.
     "in_channels": 128,
@@ -224,7 +225,7 @@ _GEMMA3_VISION = {
     "vision_use_head": False,
 }
 
-_TEXT_ENCODER = {
+_TEXT_ENCODER: dict[str, Any] = {
     "text_config": _GEMMA3_TEXT,
     "vision_config": _GEMMA3_VISION,
     "mm_tokens_per_image": 256,
@@ -233,7 +234,7 @@ _TEXT_ENCODER = {
     "image_token_index": 262144,
 }
 
-_LATENT_UPSAMPLER = {
+_LATENT_UPSAMPLER: dict[str, Any] = {
     # The x2 spatial upsampler of the two-stage recipe (ltx-2-spatial-upscaler-x2-1.0):
     # get_ltx2_spatial_latent_upsampler_config("2.0") in the conversion script.
     "in_channels": 128,
@@ -245,7 +246,7 @@ _LATENT_UPSAMPLER = {
     "rational_spatial_scale": 2.0,
 }
 
-_SCHEDULER = {
+_SCHEDULER: dict[str, Any] = {
     "use_dynamic_shifting": True,
     "base_shift": 0.95,
     "max_shift": 2.05,
@@ -254,7 +255,7 @@ _SCHEDULER = {
     "shift_terminal": 0.1,
 }
 
-_CONFIGS = {
+_CONFIGS: dict[str, Any] = {
     "transformer": _TRANSFORMER,
     "connectors": _CONNECTORS,
     "vae": _VAE,
@@ -279,11 +280,11 @@ def component_class(name: str) -> type:
     """The diffusers / transformers class of one component."""
     name = _checked_name(name)
     if name == "text_encoder":
-        from transformers import Gemma3ForConditionalGeneration
+        from transformers import Gemma3ForConditionalGeneration  # noqa: PLC0415 - transformers and diffusers only when a reference component is built
 
         return Gemma3ForConditionalGeneration
-    import diffusers
-    from diffusers.pipelines import ltx2
+    import diffusers  # noqa: PLC0415 - transformers and diffusers only when a reference component is built
+    from diffusers.pipelines import ltx2  # noqa: PLC0415 - transformers and diffusers only when a reference component is built
 
     classes = {
         "transformer": diffusers.LTX2VideoTransformer3DModel,
@@ -341,7 +342,7 @@ def build_meta(name: str, overrides: dict | None = None) -> torch.nn.Module:
 
 
 def _gemma3_config(config: dict):
-    from transformers import Gemma3Config
+    from transformers import Gemma3Config  # noqa: PLC0415 - transformers and diffusers only when a reference component is built
 
     return Gemma3Config(**config)
 

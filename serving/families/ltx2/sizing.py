@@ -18,10 +18,12 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from cluster.config import ReelserveConfig
 from serving.families.ltx2.checkpoint import checkpoint_path
 from serving.families.ltx2.config import LTX2ModelConfig
+from serving.families.ltx2.reference import build_meta, component_config
 
 __all__ = ["MemoryEstimate", "HandoffSizes", "stage_memory", "handoff_sizes", "checkpoint_source"]
 
@@ -100,8 +102,6 @@ def checkpoint_source(model: LTX2ModelConfig) -> str:
 
 def _component_config(source: str, component: str) -> dict:
     if source == "reference":
-        from serving.families.ltx2.reference import component_config
-
         config = component_config(component)
     else:
         config = json.loads((Path(source) / component / "config.json").read_text())
@@ -126,8 +126,6 @@ def _header_elements(source: str, component: str, prefix: str | None) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _reference_elements(component: str, prefix: str | None) -> int:
-    from serving.families.ltx2.reference import build_meta
-
     model = build_meta(component)
     if prefix is not None:
         model = getattr(model, prefix.rstrip("."))
@@ -209,9 +207,10 @@ def stage_memory(config: ReelserveConfig, stage: str) -> MemoryEstimate:
     if dtype == "auto":
         dtype = "bfloat16" if stage_model.device.startswith("cuda") else "float32"
     element_bytes = _TORCH_BYTES[dtype]
-    source = checkpoint_source(config.model)
+    model = cast(LTX2ModelConfig, config.model)  # a family sizes its own config
+    source = checkpoint_source(model)
     concurrent = config.stages[stage].max_ongoing_requests
-    activations, note = _activations(stage, config.model, source, element_bytes, concurrent)
+    activations, note = _activations(stage, model, source, element_bytes, concurrent)
     return MemoryEstimate(weights=_weights(source, stage, element_bytes), activations=activations, note=note)
 
 

@@ -21,11 +21,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import platformdirs
 import torch
 
 from cluster.sizes import parse_shape_bucket
 from serving.families.ltx2.config import SpeedConfig
+from serving.families.ltx2.reference import random_transformer_inputs
 
 __all__ = [
     "SpeedSettingError",
@@ -141,7 +144,7 @@ def apply_speed(
 
 
 def _known_backends() -> set[str]:
-    from diffusers.models.attention_dispatch import AttentionBackendName
+    from diffusers.models.attention_dispatch import AttentionBackendName  # noqa: PLC0415 - diffusers only when attention backends are chosen
 
     return {member.value for member in AttentionBackendName}
 
@@ -197,7 +200,7 @@ def choose_attention_backends(
 
 
 def _unusable_reason(name: str) -> str | None:
-    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements  # noqa: PLC0415 - diffusers only when attention backends are chosen
 
     try:
         _check_attention_backend_requirements(AttentionBackendName(name))
@@ -213,7 +216,7 @@ def _probe(
 
     ``masked``: text cross-attention's layout instead (1024 keys, half of them masked out by a bias).
     """
-    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn  # noqa: PLC0415 - diffusers only when attention backends are chosen
 
     heads, head_dim = heads_and_dim
     keys = 1024 if masked else tokens
@@ -228,15 +231,16 @@ def _probe(
     try:
         out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend)
         _synchronize(device)
-    except Exception as error:  # any kernel failure means "not this one"
+    except Exception as error:  # noqa: BLE001 - any kernel failure means "not this one"
         return f"failed on a probe: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", None
+    math_query, math_key, math_value = (t.transpose(1, 2).float() for t in (query, key, value))
     reference = torch.nn.functional.scaled_dot_product_attention(
-        *(t.transpose(1, 2).float() for t in (query, key, value)), attn_mask=None if mask is None else mask.float()
+        math_query, math_key, math_value, attn_mask=None if mask is None else mask.float()
     ).transpose(1, 2)
-    error = (out.float() - reference).abs().max().item() / reference.abs().max().item()
+    deviation = (out.float() - reference).abs().max().item() / reference.abs().max().item()
     tolerance = _PROBE_TOLERANCE.get(name, _DEFAULT_PROBE_TOLERANCE)
-    if not error <= tolerance:
-        return f"probe differs from math attention by {error:.3g} (allowed {tolerance})", None
+    if not deviation <= tolerance:
+        return f"probe differs from math attention by {deviation:.3g} (allowed {tolerance})", None
     return None, _time(lambda: dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend), device)
 
 
@@ -262,7 +266,7 @@ def _probe_width(transformer) -> tuple[int, int]:
 
 def _set_attention_backends(transformer: torch.nn.Module, choice: AttentionChoice) -> None:
     """Each attention processor gets its own backend: masked text cross-attention may need another kernel."""
-    from diffusers.models.attention_dispatch import AttentionBackendName
+    from diffusers.models.attention_dispatch import AttentionBackendName  # noqa: PLC0415 - diffusers only when attention backends are chosen
 
     for name, module in transformer.named_modules():
         processor = getattr(module, "processor", None)
@@ -278,7 +282,7 @@ def _set_attention_backends(transformer: torch.nn.Module, choice: AttentionChoic
 
 def _import_torchao():
     try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_  # noqa: PLC0415 - torchao is optional (the gpu extra)
     except ImportError as error:
         raise SpeedSettingError(
             "model.speed.fp8 needs torchao: install the GPU extra (pip install 'reelserve[gpu]')"
@@ -306,12 +310,11 @@ def _quantize_fp8(transformer: torch.nn.Module) -> None:
 def compile_cache_dir(speed: SpeedConfig) -> Path:
     if speed.compile_cache_dir:
         return Path(speed.compile_cache_dir)
-    import platformdirs
 
     return Path(platformdirs.user_cache_dir("reelserve")) / "compile"
 
 
-def _compile_blocks(transformer: torch.nn.Module, speed: SpeedConfig) -> None:
+def _compile_blocks(transformer: Any, speed: SpeedConfig) -> None:  # a diffusers transformer
     """Compile the repeated block once; every block instance reuses it (its weights are graph inputs)."""
     directory = compile_cache_dir(speed)
     directory.mkdir(parents=True, exist_ok=True)
@@ -369,11 +372,9 @@ def warm_up(
     ``run_pass``: what runs a pass (a replica's rank group, so every rank warms
     up); unset, the transformer itself.
     """
-    from serving.families.ltx2.reference import random_transformer_inputs
-
     device = torch.device(applied.device)
     dtype = getattr(torch, applied.dtype)
-    passes = {"plain": {}}
+    passes: dict[str, dict[str, Any]] = {"plain": {}}
     if stg_blocks:
         passes |= {"stg": {"spatio_temporal_guidance_blocks": list(stg_blocks)}, "isolated": {"isolate_modalities": True}}
     for bucket in speed.shape_buckets:

@@ -20,6 +20,8 @@ from collections import OrderedDict
 import numpy as np
 import PIL.Image
 import torch
+import transformers
+from transformers import AutoTokenizer
 
 from cluster.sizes import parse_size
 from serving.devices import resolve_device, resolve_dtype
@@ -65,7 +67,7 @@ class _Placement:
 
 
 def _pipeline_class(image_to_video: bool):
-    from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
+    from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline  # noqa: PLC0415 - diffusers only once a stage loads its model
 
     return LTX2ImageToVideoPipeline if image_to_video else LTX2Pipeline
 
@@ -95,10 +97,8 @@ class LTX2TextEncoder:
     _CACHED_NEGATIVES = 4  # negative prompts are few (usually the configured default)
 
     def __init__(self, config: LTX2ModelConfig):
-        import transformers
-        from diffusers import DiffusionPipeline
-        from diffusers.pipelines.ltx2 import LTX2TextConnectors
-        from transformers import AutoTokenizer
+        from diffusers import DiffusionPipeline  # noqa: PLC0415 - diffusers only once a stage loads its model
+        from diffusers.pipelines.ltx2 import LTX2TextConnectors  # noqa: PLC0415 - diffusers only once a stage loads its model
 
         self._config = config
         place = _Placement(config)
@@ -174,8 +174,8 @@ class LTX2ImageConditioner:
     """Photo -> video-VAE latents of the first frame (crop, H.264 re-compression, resize, encode)."""
 
     def __init__(self, config: LTX2ModelConfig):
-        from diffusers import AutoencoderKLLTX2Video
-        from diffusers.pipelines.ltx2.utils import resolve_default_image_crf
+        from diffusers import AutoencoderKLLTX2Video  # noqa: PLC0415 - diffusers only once a stage loads its model
+        from diffusers.pipelines.ltx2.utils import resolve_default_image_crf  # noqa: PLC0415 - diffusers only once a stage loads its model
 
         place = _Placement(config)
         self._device, self._dtype, self._plan = place.device, place.dtype, place.plan
@@ -197,7 +197,7 @@ class LTX2ImageConditioner:
     @torch.no_grad()
     def condition(self, photo: bytes | PIL.Image.Image, width: int, height: int) -> ImageCondition:
         """The photo (its file bytes, as the job stored them, or an image) encoded at ``width`` x ``height``."""
-        from diffusers.pipelines.ltx2.utils import apply_image_conditioning_crf
+        from diffusers.pipelines.ltx2.utils import apply_image_conditioning_crf  # noqa: PLC0415 - diffusers only once a stage loads its model
 
         image = load_photo(photo) if isinstance(photo, (bytes, bytearray)) else photo
         image = center_crop_to_aspect(image.convert("RGB"), width, height)
@@ -224,7 +224,7 @@ class LTX2VideoDecoder:
     """Video latents -> RGB frames (video VAE decoder)."""
 
     def __init__(self, config: LTX2ModelConfig):
-        from diffusers import AutoencoderKLLTX2Video
+        from diffusers import AutoencoderKLLTX2Video  # noqa: PLC0415 - diffusers only once a stage loads its model
 
         place = _Placement(config)
         self._device, self._dtype, self._plan = place.device, place.dtype, place.plan
@@ -276,8 +276,8 @@ class LTX2AudioDecoder:
     """Audio latents -> stereo waveform (audio VAE decoder, then vocoder)."""
 
     def __init__(self, config: LTX2ModelConfig):
-        from diffusers import AutoencoderKLLTX2Audio
-        from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+        from diffusers import AutoencoderKLLTX2Audio  # noqa: PLC0415 - diffusers only once a stage loads its model
+        from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder  # noqa: PLC0415 - diffusers only once a stage loads its model
 
         place = _Placement(config)
         self._device, self._dtype, self._plan = place.device, place.dtype, place.plan

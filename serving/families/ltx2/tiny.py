@@ -15,9 +15,16 @@ real checkpoint.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import string
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import platformdirs
+import torch
+from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
 
 from serving.families.base import TINY_MARKER
 from serving.prompting.tiny_rewriter import REWRITER_SUBFOLDER, TURN_TOKENS, build_tiny_rewriter
@@ -58,7 +65,7 @@ class TransformerWidths:
 
 def build_tiny_ltx2(directory: str | Path, widths: TransformerWidths = TransformerWidths()) -> Path:
     """Build the tiny LTX-2 set (transformer ``widths``) and save it under ``directory``; return the path."""
-    from diffusers import LTX2ImageToVideoPipeline
+    from diffusers import LTX2ImageToVideoPipeline  # noqa: PLC0415 - diffusers only when the tiny checkpoint is built
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -75,16 +82,14 @@ def build_tiny_ltx2(directory: str | Path, widths: TransformerWidths = Transform
 
 def tiny_ltx2_components(widths: TransformerWidths = TransformerWidths()) -> dict:
     """The tiny components in memory, keyed by their ``model_index.json`` names (deterministic)."""
-    import torch
-    from diffusers import (
+    from diffusers import (  # noqa: PLC0415 - diffusers only when the tiny checkpoint is built
         AutoencoderKLLTX2Audio,
         AutoencoderKLLTX2Video,
         FlowMatchEulerDiscreteScheduler,
         LTX2VideoTransformer3DModel,
     )
-    from diffusers.pipelines.ltx2 import LTX2TextConnectors
-    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors  # noqa: PLC0415 - diffusers only when the tiny checkpoint is built
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder  # noqa: PLC0415 - diffusers only when the tiny checkpoint is built
 
     torch.manual_seed(TINY_SEED)
     text_encoder = Gemma3ForConditionalGeneration(_gemma3_config(Gemma3Config))
@@ -227,8 +232,7 @@ def tiny_latent_upsampler():
     side) has about 500M parameters; this one keeps the rational resampler and
     the residual blocks, 32 middle channels (GroupNorm needs multiples of 32).
     """
-    import torch
-    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel  # noqa: PLC0415 - diffusers only when the tiny checkpoint is built
 
     torch.manual_seed(TINY_SEED)
     return LTX2LatentUpsamplerModel(
@@ -295,8 +299,6 @@ def _vocab_size() -> int:
 
 
 def _build_tokenizer():
-    from transformers import GemmaTokenizer
-
     return GemmaTokenizer(vocab=_vocabulary(), merges=[], model_max_length=_TOKENIZER_MAX_LENGTH)
 
 
@@ -304,8 +306,6 @@ _TINY_VERSION = "v3"  # bump when the tiny configs change, so stale caches are r
 
 
 def default_tiny_dir() -> Path:
-    import platformdirs
-
     return Path(platformdirs.user_cache_dir("reelserve")) / f"tiny-ltx2-{_TINY_VERSION}"
 
 
@@ -315,10 +315,6 @@ def ensure_tiny_ltx2(directory: str | Path | None = None, widths: TransformerWid
     Safe when several processes (replicas) ask at once: each builds into its
     own temporary folder and the first finished one is renamed into place.
     """
-    import os
-    import shutil
-    import tempfile
-
     target = Path(directory) if directory is not None else default_tiny_dir()
     if is_complete_checkpoint(target):
         return target

@@ -19,6 +19,7 @@ set of loaded components.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from diffusers.modular_pipelines import SequentialPipelineBlocks
@@ -71,7 +72,7 @@ class StagePipelines:
         self.part = part
         self.device = device
         self.pipelines: dict[str, MiniMaxH3ModularPipeline] = {}
-        self.components: dict[str, object] = {}
+        self.components: dict[str, Any] = {}  # diffusers and transformers components, by name
         for workflow in workflows:
             blocks = workflow_blocks(workflow, part)
             if blocks is None:

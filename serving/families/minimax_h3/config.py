@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 Workflow = Literal["t2va", "fl2va", "ref2va"]
-WORKFLOWS: tuple[str, ...] = ("t2va", "fl2va", "ref2va")
+WORKFLOWS: tuple[Workflow, ...] = ("t2va", "fl2va", "ref2va")
 
 # What diffusers' MiniMax-H3 blocks hard-code (MiniMaxH3ModularPipeline.fps / min_duration / max_duration): the
 # generated frame count, snapped up to 17n + 5, must last 5 to 15 s at 24 fps.

@@ -133,7 +133,7 @@ def decode_video(data: bytes, name: str, limits: ReferenceLimits, *, num_frames:
                  sample_rate: int) -> MiniMaxH3VideoReference:
     """The video's frames on the ``fps`` grid (at most ``num_frames``) and its soundtrack, as a diffusers reference."""
     try:
-        with av.open(io.BytesIO(data), metadata_errors="replace") as container:
+        with av.open(io.BytesIO(data), mode="r", metadata_errors="replace") as container:
             if not container.streams.video:
                 raise InvalidReference(name, "the file has no video stream")
             stream = container.streams.video[0]
@@ -194,7 +194,7 @@ def decode_audio(data: bytes, name: str, limits: ReferenceLimits, *, seconds: fl
                  sample_rate: int) -> MiniMaxH3AudioReference:
     """An audio clip (or a video's soundtrack) as a diffusers reference, at ``sample_rate``, at most ``seconds``."""
     try:
-        with av.open(io.BytesIO(data), metadata_errors="replace") as container:
+        with av.open(io.BytesIO(data), mode="r", metadata_errors="replace") as container:
             if not container.streams.audio:
                 raise InvalidReference(name, "the file has no audio stream")
             waveform = _waveform(container, container.streams.audio[0], name, seconds, sample_rate)

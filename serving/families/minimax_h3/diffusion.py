@@ -23,6 +23,7 @@ import copy
 import hashlib
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -212,7 +213,7 @@ class MiniMaxH3StepModel:
         if plan.num_inference_steps < 2:
             raise ValueError(f"num_inference_steps {plan.num_inference_steps}: H3's schedule needs at least 2")
         references = request.references
-        if workflow == "fl2va" and len(references.keyframe_anchors) != len(references.video_latents):
+        if workflow == "fl2va" and references is not None and len(references.keyframe_anchors) != len(references.video_latents):
             raise ValueError("fl2va: one encoded keyframe per anchor")
         if resume_from is not None:
             expected = {"workflow": workflow, "seed": plan.seed, "width": plan.width, "height": plan.height,
@@ -361,7 +362,7 @@ def _check_geometry(path: str, bare_pipeline, workflows: Sequence[str]) -> None:
     vae = component_config(path, "vae")
     audio_vae = component_config(path, "audio_vae")
     temporal = int(np.prod(vae["temporal_downsample_factors"]))
-    found = {
+    found: dict[str, Any] = {
         "vae_spatial_compression_ratio": int(np.prod(vae["spatial_downsample_factors"])),
         "vae_latent_channels": int(vae["latent_channels"]),
         "vae_frames_per_chunk": int(vae["clip_length"]),
@@ -379,6 +380,8 @@ def _check_geometry(path: str, bare_pipeline, workflows: Sequence[str]) -> None:
 
 class MiniMaxH3Engine(DiffusionEngine[DenoiseRequest, _Job, DenoiseCheckpoint]):
     """The H3 diffusion engine, configured by ``MiniMaxH3ModelConfig`` (``model.diffusion`` for the loop)."""
+
+    model: MiniMaxH3StepModel
 
     def __init__(self, config: MiniMaxH3ModelConfig):
         settings = config.diffusion

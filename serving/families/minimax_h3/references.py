@@ -25,6 +25,7 @@ import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import av
 from PIL import Image
@@ -224,7 +225,7 @@ def _inspect_stream(kind: str, data: bytes, limits: ReferenceLimits, field: str)
                 raise InvalidRequest(field, f"the file has no {kind} stream")
             stream = streams[0]
             duration = header_seconds(container, stream)
-            codec = stream.codec_context
+            codec: Any = stream.codec_context  # a video stream's, when kind is video
             if codec is None:  # a stream of a codec FFmpeg does not know
                 raise InvalidRequest(field, f"the {kind} stream's codec cannot be read")
             width = int(codec.width or 0) if kind == "video" else 0

@@ -28,6 +28,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from cluster.config import ReelserveConfig
 from serving.families.minimax_h3 import reference
@@ -231,10 +232,11 @@ def stage_memory(config: ReelserveConfig, stage: str) -> MemoryEstimate:
     if dtype == "auto":
         dtype = "bfloat16" if stage_model.device.startswith("cuda") else "float32"
     element_bytes = _TORCH_BYTES[dtype]
-    source = checkpoint_source(config.model)
+    model = cast(MiniMaxH3ModelConfig, config.model)  # a family sizes its own config
+    source = checkpoint_source(model)
     concurrent = config.stages[stage].max_ongoing_requests if stage == "diffusion" else 1
-    weights, which = _weights(source, stage, config.model, element_bytes)
-    activations, note = _activations(stage, config.model, source, element_bytes, concurrent)
+    weights, which = _weights(source, stage, model, element_bytes)
+    activations, note = _activations(stage, model, source, element_bytes, concurrent)
     if which:
         note = f"{which} weights; {note}"
     return MemoryEstimate(weights=weights, activations=activations, note=note)

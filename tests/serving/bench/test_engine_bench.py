@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from serving.bench.engine import run
+
 
 def test_the_engine_benchmark_reports_every_section(tmp_path):
-    from serving.bench.engine import run
-
     results = run("smoke", tmp_path)
 
     written = json.loads((tmp_path / "engine.json").read_text())
@@ -26,7 +26,5 @@ def test_the_engine_benchmark_reports_every_section(tmp_path):
 
 
 def test_unknown_profiles_are_refused(tmp_path):
-    from serving.bench.engine import run
-
     with pytest.raises(ValueError, match="profile 'huge' is not known; profiles: cpu, smoke"):
         run("huge", tmp_path)

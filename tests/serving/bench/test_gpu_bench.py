@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from serving.bench import gpu
 
@@ -52,7 +56,6 @@ def test_bad_profile_and_sections_are_refused(tmp_path):
         gpu.run("h100", tmp_path)
     with pytest.raises(ValueError, match="--sections: unknown"):
         gpu.run("tiny", tmp_path, sections=["warp"])
-    import torch
 
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
@@ -61,10 +64,6 @@ def test_bad_profile_and_sections_are_refused(tmp_path):
 
 def test_reelserve_bench_runs_the_real_dims_profiles(tmp_path):
     """``reelserve bench --profile tiny|ltx2-19b-random`` runs this benchmark and writes its BENCHMARKS.md block."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     repo = Path(__file__).resolve().parents[3]
     benchmarks = tmp_path / "BENCHMARKS.md"
     benchmarks.write_text("# Benchmarks\n")
@@ -82,7 +81,6 @@ def test_reelserve_bench_runs_the_real_dims_profiles(tmp_path):
 
     refused = bench("--profile", "tiny", "--section", "warp")
     assert refused.returncode == 2 and "error: --section: warp" in refused.stderr
-    import torch
 
     if not torch.cuda.is_available():
         no_gpu = bench("--profile", "ltx2-19b-random")

@@ -11,11 +11,16 @@ import threading
 import time
 
 import pytest
+import redis
 
-from serving.jobs.record import JobRecord, new_job_id
+from serving.errors import StoreUnavailable
+from serving.jobs.record import RECORD_KEPT_AFTER_EXPIRY_S, JobRecord, new_job_id
+from serving.jobs.redis_store import RedisJobStore
 from serving.jobs.sqlite_store import SQLiteJobStore
 from serving.jobs.store import Fence
 from serving.protocol import JobStatus
+from serving.tenancy.errors import QuotaExceeded
+from tests.helpers import free_port
 
 MAX_SEED = 2**63 - 1  # the largest seed a request may carry (serving.requests.MAX_SEED)
 
@@ -26,9 +31,6 @@ MAX_SEED = 2**63 - 1  # the largest seed a request may carry (serving.requests.M
 def _open(backend: str, request, tmp_path):
     if backend == "sqlite":
         return SQLiteJobStore(str(tmp_path / "jobs.sqlite3"))
-    import redis
-
-    from serving.jobs.redis_store import RedisJobStore
 
     url = request.getfixturevalue("redis_url")
     flusher = redis.Redis.from_url(url)
@@ -630,7 +632,7 @@ def test_sqlite_threads_claiming_through_two_stores_one_winner(tmp_path):
             results: dict[str, bool] = {}
             errors: list[BaseException] = []
 
-            def contend(index: int) -> None:
+            def contend(index: int, barrier=barrier, record=record, results=results, errors=errors) -> None:
                 try:
                     barrier.wait(timeout=10)
                     won = stores[index % 2].claim(record.id, f"owner-{index}", 10.0) is not None
@@ -653,10 +655,6 @@ def test_sqlite_threads_claiming_through_two_stores_one_winner(tmp_path):
 
 
 def test_the_redis_store_answers_unavailable_when_redis_is_down():
-    from serving.errors import StoreUnavailable
-    from serving.jobs.redis_store import RedisJobStore
-    from tests.helpers import free_port
-
     store = RedisJobStore(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     try:
         for call in (lambda: store.get("video_x"), store.count_active, lambda: store.claimable(1.0), store.now,
@@ -690,8 +688,6 @@ def test_admission_is_atomic_under_concurrent_creates(store):
 
 
 def test_the_tenant_check_sees_its_tenants_counts_inside_create_and_can_refuse(store):
-    from serving.tenancy.errors import QuotaExceeded
-
     seen = []
 
     def at_most_one_queued(queued, running):
@@ -770,8 +766,6 @@ def test_a_record_written_before_per_attempt_results_still_reads():
 
 
 def test_an_ended_jobs_redis_record_expires_a_day_after_its_video(request, tmp_path):
-    from serving.jobs.record import RECORD_KEPT_AFTER_EXPIRY_S
-
     store = _open("redis", request, tmp_path)
     record = make_record()
     store.create(record)

@@ -10,7 +10,10 @@ What only a cluster shows stays in the served tests.
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -28,6 +31,7 @@ from serving.jobs.runner import JobRunner
 from serving.jobs.sqlite_store import SQLiteJobStore
 from serving.metrics import RecordingExporter, StageStats, set_exporter
 from serving.protocol import DenoiseResult, Handoff, JobInput, JobStatus, StoredVideo
+from serving.tenancy.webhooks import WebhookSigner, new_signing_secret, verify_webhook
 
 MODEL = LTX2ModelConfig(name="ltx-2-test", path="/unused", stg_blocks=[1])
 
@@ -311,12 +315,6 @@ def test_nothing_starts_without_a_live_diffusion_replica_and_a_queued_job_expire
 
 
 def test_a_callback_is_delivered_signed_after_two_refusals(tmp_path):
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from serving.tenancy.webhooks import WebhookSigner, new_signing_secret, verify_webhook
-
     received = []
 
     class Receiver(BaseHTTPRequestHandler):

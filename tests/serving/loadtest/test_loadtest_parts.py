@@ -10,6 +10,7 @@ import argparse
 import pytest
 
 from serving.loadtest.mix import MixError, load_mix
+from serving.loadtest.plots import draw_plots
 from serving.loadtest.report import JobTrace, build_report, percentiles
 from serving.loadtest.runner import SettingsError, add_arguments, settings_from_args
 from serving.loadtest.sampler import MetricsSample, StageSample, stage_load_from_text
@@ -139,8 +140,6 @@ def test_stage_load_is_read_from_ray_metrics_text():
 
 
 def test_the_plots_are_pngs(tmp_path):
-    from serving.loadtest.plots import draw_plots
-
     traces = [JobTrace(i, "a", float(i), f"j{i}", "completed", None, i + 3.0, 0.2, {"diffusion": 2.0, "muxer": 1.0})
               for i in range(4)]
     traces.append(JobTrace(4, "a", 4.0, None, "rejected", "resource_exhausted", 4.0))

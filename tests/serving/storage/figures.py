@@ -22,7 +22,9 @@ client and the server's request handling, not a network.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.metadata
+import json
 import os
 import re
 import secrets
@@ -32,6 +34,33 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import timedelta
+
+import numpy as np
+import obstore
+import torch
+from obstore.store import S3Store
+
+from cluster.storage_config import StorageConfig
+from serving.families import get_family
+from serving.families.ltx2.config import LTX2ModelConfig
+from serving.jobs.job_storage import JobStorage, register_stored_types
+from serving.jobs.record import JobRecord
+from serving.protocol import (
+    AudioLatents,
+    EncodedVideo,
+    HostTensor,
+    ImageCondition,
+    PromptEmbeddings,
+    RenderPlan,
+    TextEmbeddings,
+    VideoLatents,
+    Waveform,
+)
+from serving.storage.codec import codec
+from serving.storage.keys import artifact_key, checkpoint_key
+from serving.storage.opening import open_storage
+from tests.s3_server import CREDENTIALS, S3Server
 
 __all__ = ["main"]
 
@@ -57,22 +86,8 @@ def ms(seconds: float) -> str:
 
 def checkpoint_and_job_outputs():
     """The LTX-2 denoising checkpoint (7.3 MB) and one job's stage outputs (about 42 MB)."""
-    import numpy as np
-    import torch
-
-    from serving.families.ltx2.diffusion import DenoiseCheckpoint
-    from serving.families.ltx2.recipes import Guidance
-    from serving.protocol import (
-        AudioLatents,
-        EncodedVideo,
-        HostTensor,
-        ImageCondition,
-        PromptEmbeddings,
-        TextEmbeddings,
-        VideoLatents,
-        Waveform,
-    )
-    from serving.storage.codec import codec
+    from serving.families.ltx2.diffusion import DenoiseCheckpoint  # noqa: PLC0415 - keeps collection of `make check` fast
+    from serving.families.ltx2.recipes import Guidance  # noqa: PLC0415 - keeps collection of `make check` fast
 
     def host(*shape, dtype=torch.float32):
         return HostTensor.of(torch.randn(*shape).to(dtype))
@@ -114,9 +129,6 @@ def checkpoint_and_job_outputs():
 
 
 def pipeline() -> None:
-    from serving.storage.opening import open_storage
-    from tests.s3_server import CREDENTIALS, S3Server
-
     os.environ.update(CREDENTIALS)
     family_codec, checkpoint, outputs = checkpoint_and_job_outputs()
     server = S3Server()
@@ -148,8 +160,6 @@ def pipeline() -> None:
 
 def measure_store(label: str, storage, family_codec, checkpoint, outputs: dict, blobs: dict) -> str:
     """One table row: the checkpoint and the job's outputs written and read back through ``storage``."""
-    from serving.storage.keys import artifact_key, checkpoint_key
-
     job = "video_" + "ab" * 12
     key = checkpoint_key(job, 1, 4)
     keys = {name: artifact_key(job, 1, name) for name in outputs}
@@ -166,19 +176,7 @@ def measure_store(label: str, storage, family_codec, checkpoint, outputs: dict, 
 
 
 def served() -> None:
-    import dataclasses
-    import json
-
-    import torch
-
-    from cluster.storage_config import StorageConfig
-    from serving.families import get_family
-    from serving.families.ltx2.config import LTX2ModelConfig
-    from serving.families.ltx2.tiny import ensure_tiny_ltx2
-    from serving.jobs.job_storage import JobStorage, register_stored_types
-    from serving.jobs.record import JobRecord
-    from serving.protocol import HostTensor, RenderPlan
-    from tests.s3_server import CREDENTIALS, S3Server
+    from serving.families.ltx2.tiny import ensure_tiny_ltx2  # noqa: PLC0415 - keeps collection of `make check` fast
 
     os.environ.update(CREDENTIALS)
     config = LTX2ModelConfig.tiny(path=str(ensure_tiny_ltx2()))
@@ -231,8 +229,6 @@ def served() -> None:
 
 
 def codec_of(value) -> bytes:
-    from serving.storage.codec import codec
-
     return codec.encode(value)
 
 
@@ -266,8 +262,6 @@ def import_time_s(module: str) -> float:
 
 def compare_clients(store, fs, bucket: str, blobs: list[bytes]) -> list[float]:
     """obstore put, s3fs put, obstore get, s3fs get of ``blobs``, in seconds."""
-    import obstore
-
     keys = [f"bench/{i}" for i in range(len(blobs))]
     # One PUT per object, as serving.storage puts anything up to 64 MiB (obstore's default: 5 MB parts).
     return [
@@ -279,11 +273,7 @@ def compare_clients(store, fs, bucket: str, blobs: list[bytes]) -> list[float]:
 
 
 def compare(endpoint: str) -> None:
-    from datetime import timedelta
-
-    import obstore
-    import s3fs
-    from obstore.store import S3Store
+    import s3fs  # noqa: PLC0415 - s3fs is optional: the comparison runs only where it is installed
 
     credentials = {"key": "reelserve-test", "secret": "reelserve-test-secret"}
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint, "region_name": "us-east-1"}, **credentials)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import time
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from serving.storage.errors import SigningNotSupported
 from serving.storage.keys import (
@@ -19,6 +23,7 @@ from serving.storage.keys import (
     result_key,
 )
 from serving.storage.opening import open_storage
+from tests.serving.storage.conftest import new_bucket
 
 JOB = "video_" + "aa" * 12
 OTHER = "video_" + "bb" * 12
@@ -221,8 +226,6 @@ def test_s3_signed_url_downloads_with_plain_httpx(s3_storage):
 
 def test_s3_credentials_come_from_the_environment(s3_server, monkeypatch):
     """Without the AWS variables the client has no credentials and signs nothing."""
-    from tests.serving.storage.conftest import new_bucket
-
     url = f"s3://{new_bucket(s3_server)}/reelserve"
     open_storage(url, s3_endpoint_url=s3_server.endpoint_url).put(result_key(JOB, 1), b"x")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")
@@ -234,9 +237,6 @@ def test_s3_credentials_come_from_the_environment(s3_server, monkeypatch):
 
 
 def _service_account(tmp_path):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     account = {
@@ -254,12 +254,6 @@ def _service_account(tmp_path):
 
 def test_gcs_signed_urls_carry_a_valid_v4_signature(tmp_path, monkeypatch):
     """Credentials from GOOGLE_APPLICATION_CREDENTIALS; the signature verifies against the account's public key."""
-    import hashlib
-    from urllib.parse import parse_qsl, urlsplit
-
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding
-
     path, public_key = _service_account(tmp_path)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(path))
     storage = open_storage("gs://videos/reelserve")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from serving.errors import StoreUnavailable
 from serving.storage.errors import StorageError, StorageFull, StorageUnavailable
 from serving.storage.keys import result_key
 from serving.storage.opening import open_storage
+from tests.helpers import free_port, wait_for_redis
 from tests.serving.storage.conftest import new_bucket
 
 JOB = "video_" + "cc" * 12
@@ -84,8 +87,6 @@ def test_a_stopped_server_refuses_at_once_and_keeps_its_objects_across_the_resta
 
 
 def test_async_calls_are_bounded_too(s3_server):
-    import asyncio
-
     storage = open_storage(f"s3://{new_bucket(s3_server)}/reelserve", s3_endpoint_url=s3_server.endpoint_url, **QUICK)
 
     async def both():
@@ -200,10 +201,6 @@ def test_store_answers_map_to_error_kinds(answering_server, aws_environment, sta
 @pytest.fixture(scope="module")
 def own_redis(tmp_path_factory):
     """A redis-server for this module's Redis tests (they pause it and fill it; each puts it back)."""
-    import shutil
-
-    from tests.helpers import free_port, wait_for_redis
-
     port = free_port()
     process = subprocess.Popen(
         [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
@@ -248,8 +245,6 @@ def test_redis_hung_is_storage_unavailable_within_a_bound(own_redis):
 
 
 def test_redis_gone_is_storage_unavailable_at_once():
-    from tests.helpers import free_port
-
     storage = open_storage(f"redis://127.0.0.1:{free_port()}/0", connect_timeout_s=1.0, read_timeout_s=1.0)
     error, seconds = _timed(lambda: storage.put(result_key(JOB, 2), b"x"))
     assert isinstance(error, StorageUnavailable) and seconds < BOUND_S

@@ -9,6 +9,7 @@ import re
 import pytest
 
 from cluster.auth_config import AuthConfig
+from serving.tenancy import auth as module
 from serving.tenancy.auth import OPEN_TENANT, Authenticator, Unauthenticated, new_api_key
 
 
@@ -73,8 +74,6 @@ def test_open_mode_is_the_default_tenant_whatever_is_sent():
 
 
 def test_every_configured_hash_is_compared_even_after_a_match(monkeypatch):
-    from serving.tenancy import auth as module
-
     compare = module.hmac.compare_digest
 
     keys = {f"team-{i}": [f"key-{i}"] for i in range(5)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -125,8 +126,6 @@ def test_estimates_take_each_jobs_own_service_time():
 
 
 def test_estimates_need_a_slot():
-    import pytest
-
     with pytest.raises(ValueError, match="slots: 0; at least 1 job must be able to run"):
         estimate_queue([], {}, now=0, slots=0, service_s=1)
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from serving.errors import InvalidRequest, Overloaded
+from serving.errors import InvalidRequest, Overloaded, StoreUnavailable
 from serving.tenancy.auth import Tenant
 from serving.tenancy.errors import QuotaExceeded
 from serving.tenancy.quotas import (
@@ -157,8 +157,6 @@ def test_two_replicas_hammering_redis_share_one_window(redis_url):
 
 
 def test_a_redis_that_is_down_answers_store_unavailable():
-    from serving.errors import StoreUnavailable
-
     limiter = RedisRateLimiter("redis://127.0.0.1:1/0")
     with pytest.raises(StoreUnavailable, match="the job store \\(Redis\\) is unreachable: ConnectionError"):
         limiter.acquire("team-a", 1)

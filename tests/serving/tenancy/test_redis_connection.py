@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 
 import pytest
+import redis
 
 from serving.errors import StoreUnavailable
 from serving.tenancy.redis_connection import connect_redis, redis_auth_options, unavailable_on_redis_errors
@@ -20,9 +22,6 @@ def redis_with_password(tmp_path_factory):
          "--save", "", "--appendonly", "no", "--requirepass", "s3cret", "--dir", str(tmp_path_factory.mktemp("r"))],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    import time
-
-    import redis
 
     url = f"redis://127.0.0.1:{port}/0"
     for _ in range(200):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import itertools
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -94,9 +97,6 @@ def test_signatures_follow_the_standard_and_verify_with_its_reference_library():
 
 
 def test_the_signature_is_hmac_sha256_over_id_timestamp_and_body():
-    import hashlib
-    import hmac
-
     key = base64.b64decode(SECRET.removeprefix("whsec_"))
     expected = base64.b64encode(hmac.new(key, b"msg_1.1700000000.{}", hashlib.sha256).digest()).decode()
     assert WebhookSigner([SECRET]).headers("msg_1", b"{}", timestamp=1700000000)["webhook-signature"] == f"v1,{expected}"
@@ -225,8 +225,6 @@ def test_a_receiver_failing_twice_then_accepting_gets_one_signed_message_three_t
 
 
 def test_a_receiver_that_is_down_never_raises_and_bounds_attempts(receiver):
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -282,8 +280,6 @@ def test_private_addresses_and_urls_off_the_list_are_refused_without_a_request(u
 
 
 def test_a_callback_url_that_is_not_a_string_is_a_400_naming_the_field():
-    from serving.errors import InvalidRequest
-
     for value in ({}, [], 5, True):
         with pytest.raises(InvalidRequest) as refused:
             check_callback_url(value, ["https://hooks.example.com/"])

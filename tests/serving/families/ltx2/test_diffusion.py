@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from serving.engine.core import CheckpointReady, RequestFailed, RequestFinished, StepFinished
+from serving.families import get_family
 from serving.families.ltx2.diffusion import DenoiseCheckpoint, DenoiseRequest, LTX2Engine
 from serving.families.ltx2.recipes import Guidance
+from serving.families.ltx2.speed import SpeedSettingError
 from serving.protocol import HostTensor, RenderPlan
 
 WIDTH, HEIGHT, FPS = 96, 64, 24
@@ -31,8 +33,6 @@ def _plan(seed: int, steps: int, width: int = WIDTH, height: int = HEIGHT) -> Re
 
 @pytest.fixture(scope="module")
 def text_encoder(tiny_config):
-    from serving.families import get_family
-
     return get_family("ltx2").stage("text_encoder").component(tiny_config)
 
 
@@ -46,8 +46,6 @@ def embeddings(text_encoder, tiny_config):
 
 @pytest.fixture(scope="module")
 def condition(tiny_config, sample_photo):
-    from serving.families import get_family
-
     return get_family("ltx2").stage("image_conditioner").component(tiny_config).condition(sample_photo.crop((0, 0, 450, 300)), WIDTH, HEIGHT)
 
 
@@ -296,8 +294,6 @@ def test_bad_requests_are_refused_when_added(engine, embeddings, condition, tiny
 def test_the_engine_applies_model_speed_at_start(tiny_config):
     """``model.speed`` reaches the served engine: refused before loading when the device cannot honour it,
     and its shape buckets warmed up at start so no request pays for them."""
-    from serving.families.ltx2.speed import SpeedSettingError
-
     def with_speed(**speed):
         return tiny_config.model_copy(update={"speed": tiny_config.speed.model_copy(update=speed)})
 

@@ -9,6 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from serving.engine.pass_inputs import broadcast_pass_inputs, describe_pass_inputs
+from serving.families.ltx2.parallel import SequenceParallelTransformer
+from serving.families.ltx2.reference import random_transformer_inputs
 from tests.helpers import free_port
 
 WORLD = 2
@@ -16,9 +19,9 @@ TOLERANCE = 1e-4
 
 
 def _tiny_transformer(perturbed_attn: bool = False):
-    from diffusers import LTX2VideoTransformer3DModel
+    from diffusers import LTX2VideoTransformer3DModel  # noqa: PLC0415 - keeps collection of `make check` fast
 
-    from serving.families.ltx2.tiny import tiny_ltx2_components
+    from serving.families.ltx2.tiny import tiny_ltx2_components  # noqa: PLC0415 - keeps collection of `make check` fast
 
     tiny = tiny_ltx2_components()["transformer"]
     if not perturbed_attn:
@@ -31,8 +34,6 @@ def _tiny_transformer(perturbed_attn: bool = False):
 
 def _cases(transformer):
     """(name, kwargs) of each pass compared: text-to-video, a batch, per-token timesteps, guidance passes."""
-    from serving.families.ltx2.reference import random_transformer_inputs
-
     base = random_transformer_inputs(
         transformer.config, 128, 64, 17, text_tokens=16, dtype=torch.float32, seed=3, timestep=640.0
     )
@@ -58,9 +59,6 @@ def _cases(transformer):
 
 
 def _rank(rank: int, port: int, out_dir: str) -> None:
-    from serving.engine.pass_inputs import broadcast_pass_inputs, describe_pass_inputs
-    from serving.families.ltx2.parallel import SequenceParallelTransformer
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:

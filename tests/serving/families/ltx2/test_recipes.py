@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, LTX2ImageToVideoPipeline, LTX2Pipeline
+from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES, STAGE_2_DISTILLED_SIGMA_VALUES
 
 from serving.engine.core import RequestFinished
+from serving.families import get_family
+from serving.families.ltx2.config import LTX2ModelConfig as ModelConfig
 from serving.families.ltx2.diffusion import DenoiseRequest, LTX2Engine
-from serving.protocol import RenderPlan
+from serving.families.ltx2.tiny import tiny_latent_upsampler
+from serving.protocol import PromptEmbeddings, RenderPlan
 
 PROMPT = "a tabby cat looks around and purrs"
 WIDTH, HEIGHT, FPS, SEED, STEPS = 128, 128, 24, 7, 3
@@ -82,8 +87,6 @@ def _pipeline_kwargs(config, plan, generator):
 @pytest.fixture(scope="module")
 def pipelines(tiny_checkpoint):
     """diffusers' own pipelines on the tiny checkpoint, loaded once."""
-    from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
-
     loaded = {}
     for mode, cls in (("text-to-video", LTX2Pipeline), ("image-to-video", LTX2ImageToVideoPipeline)):
         loaded[mode] = cls.from_pretrained(str(tiny_checkpoint))
@@ -93,16 +96,12 @@ def pipelines(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def stages(tiny_config):
-    from serving.families import get_family
-
     family = get_family("ltx2")
     return family.stage("text_encoder").component(tiny_config), family.stage("image_conditioner").component(tiny_config)
 
 
 def _diffusers_reference(recipe, config, pipeline, checkpoint, plan, photo):
     """The recipe run with diffusers' pipelines only."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     image = {} if photo is None else {"image": photo}
     generator = torch.Generator().manual_seed(plan.seed)
     kwargs = _pipeline_kwargs(config, plan, generator)
@@ -120,9 +119,8 @@ def _diffusers_reference(recipe, config, pipeline, checkpoint, plan, photo):
 
 
 def _run_reference(recipe, pipeline, checkpoint, plan, kwargs, image, fixed_schedule):
-    from diffusers import LTX2LatentUpsamplePipeline
-    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
-    from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES, STAGE_2_DISTILLED_SIGMA_VALUES
+    from diffusers import LTX2LatentUpsamplePipeline  # noqa: PLC0415 - keeps collection of `make check` fast
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel  # noqa: PLC0415 - keeps collection of `make check` fast
 
     with torch.no_grad():
         if recipe == "dev":
@@ -155,8 +153,6 @@ def _run_reference(recipe, pipeline, checkpoint, plan, kwargs, image, fixed_sche
 @pytest.mark.parametrize("mode", ["text-to-video", "image-to-video"])
 @pytest.mark.parametrize("recipe", ["dev", "distilled", "two_stage"])
 def test_recipe_equals_diffusers(recipe, mode, tiny_config, tiny_checkpoint, plan, photo, pipelines, stages):
-    from serving.protocol import PromptEmbeddings
-
     config = _config(tiny_config, recipe)
     text_encoder, image_conditioner = stages
     embeddings = text_encoder.encode(PROMPT, config.negative_prompt)
@@ -181,9 +177,6 @@ def test_recipe_equals_diffusers(recipe, mode, tiny_config, tiny_checkpoint, pla
 
 
 def test_two_stage_needs_sizes_in_multiples_of_64(tiny_config):
-    from serving.families import get_family
-    from serving.families.ltx2.config import LTX2ModelConfig as ModelConfig
-
     with pytest.raises(ValueError, match="multiple of 64"):
         ModelConfig.tiny(default_size="96x64", diffusion={"recipe": "two_stage"})
     limits = get_family("ltx2").read_limits(_config(tiny_config, "two_stage"))
@@ -191,9 +184,7 @@ def test_two_stage_needs_sizes_in_multiples_of_64(tiny_config):
 
 
 def test_the_tiny_latent_upsampler_loads_back(tiny_checkpoint):
-    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
-
-    from serving.families.ltx2.tiny import tiny_latent_upsampler
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel  # noqa: PLC0415 - keeps collection of `make check` fast
 
     loaded = LTX2LatentUpsamplerModel.from_pretrained(str(tiny_checkpoint), subfolder="latent_upsampler")
     built = tiny_latent_upsampler()

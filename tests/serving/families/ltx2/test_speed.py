@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def tiny_transformer():
-    from serving.families.ltx2.tiny import tiny_ltx2_components
+    from serving.families.ltx2.tiny import tiny_ltx2_components  # noqa: PLC0415 - keeps collection of `make check` fast
 
     return tiny_ltx2_components()["transformer"].eval()
 
@@ -120,7 +120,7 @@ def test_speed_settings_load_from_yaml_style_dicts():
     ],
 )
 def test_a_warmup_shape_above_the_request_limits_is_refused_naming_the_field(bucket, why):
-    from graphs import build_app
+    from graphs import build_app  # noqa: PLC0415 - keeps collection of `make check` fast
 
     for refuse in (load_config, build_app):
         with pytest.raises(ValueError, match=rf"model.speed.shape_buckets\[0\] \({bucket}\).*{re.escape(why)}"):

@@ -14,11 +14,14 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
 
 from serving.errors import JobCancelled
 from serving.families import get_family
+from serving.families.ltx2.config import LTX2ModelConfig as ModelConfig
 from serving.families.ltx2.stages import center_crop_to_aspect
-from serving.protocol import RenderPlan
+from serving.families.ltx2.tiny import ensure_tiny_ltx2, is_complete_checkpoint, tiny_ltx2_components
+from serving.protocol import HostTensor, RenderPlan
 
 WIDTH, HEIGHT = 96, 64  # non-square, so a width/height swap shows
 FPS = 24
@@ -120,7 +123,7 @@ def _to_bytes(unit_float_frames: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("mode", ["image-to-video", "text-to-video"])
 def test_stages_equal_the_whole_pipeline(mode, stages, tiny_config, tiny_checkpoint, plan, photo_3x2):
-    from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
+    from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline  # noqa: PLC0415 - keeps collection of `make check` fast
 
     image_to_video = mode == "image-to-video"
     photo = photo_3x2 if image_to_video else None
@@ -163,8 +166,6 @@ def test_stages_equal_the_whole_pipeline(mode, stages, tiny_config, tiny_checkpo
 
 
 def test_hand_offs_are_host_arrays_of_the_connector_outputs(stages, tiny_config, plan, photo_3x2):
-    from serving.protocol import HostTensor
-
     embeddings = stages.text_encoder.encode(PROMPT, tiny_config.negative_prompt)
     condition = stages.image_conditioner.condition(photo_3x2, WIDTH, HEIGHT)
     texts = (embeddings.prompt, embeddings.negative)
@@ -187,8 +188,6 @@ def test_hand_offs_are_host_arrays_of_the_connector_outputs(stages, tiny_config,
 
 
 def test_host_tensors_round_trip_every_dtype():
-    from serving.protocol import HostTensor
-
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int64):
         tensor = (torch.arange(24, dtype=torch.float32).reshape(2, 3, 4) / 7).to(dtype)
         packed = HostTensor.of(tensor)
@@ -297,15 +296,14 @@ def test_conditioner_crops_before_resizing(stages, sample_photo):
 
 
 def _component_classes():
-    from diffusers import (
+    from diffusers import (  # noqa: PLC0415 - keeps collection of `make check` fast
         AutoencoderKLLTX2Audio,
         AutoencoderKLLTX2Video,
         FlowMatchEulerDiscreteScheduler,
         LTX2VideoTransformer3DModel,
     )
-    from diffusers.pipelines.ltx2 import LTX2TextConnectors
-    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
-    from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors  # noqa: PLC0415 - keeps collection of `make check` fast
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder  # noqa: PLC0415 - keeps collection of `make check` fast
 
     return dict(
         scheduler=FlowMatchEulerDiscreteScheduler,
@@ -321,8 +319,6 @@ def _component_classes():
 
 @pytest.fixture(scope="module")
 def fresh_components():
-    from serving.families.ltx2.tiny import tiny_ltx2_components
-
     return tiny_ltx2_components()
 
 
@@ -351,8 +347,6 @@ def test_round_trip_scheduler(fresh_components, tiny_checkpoint):
 
 
 def test_round_trip_tokenizer(fresh_components, tiny_checkpoint):
-    from transformers import AutoTokenizer
-
     loaded = AutoTokenizer.from_pretrained(str(tiny_checkpoint), subfolder="tokenizer")
     original = fresh_components["tokenizer"]
     assert loaded.get_vocab() == original.get_vocab()
@@ -378,8 +372,6 @@ def test_model_index_lists_every_component(fresh_components, tiny_checkpoint):
 
 
 def test_tiny_components_are_deterministic(fresh_components):
-    from serving.families.ltx2.tiny import tiny_ltx2_components
-
     again = tiny_ltx2_components()
     for name in ("transformer", "vae", "text_encoder"):
         first, second = fresh_components[name].state_dict(), again[name].state_dict()
@@ -387,8 +379,6 @@ def test_tiny_components_are_deterministic(fresh_components):
 
 
 def test_checkpoint_is_marked_complete(tiny_checkpoint, tmp_path):
-    from serving.families.ltx2.tiny import ensure_tiny_ltx2, is_complete_checkpoint
-
     assert is_complete_checkpoint(tiny_checkpoint)
     assert not is_complete_checkpoint(tmp_path)
     # Already complete: returned as is, nothing rebuilt.
@@ -404,7 +394,7 @@ class _TransformerCalls:
     """Counts forward calls of any LTX-2 transformer (a global forward hook, nothing replaced)."""
 
     def __enter__(self):
-        from diffusers import LTX2VideoTransformer3DModel
+        from diffusers import LTX2VideoTransformer3DModel  # noqa: PLC0415 - keeps collection of `make check` fast
 
         self.count = 0
 
@@ -429,7 +419,7 @@ def test_step_callback_reports_every_step(stages, tiny_config):
     embeddings = stages.text_encoder.encode(PROMPT, tiny_config.negative_prompt)
     for steps in (2, 5):
         calls = []
-        stages.denoiser.denoise(embeddings, None, _plan_with_steps(steps), on_step=lambda k, n: calls.append((k, n)))
+        stages.denoiser.denoise(embeddings, None, _plan_with_steps(steps), on_step=lambda k, n, calls=calls: calls.append((k, n)))
         assert calls == [(k, steps) for k in range(1, steps + 1)]
         assert all(a[0] < b[0] for a, b in zip(calls, calls[1:]))
 
@@ -475,8 +465,6 @@ def test_read_limits(family, tiny_config):
 
 
 def test_denoiser_refuses_stg_blocks_beyond_the_block_count(family, tiny_checkpoint):
-    from serving.families.ltx2.config import LTX2ModelConfig as ModelConfig
-
     config = ModelConfig.tiny(path=str(tiny_checkpoint), stg_blocks=[1, 2, 28])
     with pytest.raises(ValueError) as caught:
         family.diffusion_model(config)

@@ -3,7 +3,10 @@ limit, no decode work spent."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from PIL import Image
 
 from serving.errors import InvalidRequest
 from serving.families.minimax_h3.config import MiniMaxH3ModelConfig
@@ -99,10 +102,6 @@ def test_inspect_reference_reads_headers_only(files):
 
 
 def _gif() -> bytes:
-    import io
-
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32)).save(buffer, format="GIF")
     return buffer.getvalue()
