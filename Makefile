@@ -63,9 +63,9 @@ test: $(STAMP) redis prometheus kubectl
 	$(BIN)/python -m pytest -q -m "not cluster" -n 2
 	$(BIN)/python -m pytest -q -m cluster
 
-# The fast tier: everything that starts no Ray cluster (under 3 minutes on 2 cores).
+# The fast tier: everything that starts no Ray cluster, but the few slow ones (under 3 minutes on 2 cores).
 check: $(STAMP) redis prometheus kubectl
-	$(BIN)/python -m pytest -q -m "not cluster" -n 2
+	$(BIN)/python -m pytest -q -m "not cluster and not slow" -n 2
 
 # Style, types and the layering (import contracts; no import circles).
 lint: $(STAMP)

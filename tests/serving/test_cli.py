@@ -259,6 +259,7 @@ def test_no_command_prints_help_and_exits_2(cache_home):
     assert "generate" in result.stderr and "make-tiny" in result.stderr
 
 
+@pytest.mark.slow
 def test_generate_with_references_and_a_last_frame_on_minimax_h3(tmp_path, cache_home, probe_mp4):
     """The H3 family in one process: references and keyframes from files, checked by the family first."""
     checkpoint = build_tiny_minimax_h3(tmp_path / "h3")

@@ -62,6 +62,7 @@ def test_bad_profile_and_sections_are_refused(tmp_path):
             gpu.run("ltx2-19b-random", tmp_path)
 
 
+@pytest.mark.slow
 def test_reelserve_bench_runs_the_real_dims_profiles(tmp_path):
     """``reelserve bench --profile tiny|ltx2-19b-random`` runs this benchmark and writes its BENCHMARKS.md block."""
     repo = Path(__file__).resolve().parents[3]

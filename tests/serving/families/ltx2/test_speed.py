@@ -157,6 +157,7 @@ _COMPILE_RUN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_regional_compile_on_the_cpu_matches_eager_and_is_reused_after_a_restart(tmp_path):
     """Two processes, one cache directory: the second finds the first one's kernels."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
