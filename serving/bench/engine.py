@@ -33,7 +33,9 @@ import torch
 
 from serving.bench.registry import BenchContext, SectionResult, register_section
 from serving.engine.core import RequestFailed, RequestFinished, StepFinished
+from serving.families import get_family
 from serving.families.ltx2.config import LTX2ModelConfig
+from serving.jobs.job_storage import register_stored_types
 from serving.protocol import HostTensor, PromptEmbeddings, RenderPlan, TextEmbeddings
 from serving.storage.codec import codec
 
@@ -232,10 +234,9 @@ class _Bench:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_cost(self) -> dict:
-        from serving.families.ltx2.diffusion import LTX2Engine, stored_types  # noqa: PLC0415 - torch and diffusers only when this section runs
+        from serving.families.ltx2.diffusion import LTX2Engine  # noqa: PLC0415 - torch and diffusers only when this section runs
 
-        for cls in stored_types():
-            codec.register(cls)
+        register_stored_types(get_family("ltx2"))
         engine = LTX2Engine(self._config())
         engine.add(self._requests(1, self.settings.dev_steps, "ckpt")[0])
         step_times, checkpoint_times, size = [], [], 0

@@ -55,9 +55,11 @@ _FAIL_FAST_S = 2.0  # an ingress answers a client within about this long when a 
 
 
 def register_stored_types(family) -> None:
-    """Let the codec write and read what ``family`` keeps beyond the protocol's hand-offs (its checkpoint)."""
+    """Let the codec write and read what ``family`` keeps beyond the protocol's hand-offs (its checkpoint), each
+    under ``<family>.<class>``: two families may name their classes alike (both have a ``DenoiseCheckpoint``), and a
+    process may hold both (a test, a tool, a deployment serving both)."""
     for cls in family.stored_types():
-        codec.register(cls)
+        codec.register(cls, name=f"{family.name}.{cls.__name__}")
 
 
 class JobStorage:
