@@ -82,7 +82,8 @@ def h3_served(served, tmp_path_factory):
         yield {"config": config, "checkpoint": checkpoint, "http": served["http"] + PREFIX,
                "deploy_s": time.perf_counter() - started}
     finally:
-        deploy(front, timeout_s=300)  # the H3 applications go; LTX-2's keep their replicas
+        # The H3 applications go; LTX-2's keep their replicas. Not waited for: this module runs last.
+        deploy(front, timeout_s=300, wait=False)
 
 
 @pytest.fixture(scope="module")

@@ -97,7 +97,10 @@ def test_a_poison_input_is_set_aside_after_two_lost_replicas_and_its_batch_mate_
     quarantined (poison_input); its batch-mate resumes from its checkpoint on a third replica and completes with
     the output of an uninterrupted run."""
     held = diffusion_autoscaling(served["config"], min_replicas=1, max_replicas=1)
-    _override(served, "diffusion", autoscaling_config=held, max_ongoing_requests=2)  # options: no restart
+    # Two jobs on the one replica: Serve's option (no restart) and the runners' count of diffusion's slots (they
+    # start a queued job only into a free slot; the front application restarts to learn it).
+    served["config"]["stages"]["diffusion"]["max_ongoing_requests"] = 2
+    _override(served, "diffusion", autoscaling_config=held, max_ongoing_requests=2)
     first = {a["name"] for a in _replica_actors("diffusion")}
     assert len(first) == 1
     mate_prompt = f"a quiet meadow {SLOWER}"  # still denoising when the poisoned job joins, even on a busy machine
@@ -130,4 +133,5 @@ def test_a_poison_input_is_set_aside_after_two_lost_replicas_and_its_batch_mate_
         watcher._thread.join(10)
         watcher.assert_never_went_back()
     finally:
+        served["config"]["stages"]["diffusion"]["max_ongoing_requests"] = 1
         _override(served, "diffusion", max_ongoing_requests=1)
