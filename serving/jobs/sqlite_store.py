@@ -11,9 +11,7 @@ from __future__ import annotations
 import builtins
 import json
 import sqlite3
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import platformdirs
@@ -28,6 +26,7 @@ from serving.jobs.store import (
     snapshot_of,
 )
 from serving.protocol import JobStatus
+from serving.tenancy.sqlite_connection import SQLiteFile
 
 __all__ = ["SQLiteJobStore", "default_sqlite_path"]
 
@@ -50,8 +49,9 @@ def default_sqlite_path() -> str:
 class SQLiteJobStore(ConditionalWrites):
     def __init__(self, path: str | None = None):
         self.path = path or default_sqlite_path()
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
+        # Per-thread connections and BEGIN IMMEDIATE transactions, as the embedded quota and idempotency stores
+        # open the same kind of file.
+        self._file = SQLiteFile(self.path)
         with self._transaction() as db:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS jobs ("
@@ -74,34 +74,10 @@ class SQLiteJobStore(ConditionalWrites):
             db.execute("INSERT OR IGNORE INTO changes (id, seq) VALUES (1, (SELECT COALESCE(MAX(seq), 0) FROM jobs))")
 
     def _connection(self) -> sqlite3.Connection:
-        # One connection per thread: sqlite3 connections must not cross threads.
-        db = getattr(self._local, "db", None)
-        if db is None:
-            # Wait for a busy database well under a job lease (10 s by default).
-            db = sqlite3.connect(self.path, timeout=3, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        return db
+        return self._file.connection()
 
-    @contextmanager
     def _transaction(self):
-        try:
-            db = self._connection()
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as error:
-            raise StoreUnavailable(f"the job database is busy or unreadable: {error}") from None
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException as error:
-            try:
-                db.execute("ROLLBACK")  # a failed COMMIT leaves the connection in the transaction otherwise
-            except sqlite3.Error:
-                pass
-            if isinstance(error, sqlite3.Error):
-                raise StoreUnavailable(f"the job database is busy or unreadable: {error}") from None
-            raise
+        return self._file.transaction()
 
     def _read(self, query: str, params: tuple = ()) -> list:
         try:
@@ -239,8 +215,5 @@ class SQLiteJobStore(ConditionalWrites):
             return db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount > 0
 
     def close(self) -> None:
-        """Close this thread's connection (each thread that used the store opened its own)."""
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        """Close this thread's connection."""
+        self._file.close()

@@ -27,9 +27,11 @@ class SQLiteFile:
             for statement in schema:
                 db.execute(statement)
 
-    def _connection(self) -> sqlite3.Connection:
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection (opened on first use)."""
         db = getattr(self._local, "db", None)
         if db is None:
+            # Wait for a busy database well under a job lease (10 s by default).
             db = sqlite3.connect(self.path, timeout=3, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
@@ -40,7 +42,7 @@ class SQLiteFile:
     def transaction(self):
         """One write transaction: readers see all of it or nothing, writers queue behind it."""
         try:
-            db = self._connection()
+            db = self.connection()
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as error:
             raise StoreUnavailable(f"the job database is busy or unreadable: {error}") from None
@@ -49,7 +51,7 @@ class SQLiteFile:
             db.execute("COMMIT")
         except BaseException as error:
             try:
-                db.execute("ROLLBACK")
+                db.execute("ROLLBACK")  # a failed COMMIT leaves the connection in the transaction otherwise
             except sqlite3.Error:
                 pass
             if isinstance(error, sqlite3.Error):

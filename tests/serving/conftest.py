@@ -351,6 +351,17 @@ def wait_terminal(stub, job_id: str, timeout_s: float = 180):
     raise AssertionError(f"job {job_id} did not finish in {timeout_s} s")
 
 
+def wait_http(http, path: str, waiting: tuple[str, ...], timeout_s: float = 300) -> dict:
+    """GET ``path`` until its ``status`` is none of ``waiting``; the last body."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        body = http.get(path).json()
+        if body["status"] not in waiting:
+            return body
+        time.sleep(0.3)
+    raise AssertionError(f"{path} still {body['status']} after {timeout_s} s")
+
+
 def wait_until(predicate, timeout_s: float = 60, interval_s: float = 0.1, what: str = "the condition"):
     deadline = time.time() + timeout_s
     while time.time() < deadline:

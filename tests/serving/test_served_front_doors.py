@@ -13,21 +13,15 @@ import pytest
 from PIL import Image
 
 from serving.proto import video_pb2
-from tests.serving.conftest import bearer, grpc_stub
+from tests.serving.conftest import bearer, grpc_stub, wait_http
 
 pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
 
 TASKS = "/api/v3/contents/generations/tasks"
 
 
-def _wait_task(http, task_id: str, timeout_s: float = 180) -> dict:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        task = http.get(f"{TASKS}/{task_id}").json()
-        if task["status"] not in ("queued", "running"):
-            return task
-        time.sleep(0.3)
-    raise AssertionError(f"task {task_id} still {task['status']} after {timeout_s} s")
+def _wait_task(http, task_id: str) -> dict:
+    return wait_http(http, f"{TASKS}/{task_id}", ("queued", "running"), timeout_s=180)
 
 
 def test_seedance_task_runs_to_succeeded_with_its_video_and_last_frame(http, photos, probe_mp4, tmp_path):

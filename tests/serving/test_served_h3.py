@@ -27,7 +27,7 @@ from cluster.config import ReelserveConfig
 from serving.families import get_family
 from serving.jobs.job_storage import JobStorage, register_stored_types
 from tests.conftest import REPO_ROOT
-from tests.serving.conftest import BUCKET, KEYS, bearer, wait_until
+from tests.serving.conftest import BUCKET, KEYS, bearer, wait_http, wait_until
 from tests.serving.families.minimax_h3.conftest import encode_image, encode_mp4, encode_wav
 
 pytestmark = pytest.mark.cluster  # starts a Ray cluster: not in `make check`
@@ -107,14 +107,8 @@ def h3_media():
             "video": encode_mp4(2.0, 24, 64, 32, audio_rate=32000, seed=4), "audio": encode_wav(1.0, seed=5)}
 
 
-def _wait(http, video_id: str, timeout_s: float = 300) -> dict:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        video = http.get(f"/v1/videos/{video_id}").json()
-        if video["status"] not in ("queued", "in_progress"):
-            return video
-        time.sleep(0.3)
-    raise AssertionError(f"{video_id} still {video['status']} after {timeout_s} s")
+def _wait(http, video_id: str) -> dict:
+    return wait_http(http, f"/v1/videos/{video_id}", ("queued", "in_progress"))
 
 
 def _workflow_bodies(media) -> dict[str, dict]:
