@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from cluster.config import JobsConfig
 from serving.errors import InvalidRequest
 from serving.families import get_family
+from serving.families.ltx2.config import LTX2ModelConfig
 from serving.requests import MAX_PROMPT_CHARS, MAX_SEED, validate_request
 
 
@@ -264,3 +266,13 @@ def test_enhance_prompt_without_a_rewriter_is_refused(validate):
     with pytest.raises(InvalidRequest) as raised:
         validate(enhance_prompt=True, rewriter_available=False)
     assert raised.value.field == "enhance_prompt" and "no prompt rewriter" in raised.value.message
+
+
+def test_the_most_steps_a_request_may_ask_for_fit_the_job_timeout_at_real_size():
+    """LTX-2 19B at 1280x704 x 121 frames: 14,080 latent tokens; at the default 3.5e-4 s per token-step, the most
+    steps a request may ask for (100) take about 493 s of diffusion, well inside the 1800 s job timeout."""
+    model = LTX2ModelConfig()
+    tokens = model.latent_tokens(1280, 704, 121 / 24, 24)
+    diffusion_s = tokens * model.seconds_per_token_step * model.max_inference_steps
+    assert tokens == 14_080 and round(diffusion_s) == 493
+    assert diffusion_s < JobsConfig().job_timeout_s
